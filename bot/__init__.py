@@ -1,0 +1,1 @@
+"""The daemon and its wiring: configuration, logging, the polling/download/scoring pipeline."""

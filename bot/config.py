@@ -1,0 +1,292 @@
+"""Configuration: TOML read with tomllib, validated into small dataclasses.
+
+With no file, the embedded defaults below apply: database and media under ``./data``, a folder
+source watching ``./inbox``, the ``animeface`` detector and an ``resnet18`` scorer.
+Every key is documented in ``config.example.toml``; an unknown key, a wrong type or a bad value
+raises :class:`ConfigError` with one line naming the file, the key and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from bot.logs import register_secret
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased as one line for the user."""
+
+
+@dataclass
+class LogConfig:
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+@dataclass
+class DownloadConfig:
+    timeout: float = 30.0                 # seconds for one HTTP request
+    max_bytes: int = 50 * 1024 * 1024     # larger downloads are refused
+    max_pixels: int = 90_000_000          # decompression-bomb guard (width * height)
+    per_host: int = 4                     # concurrent requests to one host
+    workers: int = 4                      # concurrent downloads in the daemon
+    queue_size: int = 64                  # download queue window (items waiting in memory)
+    allow_private: list[str] = field(default_factory=list)  # IPs/CIDRs/hosts allowed although private
+    near_duplicate_distance: int = 4      # perceptual-hash distance for near-duplicates; -1 = off
+    user_agent: str = "tastefeed/0.1 (+https://github.com/tastefeed)"
+
+
+@dataclass
+class DetectorConfig:
+    name: Literal["animeface", "opencv", "yolo"] = "animeface"
+    weights: str = ""                     # yolo: local .pt or .onnx file
+    min_confidence: float = 0.5
+    margin: float = 0.2                   # crop margin, as a share of the box size
+    min_size: int = 24                    # smaller faces (pixels) are ignored
+    max_side: int = 1600                  # pictures are downscaled to this for detection
+    no_face: Literal["whole", "skip"] = "whole"  # score the whole picture, or skip it
+
+
+@dataclass
+class ScorerConfig:
+    arch: Literal["resnet18", "resnet34", "resnet50", "alexnet"] = "resnet18"
+    pretrained: str = "none"              # none | imagenet | path to a torchvision weights file
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N | mps
+    batch_size: int = 32
+    image_size: int = 224
+    aggregate: Literal["max", "mean"] = "max"
+    tta: bool = True                      # also score the mirrored crop; spread = uncertainty
+
+
+@dataclass
+class DaemonConfig:
+    score_queue_size: int = 64
+    stop_timeout: float = 15.0            # seconds to finish work in flight on SIGINT/SIGTERM
+    max_items_per_poll: int = 50          # default cap of new items per poll, per source
+    backoff_max: float = 3600.0           # longest wait between retries of a failing source
+    unhealthy_after: int = 3              # consecutive failures before a source is unhealthy
+
+
+@dataclass
+class SourceConfig:
+    name: str
+    kind: str
+    interval: float = 300.0               # seconds between polls
+    enabled: bool = True
+    max_items: int = 0                    # new items per poll; 0 = [daemon] max_items_per_poll
+    options: dict[str, Any] = field(default_factory=dict)  # the kind's own keys, validated
+
+
+@dataclass
+class Config:
+    data_dir: str = "data"
+    log: LogConfig = field(default_factory=LogConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    sources: list[SourceConfig] = field(default_factory=list)
+    path: str | None = None               # the file this came from (not a key)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_path / "tastefeed.db"
+
+    @property
+    def media_path(self) -> Path:
+        return self.data_path / "media"
+
+    @property
+    def models_path(self) -> Path:
+        return self.data_path / "models"
+
+
+DEFAULT_SOURCES = [{"name": "inbox", "kind": "folder", "interval": 2, "path": "inbox"}]
+_SOURCE_KEYS = {"name", "kind", "interval", "enabled", "max_items"}
+_NOT_KEYS = {"path", "options"}
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list,):
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is dict:
+        return "a table"
+    if dataclasses.is_dataclass(tp):
+        return "a table"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+            type(None): "nothing"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (numbers widened)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin in (types.UnionType, typing.Union):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+    elif origin is list:
+        if isinstance(value, list):
+            (item_tp,) = typing.get_args(tp)
+            return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return parse_dataclass(tp, value, where)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is Any:
+        return value
+    raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
+
+
+def parse_dataclass(cls: type, data: dict[str, Any], where: str, *, extra_ok: bool = False):
+    """Build dataclass ``cls`` from ``data``; unknown keys and bad types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    known = set(fields) - _NOT_KEYS if cls is Config else set(fields)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            if extra_ok:
+                continue
+            choices = ", ".join(sorted(known))
+            raise ConfigError(f"{where}.{key}: unknown key (known keys: {choices})".lstrip("."))
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}".lstrip("."))
+    missing = [name for name, f in fields.items()
+               if name not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}.{missing[0]}: missing (expected {_describe(hints[missing[0]])})"
+                          .lstrip("."))
+    return cls(**kwargs)
+
+
+def _check_values(cfg: Config) -> None:
+    positive = [("download.timeout", cfg.download.timeout), ("download.max_bytes", cfg.download.max_bytes),
+                ("download.max_pixels", cfg.download.max_pixels), ("download.per_host", cfg.download.per_host),
+                ("download.workers", cfg.download.workers), ("download.queue_size", cfg.download.queue_size),
+                ("detector.max_side", cfg.detector.max_side), ("scorer.batch_size", cfg.scorer.batch_size),
+                ("scorer.image_size", cfg.scorer.image_size),
+                ("daemon.score_queue_size", cfg.daemon.score_queue_size),
+                ("daemon.max_items_per_poll", cfg.daemon.max_items_per_poll),
+                ("daemon.backoff_max", cfg.daemon.backoff_max),
+                ("daemon.unhealthy_after", cfg.daemon.unhealthy_after)]
+    for key, value in positive:
+        if value <= 0:
+            raise ConfigError(f"{key}: expected a positive number, got {value!r}")
+    if not 0 <= cfg.detector.min_confidence <= 1:
+        raise ConfigError(f"detector.min_confidence: expected a number from 0 to 1, "
+                          f"got {cfg.detector.min_confidence!r}")
+    if not 0 <= cfg.detector.margin <= 2:
+        raise ConfigError(f"detector.margin: expected a number from 0 to 2, got {cfg.detector.margin!r}")
+    if cfg.detector.name == "yolo" and not cfg.detector.weights:
+        raise ConfigError("detector.weights: the yolo detector needs a local .pt or .onnx file")
+    if not (cfg.scorer.device in ("auto", "cpu", "cuda", "mps") or cfg.scorer.device.startswith("cuda:")):
+        raise ConfigError(f"scorer.device: expected auto, cpu, cuda, cuda:N or mps, got {cfg.scorer.device!r}")
+    if not cfg.data_dir:
+        raise ConfigError("data_dir: expected a folder path, got ''")
+
+
+def parse_source(raw: dict[str, Any], where: str) -> SourceConfig:
+    """Validate one ``[[sources]]`` table: the common keys here, the rest by the kind's Options."""
+    from sources import SOURCE_KINDS  # local import: sources do not depend on the bot
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table, got {raw!r}")
+    common = {k: v for k, v in raw.items() if k in _SOURCE_KEYS}
+    options = {k: v for k, v in raw.items() if k not in _SOURCE_KEYS}
+    if "options" in raw:
+        raise ConfigError(f"{where}.options: put the source's keys directly in its table")
+    for key in ("name", "kind"):
+        if key not in common:
+            raise ConfigError(f"{where}.{key}: missing (expected a string)")
+    kind = common["kind"]
+    if kind not in SOURCE_KINDS:
+        raise ConfigError(f"{where}.kind: expected one of {', '.join(sorted(SOURCE_KINDS))}, got {kind!r}")
+    src = parse_dataclass(SourceConfig, common, where)
+    if src.interval <= 0:
+        raise ConfigError(f"{where}.interval: expected a positive number of seconds, got {src.interval!r}")
+    if src.max_items < 0:
+        raise ConfigError(f"{where}.max_items: expected 0 or more, got {src.max_items!r}")
+    opts = parse_dataclass(SOURCE_KINDS[kind].Options, options, where)
+    check = getattr(opts, "check", None)
+    if check:
+        problem = check()
+        if problem:
+            key, message = problem
+            raise ConfigError(f"{where}.{key}: {message}")
+    src.options = dataclasses.asdict(opts)
+    for key in getattr(SOURCE_KINDS[kind], "secret_options", ()):
+        register_secret(src.options.get(key) or None)
+    return src
+
+
+def load_config(path: str | os.PathLike | None = None, *, cwd: str | os.PathLike | None = None) -> Config:
+    """Load ``path``, else ``config.toml`` in the working directory, else the embedded defaults."""
+    base = Path(cwd or os.getcwd())
+    if path is None and (base / "config.toml").exists():
+        path = base / "config.toml"
+    data: dict[str, Any] = {}
+    label = "defaults"
+    if path is not None:
+        label = str(path)
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{label}: no such file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{label}: not valid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"{label}: cannot read: {e.strerror}") from None
+    try:
+        raw_sources = data.pop("sources", DEFAULT_SOURCES)
+        cfg = parse_dataclass(Config, data, "")
+        if not isinstance(raw_sources, list):
+            raise ConfigError(f"sources: expected a list of tables ([[sources]]), got {raw_sources!r}")
+        cfg.sources = [parse_source(dict(s) if isinstance(s, dict) else s, f"sources[{i}]")
+                       for i, s in enumerate(raw_sources)]
+        names = [s.name for s in cfg.sources]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ConfigError(f"sources: the name {sorted(dupes)[0]!r} is used twice")
+        _check_values(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{label}: {e}") from None
+    cfg.path = str(path) if path else None
+    # Relative paths in a config file are relative to the working directory, like the defaults.
+    return cfg

@@ -1,0 +1,405 @@
+"""The daemon: poll sources on a schedule, download what they find, detect faces and score.
+
+Three stages, each decoupled from the next:
+
+    APScheduler poll jobs --(rows in SQLite)--> download workers --(rows)--> scoring worker
+
+The database is the source of truth: a poll stores new items (status ``pending``) together with
+the source's new cursor in one transaction; a downloaded picture becomes ``downloaded``; a scored
+one ``scored``. Between stages, bounded asyncio queues hold only image ids and are refilled from
+the database by a feeder, so memory stays bounded, a slow model never blocks polling (polls only
+write rows), and after a crash or stop the work simply resumes from the rows' status.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from bot.config import Config, SourceConfig
+from scorer.analyze import Analyzer
+from scorer.detect import make_detector
+from scorer.registry import ensure_active_model, load_scorer
+from sources import AuthError, RateLimited, SourceError, TransientError, make_source
+from sources.http import Http, TooLarge, short_url
+from storage.media import BadImage, inspect, load_media, store_media
+from storage.store import FaceRecord
+from storage.writer import AsyncStore
+
+log = logging.getLogger("tastefeed.daemon")
+
+ACCEPTED_CONTENT_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
+
+
+def source_runtime_config(src: SourceConfig) -> dict:
+    return {"interval": src.interval, "enabled": src.enabled, "max_items": src.max_items,
+            "options": src.options}
+
+
+async def sync_config_sources(store, cfg: Config) -> None:
+    """Make the sources table hold the config's sources (sources added by the CLI stay)."""
+    for src in cfg.sources:
+        await store.call(lambda s, src=src: s.upsert_source(src.name, src.kind, source_runtime_config(src)))
+    names = {s.name for s in cfg.sources}
+    for row in await store.list_sources():
+        if row["origin"] == "config" and row["name"] not in names:
+            await store.remove_source(row["name"])
+            log.info("source %s: removed (no longer in the config)", row["name"])
+
+
+def build_analyzer(cfg: Config, store) -> Analyzer:
+    """Detector plus the active model (created untrained if none); ``store`` is a sync Store."""
+    row = ensure_active_model(store, cfg.scorer, cfg.models_path)
+    scorer = load_scorer(row, cfg.scorer, cfg.models_path)
+    detector = make_detector(cfg.detector, cfg.data_path)
+    return Analyzer(detector, scorer, margin=cfg.detector.margin, no_face=cfg.detector.no_face,
+                    aggregate=cfg.scorer.aggregate)
+
+
+class Daemon:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.store = AsyncStore(cfg.db_path)
+        self.http = Http(timeout=cfg.download.timeout, max_bytes=cfg.download.max_bytes,
+                         per_host=cfg.download.per_host, allow_private=cfg.download.allow_private,
+                         user_agent=cfg.download.user_agent)
+        self.scheduler: AsyncIOScheduler | None = None
+        self.analyzer: Analyzer | None = None
+        self.sources: dict[str, object] = {}
+        self._source_configs: dict[str, tuple] = {}
+        self.download_queue: asyncio.Queue[int] = asyncio.Queue(cfg.download.queue_size)
+        self.score_queue: asyncio.Queue[int] = asyncio.Queue(cfg.daemon.score_queue_size)
+        self._download_wake = asyncio.Event()
+        self._score_wake = asyncio.Event()
+        self._in_download: set[int] = set()
+        self._in_score: set[int] = set()
+        self._retry_at: dict[int, float] = {}
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._polls: set[asyncio.Task] = set()
+        self.started = asyncio.Event()
+        self.stats = {"polls": 0, "downloaded": 0, "scored": 0, "failed": 0}
+
+    # ---- life cycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        Path(self.cfg.data_dir).mkdir(parents=True, exist_ok=True)
+        self.cfg.media_path.mkdir(parents=True, exist_ok=True)
+        await self.store.open()
+        await sync_config_sources(self.store, self.cfg)
+        self.analyzer = await self.store.call(lambda s: build_analyzer(self.cfg, s))
+        log.info("scoring with model %s on %s, detector %s", self.analyzer.scorer.version,
+                 self.analyzer.scorer.device, self.analyzer.detector.name)
+        self.scheduler = AsyncIOScheduler(timezone=timezone.utc)
+        self.scheduler.start()
+        await self.refresh_sources()
+        self.scheduler.add_job(self.refresh_sources, "interval", seconds=15, id="refresh-sources",
+                               max_instances=1, coalesce=True)
+        self._tasks = [
+            asyncio.create_task(self._feeder(self.download_queue, "pending", self._in_download,
+                                             self._download_wake), name="download-feeder"),
+            asyncio.create_task(self._feeder(self.score_queue, "downloaded", self._in_score,
+                                             self._score_wake), name="score-feeder"),
+            *[asyncio.create_task(self._download_worker(), name=f"download-{i}")
+              for i in range(self.cfg.download.workers)],
+            asyncio.create_task(self._score_worker(), name="scorer"),
+        ]
+        self.started.set()
+
+    def request_stop(self) -> None:
+        if not self._stop.is_set():
+            log.info("stopping: finishing work in flight (up to %gs)", self.cfg.daemon.stop_timeout)
+            self._stop.set()
+
+    async def stop(self) -> None:
+        self.request_stop()
+        if self.scheduler is not None and self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        pending = [t for t in self._tasks + list(self._polls) if not t.done()]
+        if pending:
+            done, still = await asyncio.wait(pending, timeout=self.cfg.daemon.stop_timeout)
+            for task in still:
+                task.cancel()  # abandoned safely: its rows keep their status and resume next start
+            if still:
+                await asyncio.wait(still, timeout=5)
+        await self.http.close()
+        await self.store.close()
+        log.info("stopped")
+
+    async def run(self) -> None:
+        """Start, run until SIGINT/SIGTERM, stop gracefully."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self.request_stop)
+            except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
+                pass
+        await self.start()
+        try:
+            await self._stop.wait()
+        finally:
+            await self.stop()
+
+    # ---- sources -------------------------------------------------------------------------
+    async def refresh_sources(self) -> None:
+        """Schedule a poll job per enabled source; pick up sources added or removed meanwhile."""
+        try:
+            rows = await self.store.list_sources()
+        except Exception as e:  # noqa: BLE001 - a locked database must not stop the daemon
+            log.error("cannot read the sources table: %s", e)
+            return
+        wanted = {}
+        for row in rows:
+            conf = row["config"]
+            if conf.get("enabled", True):
+                wanted[row["name"]] = (row["kind"], repr(sorted(conf.items())))
+        for name in list(self._source_configs):
+            if name not in wanted or wanted[name] != self._source_configs[name]:
+                self.scheduler.remove_job(f"poll:{name}")
+                self.sources.pop(name, None)
+                del self._source_configs[name]
+                if name not in wanted:
+                    log.info("source %s: no longer polled", name)
+        for row in rows:
+            name = row["name"]
+            if name not in wanted or name in self._source_configs:
+                continue
+            conf = row["config"]
+            try:
+                self.sources[name] = make_source(name, row["kind"], conf.get("options", {}), self.http)
+            except Exception as e:  # noqa: BLE001
+                log.error("source %s: cannot be set up: %s", name, e)
+                continue
+            interval = float(conf.get("interval", 300))
+            first = datetime.now(timezone.utc)
+            if row["next_poll_at"]:
+                stored = datetime.fromisoformat(row["next_poll_at"])
+                if stored > first:  # honour a backoff that was running before a restart
+                    first = min(stored, first + timedelta(seconds=self.cfg.daemon.backoff_max))
+            self.scheduler.add_job(self.poll_source, "interval", seconds=interval, args=[name],
+                                   id=f"poll:{name}", next_run_time=first, max_instances=1,
+                                   coalesce=True, misfire_grace_time=None)
+            self._source_configs[name] = wanted[name]
+            log.info("source %s: polling %s every %gs", name, self.sources[name].describe(), interval)
+
+    async def poll_source(self, name: str) -> None:
+        task = asyncio.current_task()
+        self._polls.add(task)
+        try:
+            await self._poll_source(name)
+        finally:
+            self._polls.discard(task)
+
+    async def _poll_source(self, name: str) -> None:
+        if self._stop.is_set() or name not in self.sources:
+            return
+        source = self.sources[name]
+        try:
+            row = await self.store.get_source(name)
+        except Exception as e:  # noqa: BLE001
+            log.error("source %s: cannot read its state: %s", name, e)
+            return
+        if row is None:
+            return
+        conf = row["config"]
+        interval = float(conf.get("interval", 300))
+        cap = int(conf.get("max_items") or self.cfg.daemon.max_items_per_poll)
+        self.stats["polls"] += 1
+        try:
+            poll = await asyncio.wait_for(source.poll(row["cursor"], cap),
+                                          timeout=max(60.0, self.cfg.download.timeout * 3))
+            ids = await self.store.save_poll(row["id"], poll.items[:cap], poll.cursor)
+            next_at = datetime.now(timezone.utc) + timedelta(seconds=interval)
+            await self.store.source_polled(row["id"], error=None, next_poll_at=next_at.isoformat())
+            if not row["healthy"]:
+                log.info("source %s: healthy again", name)
+            if ids:
+                log.info("source %s: %d new item(s)%s", name, len(ids), ", more next poll" if poll.more else "")
+                self._download_wake.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure is logged and backed off, never fatal
+            await self._poll_failed(name, row, interval, e)
+
+    async def _poll_failed(self, name: str, row: dict, interval: float, error: Exception) -> None:
+        failures = row["failures"] + 1
+        if isinstance(error, asyncio.TimeoutError):
+            error = TransientError("poll timed out")
+        if isinstance(error, RateLimited) and error.retry_after is not None:
+            delay = error.retry_after + random.uniform(0, 2)
+        elif isinstance(error, AuthError):
+            delay = self.cfg.daemon.backoff_max
+        else:
+            base = max(interval, 10.0) * 2 ** (failures - 1)
+            delay = min(self.cfg.daemon.backoff_max, base) * random.uniform(0.8, 1.2)
+        message = str(error) if isinstance(error, SourceError) else f"{type(error).__name__}: {error}"
+        next_at = datetime.now(timezone.utc) + timedelta(seconds=delay)
+        try:
+            updated = await self.store.source_polled(
+                row["id"], error=message, next_poll_at=next_at.isoformat(),
+                unhealthy_after=self.cfg.daemon.unhealthy_after, force_unhealthy=isinstance(error, AuthError))
+            became_unhealthy = row["healthy"] and not updated["healthy"]
+        except Exception as e:  # noqa: BLE001
+            log.error("source %s: cannot record its failure: %s", name, e)
+            became_unhealthy = False
+        log.warning("source %s: %s; next try in %.0fs%s", name, message, delay,
+                    " (marked unhealthy)" if became_unhealthy else "")
+        job = self.scheduler.get_job(f"poll:{name}") if self.scheduler else None
+        if job is not None:
+            job.modify(next_run_time=next_at)
+
+    # ---- stages --------------------------------------------------------------------------
+    async def _take(self, queue: asyncio.Queue):
+        """The next id from ``queue``, or None once a stop is requested."""
+        if self._stop.is_set():
+            return None
+        getter = asyncio.ensure_future(queue.get())
+        stopper = asyncio.ensure_future(self._stop.wait())
+        done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            stopper.cancel()
+            return getter.result()
+        getter.cancel()
+        return None
+
+    async def _feeder(self, queue: asyncio.Queue, status: str, in_flight: set[int], wake: asyncio.Event):
+        while not self._stop.is_set():
+            wake.clear()
+            room = queue.maxsize - queue.qsize()
+            if room > 0:
+                now = time.monotonic()
+                waiting = {i for i, t in self._retry_at.items() if t > now}
+                try:
+                    ids = await self.store.ids_with_status(status, room, in_flight | waiting)
+                except Exception as e:  # noqa: BLE001
+                    log.error("cannot read the %s queue from the database: %s", status, e)
+                    ids = []
+                for image_id in ids:
+                    in_flight.add(image_id)
+                    queue.put_nowait(image_id)
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _download_worker(self) -> None:
+        while True:
+            image_id = await self._take(self.download_queue)
+            if image_id is None:
+                return
+            try:
+                await self.download(image_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                log.error("image %d: download step failed: %s: %s", image_id, type(e).__name__, e)
+            finally:
+                self._in_download.discard(image_id)
+                self._download_wake.set()
+
+    async def _fetch(self, row: dict) -> bytes:
+        limit = self.cfg.download.max_bytes
+        if row["local_path"]:
+            path = Path(row["local_path"])
+            size = path.stat().st_size
+            if size > limit:
+                raise TooLarge(f"{path.name} is {size} bytes, over the {limit}-byte limit")
+            return await asyncio.to_thread(path.read_bytes)
+        if not row["media_url"]:
+            raise BadImage("the source gave no picture URL")
+        resp = await self.http.get(row["media_url"], headers={"Accept": "image/*"})
+        ctype = resp.headers.get("Content-Type", "").lower()
+        if ctype and not ctype.startswith(ACCEPTED_CONTENT_TYPES):
+            raise BadImage(f"{short_url(row['media_url'])} is {ctype.split(';')[0]}, not a picture")
+        return resp.body
+
+    async def download(self, image_id: int) -> str:
+        row = await self.store.get_image(image_id)
+        if row is None or row["status"] != "pending":
+            return "gone"
+        where = row["local_path"] or short_url(row["media_url"] or "")
+        try:
+            data = await self._fetch(row)
+            info, _ = await asyncio.to_thread(inspect, data, max_pixels=self.cfg.download.max_pixels)
+            rel = await asyncio.to_thread(store_media, self.cfg.media_path, data, info)
+            status, dup_of = await self.store.record_download(
+                image_id, info, rel, self.cfg.download.near_duplicate_distance)
+        except TransientError as e:
+            status = await self.store.mark_failed(image_id, str(e), retry=True)
+            if status == "pending":
+                self._retry_at[image_id] = time.monotonic() + 30 * random.uniform(0.8, 1.2)
+            log.warning("image %d (%s): %s%s", image_id, where, e, "; will retry" if status == "pending" else "")
+            self.stats["failed"] += status == "failed"
+            return status
+        except (SourceError, BadImage, OSError) as e:
+            message = str(e) if not isinstance(e, OSError) else f"cannot read file: {e.strerror or e}"
+            await self.store.mark_failed(image_id, message)
+            log.warning("image %d (%s): skipped: %s", image_id, where, message)
+            self.stats["failed"] += 1
+            return "failed"
+        self._retry_at.pop(image_id, None)
+        self.stats["downloaded"] += 1
+        if status == "downloaded":
+            self._score_wake.set()
+        else:
+            log.info("image %d (%s): %s of image %d, not scored again", image_id, where,
+                     status.replace("_", "-"), dup_of)
+        return status
+
+    async def _score_worker(self) -> None:
+        batch_size = self.cfg.scorer.batch_size
+        while True:
+            first = await self._take(self.score_queue)
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < batch_size and not self.score_queue.empty():
+                batch.append(self.score_queue.get_nowait())
+            try:
+                await self.score(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                log.error("scoring a batch of %d failed: %s: %s", len(batch), type(e).__name__, e)
+            finally:
+                for image_id in batch:
+                    self._in_score.discard(image_id)
+                self._score_wake.set()
+
+    async def score(self, image_ids: list[int]) -> None:
+        pictures, rows = [], []
+        for image_id in image_ids:
+            row = await self.store.get_image(image_id)
+            if row is None or row["status"] != "downloaded":
+                continue
+            try:
+                im = await asyncio.to_thread(load_media, self.cfg.media_path, row["media_path"],
+                                             max_pixels=self.cfg.download.max_pixels)
+            except (OSError, BadImage) as e:
+                await self.store.mark_failed(image_id, f"stored picture unreadable: {e}")
+                log.warning("image %d: stored picture unreadable: %s", image_id, e)
+                continue
+            pictures.append(im)
+            rows.append(row)
+        if not pictures:
+            return
+        analyzer = self.analyzer
+        analyses = await asyncio.to_thread(analyzer.analyze, pictures)
+        version = analyzer.scorer.version
+        for row, res in zip(rows, analyses):
+            faces = [FaceRecord(f.face.x1, f.face.y1, f.face.x2, f.face.y2, f.face.confidence,
+                                f.face.detector, f.score, f.uncertainty) for f in res.faces]
+            await self.store.record_analysis(row["id"], faces, res.score, res.uncertainty, version,
+                                             skipped=res.skipped)
+            self.stats["scored"] += 1
+            name = row["title"] or row["external_id"]
+            if res.skipped:
+                log.info("image %d (%s): no face, skipped", row["id"], name)
+            else:
+                log.info("image %d (%s): %d face(s), score %.2f", row["id"], name,
+                         0 if res.whole else len(res.faces), res.score)

@@ -1,0 +1,280 @@
+#!/usr/bin/env python3
+"""tastefeed command line.
+
+    python main.py run                      start the daemon (no config needed)
+    python main.py score PICTURE...         faces and scores of pictures (--json)
+    python main.py sources list|add|remove|test
+    python main.py doctor                   check config, database, detector, model, device
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from bot.config import ConfigError, load_config, parse_source
+from bot.logs import setup_logging
+
+log = logging.getLogger("tastefeed")
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+# ---- run -------------------------------------------------------------------------------------
+def cmd_run(cfg, args) -> int:
+    from bot.daemon import Daemon
+
+    async def main():
+        daemon = Daemon(cfg)
+        folders = [s.options["path"] for s in cfg.sources if s.kind == "folder" and s.enabled]
+        print(f"tastefeed: data in {Path(cfg.data_dir).resolve()}", flush=True)
+        for folder in folders:
+            print(f"tastefeed: drop pictures into {Path(folder).resolve()}", flush=True)
+        print("tastefeed: Ctrl-C to stop", flush=True)
+        await daemon.run()
+
+    asyncio.run(main())
+    return 0
+
+
+# ---- score -----------------------------------------------------------------------------------
+def cmd_score(cfg, args) -> int:
+    from tqdm import tqdm
+
+    from bot.daemon import build_analyzer
+    from storage import Store
+    from storage.media import BadImage, decode_image
+
+    store = Store.open(cfg.db_path)
+    analyzer = build_analyzer(cfg, store)
+    results, failures = [], 0
+    paths = [Path(p) for p in args.paths]
+    bar = tqdm(paths, desc="scoring", unit="img", disable=len(paths) < 2 or not sys.stderr.isatty(),
+               file=sys.stderr)
+    for path in bar:
+        try:
+            im = decode_image(path.read_bytes(), max_pixels=cfg.download.max_pixels)
+        except (OSError, BadImage) as e:
+            failures += 1
+            message = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            results.append({"path": str(path), "error": message})
+            if not args.json:
+                tqdm.write(f"{path}: error: {message}", file=sys.stdout)
+            continue
+        res = analyzer.analyze([im])[0]
+        entry = {"path": str(path), "model": analyzer.scorer.version, **res.as_dict()}
+        results.append(entry)
+        if not args.json:
+            lines = [f"{path}: {'no face' if res.whole or res.skipped else f'{len(res.faces)} face(s)'}, "
+                     + ("skipped" if res.skipped else f"score {res.score:.2f}")
+                     + (" (whole picture)" if res.whole else "")]
+            if not res.whole:
+                for i, f in enumerate(res.faces, 1):
+                    b = f.face
+                    lines.append(f"  face {i}: box ({b.x1}, {b.y1}, {b.x2}, {b.y2}) "
+                                 f"confidence {b.confidence:.2f} score {f.score:.2f}")
+            tqdm.write("\n".join(lines), file=sys.stdout)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    store.close()
+    return 1 if failures and failures == len(paths) else 0
+
+
+# ---- sources ---------------------------------------------------------------------------------
+def _parse_value(text: str):
+    import tomllib
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def cmd_sources(cfg, args) -> int:
+    from storage import Store
+
+    store = Store.open(cfg.db_path)
+    try:
+        if args.action == "list":
+            from bot.daemon import source_runtime_config
+            for src in cfg.sources:  # make config sources visible before the first run
+                store.upsert_source(src.name, src.kind, source_runtime_config(src))
+            rows = store.list_sources()
+            if not rows:
+                print("no sources")
+            for r in rows:
+                conf = r["config"]
+                state = "disabled" if not conf.get("enabled", True) else ("ok" if r["healthy"] else "UNHEALTHY")
+                print(f"{r['name']}  [{r['kind']}, {r['origin']}]  {state}  every {conf.get('interval')}s  "
+                      f"items {r['items_fetched']}  last poll {r['last_poll_at'] or '-'}  "
+                      f"next {r['next_poll_at'] or '-'}")
+                if r["last_error"]:
+                    print(f"    last error ({r['failures']} failure(s) in a row): {r['last_error']}")
+            return 0
+        if args.action == "add":
+            if any(s.name == args.name for s in cfg.sources):
+                return _fail(f"source {args.name!r} is defined in {cfg.path or 'the defaults'}; change it there")
+            raw = {"name": args.name, "kind": args.kind}
+            for pair in args.options:
+                if "=" not in pair:
+                    return _fail(f"expected key=value, got {pair!r}")
+                key, value = pair.split("=", 1)
+                raw[key.strip()] = _parse_value(value)
+            try:
+                src = parse_source(raw, f"source {args.name}")
+            except ConfigError as e:
+                return _fail(str(e))
+            from bot.daemon import source_runtime_config
+            store.upsert_source(src.name, src.kind, source_runtime_config(src), origin="cli")
+            print(f"added source {src.name} ({src.kind}); a running daemon picks it up within 15s")
+            return 0
+        if args.action == "remove":
+            if any(s.name == args.name for s in cfg.sources):
+                return _fail(f"source {args.name!r} is defined in {cfg.path or 'the defaults'}; remove it there")
+            if not store.remove_source(args.name):
+                return _fail(f"no source named {args.name!r}")
+            print(f"removed source {args.name} (pictures already fetched are kept)")
+            return 0
+        if args.action == "test":
+            return asyncio.run(_test_source(cfg, store, args.name, args.limit))
+    finally:
+        store.close()
+    return 0
+
+
+async def _test_source(cfg, store, name, limit) -> int:
+    from sources import make_source
+    from sources.http import Http
+
+    conf = next((s for s in cfg.sources if s.name == name), None)
+    if conf is not None:
+        kind, options, cursor = conf.kind, conf.options, {}
+    else:
+        row = store.get_source(name)
+        if row is None:
+            return _fail(f"no source named {name!r}")
+        kind, options, cursor = row["kind"], row["config"].get("options", {}), {}
+    async with Http(timeout=cfg.download.timeout, max_bytes=cfg.download.max_bytes,
+                    per_host=cfg.download.per_host, allow_private=cfg.download.allow_private,
+                    user_agent=cfg.download.user_agent) as http:
+        source = make_source(name, kind, options, http)
+        try:
+            poll = await source.poll(cursor, limit)
+        except Exception as e:  # noqa: BLE001
+            return _fail(f"source {name}: {e}")
+    print(f"source {name} ({source.describe()}): {len(poll.items)} item(s)" + (", more available" if poll.more else ""))
+    for item in poll.items:
+        print(f"  {item.external_id}: {item.media_url or item.local_path}"
+              + (f"  by {item.author}" if item.author else "") + (f"  [{item.rating}]" if item.rating else ""))
+    return 0
+
+
+# ---- doctor ----------------------------------------------------------------------------------
+def cmd_doctor(cfg, args) -> int:
+    from PIL import Image
+
+    checks: list[tuple[str, bool, str]] = [("config", True, cfg.path or "embedded defaults")]
+    store = None
+    try:
+        from storage import Store
+        store = Store.open(cfg.db_path)
+        store.db.execute("CREATE TABLE IF NOT EXISTS _doctor (x)")
+        store.db.execute("DROP TABLE _doctor")
+        counts = store.status_counts()
+        checks.append(("database", True, f"{cfg.db_path} ({sum(counts.values())} pictures)"))
+    except Exception as e:  # noqa: BLE001
+        checks.append(("database", False, str(e)))
+    try:
+        cfg.media_path.mkdir(parents=True, exist_ok=True)
+        probe = cfg.media_path / ".doctor"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        checks.append(("media folder", True, str(cfg.media_path)))
+    except OSError as e:
+        checks.append(("media folder", False, f"{cfg.media_path}: {e.strerror}"))
+    try:
+        from scorer.detect import make_detector
+        det = make_detector(cfg.detector, cfg.data_path)
+        det.detect(Image.new("RGB", (64, 64), "white"))
+        checks.append(("detector", True, cfg.detector.name))
+    except Exception as e:  # noqa: BLE001
+        checks.append(("detector", False, str(e)))
+    try:
+        from scorer.model import pick_device
+        checks.append(("device", True, str(pick_device(cfg.scorer.device))))
+    except Exception as e:  # noqa: BLE001
+        checks.append(("device", False, str(e)))
+    if store is not None:
+        try:
+            from scorer.registry import ensure_active_model, load_scorer
+            row = ensure_active_model(store, cfg.scorer, cfg.models_path)
+            scorer = load_scorer(row, cfg.scorer, cfg.models_path)
+            scorer.predict([Image.new("RGB", (64, 64), "gray")])
+            trained = "" if row["metrics"] else " (untrained)"
+            checks.append(("model", True, f"{row['version']}{trained}"))
+        except Exception as e:  # noqa: BLE001
+            checks.append(("model", False, str(e)))
+        for r in store.list_sources():
+            if not r["healthy"]:
+                checks.append((f"source {r['name']}", False, r["last_error"] or "unhealthy"))
+        store.close()
+    width = max(len(name) for name, _, _ in checks)
+    for name, ok, detail in checks:
+        print(f"{name.ljust(width)}  {'OK  ' if ok else 'FAIL'}  {detail}")
+    return 0 if all(ok for _, ok, _ in checks) else 1
+
+
+# ---- entry point -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tastefeed", description="Personal image recommendation bot.")
+    p.add_argument("--config", help="config file (default: ./config.toml if present, else built-in defaults)")
+    p.add_argument("--log-level", help="override log.level (DEBUG, INFO, WARNING, ERROR)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the daemon: poll sources, download, detect, score")
+    sc = sub.add_parser("score", help="print faces and scores of picture files")
+    sc.add_argument("paths", nargs="+", metavar="PICTURE")
+    sc.add_argument("--json", action="store_true", help="print JSON")
+    so = sub.add_parser("sources", help="list, add, remove or test sources")
+    so_sub = so.add_subparsers(dest="action", required=True)
+    so_sub.add_parser("list", help="sources with health, last/next poll and last error")
+    add = so_sub.add_parser("add", help="add a source: NAME KIND key=value ...")
+    add.add_argument("name")
+    add.add_argument("kind")
+    add.add_argument("options", nargs="*", metavar="key=value")
+    rm = so_sub.add_parser("remove", help="remove a source added with 'sources add'")
+    rm.add_argument("name")
+    te = so_sub.add_parser("test", help="poll a source once and print what it would fetch")
+    te.add_argument("name")
+    te.add_argument("--limit", type=int, default=20)
+    sub.add_parser("doctor", help="check config, database, detector, model and device")
+    return p
+
+
+COMMANDS = {"run": cmd_run, "score": cmd_score, "sources": cmd_sources, "doctor": cmd_doctor}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        return _fail(str(e), 2)
+    setup_logging(args.log_level or cfg.log.level)
+    from storage.db import StorageError
+    from scorer.detect import DetectorError
+    from scorer.model import ModelError
+    try:
+        return COMMANDS[args.command](cfg, args)
+    except (StorageError, DetectorError, ModelError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Face detection: one interface, three detectors.
+
+``detector.detect(picture) -> list[Face]`` with boxes in the picture's own pixels and a 0-1
+confidence. Every detector downscales large pictures to ``max_side`` first (speed) and maps the
+boxes back.
+
+- ``animeface``: the compiled nvxs anime-face detector from the ``animeface`` package (offline).
+- ``opencv``: the frontal-face Haar cascade that ships inside opencv, for photographs.
+- ``yolo``: an ultralytics YOLO model from a local ``.pt``/``.onnx`` file (offline).
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+
+class DetectorError(Exception):
+    """The detector cannot be set up; the message says why."""
+
+
+@dataclass(frozen=True)
+class Face:
+    x1: int
+    y1: int
+    x2: int
+    y2: int
+    confidence: float
+    detector: str
+
+    @property
+    def width(self) -> int:
+        return self.x2 - self.x1
+
+    @property
+    def height(self) -> int:
+        return self.y2 - self.y1
+
+    @property
+    def area(self) -> int:
+        return self.width * self.height
+
+
+def _downscale(im: Image.Image, max_side: int) -> tuple[Image.Image, float]:
+    scale = min(1.0, max_side / max(im.size))
+    if scale < 1.0:
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BILINEAR)
+    return im, scale
+
+
+def _box(x, y, w, h, scale, size, confidence, name) -> Face:
+    W, H = size
+    x1 = max(0, min(W, int(round(x / scale))))
+    y1 = max(0, min(H, int(round(y / scale))))
+    x2 = max(0, min(W, int(round((x + w) / scale))))
+    y2 = max(0, min(H, int(round((y + h) / scale))))
+    return Face(x1, y1, x2, y2, float(confidence), name)
+
+
+class Detector:
+    name = "base"
+
+    def __init__(self, *, min_confidence: float = 0.5, min_size: int = 24, max_side: int = 1600):
+        self.min_confidence = min_confidence
+        self.min_size = min_size
+        self.max_side = max_side
+
+    def detect(self, im: Image.Image) -> list[Face]:
+        small, scale = _downscale(im, self.max_side)
+        faces = [f for f in self._detect(small, scale, im.size)
+                 if f.confidence >= self.min_confidence and min(f.width, f.height) >= self.min_size]
+        return sorted(faces, key=lambda f: -f.confidence)
+
+    def _detect(self, im: Image.Image, scale: float, size: tuple[int, int]) -> list[Face]:
+        raise NotImplementedError
+
+
+# ---- animeface -------------------------------------------------------------------------------
+class _PillowImaging(ctypes.Structure):
+    """The ``ImagingMemoryInstance`` layout of Pillow <= 11, which the animeface wheel was built for.
+
+    animeface's C extension casts the object it is given to Pillow's private ``ImagingObject`` and
+    reads ``mode`` (a ``char[7]`` until Pillow 11), ``xsize``, ``ysize`` and the row pointers.
+    Pillow 12 turned ``mode`` into an enum, shifting every field, so the extension sees a garbage
+    size and finds nothing. A ctypes object's first field after the Python object header is the
+    pointer to its own buffer — exactly where the extension reads the ``Imaging`` pointer — so
+    passing this structure, filled from our own RGBA buffer, works with any Pillow version.
+    """
+    _fields_ = [("mode", ctypes.c_char * 7), ("type", ctypes.c_int), ("depth", ctypes.c_int),
+                ("bands", ctypes.c_int), ("xsize", ctypes.c_int), ("ysize", ctypes.c_int),
+                ("palette", ctypes.c_void_p), ("image8", ctypes.c_void_p), ("image32", ctypes.c_void_p),
+                ("image", ctypes.c_void_p), ("block", ctypes.c_void_p), ("blocks", ctypes.c_void_p),
+                ("pixelsize", ctypes.c_int), ("linesize", ctypes.c_int), ("destroy", ctypes.c_void_p)]
+
+
+def animeface_raw(im: Image.Image) -> list[dict]:
+    """Run the animeface extension on ``im``; a list of its result dicts."""
+    try:
+        from animeface import _nvxs
+    except ImportError as e:  # pragma: no cover - the package is a dependency
+        raise DetectorError(f"the animeface package is not installed: {e}") from None
+    rgba = im.convert("RGBA")
+    w, h = rgba.size
+    line = w * 4
+    buf = ctypes.create_string_buffer(rgba.tobytes(), line * h)
+    base = ctypes.addressof(buf)
+    rows = (ctypes.c_void_p * h)(*[base + y * line for y in range(h)])
+    imaging = _PillowImaging(mode=b"RGB", type=0, depth=8, bands=3, xsize=w, ysize=h,
+                             image=ctypes.addressof(rows), image32=ctypes.addressof(rows),
+                             block=base, pixelsize=4, linesize=line)
+    return _nvxs.detect(imaging)
+
+
+class AnimeFaceDetector(Detector):
+    name = "animeface"
+
+    def _detect(self, im, scale, size):
+        faces = []
+        for r in animeface_raw(im):
+            box = r.get("face_box") or r.get("face_pos")
+            if isinstance(box[0], (tuple, list)):  # old ((x, y), (w, h)) form
+                box = (*box[0], *box[1])
+            x, y, w, h = box
+            faces.append(_box(x, y, w, h, scale, size, r["likelihood"], self.name))
+        return faces
+
+
+# ---- opencv ----------------------------------------------------------------------------------
+class OpenCVDetector(Detector):
+    """Haar cascade (frontal faces); the confidence is the sigmoid of the cascade's level weight."""
+    name = "opencv"
+
+    def __init__(self, cascade: str | None = None, **kw):
+        super().__init__(**kw)
+        import cv2
+        path = cascade or os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")
+        self._cv2 = cv2
+        self.cascade = cv2.CascadeClassifier(path)
+        if self.cascade.empty():
+            raise DetectorError(f"cannot load the OpenCV cascade {path}")
+
+    def _detect(self, im, scale, size):
+        import numpy as np
+        cv2 = self._cv2
+        gray = cv2.equalizeHist(np.asarray(im.convert("L")))
+        rects, _levels, weights = self.cascade.detectMultiScale3(
+            gray, scaleFactor=1.1, minNeighbors=5, minSize=(max(8, int(self.min_size * scale)),) * 2,
+            outputRejectLevels=True)
+        faces = []
+        for (x, y, w, h), weight in zip(rects, weights):
+            conf = 1.0 / (1.0 + math.exp(-float(np.ravel(weight)[0])))
+            faces.append(_box(x, y, w, h, scale, size, conf, self.name))
+        return faces
+
+
+# ---- yolo ------------------------------------------------------------------------------------
+def prepare_ultralytics(config_dir: str | Path) -> None:
+    """Make ultralytics work offline; must run before its first import."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_AUTOINSTALL", "0")
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir))
+    settings = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics"
+    settings.mkdir(parents=True, exist_ok=True)
+    # ultralytics fetches Arial fonts for its plots when they are missing; any TTF will do.
+    import matplotlib
+    dejavu = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+        target = settings / name
+        if not target.exists() and dejavu.exists():
+            target.write_bytes(dejavu.read_bytes())
+
+
+class YoloDetector(Detector):
+    name = "yolo"
+
+    def __init__(self, weights: str, config_dir: str | Path = "data/ultralytics", device: str | None = None, **kw):
+        super().__init__(**kw)
+        path = Path(weights)
+        if not path.is_file():
+            raise DetectorError(f"YOLO weights {weights!r} not found: give a local .pt or .onnx file "
+                                "(no weights are downloaded)")
+        if path.suffix not in (".pt", ".onnx"):
+            raise DetectorError(f"YOLO weights must be a .pt or .onnx file, got {path.name}")
+        prepare_ultralytics(config_dir)
+        from ultralytics import YOLO
+        try:
+            self.model = YOLO(str(path), task="detect")
+        except Exception as e:  # noqa: BLE001 - ultralytics raises many kinds
+            raise DetectorError(f"cannot load YOLO weights {weights}: {e}") from None
+        self.device = device
+
+    def _detect(self, im, scale, size):
+        results = self.model.predict(im, conf=max(0.001, self.min_confidence), verbose=False,
+                                     device=self.device)
+        faces = []
+        for r in results:
+            for (x1, y1, x2, y2), conf in zip(r.boxes.xyxy.tolist(), r.boxes.conf.tolist()):
+                faces.append(_box(x1, y1, x2 - x1, y2 - y1, scale, size, conf, self.name))
+        return faces
+
+
+DETECTORS = {"animeface": AnimeFaceDetector, "opencv": OpenCVDetector, "yolo": YoloDetector}
+
+
+def make_detector(cfg, data_dir: str | Path = "data") -> Detector:
+    """Build the detector named by a ``DetectorConfig``."""
+    common = dict(min_confidence=cfg.min_confidence, min_size=cfg.min_size, max_side=cfg.max_side)
+    if cfg.name == "yolo":
+        return YoloDetector(cfg.weights, config_dir=Path(data_dir) / "ultralytics", **common)
+    if cfg.name not in DETECTORS:
+        raise DetectorError(f"unknown detector {cfg.name!r}")
+    return DETECTORS[cfg.name](**common)
+
+
+def crop_face(im: Image.Image, face: Face, margin: float) -> Image.Image:
+    """The face's box grown by ``margin`` (share of its size) on each side, made square, clipped."""
+    cx, cy = (face.x1 + face.x2) / 2, (face.y1 + face.y2) / 2
+    side = max(face.width, face.height) * (1 + 2 * margin)
+    half = side / 2
+    box = (max(0, int(cx - half)), max(0, int(cy - half)),
+           min(im.width, int(math.ceil(cx + half))), min(im.height, int(math.ceil(cy + half))))
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return im.copy()
+    return im.crop(box)

@@ -1,0 +1,49 @@
+"""The model registry: which model file scores pictures now.
+
+Models are files under ``<data>/models`` listed in the ``models`` table; exactly one is active.
+Before any training, an untrained model (random or ImageNet-initialised backbone, per
+``scorer.pretrained``) is created once, saved and registered, so every prediction names a real,
+reproducible model version.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from scorer.model import ModelError, Scorer, build_model, save_model
+
+log = logging.getLogger(__name__)
+
+
+def initial_version(arch: str, pretrained: str) -> str:
+    init = "random" if pretrained in ("", "none") else ("imagenet" if pretrained == "imagenet" else "file")
+    return f"{arch}-{init}-init"
+
+
+def ensure_active_model(store, scorer_cfg, models_dir: str | Path) -> dict:
+    """The active model row, creating and registering the untrained one if there is none."""
+    row = store.active_model()
+    if row is not None:
+        return row
+    version = initial_version(scorer_cfg.arch, scorer_cfg.pretrained)
+    models_dir = Path(models_dir)
+    path = models_dir / f"{version}.pt"
+    existing = store.get_model(version)
+    if existing is None or not path.exists():
+        torch.manual_seed(0)
+        net = build_model(scorer_cfg.arch, scorer_cfg.pretrained)
+        save_model(net, path, arch=scorer_cfg.arch, image_size=scorer_cfg.image_size, version=version)
+    store.register_model(version, scorer_cfg.arch, path.name, activate=True,
+                         notes="untrained: scores carry no taste until `main.py train` has run")
+    log.warning("no trained model yet: scoring with an untrained %s (%s); import ratings and run "
+                "`python main.py train` to learn your taste", scorer_cfg.arch, version)
+    return store.active_model()
+
+
+def load_scorer(row: dict, scorer_cfg, models_dir: str | Path) -> Scorer:
+    path = Path(models_dir) / row["path"]
+    if not path.exists():
+        raise ModelError(f"model file {path} of version {row['version']} is missing")
+    return Scorer.load(path, device=scorer_cfg.device, batch_size=scorer_cfg.batch_size, tta=scorer_cfg.tta)

@@ -1,0 +1,84 @@
+"""The one interface every source implements, and the errors they raise.
+
+A source is told its saved cursor and how many new items it may return; it answers with the new
+items (oldest first) and the cursor to save. Items beyond the cap are not lost: the returned cursor
+stops just after the last item returned, so the next poll picks up the rest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from storage.store import NewItem as Item  # one definition of a candidate picture
+
+__all__ = ["Item", "Poll", "Source", "SourceError", "TransientError", "RateLimited", "AuthError",
+           "BadPayload", "normalize_rating"]
+
+
+@dataclass
+class Poll:
+    items: list[Item]
+    cursor: dict[str, Any]
+    more: bool = False          # True when items were left for the next poll
+
+
+class SourceError(Exception):
+    """A poll failed; the message is one line for the user."""
+
+
+class TransientError(SourceError):
+    """Timeouts, connection failures and 5xx: retried with backoff."""
+
+
+class RateLimited(TransientError):
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class AuthError(SourceError):
+    """401/403: the credentials are wrong or lack access; retrying soon will not help."""
+
+
+class BadPayload(SourceError):
+    """The server answered with something that is not the expected JSON or feed."""
+
+
+class Source:
+    kind: ClassVar[str]
+    Options: ClassVar[type]
+    secret_options: ClassVar[tuple[str, ...]] = ()
+    remote: ClassVar[bool] = True   # items are fetched over HTTP (False: local files)
+
+    def __init__(self, name: str, options: Any, http=None):
+        self.name = name
+        self.options = options
+        self.http = http
+
+    async def poll(self, cursor: dict[str, Any], limit: int) -> Poll:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.kind
+
+
+_RATINGS = {
+    "g": "general", "general": "general", "safe": "general", "s": "general",
+    "sensitive": "sensitive",
+    "q": "questionable", "questionable": "questionable",
+    "e": "explicit", "explicit": "explicit",
+}
+
+
+def normalize_rating(value: str | None, *, s_means: str = "general") -> str | None:
+    """Map a site's rating to general | sensitive | questionable | explicit.
+
+    Danbooru's 's' is 'sensitive'; on Moebooru and old Gelbooru 's' is 'safe' (general).
+    """
+    if value is None:
+        return None
+    v = str(value).strip().lower()
+    if v == "s":
+        return s_means
+    return _RATINGS.get(v)
+

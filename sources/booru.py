@@ -1,0 +1,216 @@
+"""Booru source: Danbooru, Gelbooru-style ``dapi`` sites (Gelbooru, Safebooru) and Moebooru
+(yande.re, konachan), one class for the three APIs.
+
+The cursor is the highest post id handled. Each poll asks for the posts just after it, oldest
+first and at most the cap, so a restart neither re-fetches nor skips posts. The first poll starts
+from the newest posts (no back-fill of the site's history). The site's md5 and score are kept
+(the score is the popularity signal used before the model has learned anything).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlsplit
+
+from sources.base import BadPayload, Item, Poll, Source, SourceError, normalize_rating
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URLS = {"danbooru": "https://danbooru.donmai.us", "gelbooru": "https://gelbooru.com",
+                "moebooru": "https://yande.re"}
+
+
+@dataclass
+class BooruOptions:
+    api: Literal["danbooru", "gelbooru", "moebooru"] = "danbooru"
+    url: str = ""                 # site root; default per api (danbooru.donmai.us, gelbooru.com, yande.re)
+    tags: str = ""                # the site's own tag search
+    ratings: list[str] = field(default_factory=lambda: ["general", "sensitive"])
+    login: str = ""               # Danbooru login / Moebooru login (or env DANBOORU_LOGIN, MOEBOORU_LOGIN)
+    api_key: str = ""             # Danbooru/Gelbooru API key, Moebooru password hash (or env *_API_KEY)
+    user_id: str = ""             # Gelbooru user id (or env GELBOORU_USER_ID)
+    page_size: int = 100
+
+    def check(self):
+        allowed = {"general", "sensitive", "questionable", "explicit"}
+        bad = [r for r in self.ratings if r not in allowed]
+        if bad:
+            return "ratings", f"expected ratings from {sorted(allowed)}, got {bad[0]!r}"
+        if self.url and not self.url.startswith(("http://", "https://")):
+            return "url", f"expected an http(s) URL, got {self.url!r}"
+        if not 1 <= self.page_size <= 1000:
+            return "page_size", f"expected 1 to 1000, got {self.page_size}"
+        creds = resolve_credentials(self)
+        host = urlsplit(self.url or DEFAULT_URLS[self.api]).hostname or ""
+        if self.api == "gelbooru" and host.endswith("gelbooru.com") and not (creds["api_key"] and creds["user_id"]):
+            return "api_key", ("Gelbooru needs api_key and user_id (from your account options page), "
+                               "in the config or as GELBOORU_API_KEY and GELBOORU_USER_ID")
+        return None
+
+
+def resolve_credentials(opts: BooruOptions) -> dict[str, str]:
+    prefix = opts.api.upper()
+    return {
+        "login": opts.login or os.environ.get(f"{prefix}_LOGIN", ""),
+        "api_key": opts.api_key or os.environ.get(f"{prefix}_API_KEY", ""),
+        "user_id": opts.user_id or os.environ.get(f"{prefix}_USER_ID", ""),
+    }
+
+
+def _tags(value) -> list[str]:
+    if isinstance(value, list):
+        return [str(t) for t in value]
+    return [t for t in str(value or "").split() if t]
+
+
+class BooruSource(Source):
+    kind = "booru"
+    Options = BooruOptions
+    secret_options = ("api_key",)
+
+    def __init__(self, name, options, http=None):
+        super().__init__(name, options, http)
+        self.base = (options.url or DEFAULT_URLS[options.api]).rstrip("/")
+        self.creds = resolve_credentials(options)
+        from bot.logs import register_secret
+        register_secret(self.creds["api_key"])
+
+    def describe(self) -> str:
+        return f"{self.options.api} {self.base} tags={self.options.tags!r}"
+
+    async def poll(self, cursor: dict, limit: int) -> Poll:
+        after = cursor.get("last_id")
+        limit = max(1, min(limit, self.options.page_size))
+        url, params = getattr(self, f"_request_{self.options.api}")(after, limit)
+        resp = await self.http.get(url, params=params, headers={"Accept": "application/json"})
+        payload = resp.json()
+        posts = getattr(self, f"_posts_{self.options.api}")(payload)
+        items, ids = [], []
+        for post in posts:
+            try:
+                pid = int(post["id"])
+            except (KeyError, TypeError, ValueError):
+                log.warning("source %s: skipped a post without a numeric id", self.name)
+                continue
+            if after is not None and pid <= after:
+                continue  # a site that ignored id:> must not make us go back
+            ids.append(pid)
+            item = getattr(self, f"_item_{self.options.api}")(post, pid)
+            if item is None:
+                continue
+            if self.options.ratings and item.rating not in self.options.ratings:
+                continue
+            items.append((pid, item))
+        items.sort(key=lambda pair: pair[0])
+        new_cursor = dict(cursor)
+        if ids:
+            new_cursor["last_id"] = max(ids)
+        return Poll(items=[item for _, item in items], cursor=new_cursor, more=len(posts) >= limit)
+
+    # ---- Danbooru ------------------------------------------------------------------------
+    def _request_danbooru(self, after, limit):
+        params = {"limit": str(limit)}
+        if self.options.tags:
+            params["tags"] = self.options.tags
+        if after is not None:
+            params["page"] = f"a{after}"
+        if self.creds["login"] and self.creds["api_key"]:
+            params["login"], params["api_key"] = self.creds["login"], self.creds["api_key"]
+        return f"{self.base}/posts.json", params
+
+    def _posts_danbooru(self, payload):
+        if isinstance(payload, dict) and payload.get("success") is False:
+            raise SourceError(f"Danbooru said: {payload.get('message') or payload.get('error')}")
+        if not isinstance(payload, list):
+            raise BadPayload(f"unexpected Danbooru answer from {self.base} (expected a list of posts)")
+        return [p for p in payload if isinstance(p, dict)]
+
+    def _item_danbooru(self, post, pid):
+        media = post.get("file_url") or post.get("large_file_url")
+        if not media:
+            return None  # deleted, banned or restricted post
+        return Item(
+            external_id=str(pid), media_url=media, page_url=f"{self.base}/posts/{pid}",
+            author=(post.get("tag_string_artist") or None), tags=_tags(post.get("tag_string")),
+            rating=normalize_rating(post.get("rating"), s_means="sensitive"),
+            popularity=_num(post.get("score")), site_md5=post.get("md5"), posted_at=post.get("created_at"))
+
+    # ---- Gelbooru dapi -------------------------------------------------------------------
+    def _request_gelbooru(self, after, limit):
+        tags = self.options.tags
+        if after is not None:
+            tags = f"{tags} id:>{after} sort:id:asc".strip()
+        params = {"page": "dapi", "s": "post", "q": "index", "json": "1", "limit": str(limit)}
+        if tags:
+            params["tags"] = tags
+        if self.creds["api_key"] and self.creds["user_id"]:
+            params["api_key"], params["user_id"] = self.creds["api_key"], self.creds["user_id"]
+        return f"{self.base}/index.php", params
+
+    def _posts_gelbooru(self, payload):
+        if isinstance(payload, dict):
+            posts = payload.get("post", [])
+            if isinstance(posts, dict):
+                posts = [posts]
+        else:
+            posts = payload
+        if payload in ("", None):
+            posts = []
+        if not isinstance(posts, list):
+            raise BadPayload(f"unexpected dapi answer from {self.base} (expected posts)")
+        return [p for p in posts if isinstance(p, dict)]
+
+    def _item_gelbooru(self, post, pid):
+        media = post.get("file_url")
+        if not media and post.get("directory") and post.get("image"):
+            media = f"{self.base}/images/{post['directory']}/{post['image']}"
+        if not media:
+            return None
+        if media.startswith("//"):
+            media = "https:" + media
+        return Item(
+            external_id=str(pid), media_url=media, page_url=f"{self.base}/index.php?page=post&s=view&id={pid}",
+            author=post.get("owner") or None, tags=_tags(post.get("tags")),
+            rating=normalize_rating(post.get("rating"), s_means="general"),
+            popularity=_num(post.get("score")), site_md5=post.get("md5") or post.get("hash"),
+            posted_at=post.get("created_at"))
+
+    # ---- Moebooru ------------------------------------------------------------------------
+    def _request_moebooru(self, after, limit):
+        tags = self.options.tags
+        if after is not None:
+            tags = f"{tags} id:>{after} order:id".strip()
+        params = {"limit": str(limit)}
+        if tags:
+            params["tags"] = tags
+        if self.creds["login"] and self.creds["api_key"]:
+            params["login"], params["password_hash"] = self.creds["login"], self.creds["api_key"]
+        return f"{self.base}/post.json", params
+
+    def _posts_moebooru(self, payload):
+        if not isinstance(payload, list):
+            raise BadPayload(f"unexpected Moebooru answer from {self.base} (expected a list of posts)")
+        return [p for p in payload if isinstance(p, dict)]
+
+    def _item_moebooru(self, post, pid):
+        media = post.get("file_url") or post.get("jpeg_url") or post.get("sample_url")
+        if not media:
+            return None
+        created = post.get("created_at")
+        if isinstance(created, (int, float)):
+            from datetime import datetime, timezone
+            created = datetime.fromtimestamp(created, timezone.utc).isoformat()
+        return Item(
+            external_id=str(pid), media_url=media, page_url=f"{self.base}/post/show/{pid}",
+            author=post.get("author") or None, tags=_tags(post.get("tags")),
+            rating=normalize_rating(post.get("rating"), s_means="general"),
+            popularity=_num(post.get("score")), site_md5=post.get("md5"), posted_at=created)
+
+
+def _num(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,229 @@
+"""The HTTP client all remote sources and the downloader share (aiohttp).
+
+- per-host concurrency limits, a total timeout per request, a size cap on bodies;
+- addresses in private, loopback, link-local and reserved ranges are refused unless allowed
+  (``download.allow_private``), on the first request and on every redirect hop;
+- status codes become the source errors the daemon understands: 429 -> RateLimited (honouring
+  Retry-After), 5xx and timeouts -> TransientError, 401/403 -> AuthError.
+"""
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import ipaddress
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from sources.base import AuthError, RateLimited, SourceError, TransientError
+
+log = logging.getLogger(__name__)
+
+
+class BlockedAddress(SourceError):
+    """The URL points at an address that remote sources may not reach."""
+
+
+class TooLarge(SourceError):
+    pass
+
+
+@dataclass
+class Response:
+    url: str
+    status: int
+    headers: CIMultiDictProxy
+    body: bytes
+
+    def text(self) -> str:
+        charset = "utf-8"
+        ctype = self.headers.get("Content-Type", "")
+        if "charset=" in ctype:
+            charset = ctype.split("charset=")[-1].split(";")[0].strip() or "utf-8"
+        return self.body.decode(charset, errors="replace")
+
+    def json(self):
+        import json
+        try:
+            return json.loads(self.body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SourceError(f"malformed JSON from {short_url(self.url)}: {e}") from None
+
+
+def short_url(url: str) -> str:
+    """scheme://host/path, without the query string (which may hold API keys)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{parts.path}"
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+class AddressPolicy:
+    """Which IP addresses a remote source may reach."""
+
+    def __init__(self, allow: list[str] | None = None):
+        self.allowed_hosts: set[str] = set()
+        self.allowed_nets: list[ipaddress._BaseNetwork] = []
+        for entry in allow or []:
+            try:
+                self.allowed_nets.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                self.allowed_hosts.add(entry.lower())
+
+    def ip_allowed(self, ip: str) -> bool:
+        addr = ipaddress.ip_address(ip.split("%")[0])
+        if getattr(addr, "ipv4_mapped", None):
+            addr = addr.ipv4_mapped
+        if any(addr in net for net in self.allowed_nets):
+            return True
+        return not (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved
+                    or addr.is_multicast or addr.is_unspecified)
+
+    async def check(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise BlockedAddress(f"refused {short_url(url)}: only http and https URLs are fetched")
+        host = (parts.hostname or "").lower()
+        if not host:
+            raise BlockedAddress(f"refused {url!r}: no host")
+        if host in self.allowed_hosts:
+            return
+        try:
+            ipaddress.ip_address(host)
+            ips = [host]
+        except ValueError:
+            loop = asyncio.get_running_loop()
+            try:
+                infos = await loop.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+            except socket.gaierror as e:
+                raise TransientError(f"cannot resolve {host}: {e.strerror}") from None
+            ips = sorted({info[4][0] for info in infos})
+        for ip in ips:
+            if not self.ip_allowed(ip):
+                raise BlockedAddress(
+                    f"refused {short_url(url)}: {host} is a private/loopback/link-local address ({ip}); "
+                    "add it to download.allow_private to allow it")
+
+
+class Http:
+    """One aiohttp session with the rules above. Use ``async with Http(...) as http``."""
+
+    def __init__(self, *, timeout: float = 30.0, max_bytes: int = 50 * 1024 * 1024, per_host: int = 4,
+                 allow_private: list[str] | None = None, user_agent: str = "tastefeed/0.1",
+                 max_redirects: int = 5):
+        self.timeout = timeout
+        self.max_bytes = max_bytes
+        self.per_host = per_host
+        self.policy = AddressPolicy(allow_private)
+        self.user_agent = user_agent
+        self.max_redirects = max_redirects
+        self._session: aiohttp.ClientSession | None = None
+        self._hosts: dict[str, asyncio.Semaphore] = {}
+
+    async def __aenter__(self) -> "Http":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                headers={"User-Agent": self.user_agent},
+                timeout=aiohttp.ClientTimeout(total=self.timeout, sock_connect=min(10.0, self.timeout)),
+                connector=aiohttp.TCPConnector(limit=64, limit_per_host=self.per_host),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _host_limit(self, url: str) -> asyncio.Semaphore:
+        host = urlsplit(url).netloc
+        if host not in self._hosts:
+            self._hosts[host] = asyncio.Semaphore(self.per_host)
+        return self._hosts[host]
+
+    async def get(self, url: str, *, params: dict | None = None, headers: dict | None = None,
+                  max_bytes: int | None = None, auth: aiohttp.BasicAuth | None = None,
+                  ok_statuses: tuple[int, ...] = (200,)) -> Response:
+        """GET ``url`` following redirects (each hop checked); raise a SourceError on failure."""
+        limit = max_bytes or self.max_bytes
+        current = url
+        for _hop in range(self.max_redirects + 1):
+            await self.policy.check(current)
+            async with self._host_limit(current):
+                try:
+                    async with self.session.get(current, params=params, headers=headers, auth=auth,
+                                                allow_redirects=False) as resp:
+                        if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+                            current = urljoin(str(resp.url), resp.headers["Location"])
+                            params = None  # the Location already carries its query
+                            continue
+                        self._raise_for_status(resp, current)
+                        if resp.status not in ok_statuses:
+                            return Response(str(resp.url), resp.status, resp.headers, b"")
+                        body = await self._read_capped(resp, limit, current)
+                        return Response(str(resp.url), resp.status, resp.headers, body)
+                except asyncio.TimeoutError:
+                    raise TransientError(f"timed out after {self.timeout:g}s: {short_url(current)}") from None
+                except aiohttp.ClientConnectorError as e:
+                    raise TransientError(f"cannot connect to {short_url(current)}: {e.os_error}") from None
+                except aiohttp.ClientPayloadError as e:
+                    raise TransientError(f"broken response from {short_url(current)}: {e}") from None
+                except aiohttp.ClientError as e:
+                    raise TransientError(f"HTTP error from {short_url(current)}: {type(e).__name__}: {e}") from None
+        raise SourceError(f"too many redirects from {short_url(url)}")
+
+    @staticmethod
+    def _raise_for_status(resp: aiohttp.ClientResponse, url: str) -> None:
+        status = resp.status
+        if status == 429:
+            retry = parse_retry_after(resp.headers.get("Retry-After"))
+            raise RateLimited(f"rate limited (429) by {urlsplit(url).netloc}"
+                              + (f", retry after {retry:.0f}s" if retry is not None else ""), retry)
+        if status in (401, 403):
+            raise AuthError(f"{status} {resp.reason} from {short_url(url)}: "
+                            "check the credentials and that this account may read it")
+        if status >= 500:
+            retry = parse_retry_after(resp.headers.get("Retry-After"))
+            err = TransientError(f"server error {status} from {short_url(url)}")
+            if retry is not None:
+                err = RateLimited(str(err), retry)
+            raise err
+        if status >= 400:
+            raise SourceError(f"{status} {resp.reason} from {short_url(url)}")
+
+    @staticmethod
+    async def _read_capped(resp: aiohttp.ClientResponse, limit: int, url: str) -> bytes:
+        length = resp.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) > limit:
+            raise TooLarge(f"{short_url(url)} is {int(length)} bytes, over the {limit}-byte limit")
+        chunks, total = [], 0
+        async for chunk in resp.content.iter_chunked(65536):
+            total += len(chunk)
+            if total > limit:
+                raise TooLarge(f"{short_url(url)} is over the {limit}-byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks)

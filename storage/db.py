@@ -1,0 +1,164 @@
+"""Opening the database and its versioned schema migrations (sqlite-utils ``Migrations``).
+
+Each migration is applied once, in order, inside a transaction, and recorded in
+``_sqlite_migrations``; add new ones at the end, never edit an applied one.
+"""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import sqlite_utils
+from sqlite_utils.migrations import Migrations
+
+
+class StorageError(Exception):
+    """The database cannot be opened or written; the message says why."""
+
+
+migrations = Migrations("tastefeed")
+
+
+@migrations()
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db.execute("""
+    CREATE TABLE sources (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        config TEXT NOT NULL,               -- JSON: interval, enabled, max_items, options
+        origin TEXT NOT NULL DEFAULT 'config',  -- config | cli
+        cursor TEXT NOT NULL DEFAULT '{}',  -- JSON, the source's own resume point
+        healthy INTEGER NOT NULL DEFAULT 1,
+        failures INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        last_poll_at TEXT,
+        last_success_at TEXT,
+        next_poll_at TEXT,
+        items_fetched INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL
+    )""")
+    db.execute("""
+    CREATE TABLE images (
+        id INTEGER PRIMARY KEY,
+        source_id INTEGER REFERENCES sources(id) ON DELETE SET NULL,
+        external_id TEXT NOT NULL,
+        page_url TEXT,
+        media_url TEXT,
+        local_path TEXT,
+        author TEXT,
+        title TEXT,
+        tags TEXT NOT NULL DEFAULT '[]',    -- JSON list
+        rating TEXT,                        -- general | sensitive | questionable | explicit
+        popularity REAL,                    -- the site's own score / likes
+        site_md5 TEXT,
+        posted_at TEXT,
+        status TEXT NOT NULL DEFAULT 'pending',
+            -- pending -> downloaded -> scored | skipped ; failed ; duplicate ; near_duplicate
+        error TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        sha256 TEXT,
+        phash TEXT,
+        width INTEGER,
+        height INTEGER,
+        format TEXT,
+        bytes INTEGER,
+        media_path TEXT,                    -- relative to the media folder
+        duplicate_of INTEGER REFERENCES images(id),
+        score REAL,                         -- latest image score of the active model
+        uncertainty REAL,
+        model_version TEXT,
+        created_at TEXT NOT NULL,
+        fetched_at TEXT,
+        scored_at TEXT
+    )""")
+    db.execute("CREATE UNIQUE INDEX images_source_external ON images(source_id, external_id)")
+    db.execute("CREATE INDEX images_status ON images(status)")
+    db.execute("CREATE INDEX images_sha256 ON images(sha256)")
+    db.execute("CREATE INDEX images_score ON images(score)")
+    db.execute("""
+    CREATE TABLE faces (
+        id INTEGER PRIMARY KEY,
+        image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+        detector TEXT NOT NULL,             -- animeface | opencv | yolo | whole
+        x1 INTEGER NOT NULL, y1 INTEGER NOT NULL, x2 INTEGER NOT NULL, y2 INTEGER NOT NULL,
+        confidence REAL NOT NULL
+    )""")
+    db.execute("CREATE INDEX faces_image ON faces(image_id)")
+    db.execute("""
+    CREATE TABLE models (
+        version TEXT PRIMARY KEY,
+        arch TEXT NOT NULL,
+        path TEXT NOT NULL,                 -- relative to the models folder
+        created_at TEXT NOT NULL,
+        data_size INTEGER NOT NULL DEFAULT 0,
+        metrics TEXT,                       -- JSON
+        active INTEGER NOT NULL DEFAULT 0,
+        notes TEXT
+    )""")
+    db.execute("""
+    CREATE TABLE predictions (
+        id INTEGER PRIMARY KEY,
+        image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+        face_id INTEGER REFERENCES faces(id) ON DELETE CASCADE,   -- NULL: the image's own score
+        model_version TEXT NOT NULL REFERENCES models(version),
+        score REAL NOT NULL,
+        uncertainty REAL,
+        created_at TEXT NOT NULL
+    )""")
+    db.execute("CREATE INDEX predictions_image ON predictions(image_id, model_version)")
+    db.execute("""
+    CREATE TABLE labels (
+        id INTEGER PRIMARY KEY,
+        image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+        face_id INTEGER REFERENCES faces(id) ON DELETE SET NULL,
+        user TEXT NOT NULL,
+        value INTEGER NOT NULL CHECK (value BETWEEN 1 AND 5),
+        origin TEXT NOT NULL,               -- import | discord | web | cli
+        ref TEXT,                           -- e.g. the Discord message id
+        created_at TEXT NOT NULL
+    )""")
+    db.execute("CREATE INDEX labels_image ON labels(image_id)")
+    db.execute("""
+    CREATE TABLE posts (
+        id INTEGER PRIMARY KEY,
+        image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+        channel TEXT NOT NULL,              -- discord | web
+        channel_id TEXT,
+        message_id TEXT,
+        status TEXT NOT NULL,               -- intent | sent | failed
+        exploration INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL,
+        sent_at TEXT
+    )""")
+    db.execute("CREATE INDEX posts_image ON posts(image_id)")
+
+
+SCHEMA_VERSION = len(migrations._migrations)
+
+
+def open_db(path: str | Path, *, migrate: bool = True) -> sqlite_utils.Database:
+    """Open (creating if needed) the database: WAL journal, foreign keys on, migrations applied."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(path), timeout=30, check_same_thread=True)
+        db = sqlite_utils.Database(conn)
+        db.execute("PRAGMA busy_timeout = 30000")
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal" and path.exists():
+            # A read-only file or folder cannot switch to WAL: say so rather than fail later.
+            raise StorageError(f"{path}: cannot use WAL journal mode (journal_mode={mode}); "
+                               "is the file or its folder read-only?")
+        db.execute("PRAGMA foreign_keys = ON")
+        db.execute("PRAGMA synchronous = NORMAL")
+        if migrate:
+            migrations.apply(db)
+    except sqlite3.OperationalError as e:
+        raise StorageError(f"{path}: {e} (is the file read-only, locked by another program, "
+                           "or its folder missing?)") from None
+    except sqlite3.DatabaseError as e:
+        raise StorageError(f"{path}: not a tastefeed database or damaged: {e}") from None
+    except OSError as e:
+        raise StorageError(f"{path}: {e.strerror}") from None
+    return db

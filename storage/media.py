@@ -1,0 +1,144 @@
+"""Media files: checking that bytes are a real picture, and storing each picture once by hash.
+
+Files live under ``<data>/media/ab/cd/<sha256>.<ext>``: the same content from any source is stored
+once. Writes go to a temporary name first and are renamed into place, so a crash never leaves a
+half-written picture under its final name.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import imagehash
+from PIL import Image, ImageFile
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# Magic numbers of the formats we accept, checked before Pillow sees the bytes.
+_MAGIC = [
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"BM", "bmp"),
+]
+EXTENSIONS = {"jpeg": "jpg", "png": "png", "gif": "gif", "webp": "webp", "bmp": "bmp", "avif": "avif"}
+
+
+class BadImage(Exception):
+    """The bytes are not a usable picture; the message says why, in a few words."""
+
+
+@dataclass
+class ImageInfo:
+    sha256: str
+    phash: str          # 64-bit perceptual hash, 16 hex digits
+    width: int
+    height: int
+    format: str         # jpeg | png | gif | webp | bmp | avif
+    bytes: int
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The picture format named by the first bytes, or None."""
+    for magic, fmt in _MAGIC:
+        if data.startswith(magic):
+            return fmt
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if len(data) >= 12 and data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis"):
+        return "avif"
+    return None
+
+
+def decode_image(data: bytes, *, max_pixels: int = 90_000_000) -> Image.Image:
+    """Decode ``data`` to an RGB picture (first frame), or raise BadImage.
+
+    Refuses empty input, non-image bytes (an HTML error page, say), pictures over ``max_pixels``
+    (checked from the header, before any pixel is decoded) and truncated or corrupt files.
+    """
+    if not data:
+        raise BadImage("empty file")
+    fmt = sniff_format(data)
+    if fmt is None:
+        head = data[:64].lstrip().lower()
+        if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<")):
+            raise BadImage("not an image (HTML or XML page)")
+        raise BadImage("not an image (unknown format)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w <= 0 or h <= 0:
+                raise BadImage("image has no pixels")
+            if w * h > max_pixels:
+                raise BadImage(f"image too large ({w}x{h} pixels, limit {max_pixels})")
+            im.load()
+    except BadImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImage("image too large (decompression bomb guard)") from None
+    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError, EOFError) as e:
+        raise BadImage(f"corrupt or truncated {fmt}: {e}") from None
+    if im.mode != "RGB":
+        if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
+            rgba = im.convert("RGBA")
+            background = Image.new("RGB", im.size, (255, 255, 255))
+            background.paste(rgba, mask=rgba.split()[-1])
+            im = background
+        else:
+            im = im.convert("RGB")
+    return im
+
+
+def inspect(data: bytes, *, max_pixels: int = 90_000_000) -> tuple[ImageInfo, Image.Image]:
+    """Decode and fingerprint ``data``: content hash, perceptual hash, size and format."""
+    im = decode_image(data, max_pixels=max_pixels)
+    info = ImageInfo(
+        sha256=hashlib.sha256(data).hexdigest(),
+        phash=str(imagehash.phash(im)),
+        width=im.width,
+        height=im.height,
+        format=sniff_format(data) or "unknown",
+        bytes=len(data),
+    )
+    return info, im
+
+
+def phash_distance(a: str, b: str) -> int:
+    return (int(a, 16) ^ int(b, 16)).bit_count()
+
+
+def media_relpath(sha256: str, fmt: str) -> str:
+    return f"{sha256[:2]}/{sha256[2:4]}/{sha256}.{EXTENSIONS.get(fmt, 'bin')}"
+
+
+def store_media(root: str | Path, data: bytes, info: ImageInfo) -> str:
+    """Write ``data`` under ``root`` by its hash (once); return the path relative to ``root``."""
+    rel = media_relpath(info.sha256, info.format)
+    final = Path(root) / rel
+    if final.exists() and final.stat().st_size == len(data):
+        return rel
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return rel
+
+
+def load_media(root: str | Path, rel: str, *, max_pixels: int = 90_000_000) -> Image.Image:
+    return decode_image((Path(root) / rel).read_bytes(), max_pixels=max_pixels)

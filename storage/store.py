@@ -1,0 +1,288 @@
+"""All reads and writes of the database, as plain methods on one connection.
+
+A :class:`Store` belongs to the thread that opened it (sqlite-utils 4: one connection per thread).
+The daemon uses it through :class:`storage.writer.AsyncStore`, which runs every call on a single
+writer thread; the command line uses it directly.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import sqlite_utils
+
+from storage.db import open_db
+from storage.media import ImageInfo, phash_distance
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class NewItem:
+    """A picture a source found, before download (mirrors ``sources.base.Item``)."""
+    external_id: str
+    media_url: str | None = None
+    local_path: str | None = None
+    page_url: str | None = None
+    author: str | None = None
+    title: str | None = None
+    tags: list[str] = field(default_factory=list)
+    rating: str | None = None
+    popularity: float | None = None
+    site_md5: str | None = None
+    posted_at: str | None = None
+
+
+@dataclass
+class FaceRecord:
+    x1: int
+    y1: int
+    x2: int
+    y2: int
+    confidence: float
+    detector: str
+    score: float
+    uncertainty: float | None = None
+
+
+class Store:
+    def __init__(self, db: sqlite_utils.Database, path: Path | None = None):
+        self.db = db
+        self.path = path
+        self._phash_index: dict[int, int] | None = None
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Store":
+        return cls(open_db(path), Path(path))
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- sources -------------------------------------------------------------------------
+    def upsert_source(self, name: str, kind: str, config: dict, origin: str = "config") -> int:
+        row = self.get_source(name)
+        with self.db.conn:
+            if row is None:
+                cur = self.db.execute(
+                    "INSERT INTO sources (name, kind, config, origin, created_at) VALUES (?, ?, ?, ?, ?)",
+                    [name, kind, json.dumps(config, sort_keys=True), origin, now()])
+                return cur.lastrowid
+            if row["kind"] != kind:
+                # A new kind under an old name: the old cursor means nothing to it.
+                self.db.execute("UPDATE sources SET cursor = '{}' WHERE id = ?", [row["id"]])
+            self.db.execute("UPDATE sources SET kind = ?, config = ?, origin = ? WHERE id = ?",
+                            [kind, json.dumps(config, sort_keys=True), origin, row["id"]])
+            return row["id"]
+
+    def get_source(self, name: str) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM sources WHERE name = ?", [name]))
+        return self._source_row(rows[0]) if rows else None
+
+    def list_sources(self) -> list[dict]:
+        return [self._source_row(r) for r in self.db.query("SELECT * FROM sources ORDER BY name")]
+
+    @staticmethod
+    def _source_row(row: dict) -> dict:
+        row = dict(row)
+        row["config"] = json.loads(row["config"])
+        row["cursor"] = json.loads(row["cursor"] or "{}")
+        return row
+
+    def remove_source(self, name: str) -> bool:
+        with self.db.conn:
+            cur = self.db.execute("DELETE FROM sources WHERE name = ?", [name])
+        return cur.rowcount > 0
+
+    def source_polled(self, source_id: int, *, error: str | None, next_poll_at: str | None,
+                      unhealthy_after: int = 3, force_unhealthy: bool = False) -> dict:
+        """Record the outcome of a poll: success resets failures; errors count up to unhealthy."""
+        with self.db.conn:
+            if error is None:
+                self.db.execute(
+                    "UPDATE sources SET healthy = 1, failures = 0, last_error = NULL, last_poll_at = ?, "
+                    "last_success_at = ?, next_poll_at = ? WHERE id = ?",
+                    [now(), now(), next_poll_at, source_id])
+            else:
+                self.db.execute(
+                    "UPDATE sources SET failures = failures + 1, last_error = ?, last_poll_at = ?, "
+                    "next_poll_at = ?, healthy = CASE WHEN ? OR failures + 1 >= ? THEN 0 ELSE healthy END "
+                    "WHERE id = ?",
+                    [error, now(), next_poll_at, int(force_unhealthy), unhealthy_after, source_id])
+        return self._source_row(next(self.db.query("SELECT * FROM sources WHERE id = ?", [source_id])))
+
+    # ---- polling -------------------------------------------------------------------------
+    def save_poll(self, source_id: int, items: Iterable[NewItem | dict], cursor: dict) -> list[int]:
+        """Store new items and the new cursor in one transaction; return the new image ids.
+
+        Items already known for this source (same external id) are ignored, so a poll that is
+        repeated after a crash adds nothing twice.
+        """
+        new_ids: list[int] = []
+        stamp = now()
+        with self.db.conn:
+            for item in items:
+                d = asdict(item) if isinstance(item, NewItem) else dict(item)
+                cur = self.db.execute(
+                    "INSERT OR IGNORE INTO images (source_id, external_id, page_url, media_url, local_path, "
+                    "author, title, tags, rating, popularity, site_md5, posted_at, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [source_id, d["external_id"], d.get("page_url"), d.get("media_url"), d.get("local_path"),
+                     d.get("author"), d.get("title"), json.dumps(d.get("tags") or []), d.get("rating"),
+                     d.get("popularity"), d.get("site_md5"), d.get("posted_at"), stamp])
+                if cur.rowcount:
+                    new_ids.append(cur.lastrowid)
+            self.db.execute(
+                "UPDATE sources SET cursor = ?, items_fetched = items_fetched + ? WHERE id = ?",
+                [json.dumps(cursor, sort_keys=True), len(new_ids), source_id])
+        return new_ids
+
+    def known_external_ids(self, source_id: int, external_ids: list[str]) -> set[str]:
+        if not external_ids:
+            return set()
+        marks = ",".join("?" * len(external_ids))
+        return {r["external_id"] for r in self.db.query(
+            f"SELECT external_id FROM images WHERE source_id = ? AND external_id IN ({marks})",
+            [source_id, *external_ids])}
+
+    # ---- download stage ------------------------------------------------------------------
+    def ids_with_status(self, status: str, limit: int, exclude: Iterable[int] = ()) -> list[int]:
+        exclude = list(exclude)
+        skip = f"AND id NOT IN ({','.join('?' * len(exclude))})" if exclude else ""
+        return [r["id"] for r in self.db.query(
+            f"SELECT id FROM images WHERE status = ? {skip} ORDER BY id LIMIT ?",
+            [status, *exclude, limit])]
+
+    def get_image(self, image_id: int) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM images WHERE id = ?", [image_id]))
+        if not rows:
+            return None
+        row = dict(rows[0])
+        row["tags"] = json.loads(row["tags"] or "[]")
+        return row
+
+    def mark_failed(self, image_id: int, error: str, *, retry: bool = False, max_attempts: int = 3) -> str:
+        """Record a failed download; transient errors stay pending until ``max_attempts``."""
+        with self.db.conn:
+            self.db.execute("UPDATE images SET attempts = attempts + 1, error = ? WHERE id = ?",
+                            [error, image_id])
+            attempts = self.db.execute("SELECT attempts FROM images WHERE id = ?", [image_id]).fetchone()[0]
+            status = "pending" if retry and attempts < max_attempts else "failed"
+            self.db.execute("UPDATE images SET status = ? WHERE id = ?", [status, image_id])
+        return status
+
+    def _phashes(self) -> dict[int, int]:
+        if self._phash_index is None:
+            self._phash_index = {
+                r["id"]: int(r["phash"], 16) for r in self.db.query(
+                    "SELECT id, phash FROM images WHERE phash IS NOT NULL AND duplicate_of IS NULL "
+                    "AND status IN ('downloaded', 'scored', 'skipped')")}
+        return self._phash_index
+
+    def find_duplicate(self, info: ImageInfo, near_distance: int, exclude: int | None = None
+                       ) -> tuple[str, int] | None:
+        """('duplicate', id) for the same bytes, ('near_duplicate', id) for a close phash, or None."""
+        for r in self.db.query(
+                "SELECT id FROM images WHERE sha256 = ? AND duplicate_of IS NULL AND id != ? "
+                "AND status IN ('downloaded', 'scored', 'skipped') ORDER BY id LIMIT 1",
+                [info.sha256, exclude or -1]):
+            return "duplicate", r["id"]
+        if near_distance >= 0:
+            target = int(info.phash, 16)
+            best = None
+            for image_id, ph in self._phashes().items():
+                if image_id == exclude:
+                    continue
+                d = (ph ^ target).bit_count()
+                if d <= near_distance and (best is None or d < best[0]):
+                    best = (d, image_id)
+            if best:
+                return "near_duplicate", best[1]
+        return None
+
+    def record_download(self, image_id: int, info: ImageInfo, media_path: str,
+                        near_distance: int = 4) -> tuple[str, int | None]:
+        """Store the fingerprint of a downloaded picture; return (status, duplicate_of).
+
+        status is 'downloaded' (new, to be scored), 'duplicate' (same bytes stored already) or
+        'near_duplicate' (perceptual hash within ``near_distance`` of a stored picture).
+        """
+        dup = self.find_duplicate(info, near_distance, exclude=image_id)
+        status, dup_of = ("downloaded", None) if dup is None else dup
+        with self.db.conn:
+            self.db.execute(
+                "UPDATE images SET status = ?, duplicate_of = ?, error = NULL, sha256 = ?, phash = ?, "
+                "width = ?, height = ?, format = ?, bytes = ?, media_path = ?, fetched_at = ? WHERE id = ?",
+                [status, dup_of, info.sha256, info.phash, info.width, info.height, info.format,
+                 info.bytes, media_path, now(), image_id])
+        if status == "downloaded":
+            self._phashes()[image_id] = int(info.phash, 16)
+        return status, dup_of
+
+    # ---- scoring stage -------------------------------------------------------------------
+    def record_analysis(self, image_id: int, faces: list[FaceRecord], score: float | None,
+                        uncertainty: float | None, model_version: str, *, skipped: bool = False) -> None:
+        """Replace the picture's faces and store this model's predictions, in one transaction."""
+        stamp = now()
+        with self.db.conn:
+            self.db.execute("DELETE FROM faces WHERE image_id = ?", [image_id])
+            self.db.execute("DELETE FROM predictions WHERE image_id = ? AND model_version = ?",
+                            [image_id, model_version])
+            for f in faces:
+                cur = self.db.execute(
+                    "INSERT INTO faces (image_id, detector, x1, y1, x2, y2, confidence) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [image_id, f.detector, f.x1, f.y1, f.x2, f.y2, f.confidence])
+                self.db.execute(
+                    "INSERT INTO predictions (image_id, face_id, model_version, score, uncertainty, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    [image_id, cur.lastrowid, model_version, f.score, f.uncertainty, stamp])
+            if score is not None:
+                self.db.execute(
+                    "INSERT INTO predictions (image_id, face_id, model_version, score, uncertainty, created_at) "
+                    "VALUES (?, NULL, ?, ?, ?, ?)", [image_id, model_version, score, uncertainty, stamp])
+            self.db.execute(
+                "UPDATE images SET status = ?, score = ?, uncertainty = ?, model_version = ?, scored_at = ? "
+                "WHERE id = ?",
+                ["skipped" if skipped else "scored", score, uncertainty, model_version, stamp, image_id])
+
+    def faces_of(self, image_id: int, model_version: str | None = None) -> list[dict]:
+        return list(self.db.query(
+            "SELECT faces.*, predictions.score, predictions.uncertainty FROM faces "
+            "LEFT JOIN predictions ON predictions.face_id = faces.id "
+            "AND predictions.model_version = COALESCE(?, (SELECT model_version FROM images WHERE id = ?)) "
+            "WHERE faces.image_id = ? ORDER BY faces.id", [model_version, image_id, image_id]))
+
+    # ---- models --------------------------------------------------------------------------
+    def active_model(self) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM models WHERE active = 1 LIMIT 1"))
+        return dict(rows[0]) if rows else None
+
+    def get_model(self, version: str) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM models WHERE version = ?", [version]))
+        return dict(rows[0]) if rows else None
+
+    def register_model(self, version: str, arch: str, path: str, *, data_size: int = 0,
+                       metrics: dict | None = None, activate: bool = False, notes: str | None = None) -> None:
+        with self.db.conn:
+            self.db.execute(
+                "INSERT OR REPLACE INTO models (version, arch, path, created_at, data_size, metrics, active, notes) "
+                "VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                [version, arch, path, now(), data_size, json.dumps(metrics) if metrics else None, notes])
+            if activate:
+                self.db.execute("UPDATE models SET active = (version = ?)", [version])
+
+    def list_models(self) -> list[dict]:
+        return [dict(r) for r in self.db.query("SELECT * FROM models ORDER BY created_at")]
+
+    # ---- summaries -----------------------------------------------------------------------
+    def status_counts(self) -> dict[str, int]:
+        return {r["status"]: r["n"] for r in self.db.query(
+            "SELECT status, COUNT(*) AS n FROM images GROUP BY status")}
+
+    def execute(self, sql: str, params: Any = ()) -> list[dict]:
+        """A read query, for tests and the doctor command."""
+        return [dict(r) for r in self.db.query(sql, params)]
