@@ -95,7 +95,8 @@ class RssSource(Source):
             return Poll(items=[], cursor=dict(cursor))
         feed = feedparser.parse(resp.body, response_headers={"content-location": resp.url,
                                                            "content-type": resp.headers.get("Content-Type", "")})
-        if feed.bozo and not feed.entries:
+        usable = [e for e in feed.entries if e.get("id") or e.get("link") or e.get("title")]
+        if feed.bozo and not usable:
             raise BadPayload(f"malformed feed from {self.options.url}: {feed.get('bozo_exception')}")
         if not feed.get("version") and not feed.entries:
             raise BadPayload(f"{self.options.url} is not an RSS or Atom feed")
