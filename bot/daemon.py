@@ -192,6 +192,8 @@ class Daemon:
         self._polls.add(task)
         try:
             await self._poll_source(name)
+        except asyncio.CancelledError:
+            pass  # stopping: the poll is abandoned before its transaction, nothing is half-saved
         finally:
             self._polls.discard(task)
 

@@ -47,6 +47,15 @@ class FolderSource(Source):
     Options = FolderOptions
     remote = False
 
+    def __init__(self, name, options, http=None):
+        super().__init__(name, options, http)
+        root = Path(options.path)
+        if options.create and not root.exists():
+            try:
+                root.mkdir(parents=True, exist_ok=True)  # so users can drop pictures in at once
+            except OSError:
+                pass  # reported by the first poll
+
     def describe(self) -> str:
         return f"folder {self.options.path}"
 
