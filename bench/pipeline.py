@@ -1,0 +1,128 @@
+"""Pipeline throughput: decode -> detect -> crop -> score, batched vs one picture at a time,
+and the daemon's peak memory while it ingests a folder of pictures.
+
+    python bench/pipeline.py [--device auto|cpu|cuda] [--repeat 2] [--daemon-pictures 40]
+
+Uses ../shared/data/illustrations (falls back to synthetic pictures) and prints a Markdown block
+to paste into bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bot.config import DetectorConfig, ScorerConfig, load_config  # noqa: E402
+from scorer.analyze import Analyzer  # noqa: E402
+from scorer.detect import make_detector  # noqa: E402
+from scorer.model import Scorer, build_model, save_model  # noqa: E402
+from storage.media import decode_image  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "illustrations"
+
+
+def pictures() -> list[bytes]:
+    files = sorted(SHARED.glob("*.jpg"))
+    if files:
+        return [f.read_bytes() for f in files]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import picture
+    return [picture(i, size=(1024, 768)) for i in range(10)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--daemon-pictures", type=int, default=40)
+    args = ap.parse_args()
+    data = pictures()
+    tmp = Path(tempfile.mkdtemp())
+    torch.manual_seed(0)
+    save_model(build_model("resnet18"), tmp / "m.pt", arch="resnet18", image_size=224, version="bench")
+    det = make_detector(DetectorConfig())
+    rows = []
+    for label, batch in (("one at a time", 1), ("batched (32)", 32)):
+        scorer = Scorer.load(tmp / "m.pt", device=args.device, batch_size=32, tta=True)
+        analyzer = Analyzer(det, scorer)
+        t_decode = t_detect = t_score = 0.0
+        n_faces = 0
+        start = time.perf_counter()
+        for _ in range(args.repeat):
+            for i in range(0, len(data), batch):
+                t0 = time.perf_counter()
+                ims = [decode_image(d) for d in data[i:i + batch]]
+                t1 = time.perf_counter()
+                found = [analyzer.detect(im) for im in ims]
+                t2 = time.perf_counter()
+                from scorer.detect import crop_face
+                crops = [im if f.detector == "whole" else crop_face(im, f, 0.2)
+                         for im, fs in zip(ims, found) for f in fs]
+                scorer.predict(crops)
+                if scorer.device.type == "cuda":
+                    torch.cuda.synchronize()
+                t3 = time.perf_counter()
+                t_decode += t1 - t0
+                t_detect += t2 - t1
+                t_score += t3 - t2
+                n_faces += len(crops)
+        total = time.perf_counter() - start
+        n = len(data) * args.repeat
+        rows.append((label, n / total, t_decode / n * 1000, t_detect / n * 1000, t_score / n * 1000,
+                     n_faces / max(t_score, 1e-9), str(scorer.device)))
+
+    # daemon peak memory while ingesting a folder
+    work = tmp / "daemon"
+    (work / "inbox").mkdir(parents=True)
+    cfg_path = work / "config.toml"
+    cfg_path.write_text(f'data_dir = "{work / "data"}"\n[scorer]\ndevice = "{args.device}"\n'
+                        f'[[sources]]\nname = "inbox"\nkind = "folder"\ninterval = 1\npath = "{work / "inbox"}"\n'
+                        'settle = 0\n')
+    for i in range(args.daemon_pictures):
+        (work / "inbox" / f"{i}.jpg").write_bytes(data[i % len(data)] + i.to_bytes(4, "big"))
+    from bot.daemon import Daemon
+
+    async def ingest():
+        daemon = Daemon(load_config(cfg_path))
+        await daemon.start()
+        t0 = time.perf_counter()
+        while True:
+            counts = await daemon.store.status_counts()
+            done = sum(v for k, v in counts.items() if k not in ("pending", "downloaded"))
+            if done >= args.daemon_pictures:
+                break
+            await asyncio.sleep(0.5)
+        elapsed = time.perf_counter() - t0
+        await daemon.stop()
+        return elapsed, counts
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    elapsed, counts = asyncio.run(ingest())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    cpu = platform.processor() or platform.machine()
+    print(f"Machine: {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+          f"device {rows[0][6]}; {len(data)} pictures x {args.repeat}\n")
+    print("| mode | pictures/s | decode ms/pic | detect ms/pic | crop+score ms/pic | face crops/s (scoring) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for label, ips, dec, det_ms, sc, fps, _ in rows:
+        print(f"| {label} | {ips:.2f} | {dec:.0f} | {det_ms:.0f} | {sc:.0f} | {fps:.1f} |")
+    print(f"\nDaemon: {args.daemon_pictures} pictures dropped in the inbox were ingested in {elapsed:.1f}s "
+          f"({args.daemon_pictures / elapsed:.2f}/s, statuses {counts}); peak RSS {peak:.0f} MiB "
+          f"(process before the daemon: {before:.0f} MiB).")
+
+
+if __name__ == "__main__":
+    main()
