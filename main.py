@@ -159,9 +159,7 @@ async def _test_source(cfg, store, name, limit) -> int:
         if row is None:
             return _fail(f"no source named {name!r}")
         kind, options, cursor = row["kind"], row["config"].get("options", {}), {}
-    async with Http(timeout=cfg.download.timeout, max_bytes=cfg.download.max_bytes,
-                    per_host=cfg.download.per_host, allow_private=cfg.download.allow_private,
-                    user_agent=cfg.download.user_agent) as http:
+    async with Http.from_config(cfg.download) as http:
         source = make_source(name, kind, options, http)
         try:
             poll = await source.poll(cursor, limit)

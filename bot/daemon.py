@@ -66,9 +66,7 @@ class Daemon:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.store = AsyncStore(cfg.db_path)
-        self.http = Http(timeout=cfg.download.timeout, max_bytes=cfg.download.max_bytes,
-                         per_host=cfg.download.per_host, allow_private=cfg.download.allow_private,
-                         user_agent=cfg.download.user_agent)
+        self.http = Http.from_config(cfg.download)
         self.scheduler: AsyncIOScheduler | None = None
         self.analyzer: Analyzer | None = None
         self.sources: dict[str, object] = {}

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
+import aiohttp.abc
 from multidict import CIMultiDictProxy
 
 from sources.base import AuthError, RateLimited, SourceError, TransientError
@@ -123,6 +124,25 @@ class AddressPolicy:
                     "add it to download.allow_private to allow it")
 
 
+class GuardedResolver(aiohttp.abc.AbstractResolver):
+    """Re-checks the addresses a host name resolves to at connect time (no DNS rebinding)."""
+
+    def __init__(self, policy: AddressPolicy):
+        self.policy = policy
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET):
+        infos = await self._inner.resolve(host, port, family)
+        if host.lower() not in self.policy.allowed_hosts:
+            for info in infos:
+                if not self.policy.ip_allowed(info["host"]):
+                    raise OSError(f"{host} resolves to a refused address ({info['host']})")
+        return infos
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
 class Http:
     """One aiohttp session with the rules above. Use ``async with Http(...) as http``."""
 
@@ -138,6 +158,12 @@ class Http:
         self._session: aiohttp.ClientSession | None = None
         self._hosts: dict[str, asyncio.Semaphore] = {}
 
+    @classmethod
+    def from_config(cls, download) -> "Http":
+        """From a ``DownloadConfig`` (the ``[download]`` table)."""
+        return cls(timeout=download.timeout, max_bytes=download.max_bytes, per_host=download.per_host,
+                   allow_private=download.allow_private, user_agent=download.user_agent)
+
     async def __aenter__(self) -> "Http":
         return self
 
@@ -150,7 +176,8 @@ class Http:
             self._session = aiohttp.ClientSession(
                 headers={"User-Agent": self.user_agent},
                 timeout=aiohttp.ClientTimeout(total=self.timeout, sock_connect=min(10.0, self.timeout)),
-                connector=aiohttp.TCPConnector(limit=64, limit_per_host=self.per_host),
+                connector=aiohttp.TCPConnector(limit=64, limit_per_host=self.per_host,
+                                               resolver=GuardedResolver(self.policy)),
             )
         return self._session
 

@@ -100,3 +100,14 @@ def test_retry_after_parsing():
     assert parse_retry_after("7") == 7
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0
     assert parse_retry_after("soon") is None
+
+
+async def test_resolver_refuses_private_answers_at_connect_time():
+    from sources.http import AddressPolicy, GuardedResolver
+    resolver = GuardedResolver(AddressPolicy([]))
+    with pytest.raises(OSError, match="refused address"):
+        await resolver.resolve("localhost", 80)
+    allowed = GuardedResolver(AddressPolicy(["localhost"]))
+    assert await allowed.resolve("localhost", 80)
+    await resolver.close()
+    await allowed.close()
