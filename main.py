@@ -11,14 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from pathlib import Path
 
 from bot.config import ConfigError, load_config, parse_source
 from bot.logs import setup_logging
-
-log = logging.getLogger("tastefeed")
 
 
 def _fail(message: str, code: int = 1) -> int:

@@ -21,9 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from bot.config import DetectorConfig, ScorerConfig, load_config  # noqa: E402
+from bot.config import DetectorConfig, load_config  # noqa: E402
 from scorer.analyze import Analyzer  # noqa: E402
 from scorer.detect import make_detector  # noqa: E402
 from scorer.model import Scorer, build_model, save_model  # noqa: E402

@@ -111,10 +111,6 @@ def inspect(data: bytes, *, max_pixels: int = 90_000_000) -> tuple[ImageInfo, Im
     return info, im
 
 
-def phash_distance(a: str, b: str) -> int:
-    return (int(a, 16) ^ int(b, 16)).bit_count()
-
-
 def media_relpath(sha256: str, fmt: str) -> str:
     return f"{sha256[:2]}/{sha256[2:4]}/{sha256}.{EXTENSIONS.get(fmt, 'bin')}"
 

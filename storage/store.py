@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import sqlite_utils
 
 from storage.db import open_db
-from storage.media import ImageInfo, phash_distance
+from storage.media import ImageInfo
 
 
 def now() -> str:
@@ -140,14 +140,6 @@ class Store:
                 "UPDATE sources SET cursor = ?, items_fetched = items_fetched + ? WHERE id = ?",
                 [json.dumps(cursor, sort_keys=True), len(new_ids), source_id])
         return new_ids
-
-    def known_external_ids(self, source_id: int, external_ids: list[str]) -> set[str]:
-        if not external_ids:
-            return set()
-        marks = ",".join("?" * len(external_ids))
-        return {r["external_id"] for r in self.db.query(
-            f"SELECT external_id FROM images WHERE source_id = ? AND external_id IN ({marks})",
-            [source_id, *external_ids])}
 
     # ---- download stage ------------------------------------------------------------------
     def ids_with_status(self, status: str, limit: int, exclude: Iterable[int] = ()) -> list[int]:

@@ -2,7 +2,6 @@ import asyncio
 import shutil
 import time
 
-import pytest
 from aiohttp import web
 
 from bot.config import load_config

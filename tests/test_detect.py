@@ -1,6 +1,5 @@
 import xml.etree.ElementTree as ET
 
-import pytest
 from PIL import Image
 
 from scorer.detect import AnimeFaceDetector, Face, OpenCVDetector, animeface_raw, crop_face
