@@ -98,30 +98,34 @@ class AddressPolicy:
         return not (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved
                     or addr.is_multicast or addr.is_unspecified)
 
-    async def check(self, url: str) -> None:
+    def check(self, url: str) -> None:
+        """Refuse non-http(s) URLs and refused IP literals. Host names are judged by
+        :class:`GuardedResolver` when the connection is made (one lookup, no rebinding window)."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
             raise BlockedAddress(f"refused {short_url(url)}: only http and https URLs are fetched")
         host = (parts.hostname or "").lower()
         if not host:
             raise BlockedAddress(f"refused {url!r}: no host")
-        if host in self.allowed_hosts:
-            return
         try:
             ipaddress.ip_address(host)
-            ips = [host]
         except ValueError:
-            loop = asyncio.get_running_loop()
-            try:
-                infos = await loop.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
-            except socket.gaierror as e:
-                raise TransientError(f"cannot resolve {host}: {e.strerror}") from None
-            ips = sorted({info[4][0] for info in infos})
-        for ip in ips:
-            if not self.ip_allowed(ip):
-                raise BlockedAddress(
-                    f"refused {short_url(url)}: {host} is a private/loopback/link-local address ({ip}); "
-                    "add it to download.allow_private to allow it")
+            return
+        if host not in self.allowed_hosts and not self.ip_allowed(host):
+            raise BlockedAddress(self.refusal(url, host, host))
+
+    @staticmethod
+    def refusal(url: str, host: str, ip: str) -> str:
+        return (f"refused {short_url(url)}: {host} is a private/loopback/link-local address ({ip}); "
+                "add it to download.allow_private to allow it")
+
+
+class RefusedAddress(OSError):
+    """Raised by the resolver for a host name that resolves to a refused address."""
+
+    def __init__(self, host: str, ip: str):
+        super().__init__(f"{host} resolves to a refused address ({ip})")
+        self.host, self.ip = host, ip
 
 
 class GuardedResolver(aiohttp.abc.AbstractResolver):
@@ -136,7 +140,7 @@ class GuardedResolver(aiohttp.abc.AbstractResolver):
         if host.lower() not in self.policy.allowed_hosts:
             for info in infos:
                 if not self.policy.ip_allowed(info["host"]):
-                    raise OSError(f"{host} resolves to a refused address ({info['host']})")
+                    raise RefusedAddress(host, info["host"])
         return infos
 
     async def close(self) -> None:
@@ -199,7 +203,7 @@ class Http:
         limit = max_bytes or self.max_bytes
         current = url
         for _hop in range(self.max_redirects + 1):
-            await self.policy.check(current)
+            self.policy.check(current)
             async with self._host_limit(current):
                 try:
                     async with self.session.get(current, params=params, headers=headers, auth=auth,
@@ -216,6 +220,8 @@ class Http:
                 except asyncio.TimeoutError:
                     raise TransientError(f"timed out after {self.timeout:g}s: {short_url(current)}") from None
                 except aiohttp.ClientConnectorError as e:
+                    if isinstance(e.os_error, RefusedAddress):
+                        raise BlockedAddress(AddressPolicy.refusal(current, e.os_error.host, e.os_error.ip)) from None
                     raise TransientError(f"cannot connect to {short_url(current)}: {e.os_error}") from None
                 except aiohttp.ClientPayloadError as e:
                     raise TransientError(f"broken response from {short_url(current)}: {e}") from None

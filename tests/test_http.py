@@ -25,6 +25,17 @@ async def test_private_addresses_are_refused_unless_allowed(serve):
         assert (await http.get(f"{base}/x")).body == b"fine"
 
 
+async def test_host_names_resolving_to_private_addresses_are_refused(serve):
+    async def ok(request):
+        return web.Response(body=b"fine")
+    port = (await serve(app_with({"/x": ok}))).rsplit(":", 1)[1]
+    async with Http(timeout=5) as http:
+        with pytest.raises(BlockedAddress, match="localhost is a private/loopback"):
+            await http.get(f"http://localhost:{port}/x")
+    async with Http(timeout=5, allow_private=["localhost"]) as http:
+        assert (await http.get(f"http://localhost:{port}/x")).body == b"fine"
+
+
 @pytest.mark.parametrize("ip, allowed", [("10.1.2.3", False), ("192.168.0.1", False), ("169.254.169.254", False),
                                           ("::1", False), ("fe80::1", False), ("8.8.8.8", True),
                                           ("::ffff:127.0.0.1", False)])
