@@ -49,23 +49,27 @@ class FolderSource(Source):
 
     def __init__(self, name, options, http=None):
         super().__init__(name, options, http)
-        root = Path(options.path)
-        if options.create and not root.exists():
-            try:
-                root.mkdir(parents=True, exist_ok=True)  # so users can drop pictures in at once
-            except OSError:
-                pass  # reported by the first poll
+        try:
+            self._ensure_root()  # so users can drop pictures in at once
+        except OSError:
+            pass  # reported by the first poll
+
+    def _ensure_root(self) -> Path:
+        root = Path(self.options.path)
+        if self.options.create and not root.exists():
+            root.mkdir(parents=True, exist_ok=True)
+        return root
 
     def describe(self) -> str:
         return f"folder {self.options.path}"
 
     async def poll(self, cursor: dict, limit: int) -> Poll:
-        root = Path(self.options.path)
+        try:
+            root = self._ensure_root()
+        except OSError as e:
+            raise SourceError(f"cannot create folder {self.options.path}: {e.strerror}") from None
         if not root.is_dir():
-            if self.options.create and not root.exists():
-                root.mkdir(parents=True, exist_ok=True)
-            else:
-                raise SourceError(f"folder {root} does not exist or is not a folder")
+            raise SourceError(f"folder {root} does not exist or is not a folder")
         try:
             found = await asyncio.to_thread(_scan, root, self.options.recursive)
         except OSError as e:
