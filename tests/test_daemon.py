@@ -34,6 +34,20 @@ settle = 0.2
     return load_config(write_config(tmp_path, body))
 
 
+async def booru_answering(serve, handler, *, name: str, interval: float) -> str:
+    """Serve ``handler`` as a Danbooru /posts.json; return the [[sources]] table for it."""
+    app = web.Application()
+    app.router.add_get("/posts.json", handler)
+    base = await serve(app)
+    return f'''
+[[sources]]
+name = "{name}"
+kind = "booru"
+url = "{base}"
+interval = {interval}
+'''
+
+
 async def wait_for(predicate, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -133,23 +147,14 @@ async def _count(daemon, status, n):
 
 
 async def test_failing_source_backs_off_and_turns_unhealthy_without_blocking_others(tmp_path, serve):
-    hits = {"n": 0, "times": []}
+    hits = {"n": 0}
 
     async def broken(request):
         hits["n"] += 1
-        hits["times"].append(time.monotonic())
         return web.Response(status=503)
 
-    app = web.Application()
-    app.router.add_get("/posts.json", broken)
-    base = await serve(app)
-    cfg = make_config(tmp_path, f'''
-[[sources]]
-name = "down"
-kind = "booru"
-url = "{base}"
-interval = 0.5
-''', unhealthy_after=1)
+    source = await booru_answering(serve, broken, name="down", interval=0.5)
+    cfg = make_config(tmp_path, source, unhealthy_after=1)
     daemon = Daemon(cfg)
     await daemon.start()
     try:
@@ -173,16 +178,7 @@ async def test_rate_limit_retry_after_is_honoured(tmp_path, serve):
         hits.append(time.monotonic())
         return web.Response(status=429, headers={"Retry-After": "1"})
 
-    app = web.Application()
-    app.router.add_get("/posts.json", limited)
-    base = await serve(app)
-    cfg = make_config(tmp_path, f'''
-[[sources]]
-name = "busy"
-kind = "booru"
-url = "{base}"
-interval = 30
-''')
+    cfg = make_config(tmp_path, await booru_answering(serve, limited, name="busy", interval=30))
     daemon = Daemon(cfg)
     await daemon.start()
     try:
