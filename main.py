@@ -5,6 +5,11 @@
     python main.py score PICTURE...         faces and scores of pictures (--json)
     python main.py sources list|add|remove|test
     python main.py doctor                   check config, database, detector, model, device
+    python main.py import-labels DIR|CSV    import existing ratings (--crops for face crops)
+    python main.py train                    train on all labels; promote if better
+    python main.py eval                     metrics and plots of the active (or --model) model
+    python main.py models list|use VERSION  the model registry; use = switch / roll back
+    python main.py rescore                  rescore unposted pictures with the active model
 """
 from __future__ import annotations
 
@@ -106,6 +111,10 @@ def cmd_sources(cfg, args) -> int:
                 print("no sources")
             for r in rows:
                 conf = r["config"]
+                if r["kind"] == "import":
+                    n = store.execute("SELECT COUNT(*) AS n FROM images WHERE source_id = ?", [r["id"]])[0]["n"]
+                    print(f"{r['name']}  [pictures from import-labels, never polled]  {n} picture(s)")
+                    continue
                 state = "disabled" if not conf.get("enabled", True) else ("ok" if r["healthy"] else "UNHEALTHY")
                 print(f"{r['name']}  [{r['kind']}, {r['origin']}]  {state}  every {conf.get('interval')}s  "
                       f"items {r['items_fetched']}  last poll {r['last_poll_at'] or '-'}  "
@@ -224,6 +233,135 @@ def cmd_doctor(cfg, args) -> int:
     return 0 if all(ok for _, ok, _ in checks) else 1
 
 
+# ---- learning loop ---------------------------------------------------------------------------
+def cmd_import_labels(cfg, args) -> int:
+    from bot.daemon import build_analyzer
+    from storage import Store
+    from storage.labels import import_labels, read_rating_rows
+
+    try:
+        rows, errors = read_rating_rows(args.path)
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+    for message in errors:
+        print(f"skipped: {message}", file=sys.stderr)
+    if not rows:
+        return _fail(f"{args.path}: no ratings to import")
+    store = Store.open(cfg.db_path)
+    try:
+        try:
+            store.import_source_id()
+        except ValueError as e:
+            return _fail(str(e))
+        analyzer = build_analyzer(cfg, store)
+        report = import_labels(store, analyzer, rows, cfg.media_path, crops=args.crops,
+                               max_pixels=cfg.download.max_pixels, batch_size=cfg.scorer.batch_size)
+        for message in report.errors:
+            print(f"skipped: {message}", file=sys.stderr)
+        report.errors[:0] = errors
+        print(f"imported {args.path}: {report.summary()}")
+        print(f"{store.label_count()} labelled picture(s) in total; next: python main.py train")
+    finally:
+        store.close()
+    return 0 if report.labels_added + report.labels_unchanged else 1
+
+
+def cmd_train(cfg, args) -> int:
+    from scorer.evaluate import format_metrics
+    from scorer.train import TrainError, train_from_store, train_lock
+    from storage import Store
+
+    if args.epochs is not None and args.epochs <= 0:
+        return _fail("--epochs: expected a positive number")
+    store = Store.open(cfg.db_path)
+    try:
+        with train_lock(cfg.data_path):
+            from scorer.registry import ensure_active_model
+            ensure_active_model(store, cfg.scorer, cfg.models_path)
+            out = train_from_store(cfg, store, epochs=args.epochs, promote=not args.no_promote)
+    except TrainError as e:
+        return _fail(str(e))
+    finally:
+        store.close()
+    print(f"model {out.version}: {out.n_train} training and {out.n_val} validation pictures, "
+          f"{out.seconds:.0f}s")
+    print(f"  validation: {format_metrics(out.metrics)}")
+    if out.baseline is not None:
+        print(f"  active model {out.baseline_version}: {format_metrics(out.baseline)}")
+    print(f"  {out.reason}")
+    if out.promoted:
+        print("  unposted pictures are rescored by a running daemon, or now with: python main.py rescore")
+    return 0
+
+
+def cmd_eval(cfg, args) -> int:
+    from scorer.evaluate import evaluate_version, format_metrics
+    from storage import Store
+
+    store = Store.open(cfg.db_path)
+    try:
+        m, paths, row = evaluate_version(cfg, store, args.model, args.out)
+    finally:
+        store.close()
+    if not m["n"]:
+        return _fail("no labelled validation pictures to evaluate on: import ratings first")
+    print(f"model {row['version']}{' (active)' if row['active'] else ''} on the validation split:")
+    print(f"  {format_metrics(m)}")
+    for path in paths:
+        print(f"  plot: {path}")
+    if args.json:
+        print(json.dumps({"version": row["version"], "metrics": m, "plots": [str(p) for p in paths]}))
+    return 0
+
+
+def cmd_models(cfg, args) -> int:
+    from scorer.model import ModelError
+    from scorer.registry import use_model
+    from storage import Store
+
+    store = Store.open(cfg.db_path)
+    try:
+        if args.action == "list":
+            rows = store.list_models()
+            if not rows:
+                print("no models yet: `python main.py run`, `score` or `train` creates the first")
+            for r in rows:
+                m = json.loads(r["metrics"]) if r["metrics"] else {}
+                val = m.get("val") or {}
+                quality = ("untrained" if not m else
+                           f"Pearson {val.get('pearson')}  MAE {val.get('mae')}  top-k {val.get('topk_precision')}")
+                print(f"{'*' if r['active'] else ' '} {r['version']}  {r['arch']}  {r['created_at'][:19]}  "
+                      f"{r['data_size']} labels  {quality}")
+                if r["notes"]:
+                    print(f"    {r['notes']}")
+            return 0
+        try:
+            row = use_model(store, cfg, args.version)
+        except ModelError as e:
+            return _fail(str(e))
+        print(f"active model: {row['version']}; a running daemon switches within a minute and rescores "
+              "unposted pictures (or run: python main.py rescore)")
+        return 0
+    finally:
+        store.close()
+
+
+def cmd_rescore(cfg, args) -> int:
+    from scorer.registry import ensure_active_model, load_scorer
+    from scorer.rescore import rescore_all
+    from storage import Store
+
+    store = Store.open(cfg.db_path)
+    try:
+        row = ensure_active_model(store, cfg.scorer, cfg.models_path)
+        scorer = load_scorer(row, cfg.scorer, cfg.models_path)
+        n = rescore_all(store, scorer, cfg, batch_size=cfg.scorer.batch_size)
+    finally:
+        store.close()
+    print(f"rescored {n} picture(s) with {scorer.version}")
+    return 0
+
+
 # ---- entry point -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tastefeed", description="Personal image recommendation bot.")
@@ -247,10 +385,29 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("name")
     te.add_argument("--limit", type=int, default=20)
     sub.add_parser("doctor", help="check config, database, detector, model and device")
+    il = sub.add_parser("import-labels", help="import ratings: a folder with subfolders 1..5, or a path,rating CSV")
+    il.add_argument("path", metavar="DIR_OR_CSV")
+    il.add_argument("--crops", action="store_true",
+                    help="the pictures are face crops: skip detection, the whole picture is the face")
+    tr = sub.add_parser("train", help="train on all labels; the new model is used only if it is better")
+    tr.add_argument("--epochs", type=int, help="override train.epochs")
+    tr.add_argument("--no-promote", action="store_true", help="register the model but do not use it")
+    ev = sub.add_parser("eval", help="metrics and plots of a model on the validation split")
+    ev.add_argument("--model", metavar="VERSION", help="default: the active model")
+    ev.add_argument("--out", metavar="DIR", help="plot folder (default: <data>/eval/<version>)")
+    ev.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    mo = sub.add_parser("models", help="list models, or switch to one (rollback)")
+    mo_sub = mo.add_subparsers(dest="action", required=True)
+    mo_sub.add_parser("list", help="every model with its metrics; * marks the active one")
+    use = mo_sub.add_parser("use", help="make VERSION the active model")
+    use.add_argument("version")
+    sub.add_parser("rescore", help="rescore unposted pictures with the active model")
     return p
 
 
-COMMANDS = {"run": cmd_run, "score": cmd_score, "sources": cmd_sources, "doctor": cmd_doctor}
+COMMANDS = {"run": cmd_run, "score": cmd_score, "sources": cmd_sources, "doctor": cmd_doctor,
+            "import-labels": cmd_import_labels, "train": cmd_train, "eval": cmd_eval, "models": cmd_models,
+            "rescore": cmd_rescore}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,9 +58,37 @@ class ScorerConfig:
     pretrained: str = "none"              # none | imagenet | path to a torchvision weights file
     device: str = "auto"                  # auto | cpu | cuda | cuda:N | mps
     batch_size: int = 32
-    image_size: int = 224
+    image_size: int = 64                  # crops are resized to this square (training and untrained model)
     aggregate: Literal["max", "mean"] = "max"
     tta: bool = True                      # also score the mirrored crop; spread = uncertainty
+
+
+@dataclass
+class TrainConfig:
+    min_labels: int = 50                  # fewer labels: no training; the ranking uses popularity
+    val_share: float = 0.15               # share of pictures (fixed by their hash) held out to validate
+    faces: Literal["all", "largest"] = "all"  # which faces of a multi-face picture its label trains
+    epochs: int = 40
+    batch_size: int = 32
+    lr: float = 0.002                     # peak learning rate (one-cycle schedule)
+    weight_decay: float = 0.05            # AdamW
+    mixup: float = 0.4                    # MixUp Beta(alpha, alpha) for inputs and targets; 0 = off
+    rotation: float = 10.0                # degrees of random rotation
+    color_jitter: float = 0.05            # brightness/contrast jitter; saturation and hue are kept
+    freeze_epochs: int = 2                # with a pretrained/warm-started backbone: epochs before unfreezing
+    warm_start: bool = True               # start from the active trained model (same arch and size)
+    patience: int = 10                    # early stopping: epochs without validation improvement
+    ema: float = 0.99                     # exponential moving average of weights; 0 = off
+    promote_margin: float = 0.0           # the new model must beat the active one's Pearson by more
+    schedule: str = ""                    # daemon: cron "min hour day month weekday"; "" = off
+    after_new_labels: int = 0             # daemon: also retrain after this many new labels; 0 = off
+    seed: int = 0
+
+
+@dataclass
+class RankingConfig:
+    exploration: float = 0.1              # share of picks made to learn (uncertain pictures), not by score
+    cold_exploration: float = 0.5         # the share while the model is untrained (cold start)
 
 
 @dataclass
@@ -90,6 +118,8 @@ class Config:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ranking: RankingConfig = field(default_factory=RankingConfig)
     sources: list[SourceConfig] = field(default_factory=list)
     path: str | None = None               # the file this came from (not a key)
 
@@ -108,6 +138,14 @@ class Config:
     @property
     def models_path(self) -> Path:
         return self.data_path / "models"
+
+    @property
+    def cache_path(self) -> Path:
+        return self.data_path / "cache"
+
+    @property
+    def eval_path(self) -> Path:
+        return self.data_path / "eval"
 
 
 DEFAULT_SOURCES = [{"name": "inbox", "kind": "folder", "interval": 2, "path": "inbox"}]
@@ -217,6 +255,31 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError("detector.weights: the yolo detector needs a local .pt or .onnx file")
     if not (cfg.scorer.device in ("auto", "cpu", "cuda", "mps") or cfg.scorer.device.startswith("cuda:")):
         raise ConfigError(f"scorer.device: expected auto, cpu, cuda, cuda:N or mps, got {cfg.scorer.device!r}")
+    for key, value in [("train.epochs", cfg.train.epochs), ("train.batch_size", cfg.train.batch_size),
+                       ("train.lr", cfg.train.lr), ("train.patience", cfg.train.patience)]:
+        if value <= 0:
+            raise ConfigError(f"{key}: expected a positive number, got {value!r}")
+    for key, value in [("train.min_labels", cfg.train.min_labels), ("train.weight_decay", cfg.train.weight_decay),
+                       ("train.mixup", cfg.train.mixup), ("train.rotation", cfg.train.rotation),
+                       ("train.color_jitter", cfg.train.color_jitter),
+                       ("train.freeze_epochs", cfg.train.freeze_epochs),
+                       ("train.promote_margin", cfg.train.promote_margin),
+                       ("train.after_new_labels", cfg.train.after_new_labels)]:
+        if value < 0:
+            raise ConfigError(f"{key}: expected 0 or more, got {value!r}")
+    for key, value, high in [("train.val_share", cfg.train.val_share, 0.5), ("train.ema", cfg.train.ema, 0.9999),
+                             ("ranking.exploration", cfg.ranking.exploration, 1),
+                             ("ranking.cold_exploration", cfg.ranking.cold_exploration, 1)]:
+        if not 0 <= value <= high or (key == "train.val_share" and value == 0):
+            raise ConfigError(f"{key}: expected a number {'above' if key == 'train.val_share' else 'from'} "
+                              f"0 {'and at most' if key == 'train.val_share' else 'to'} {high}, got {value!r}")
+    if cfg.train.schedule:
+        from apscheduler.triggers.cron import CronTrigger
+        try:
+            CronTrigger.from_crontab(cfg.train.schedule)
+        except ValueError as e:
+            raise ConfigError(f"train.schedule: expected a cron expression like '0 4 * * *' "
+                              f"(minute hour day month weekday), got {cfg.train.schedule!r}: {e}") from None
     if not cfg.data_dir:
         raise ConfigError("data_dir: expected a folder path, got ''")
 

@@ -21,11 +21,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
 
 from bot.config import Config, SourceConfig
+from bot.retrain import Retrainer
 from scorer.analyze import Analyzer
 from scorer.detect import make_detector
 from scorer.registry import ensure_active_model, load_scorer
+from scorer.rescore import score_stored
 from sources import AuthError, RateLimited, SourceError, TransientError, make_source
 from sources.http import Http, TooLarge, short_url
 from storage.media import BadImage, inspect, load_media, store_media
@@ -82,7 +85,10 @@ class Daemon:
         self._tasks: list[asyncio.Task] = []
         self._polls: set[asyncio.Task] = set()
         self.started = asyncio.Event()
-        self.stats = {"polls": 0, "downloaded": 0, "scored": 0, "failed": 0}
+        self.stats = {"polls": 0, "downloaded": 0, "scored": 0, "failed": 0, "rescored": 0}
+        self.retrainer = Retrainer(cfg)
+        self._rescore_task: asyncio.Task | None = None
+        self._retrain_not_before = 0.0
 
     # ---- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -98,6 +104,19 @@ class Daemon:
         await self.refresh_sources()
         self.scheduler.add_job(self.refresh_sources, "interval", seconds=15, id="refresh-sources",
                                max_instances=1, coalesce=True)
+        self.scheduler.add_job(self.check_model, "interval", seconds=30, id="check-model",
+                               max_instances=1, coalesce=True)
+        train = self.cfg.train
+        if train.schedule:
+            trigger = CronTrigger.from_crontab(train.schedule)
+            self.scheduler.add_job(self.retrain, trigger, args=["schedule " + train.schedule],
+                                   id="retrain-schedule", max_instances=1, coalesce=True)
+            log.info("retraining on schedule %r (local time), next at %s", train.schedule,
+                     trigger.get_next_fire_time(None, datetime.now(trigger.timezone)))
+        if train.after_new_labels:
+            self.scheduler.add_job(self.check_new_labels, "interval", seconds=60, id="retrain-labels",
+                                   max_instances=1, coalesce=True)
+        await self.check_model()  # pictures left unrescored by a stop or by `models use`
         self._tasks = [
             asyncio.create_task(self._feeder(self.download_queue, "pending", self._in_download,
                                              self._download_wake), name="download-feeder"),
@@ -118,7 +137,9 @@ class Daemon:
         self.request_stop()
         if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=False)
-        pending = [t for t in self._tasks + list(self._polls) if not t.done()]
+        await self.retrainer.stop()
+        rescoring = [self._rescore_task] if self._rescore_task is not None else []
+        pending = [t for t in self._tasks + list(self._polls) + rescoring if not t.done()]
         if pending:
             done, still = await asyncio.wait(pending, timeout=self.cfg.daemon.stop_timeout)
             for task in still:
@@ -142,6 +163,80 @@ class Daemon:
             await self._stop.wait()
         finally:
             await self.stop()
+
+    # ---- learning loop ---------------------------------------------------------------------
+    async def retrain(self, reason: str) -> bool:
+        """Start a training run in a child process (not if one is going or we are stopping)."""
+        if self._stop.is_set():
+            return False
+        return self.retrainer.start(reason, on_done=self._retrained)
+
+    async def _retrained(self, code: int) -> None:
+        if code != 0:
+            self._retrain_not_before = time.monotonic() + 3600  # label-triggered runs wait an hour
+        elif not self._stop.is_set():
+            await self.check_model()
+
+    async def check_new_labels(self) -> None:
+        """Retrain once ``train.after_new_labels`` labels arrived since the last trained model."""
+        if self.retrainer.running or time.monotonic() < self._retrain_not_before:
+            return
+        try:
+            since = await self.store.latest_training_at()
+            new = await self.store.label_count(since or "")
+        except Exception as e:  # noqa: BLE001
+            log.error("cannot count new labels: %s", e)
+            return
+        if new >= self.cfg.train.after_new_labels:
+            await self.retrain(f"{new} new label(s) since the last training")
+
+    async def check_model(self) -> None:
+        """Switch to the active model if it changed (a promotion or `models use`), then rescore."""
+        try:
+            row = await self.store.active_model()
+        except Exception as e:  # noqa: BLE001
+            log.error("cannot read the active model: %s", e)
+            return
+        if row is None or self.analyzer is None:
+            return
+        if row["version"] != self.analyzer.scorer.version:
+            try:
+                scorer = await asyncio.to_thread(load_scorer, row, self.cfg.scorer, self.cfg.models_path)
+            except Exception as e:  # noqa: BLE001 - a bad file must not stop the daemon
+                log.error("cannot load the active model %s, still scoring with %s: %s", row["version"],
+                          self.analyzer.scorer.version, e)
+                return
+            self.analyzer.scorer = scorer
+            log.info("now scoring with model %s", scorer.version)
+        if self._rescore_task is None or self._rescore_task.done():
+            self._rescore_task = asyncio.create_task(self.rescore(), name="rescore")
+
+    async def rescore(self, batch_size: int = 32) -> int:
+        """Rescore unposted pictures with the current model, in batches, until none is left."""
+        scorer = self.analyzer.scorer
+        done, after = 0, 0
+        try:
+            while not self._stop.is_set() and self.analyzer.scorer is scorer:
+                rows = await self.store.rescore_candidates(scorer.version, batch_size, after)
+                if not rows:
+                    break
+                after = rows[-1]["id"]
+                faces = await self.store.faces_for([r["id"] for r in rows])
+                results = await asyncio.to_thread(
+                    score_stored, scorer, self.cfg.media_path, rows, faces, margin=self.cfg.detector.margin,
+                    how=self.cfg.scorer.aggregate, max_pixels=self.cfg.download.max_pixels)
+                for r in results:
+                    await self.store.record_rescore(r.image_id, r.face_scores, r.score, r.uncertainty,
+                                                    scorer.version)
+                done += len(results)
+                self.stats["rescored"] += len(results)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            log.error("rescoring stopped: %s: %s", type(e).__name__, e)
+        if done:
+            log.info("rescored %d picture(s) with model %s", done, scorer.version)
+        return done
 
     # ---- sources -------------------------------------------------------------------------
     async def refresh_sources(self) -> None:

@@ -1,7 +1,8 @@
 """One picture in, faces and scores out: detect, crop with a margin, score in one batch.
 
 The picture's score is the max (or mean, per config) over its faces. A picture with no face is
-scored as a whole or skipped (``detector.no_face``).
+scored as a whole or skipped (``detector.no_face``); a picture imported as a face crop
+(``import-labels --crops``) has one box, detector ``crop``, covering all of it.
 """
 from __future__ import annotations
 
@@ -52,13 +53,16 @@ class Analyzer:
             faces = [Face(0, 0, im.width, im.height, 1.0, "whole")]
         return faces
 
-    def analyze(self, pictures: list[Image.Image]) -> list[Analysis]:
-        """Analyse several pictures, scoring all their crops in shared batches."""
-        found = [self.detect(im) for im in pictures]
+    def analyze(self, pictures: list[Image.Image], found: list[list[Face]] | None = None) -> list[Analysis]:
+        """Analyse several pictures, scoring all their crops in shared batches.
+
+        ``found`` gives the faces instead of detecting them (e.g. pictures that are face crops).
+        """
+        found = [self.detect(im) for im in pictures] if found is None else found
         crops, owners = [], []
         for i, (im, faces) in enumerate(zip(pictures, found)):
             for face in faces:
-                crops.append(im if face.detector == "whole" else crop_face(im, face, self.margin))
+                crops.append(face_crop(im, face, self.margin))
                 owners.append(i)
         scores, spreads = self.scorer.predict(crops) if crops else ([], [])
         results = [Analysis() for _ in pictures]
@@ -67,16 +71,26 @@ class Analyzer:
             for face in faces:
                 results[i].faces.append(FaceScore(face, scores[k], spreads[k]))
                 k += 1
-        for res, faces in zip(results, found):
+        for res in results:
             if not res.faces:
                 res.skipped = True
                 continue
-            res.whole = res.faces[0].face.detector == "whole"
-            if self.aggregate == "mean":
-                res.score = sum(f.score for f in res.faces) / len(res.faces)
-                us = [f.uncertainty for f in res.faces if f.uncertainty is not None]
-                res.uncertainty = sum(us) / len(us) if us else None
-            else:
-                best = max(res.faces, key=lambda f: f.score)
-                res.score, res.uncertainty = best.score, best.uncertainty
+            res.whole = res.faces[0].face.detector in WHOLE
+            res.score, res.uncertainty = aggregate([(f.score, f.uncertainty) for f in res.faces], self.aggregate)
         return results
+
+
+WHOLE = ("whole", "crop")  # "face" boxes that are the whole picture: no margin is added
+
+
+def face_crop(im: Image.Image, face: Face, margin: float) -> Image.Image:
+    """The crop the model sees for a face (the picture itself for whole-picture boxes)."""
+    return im if face.detector in WHOLE else crop_face(im, face, margin)
+
+
+def aggregate(scored: list[tuple[float, float | None]], how: str = "max") -> tuple[float, float | None]:
+    """A picture's (score, uncertainty) from its faces': the best face's, or the mean."""
+    if how == "mean":
+        us = [u for _, u in scored if u is not None]
+        return sum(s for s, _ in scored) / len(scored), (sum(us) / len(us) if us else None)
+    return max(scored, key=lambda su: su[0])

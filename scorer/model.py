@@ -1,7 +1,7 @@
 """The rating model: a torchvision backbone with a one-output head predicting 1-5.
 
 The head's output ``z`` is mapped to ``1 + 4 * sigmoid(z)``, so predictions always lie in 1-5.
-A model file (``.pt``) holds ``{"arch", "image_size", "version", "state_dict"}``.
+A model file (``.pt``) holds ``{"arch", "image_size", "version", "format", "state_dict"}``.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+FORMAT = 2  # 2: backbone + colour statistics head
 ARCHS = ("resnet18", "resnet34", "resnet50", "alexnet")
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -25,21 +26,52 @@ class ModelError(Exception):
     """The model cannot be built or loaded; the message says why."""
 
 
+def colour_stats(x: torch.Tensor) -> torch.Tensor:
+    """Per-picture colour statistics of RGB input in 0-1: HSV saturation and value, their product
+    ("vividness"), and their spreads. Vividness is often part of taste, and a small network trained
+    from scratch learns such global statistics slowly, so they are handed to the head directly."""
+    high = x.max(dim=1).values
+    low = x.min(dim=1).values
+    sat = (high - low) / (high + 1e-6)
+    return torch.stack([sat.mean((1, 2)), high.mean((1, 2)), (sat * high).mean((1, 2)),
+                        sat.std((1, 2)), high.std((1, 2))], dim=1)
+
+
+N_STATS = 5
+
+
 class RatingNet(nn.Module):
-    def __init__(self, backbone: nn.Module):
+    """Backbone features plus colour statistics -> one linear output -> ``1 + 4 * sigmoid``.
+
+    Input: RGB in 0-1 (NCHW); the ImageNet normalisation happens inside.
+    """
+
+    def __init__(self, backbone: nn.Module, features: int):
         super().__init__()
         self.backbone = backbone
+        self.head = nn.Linear(features + N_STATS, 1)
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 1.0 + 4.0 * torch.sigmoid(self.backbone(x).squeeze(-1))
+        feats = self.backbone((x - self.mean) / self.std)
+        z = self.head(torch.cat([feats, colour_stats(x)], dim=1)).squeeze(-1)
+        return 1.0 + 4.0 * torch.sigmoid(z)
+
+    def tail_parameters(self) -> list[nn.Parameter]:
+        """The last block and the head: what trains while the early layers are frozen."""
+        last = getattr(self.backbone, "layer4", None) or getattr(self.backbone, "classifier")
+        return list(last.parameters()) + list(self.head.parameters())
 
 
-def _replace_head(arch: str, net: nn.Module) -> nn.Module:
+def _strip_head(arch: str, net: nn.Module) -> tuple[nn.Module, int]:
     if arch.startswith("resnet"):
-        net.fc = nn.Linear(net.fc.in_features, 1)
-    elif arch == "alexnet":
-        net.classifier[-1] = nn.Linear(net.classifier[-1].in_features, 1)
-    return net
+        features = net.fc.in_features
+        net.fc = nn.Identity()
+    else:  # alexnet
+        features = net.classifier[-1].in_features
+        net.classifier[-1] = nn.Identity()
+    return net, features
 
 
 def _load_backbone_weights(arch: str, net: nn.Module, pretrained: str) -> str:
@@ -81,7 +113,7 @@ def build_model(arch: str = "resnet18", pretrained: str = "none") -> RatingNet:
     if pretrained and pretrained != "none":
         described = _load_backbone_weights(arch, net, pretrained)
         log.info("%s backbone initialised from %s", arch, described)
-    return RatingNet(_replace_head(arch, net))
+    return RatingNet(*_strip_head(arch, net))
 
 
 def pick_device(preference: str = "auto") -> torch.device:
@@ -99,19 +131,26 @@ def pick_device(preference: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def resize_crop(crop: Image.Image, size: int) -> np.ndarray:
+    """A crop as a ``size`` x ``size`` RGB uint8 array (HWC); training and inference both use it."""
+    return np.asarray(crop.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def to_tensor(arrays: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC arrays -> float NCHW in 0-1, the network's input."""
+    return torch.from_numpy(np.ascontiguousarray(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
 def preprocess(crops: list[Image.Image], size: int) -> torch.Tensor:
-    """Resize to ``size``x``size``, scale to 0-1 and normalise with ImageNet statistics (NCHW)."""
-    arrays = [np.asarray(c.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32)
-              for c in crops]
-    batch = (np.stack(arrays) / 255.0 - MEAN) / STD
-    return torch.from_numpy(batch.transpose(0, 3, 1, 2).copy())
+    """Resize crops to ``size`` x ``size`` and stack them as the network's input (NCHW, 0-1)."""
+    return to_tensor(np.stack([resize_crop(c, size) for c in crops]))
 
 
 def save_model(net: RatingNet, path: str | Path, *, arch: str, image_size: int, version: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"arch": arch, "image_size": image_size, "version": version,
+    torch.save({"arch": arch, "image_size": image_size, "version": version, "format": FORMAT,
                 "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}, tmp)
     tmp.replace(path)
 
@@ -119,7 +158,7 @@ def save_model(net: RatingNet, path: str | Path, *, arch: str, image_size: int, 
 class Scorer:
     """A loaded model ready for batched inference."""
 
-    def __init__(self, net: RatingNet, *, arch: str, version: str, image_size: int = 224,
+    def __init__(self, net: RatingNet, *, arch: str, version: str, image_size: int = 64,
                  device: str = "auto", batch_size: int = 32, tta: bool = True):
         self.device = pick_device(device)
         self.net = net.to(self.device).eval()
@@ -130,22 +169,29 @@ class Scorer:
     def load(cls, path: str | Path, **kw) -> "Scorer":
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            if ckpt.get("format") != FORMAT:
+                raise ModelError(f"model file {path} is from an older tastefeed (format "
+                                 f"{ckpt.get('format', 1)}); train a new model")
             net = build_model(ckpt["arch"])
             net.load_state_dict(ckpt["state_dict"])
         except ModelError:
             raise
         except Exception as e:  # noqa: BLE001 - missing, truncated or foreign files
             raise ModelError(f"cannot load model file {path}: {e}") from None
-        kw.setdefault("image_size", ckpt.get("image_size", 224))
+        kw.setdefault("image_size", ckpt.get("image_size", 64))
         return cls(net, arch=ckpt["arch"], version=ckpt["version"], **kw)
 
-    @torch.inference_mode()
     def predict(self, crops: list[Image.Image]) -> tuple[list[float], list[float | None]]:
-        """Scores (1-5) and uncertainties for face crops, in batches of ``batch_size``."""
+        """Scores (1-5) and uncertainties for face crops (PIL), in batches of ``batch_size``."""
+        return self.predict_arrays([resize_crop(c, self.image_size) for c in crops])
+
+    @torch.inference_mode()
+    def predict_arrays(self, arrays) -> tuple[list[float], list[float | None]]:
+        """Like :meth:`predict` for crops already resized to ``image_size`` (uint8 HWC arrays)."""
         scores: list[float] = []
         spreads: list[float | None] = []
-        for start in range(0, len(crops), self.batch_size):
-            x = preprocess(crops[start:start + self.batch_size], self.image_size).to(self.device)
+        for start in range(0, len(arrays), self.batch_size):
+            x = to_tensor(np.stack(arrays[start:start + self.batch_size])).to(self.device)
             y = self.net(x)
             if self.tta:
                 y2 = self.net(torch.flip(x, dims=[3]))

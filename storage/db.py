@@ -134,6 +134,13 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX posts_image ON posts(image_id)")
 
 
+
+@migrations()
+def m002_labels_by_time(db: sqlite_utils.Database) -> None:
+    db.execute("CREATE INDEX labels_created ON labels(created_at)")
+    db.execute("CREATE INDEX predictions_face ON predictions(face_id)")
+
+
 SCHEMA_VERSION = len(migrations._migrations)
 
 

@@ -248,6 +248,143 @@ class Store:
             "AND predictions.model_version = COALESCE(?, (SELECT model_version FROM images WHERE id = ?)) "
             "WHERE faces.image_id = ? ORDER BY faces.id", [model_version, image_id, image_id]))
 
+    def record_rescore(self, image_id: int, face_scores: dict[int, tuple[float, float | None]],
+                       score: float, uncertainty: float | None, model_version: str) -> None:
+        """Store a new model's predictions for a picture's stored faces (no re-detection)."""
+        stamp = now()
+        with self.db.conn:
+            self.db.execute("DELETE FROM predictions WHERE image_id = ? AND model_version = ?",
+                            [image_id, model_version])
+            for face_id, (s, u) in face_scores.items():
+                self.db.execute(
+                    "INSERT INTO predictions (image_id, face_id, model_version, score, uncertainty, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", [image_id, face_id, model_version, s, u, stamp])
+            self.db.execute(
+                "INSERT INTO predictions (image_id, face_id, model_version, score, uncertainty, created_at) "
+                "VALUES (?, NULL, ?, ?, ?, ?)", [image_id, model_version, score, uncertainty, stamp])
+            self.db.execute("UPDATE images SET score = ?, uncertainty = ?, model_version = ?, scored_at = ? "
+                            "WHERE id = ?", [score, uncertainty, model_version, stamp, image_id])
+
+    def rescore_candidates(self, model_version: str, limit: int, after_id: int = 0) -> list[dict]:
+        """Scored pictures not yet scored by ``model_version`` and never posted, oldest id first."""
+        return [dict(r) for r in self.db.query(
+            "SELECT id, media_path FROM images WHERE status = 'scored' AND id > ? "
+            "AND (model_version IS NULL OR model_version != ?) "
+            "AND id NOT IN (SELECT image_id FROM posts WHERE status = 'sent') ORDER BY id LIMIT ?",
+            [after_id, model_version, limit])]
+
+    def faces_for(self, image_ids: list[int]) -> dict[int, list[dict]]:
+        out: dict[int, list[dict]] = {i: [] for i in image_ids}
+        if image_ids:
+            for f in self.db.query(f"SELECT * FROM faces WHERE image_id IN ({','.join('?' * len(image_ids))}) "
+                                   "ORDER BY id", list(image_ids)):
+                out[f["image_id"]].append(dict(f))
+        return out
+
+    def count_rescore_candidates(self, model_version: str) -> int:
+        return self.db.execute(
+            "SELECT COUNT(*) FROM images WHERE status = 'scored' AND (model_version IS NULL OR model_version != ?) "
+            "AND id NOT IN (SELECT image_id FROM posts WHERE status = 'sent')", [model_version]).fetchone()[0]
+
+    # ---- ranking ---------------------------------------------------------------------------
+    _CANDIDATES = ("FROM images WHERE status = 'scored' AND duplicate_of IS NULL "
+                   "AND id NOT IN (SELECT image_id FROM posts WHERE channel = ? AND status != 'failed') "
+                   "AND id NOT IN (SELECT image_id FROM labels)")
+
+    def ranked_candidates(self, channel: str, order: str, limit: int, exclude: Iterable[int] = ()) -> list[dict]:
+        """Unposted, unlabelled scored pictures, best first by ``order``:
+        score | popularity (percentile within its source) | recent | random."""
+        exclude = list(exclude)
+        skip = f"AND id NOT IN ({','.join('?' * len(exclude))})" if exclude else ""
+        if order == "popularity":
+            sql = (f"SELECT * FROM (SELECT *, CASE WHEN popularity IS NULL THEN NULL ELSE "
+                   f"PERCENT_RANK() OVER (PARTITION BY source_id, popularity IS NULL ORDER BY popularity) END "
+                   f"AS pop_rank {self._CANDIDATES}) WHERE 1 {skip} "
+                   f"ORDER BY pop_rank IS NULL, pop_rank DESC, popularity DESC, id DESC LIMIT ?")
+        else:
+            key = {"score": "score DESC, id DESC", "recent": "id DESC", "random": "RANDOM()"}[order]
+            sql = f"SELECT * {self._CANDIDATES} {skip} ORDER BY {key} LIMIT ?"
+        return [dict(r) for r in self.db.query(sql, [channel, *exclude, limit])]
+
+    # ---- imports and labels --------------------------------------------------------------
+    IMPORT_SOURCE = "import"
+
+    def import_source_id(self) -> int:
+        """The pseudo-source that owns imported pictures (never polled)."""
+        row = self.get_source(self.IMPORT_SOURCE)
+        if row is not None and row["kind"] == "import":
+            return row["id"]
+        if row is not None:
+            raise ValueError(f"a source named {self.IMPORT_SOURCE!r} exists already; rename it to import labels")
+        return self.upsert_source(self.IMPORT_SOURCE, "import", {"enabled": False, "interval": 0}, origin="import")
+
+    def image_by_sha256(self, sha256: str) -> dict | None:
+        """The stored picture with these bytes (the original, not a duplicate row), if any."""
+        rows = list(self.db.query(
+            "SELECT * FROM images WHERE sha256 = ? AND duplicate_of IS NULL "
+            "AND status IN ('downloaded', 'scored', 'skipped') ORDER BY id LIMIT 1", [sha256]))
+        return dict(rows[0]) if rows else None
+
+    def add_imported_image(self, source_id: int, local_path: str, info: ImageInfo, media_path: str) -> int:
+        """A picture read from disk by import-labels, stored and ready for analysis."""
+        with self.db.conn:
+            self.db.execute(
+                "INSERT OR IGNORE INTO images (source_id, external_id, local_path, title, created_at) "
+                "VALUES (?, ?, ?, ?, ?)", [source_id, info.sha256, local_path, Path(local_path).name, now()])
+            image_id = self.db.execute("SELECT id FROM images WHERE source_id = ? AND external_id = ?",
+                                       [source_id, info.sha256]).fetchone()[0]
+            self.db.execute(
+                "UPDATE images SET status = 'downloaded', error = NULL, sha256 = ?, phash = ?, width = ?, "
+                "height = ?, format = ?, bytes = ?, media_path = ?, fetched_at = ? WHERE id = ?",
+                [info.sha256, info.phash, info.width, info.height, info.format, info.bytes, media_path,
+                 now(), image_id])
+        return image_id
+
+    def add_label(self, image_id: int, value: int, *, origin: str, user: str = "owner",
+                  ref: str | None = None, face_id: int | None = None) -> bool:
+        """Record a rating; False (nothing written) if it repeats the latest label with this
+        origin and ref (e.g. the same CSV row or Discord message) for the picture.
+
+        Labels are never overwritten: a changed rating adds a row, and the newest label counts.
+        """
+        if not 1 <= int(value) <= 5:
+            raise ValueError(f"a rating is 1 to 5, got {value!r}")
+        with self.db.conn:
+            last = self.db.execute(
+                "SELECT value FROM labels WHERE image_id = ? AND user = ? AND face_id IS ? AND origin = ? "
+                "AND ref IS ? ORDER BY created_at DESC, id DESC LIMIT 1",
+                [image_id, user, face_id, origin, ref]).fetchone()
+            if last is not None and last[0] == int(value):
+                return False
+            self.db.execute(
+                "INSERT INTO labels (image_id, face_id, user, value, origin, ref, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)", [image_id, face_id, user, int(value), origin, ref, now()])
+        return True
+
+    def label_count(self, since: str | None = None) -> int:
+        """Labelled pictures (all labels, or labels written after ``since``)."""
+        if since is None:
+            return self.db.execute("SELECT COUNT(DISTINCT image_id) FROM labels").fetchone()[0]
+        return self.db.execute("SELECT COUNT(*) FROM labels WHERE created_at > ?", [since]).fetchone()[0]
+
+    def training_rows(self) -> list[dict]:
+        """Each labelled, analysed picture with its latest rating and its faces.
+
+        A label naming a face (``face_id``) trains that face alone; otherwise the picture's faces.
+        """
+        rows = [dict(r) for r in self.db.query(
+            "SELECT images.id AS image_id, images.sha256, images.media_path, images.status, "
+            "labels.value, labels.face_id FROM labels JOIN images ON images.id = labels.image_id "
+            "WHERE labels.id = (SELECT id FROM labels AS l2 WHERE l2.image_id = labels.image_id "
+            "ORDER BY l2.created_at DESC, l2.id DESC LIMIT 1) ORDER BY images.id")]
+        faces: dict[int, list[dict]] = {}
+        for f in self.db.query("SELECT * FROM faces WHERE image_id IN (SELECT image_id FROM labels) ORDER BY id"):
+            faces.setdefault(f["image_id"], []).append(dict(f))
+        for r in rows:
+            r["faces"] = [f for f in faces.get(r["image_id"], [])
+                          if r["face_id"] is None or f["id"] == r["face_id"]]
+        return rows
+
     # ---- models --------------------------------------------------------------------------
     def active_model(self) -> dict | None:
         rows = list(self.db.query("SELECT * FROM models WHERE active = 1 LIMIT 1"))
@@ -266,6 +403,17 @@ class Store:
                 [version, arch, path, now(), data_size, json.dumps(metrics) if metrics else None, notes])
             if activate:
                 self.db.execute("UPDATE models SET active = (version = ?)", [version])
+
+    def activate_model(self, version: str) -> bool:
+        with self.db.conn:
+            if self.get_model(version) is None:
+                return False
+            self.db.execute("UPDATE models SET active = (version = ?)", [version])
+        return True
+
+    def latest_training_at(self) -> str | None:
+        """When the newest trained model was registered (untrained ones have no metrics)."""
+        return self.db.execute("SELECT MAX(created_at) FROM models WHERE metrics IS NOT NULL").fetchone()[0]
 
     def list_models(self) -> list[dict]:
         return [dict(r) for r in self.db.query("SELECT * FROM models ORDER BY created_at")]

@@ -15,7 +15,7 @@ def test_architectures_predict_one_rating_in_range(arch):
     net = build_model(arch).eval()
     size = 64 if arch != "alexnet" else 96
     with torch.no_grad():
-        y = net(torch.randn(3, 3, size, size) * 3)
+        y = net(torch.rand(3, 3, size, size))
     assert y.shape == (3,)
     assert torch.all((y >= 1) & (y <= 5))
 
@@ -31,7 +31,7 @@ def test_pretrained_from_local_weights_file(tmp_path):
     torch.save(donor.state_dict(), tmp_path / "resnet18.pth")
     net = build_model("resnet18", str(tmp_path / "resnet18.pth"))
     assert torch.equal(net.backbone.conv1.weight, donor.conv1.weight)
-    assert net.backbone.fc.out_features == 1
+    assert net.head.out_features == 1
     with pytest.raises(ModelError, match="no weights file"):
         build_model("resnet18", str(tmp_path / "missing.pth"))
     with pytest.raises(ModelError, match="does not fit alexnet"):
@@ -64,6 +64,23 @@ def test_damaged_model_file_gives_clear_error(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a model")
     with pytest.raises(ModelError, match="cannot load model file"):
         Scorer.load(tmp_path / "bad.pt")
+    torch.save({"arch": "resnet18", "version": "old", "state_dict": {}}, tmp_path / "old.pt")
+    with pytest.raises(ModelError, match="older tastefeed"):
+        Scorer.load(tmp_path / "old.pt")
+
+
+def test_colour_statistics_reach_the_head():
+    """Two pictures differing only in saturation get different scores from the same weights."""
+    torch.manual_seed(0)
+    net = build_model("resnet18").eval()
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.weight[0, -3] = 5.0  # the vividness statistic alone
+        grey = torch.full((1, 3, 32, 32), 0.5)
+        vivid = grey.clone()
+        vivid[:, 0] = 0.9
+        vivid[:, 2] = 0.1
+        assert net(vivid).item() > net(grey).item() + 1
 
 
 def test_untrained_model_is_created_once_and_reused(tmp_path, caplog):

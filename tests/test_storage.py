@@ -20,10 +20,10 @@ def test_open_creates_schema_with_wal_and_foreign_keys(tmp_path):
     assert db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     for table in ("sources", "images", "faces", "predictions", "labels", "posts", "models"):
         assert db[table].exists(), table
-    assert [m.name for m in migrations.applied(db)] == ["m001_initial"]
+    assert [m.name for m in migrations.applied(db)] == ["m001_initial", "m002_labels_by_time"]
     db.close()
     db = open_db(tmp_path / "a" / "t.db")  # reopening applies nothing twice
-    assert len(migrations.applied(db)) == 1
+    assert len(migrations.applied(db)) == 2
 
 
 def test_save_poll_is_idempotent_and_stores_cursor(tmp_path):

@@ -1,0 +1,138 @@
+"""Benchmark: how well, and how fast, the taste model learns from ratings.
+
+Trains on ``../shared/data/animeface-10/train`` (face crops with the simulated owner's ratings in
+``ratings.csv``) with the same loop and defaults as ``main.py train`` (the validation share of
+the training pictures, chosen by hash, drives early stopping), then measures on ``test/``:
+Pearson, Spearman, MAE, RMSE, top-10% precision, and training time per 1,000 labels. Repeats
+with 50, 100, 200, 400 and all training labels for the learning curve.
+
+    python bench/learning.py                      # CPU, the defaults of [train] and [scorer]
+    python bench/learning.py --device cuda --json results.json
+    python bench/learning.py --sizes all --epochs 10   # a quick look
+
+Figures are recorded in bench/RESULTS.md with the machine they ran on.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bot.config import ScorerConfig, TrainConfig  # noqa: E402
+from scorer.dataset import split_of  # noqa: E402
+from scorer.evaluate import format_metrics, metrics  # noqa: E402
+from scorer.model import build_model, pick_device, resize_crop  # noqa: E402
+from scorer.train import fit, predict  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "animeface-10"
+
+
+def load(rows: list[tuple[str, int]], size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    arrays, ratings, keys = [], [], []
+    for rel, rating in rows:
+        data = (DATA / rel).read_bytes()
+        keys.append(hashlib.sha256(data).hexdigest())
+        from io import BytesIO
+        arrays.append(resize_crop(Image.open(BytesIO(data)), size))
+        ratings.append(rating)
+    return np.stack(arrays), np.array(ratings, dtype=np.float32), keys
+
+
+def subset(rows, n, seed=0):
+    """``n`` training rows, the same share of each rating as the whole (a user's first ratings)."""
+    if n >= len(rows):
+        return rows
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(rows))
+    return [rows[i] for i in sorted(order[:n])]
+
+
+def run(train_rows, test_arrays, test_y, tcfg: TrainConfig, scfg: ScorerConfig, device) -> dict:
+    x, y, keys = load(train_rows, scfg.image_size)
+    val = np.array([split_of(k, tcfg.val_share) == "val" for k in keys])
+    if val.sum() < 2:  # tiny subsets: keep at least two pictures to stop on
+        val[:2] = True
+    torch.manual_seed(tcfg.seed)
+    net = build_model(scfg.arch, scfg.pretrained)
+    started = time.monotonic()
+    result = fit(net, x[~val], y[~val], x[val], y[val], tcfg, device, progress=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.monotonic() - started
+    pred = predict(result.net, test_arrays, device, tta=True)
+    m = metrics(pred, test_y)
+    m.update(labels=len(train_rows), n_train=int((~val).sum()), n_val=int(val.sum()),
+             epochs=len(result.history), best_epoch=result.best_epoch, train_seconds=round(seconds, 1),
+             seconds_per_1000_labels=round(seconds / len(train_rows) * 1000, 1),
+             seconds_per_epoch_per_1000=round(seconds / len(result.history) / len(train_rows) * 1000, 2))
+    return m
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--sizes", default="50,100,200,400,all", help="numbers of training labels")
+    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--image-size", type=int, help="override scorer.image_size")
+    p.add_argument("--arch", help="override scorer.arch")
+    p.add_argument("--seeds", type=int, default=1, help="repeat each size with this many seeds")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a [train] key, e.g. --set mixup=0")
+    p.add_argument("--data", help="the animeface-10 folder (default: ../shared/data/animeface-10)")
+    args = p.parse_args()
+    if args.data:
+        global DATA
+        DATA = Path(args.data)
+    if not DATA.exists():
+        print(f"{DATA} not present: nothing to benchmark", file=sys.stderr)
+        return 0
+    tcfg, scfg = TrainConfig(), ScorerConfig()
+    if args.epochs:
+        tcfg.epochs = args.epochs
+    if args.image_size:
+        scfg.image_size = args.image_size
+    if args.arch:
+        scfg.arch = args.arch
+    for pair in args.set:
+        key, value = pair.split("=", 1)
+        setattr(tcfg, key, type(getattr(tcfg, key))(value))
+    device = pick_device(args.device)
+    rows = [(r["path"], int(r["rating"])) for r in csv.DictReader(open(DATA / "ratings.csv"))]
+    train_rows = [r for r in rows if r[0].startswith("train/")]
+    test_rows = [r for r in rows if r[0].startswith("test/")]
+    test_x, test_y, _ = load(test_rows, scfg.image_size)
+    machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+               + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""))
+    print(f"{len(train_rows)} training and {len(test_rows)} test crops; {scfg.arch} {scfg.image_size}px on "
+          f"{device} ({machine}); torch {torch.__version__}")
+    results = []
+    for size in args.sizes.split(","):
+        n = len(train_rows) if size == "all" else int(size)
+        for seed in range(args.seeds):
+            tcfg.seed = seed
+            m = run(subset(train_rows, n, seed), test_x, test_y, tcfg, scfg, device)
+            m["seed"] = seed
+            results.append(m)
+            print(f"{m['labels']:4d} labels: {format_metrics(m)}  | {m['train_seconds']}s, "
+                  f"{m['seconds_per_1000_labels']}s per 1000 labels, {m['epochs']} epochs", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": str(device), "machine": machine, "arch": scfg.arch,
+                                               "image_size": scfg.image_size, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Model quality: correlation, errors and top-k precision, per picture; and the plots.
+
+Metrics are computed per picture: a picture's prediction is the max (or mean) of its faces', as
+when the daemon ranks pictures. ``topk_precision`` is the share of the pictures the model ranks in
+its top 10% that the owner rated 4 or 5.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+TOP_SHARE = 0.10
+LIKED = 4
+
+
+def _finite(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(float(x), 4)
+
+
+def metrics(pred, true) -> dict:
+    """Pearson, Spearman, MAE, RMSE and top-10% precision of predictions against ratings."""
+    pred = np.asarray(pred, dtype=float)
+    true = np.asarray(true, dtype=float)
+    n = len(pred)
+    out: dict = {"n": n, "pearson": None, "spearman": None, "mae": None, "rmse": None,
+                 "topk_precision": None, "topk": 0, "liked_share": None}
+    if n == 0:
+        return out
+    err = pred - true
+    out["mae"] = _finite(np.abs(err).mean())
+    out["rmse"] = _finite(np.sqrt((err ** 2).mean()))
+    if n >= 3 and pred.std() > 0 and true.std() > 0:
+        out["pearson"] = _finite(stats.pearsonr(pred, true)[0])
+        out["spearman"] = _finite(stats.spearmanr(pred, true)[0])
+    k = max(1, int(round(n * TOP_SHARE)))
+    top = np.argsort(-pred, kind="stable")[:k]
+    out["topk"] = k
+    out["topk_precision"] = _finite((true[top] >= LIKED).mean())
+    out["liked_share"] = _finite((true >= LIKED).mean())  # what a random pick would reach
+    return out
+
+
+def per_picture(image_ids, face_preds, ratings, how: str = "max") -> tuple[list[int], np.ndarray, np.ndarray]:
+    """Face-level predictions -> (picture ids, picture predictions, picture ratings)."""
+    preds: dict[int, list[float]] = defaultdict(list)
+    rating: dict[int, float] = {}
+    for i, p, r in zip(image_ids, face_preds, ratings):
+        preds[i].append(float(p))
+        rating[i] = float(r)
+    ids = sorted(preds)
+    agg = np.mean if how == "mean" else np.max
+    return ids, np.array([agg(preds[i]) for i in ids]), np.array([rating[i] for i in ids])
+
+
+def better(new: dict, old: dict | None, margin: float = 0.0) -> bool:
+    """Whether ``new`` beats ``old`` on validation Pearson (by more than ``margin``)."""
+    if new.get("pearson") is None:
+        return False
+    if not old or old.get("pearson") is None:
+        return True
+    return new["pearson"] > old["pearson"] + margin
+
+
+def format_metrics(m: dict) -> str:
+    def f(key):
+        return "n/a" if m.get(key) is None else f"{m[key]:.3f}"
+    return (f"Pearson {f('pearson')}  Spearman {f('spearman')}  MAE {f('mae')}  RMSE {f('rmse')}  "
+            f"top-{TOP_SHARE:.0%} precision {f('topk_precision')} (of {m.get('topk', 0)}; "
+            f"base rate {f('liked_share')})  n={m.get('n', 0)}")
+
+
+def plot_evaluation(pred, true, history: list[dict] | None, out_dir: str | Path, title: str = "") -> list[Path]:
+    """Write by_rating.png, pred_vs_true.png and (with a history) learning_curve.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pred = np.asarray(pred, dtype=float)
+    true = np.asarray(true, dtype=float)
+    paths = []
+
+    fig, axes = plt.subplots(1, 5, figsize=(16, 3.2), sharex=True)
+    bins = np.linspace(1, 5, 33)
+    for r, ax in zip(range(1, 6), axes):
+        sel = pred[np.round(true) == r]
+        ax.hist(sel, bins=bins, color=plt.cm.viridis((r - 1) / 4))
+        ax.axvline(r, color="k", lw=0.8, ls="--")
+        ax.set_title(f"rated {r} (n={len(sel)})")
+        ax.set_xlabel("predicted score")
+    axes[0].set_ylabel("pictures")
+    fig.suptitle(f"Predicted scores by true rating {title}".strip())
+    fig.tight_layout()
+    paths.append(out_dir / "by_rating.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(true))
+    ax.scatter(true + jitter, pred, s=10, alpha=0.5)
+    ax.plot([1, 5], [1, 5], "k--", lw=0.8)
+    ax.set_xlim(0.5, 5.5)
+    ax.set_ylim(0.5, 5.5)
+    ax.set_xlabel("true rating")
+    ax.set_ylabel("predicted score")
+    m = metrics(pred, true)
+    ax.set_title(f"{title} Pearson {m['pearson']}, MAE {m['mae']}".strip())
+    fig.tight_layout()
+    paths.append(out_dir / "pred_vs_true.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    if history:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        epochs = [h["epoch"] for h in history]
+        ax.plot(epochs, [h["train_loss"] for h in history], label="train loss (MSE, mixed)")
+        ax.plot(epochs, [h["val_loss"] for h in history], label="validation loss (MSE)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax2 = ax.twinx()
+        ax2.plot(epochs, [h.get("val_pearson") or 0 for h in history], color="tab:green",
+                 label="validation Pearson")
+        ax2.set_ylabel("Pearson")
+        lines = ax.get_legend_handles_labels()
+        lines2 = ax2.get_legend_handles_labels()
+        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right")
+        ax.set_title(f"Learning curve {title}".strip())
+        fig.tight_layout()
+        paths.append(out_dir / "learning_curve.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths
+
+
+def evaluate_version(cfg, store, version: str | None = None, out_dir: str | Path | None = None,
+                     *, progress: bool | None = None) -> tuple[dict, list[Path], dict]:
+    """Metrics and plots of a registered model (default: the active one) on the validation split.
+
+    Returns (metrics, plot paths, the model's row). Plots go to ``<data>/eval/<version>/``.
+    """
+    import json
+
+    from scorer.dataset import CropCache, build_examples
+    from scorer.model import ModelError
+    from scorer.registry import load_scorer
+
+    row = store.get_model(version) if version else store.active_model()
+    if row is None:
+        raise ModelError(f"no model {version!r} (see `python main.py models list`)" if version
+                         else "no active model yet: run `python main.py train`")
+    scorer = load_scorer(row, cfg.scorer, cfg.models_path)
+    recorded = json.loads(row["metrics"]) if row["metrics"] else {}
+    val_share = recorded.get("val_share", cfg.train.val_share)
+    examples = [e for e in build_examples(store.training_rows(), faces=cfg.train.faces, val_share=val_share)
+                if e.split == "val"]
+    cache = CropCache(cfg.cache_path, scorer.image_size, cfg.detector.margin)
+    arrays, kept = cache.arrays(examples, cfg.media_path, max_pixels=cfg.download.max_pixels, progress=progress)
+    scores, _ = scorer.predict_arrays(list(arrays)) if kept else ([], None)
+    _, pred, true = per_picture([e.image_id for e in kept], scores, [e.rating for e in kept],
+                                cfg.scorer.aggregate)
+    m = metrics(pred, true)
+    out = Path(out_dir) if out_dir else cfg.eval_path / row["version"]
+    paths = plot_evaluation(pred, true, recorded.get("history"), out, title=row["version"]) if len(pred) else []
+    return m, paths, row

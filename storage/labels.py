@@ -1,0 +1,164 @@
+"""Importing existing ratings: a folder with subfolders ``1``..``5``, or a CSV of ``path,rating``.
+
+Every picture is stored like a fetched one (media file by hash, faces detected and scored), then
+its rating is recorded as a label with origin ``import``. Importing the same ratings again adds
+nothing: pictures are found by their hash and an unchanged label is not written twice. Bad rows
+(missing file, not a picture, rating not 1-5) are reported with their line number and skipped.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from storage.media import BadImage, inspect, store_media
+
+log = logging.getLogger(__name__)
+
+RATING_FOLDERS = ("1", "2", "3", "4", "5")
+
+
+@dataclass
+class RatingRow:
+    where: str          # "ratings.csv:12" or "3/picture.jpg", for messages
+    path: Path
+    rating: int
+    ref: str            # names the picture in its list, whatever its rating: the label's ref
+
+
+@dataclass
+class ImportReport:
+    rows: int = 0
+    new_pictures: int = 0
+    known_pictures: int = 0
+    labels_added: int = 0
+    labels_unchanged: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{self.rows} row(s): {self.new_pictures} new picture(s), {self.known_pictures} already stored; "
+                f"{self.labels_added} label(s) added, {self.labels_unchanged} unchanged; "
+                f"{len(self.errors)} bad row(s) skipped")
+
+
+def _rating(text: str) -> int | None:
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        return None
+    return value if 1 <= value <= 5 else None
+
+
+def read_rating_rows(source: str | Path) -> tuple[list[RatingRow], list[str]]:
+    """The (path, rating) rows of a ratings folder or CSV file, and the problems found."""
+    source = Path(source)
+    if source.is_dir():
+        return _folder_rows(source)
+    if source.is_file():
+        return _csv_rows(source)
+    raise FileNotFoundError(f"{source}: no such folder or file")
+
+
+def _folder_rows(root: Path) -> tuple[list[RatingRow], list[str]]:
+    rows, errors = [], []
+    subfolders = sorted(p for p in root.iterdir() if p.is_dir())
+    if not any(p.name in RATING_FOLDERS for p in subfolders):
+        errors.append(f"{root}: no subfolder named 1, 2, 3, 4 or 5 (one per rating)")
+    for folder in subfolders:
+        if folder.name not in RATING_FOLDERS:
+            errors.append(f"{folder.name}/: not a rating (expected folders 1 to 5), skipped")
+            continue
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                inner = path.relative_to(folder).as_posix()
+                rows.append(RatingRow(str(path.relative_to(root)), path, int(folder.name), f"{root.name}/{inner}"))
+    return rows, errors
+
+
+def _csv_rows(path: Path) -> tuple[list[RatingRow], list[str]]:
+    rows, errors = [], []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            lines = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{path}: cannot read as CSV: {e}") from None
+    for number, cells in enumerate(lines, 1):
+        where = f"{path.name}:{number}"
+        if not cells or all(not c.strip() for c in cells):
+            continue
+        if number == 1 and len(cells) >= 2 and cells[1].strip().lower() in ("rating", "score", "label"):
+            continue  # header
+        if len(cells) < 2 or not cells[0].strip():
+            errors.append(f"{where}: expected 'path,rating', got {','.join(cells)!r}")
+            continue
+        rating = _rating(cells[1])
+        if rating is None:
+            errors.append(f"{where}: rating {cells[1].strip()!r} is not a whole number from 1 to 5")
+            continue
+        file = Path(cells[0].strip())
+        rows.append(RatingRow(where, file if file.is_absolute() else path.parent / file, rating,
+                              f"{path.name}:{cells[0].strip()}"))
+    return rows, errors
+
+
+def import_labels(store, analyzer, rows: list[RatingRow], media_root: str | Path, *, crops: bool = False,
+                  max_pixels: int = 90_000_000, batch_size: int = 32, progress: bool | None = None,
+                  origin: str = "import") -> ImportReport:
+    """Store the pictures of ``rows``, analyse new ones, and record their ratings as labels.
+
+    ``store`` is a sync Store; ``analyzer`` a :class:`scorer.analyze.Analyzer`. With ``crops``,
+    each picture is taken as one face crop and not run through the detector.
+    """
+    from tqdm import tqdm
+
+    from scorer.detect import Face
+    from storage.store import FaceRecord
+
+    report = ImportReport(rows=len(rows))
+    source_id = store.import_source_id()
+    bar = tqdm(total=len(rows), desc="importing", unit="pic", file=sys.stderr,
+               disable=(not sys.stderr.isatty()) if progress is None else not progress)
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        labelled: list[tuple[RatingRow, int]] = []
+        todo: dict[int, object] = {}          # image id -> decoded picture, to analyse
+        for row in batch:
+            try:
+                data = row.path.read_bytes()
+                info, im = inspect(data, max_pixels=max_pixels)
+            except OSError as e:
+                report.errors.append(f"{row.where}: cannot read {row.path}: {e.strerror or e}")
+                continue
+            except BadImage as e:
+                report.errors.append(f"{row.where}: {row.path.name}: {e}")
+                continue
+            known = store.image_by_sha256(info.sha256)
+            if known is not None and known["status"] in ("scored", "skipped"):
+                report.known_pictures += 1
+                labelled.append((row, known["id"]))
+                continue
+            rel = store_media(media_root, data, info)
+            image_id = known["id"] if known is not None else store.add_imported_image(
+                source_id, str(row.path), info, rel)
+            if image_id not in todo:
+                report.new_pictures += 1
+            todo[image_id] = im
+            labelled.append((row, image_id))
+        if todo:
+            ids, pictures = list(todo), list(todo.values())
+            found = [[Face(0, 0, im.width, im.height, 1.0, "crop")] for im in pictures] if crops else None
+            for image_id, res in zip(ids, analyzer.analyze(pictures, found)):
+                faces = [FaceRecord(f.face.x1, f.face.y1, f.face.x2, f.face.y2, f.face.confidence,
+                                    f.face.detector, f.score, f.uncertainty) for f in res.faces]
+                store.record_analysis(image_id, faces, res.score, res.uncertainty, analyzer.scorer.version,
+                                      skipped=res.skipped)
+        for row, image_id in labelled:
+            if store.add_label(image_id, row.rating, origin=origin, ref=row.ref):
+                report.labels_added += 1
+            else:
+                report.labels_unchanged += 1
+        bar.update(len(batch))
+    bar.close()
+    return report
