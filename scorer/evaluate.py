@@ -56,6 +56,20 @@ def per_picture(image_ids, face_preds, ratings, how: str = "max") -> tuple[list[
     return ids, np.array([agg(preds[i]) for i in ids]), np.array([rating[i] for i in ids])
 
 
+def picture_predictions(scorer, examples, cache_root, media_root, margin: float, how: str = "max",
+                        max_pixels: int = 90_000_000, progress: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(picture predictions, picture ratings) of ``scorer`` on ``examples``, crops at its own size."""
+    from scorer.dataset import CropCache
+
+    cache = CropCache(cache_root, scorer.image_size, margin)
+    arrays, kept = cache.arrays(examples, media_root, max_pixels=max_pixels, progress=progress)
+    if not kept:
+        return np.zeros(0), np.zeros(0)
+    scores, _ = scorer.predict_arrays(list(arrays))
+    _, pred, true = per_picture([e.image_id for e in kept], scores, [e.rating for e in kept], how)
+    return pred, true
+
+
 def better(new: dict, old: dict | None, margin: float = 0.0) -> bool:
     """Whether ``new`` beats ``old`` on validation Pearson (by more than ``margin``)."""
     if new.get("pearson") is None:
@@ -145,7 +159,7 @@ def evaluate_version(cfg, store, version: str | None = None, out_dir: str | Path
     """
     import json
 
-    from scorer.dataset import CropCache, build_examples
+    from scorer.dataset import build_examples
     from scorer.model import ModelError
     from scorer.registry import load_scorer
 
@@ -158,11 +172,8 @@ def evaluate_version(cfg, store, version: str | None = None, out_dir: str | Path
     val_share = recorded.get("val_share", cfg.train.val_share)
     examples = [e for e in build_examples(store.training_rows(), faces=cfg.train.faces, val_share=val_share)
                 if e.split == "val"]
-    cache = CropCache(cfg.cache_path, scorer.image_size, cfg.detector.margin)
-    arrays, kept = cache.arrays(examples, cfg.media_path, max_pixels=cfg.download.max_pixels, progress=progress)
-    scores, _ = scorer.predict_arrays(list(arrays)) if kept else ([], None)
-    _, pred, true = per_picture([e.image_id for e in kept], scores, [e.rating for e in kept],
-                                cfg.scorer.aggregate)
+    pred, true = picture_predictions(scorer, examples, cfg.cache_path, cfg.media_path, cfg.detector.margin,
+                                     cfg.scorer.aggregate, cfg.download.max_pixels, progress)
     m = metrics(pred, true)
     out = Path(out_dir) if out_dir else cfg.eval_path / row["version"]
     paths = plot_evaluation(pred, true, recorded.get("history"), out, title=row["version"]) if len(pred) else []

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from scorer.dataset import CropCache, build_examples
-from scorer.evaluate import better, metrics, per_picture
+from scorer.evaluate import better, metrics, picture_predictions
 from scorer.model import (FORMAT, ModelError, RatingNet, Scorer, build_model, pick_device, save_model,
                           to_tensor)
 
@@ -224,13 +224,7 @@ def _new_version(store, arch: str) -> str:
 
 def validation_metrics(scorer: Scorer, examples, cache_root, media_root, margin, how, max_pixels) -> dict:
     """Picture-level metrics of ``scorer`` on validation ``examples`` (crops at its own size)."""
-    cache = CropCache(cache_root, scorer.image_size, margin)
-    arrays, kept = cache.arrays(examples, media_root, max_pixels=max_pixels)
-    if not kept:
-        return metrics([], [])
-    scores, _ = scorer.predict_arrays(list(arrays))
-    _, p, t = per_picture([e.image_id for e in kept], scores, [e.rating for e in kept], how)
-    return metrics(p, t)
+    return metrics(*picture_predictions(scorer, examples, cache_root, media_root, margin, how, max_pixels))
 
 
 def load_training_data(cfg, store, image_size: int, *, progress: bool | None = None):
