@@ -487,8 +487,7 @@ class Daemon:
         analyses = await asyncio.to_thread(analyzer.analyze, pictures)
         version = analyzer.scorer.version
         for row, res in zip(rows, analyses):
-            faces = [FaceRecord(f.face.x1, f.face.y1, f.face.x2, f.face.y2, f.face.confidence,
-                                f.face.detector, f.score, f.uncertainty) for f in res.faces]
+            faces = [FaceRecord.from_scored(f) for f in res.faces]
             await self.store.record_analysis(row["id"], faces, res.score, res.uncertainty, version,
                                              skipped=res.skipped)
             self.stats["scored"] += 1

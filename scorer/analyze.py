@@ -59,11 +59,7 @@ class Analyzer:
         ``found`` gives the faces instead of detecting them (e.g. pictures that are face crops).
         """
         found = [self.detect(im) for im in pictures] if found is None else found
-        crops, owners = [], []
-        for i, (im, faces) in enumerate(zip(pictures, found)):
-            for face in faces:
-                crops.append(face_crop(im, face, self.margin))
-                owners.append(i)
+        crops = [face_crop(im, face, self.margin) for im, faces in zip(pictures, found) for face in faces]
         scores, spreads = self.scorer.predict(crops) if crops else ([], [])
         results = [Analysis() for _ in pictures]
         k = 0

@@ -141,11 +141,6 @@ def to_tensor(arrays: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def preprocess(crops: list[Image.Image], size: int) -> torch.Tensor:
-    """Resize crops to ``size`` x ``size`` and stack them as the network's input (NCHW, 0-1)."""
-    return to_tensor(np.stack([resize_crop(c, size) for c in crops]))
-
-
 def save_model(net: RatingNet, path: str | Path, *, arch: str, image_size: int, version: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

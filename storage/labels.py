@@ -150,8 +150,7 @@ def import_labels(store, analyzer, rows: list[RatingRow], media_root: str | Path
             ids, pictures = list(todo), list(todo.values())
             found = [[Face(0, 0, im.width, im.height, 1.0, "crop")] for im in pictures] if crops else None
             for image_id, res in zip(ids, analyzer.analyze(pictures, found)):
-                faces = [FaceRecord(f.face.x1, f.face.y1, f.face.x2, f.face.y2, f.face.confidence,
-                                    f.face.detector, f.score, f.uncertainty) for f in res.faces]
+                faces = [FaceRecord.from_scored(f) for f in res.faces]
                 store.record_analysis(image_id, faces, res.score, res.uncertainty, analyzer.scorer.version,
                                       skipped=res.skipped)
         for row, image_id in labelled:

@@ -49,6 +49,12 @@ class FaceRecord:
     score: float
     uncertainty: float | None = None
 
+    @classmethod
+    def from_scored(cls, f) -> "FaceRecord":
+        """From a ``scorer.analyze.FaceScore`` (a face box with its score)."""
+        return cls(f.face.x1, f.face.y1, f.face.x2, f.face.y2, f.face.confidence, f.face.detector,
+                   f.score, f.uncertainty)
+
 
 class Store:
     def __init__(self, db: sqlite_utils.Database, path: Path | None = None):
