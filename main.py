@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from bot.config import ConfigError, load_config, parse_source
+from bot.config import ConfigError, load_config
 from bot.logs import setup_logging
 
 
@@ -89,68 +89,30 @@ def cmd_score(cfg, args) -> int:
 
 
 # ---- sources ---------------------------------------------------------------------------------
-def _parse_value(text: str):
-    import tomllib
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
 def cmd_sources(cfg, args) -> int:
+    from bot.manage import ManageError, add_source, parse_pairs, remove_source, source_lines, sync_config_sources
     from storage import Store
 
     store = Store.open(cfg.db_path)
     try:
         if args.action == "list":
-            from bot.daemon import source_runtime_config
-            for src in cfg.sources:  # make config sources visible before the first run
-                store.upsert_source(src.name, src.kind, source_runtime_config(src))
-            rows = store.list_sources()
-            if not rows:
-                print("no sources")
-            for r in rows:
-                conf = r["config"]
-                if r["kind"] == "import":
-                    n = store.execute("SELECT COUNT(*) AS n FROM images WHERE source_id = ?", [r["id"]])[0]["n"]
-                    print(f"{r['name']}  [pictures from import-labels, never polled]  {n} picture(s)")
-                    continue
-                state = "disabled" if not conf.get("enabled", True) else ("ok" if r["healthy"] else "UNHEALTHY")
-                print(f"{r['name']}  [{r['kind']}, {r['origin']}]  {state}  every {conf.get('interval')}s  "
-                      f"items {r['items_fetched']}  last poll {r['last_poll_at'] or '-'}  "
-                      f"next {r['next_poll_at'] or '-'}")
-                if r["last_error"]:
-                    print(f"    last error ({r['failures']} failure(s) in a row): {r['last_error']}")
-            return 0
-        if args.action == "add":
-            if any(s.name == args.name for s in cfg.sources):
-                return _fail(f"source {args.name!r} is defined in {cfg.path or 'the defaults'}; change it there")
-            raw = {"name": args.name, "kind": args.kind}
-            for pair in args.options:
-                if "=" not in pair:
-                    return _fail(f"expected key=value, got {pair!r}")
-                key, value = pair.split("=", 1)
-                raw[key.strip()] = _parse_value(value)
-            try:
-                src = parse_source(raw, f"source {args.name}")
-            except ConfigError as e:
-                return _fail(str(e))
-            from bot.daemon import source_runtime_config
-            store.upsert_source(src.name, src.kind, source_runtime_config(src), origin="cli")
-            print(f"added source {src.name} ({src.kind}); a running daemon picks it up within 15s")
-            return 0
-        if args.action == "remove":
-            if any(s.name == args.name for s in cfg.sources):
-                return _fail(f"source {args.name!r} is defined in {cfg.path or 'the defaults'}; remove it there")
-            if not store.remove_source(args.name):
-                return _fail(f"no source named {args.name!r}")
-            print(f"removed source {args.name} (pictures already fetched are kept)")
+            sync_config_sources(store, cfg)  # config sources are visible before the first run
+            print("\n".join(source_lines(store)) or "no sources")
             return 0
         if args.action == "test":
             return asyncio.run(_test_source(cfg, store, args.name, args.limit))
+        try:
+            if args.action == "add":
+                src = add_source(store, cfg, args.name, args.kind, parse_pairs(args.options))
+                print(f"added source {src.name} ({src.kind}); a running daemon picks it up within 15s")
+            else:
+                remove_source(store, cfg, args.name)
+                print(f"removed source {args.name} (pictures already fetched are kept)")
+        except ManageError as e:
+            return _fail(str(e))
+        return 0
     finally:
         store.close()
-    return 0
 
 
 async def _test_source(cfg, store, name, limit) -> int:

@@ -87,8 +87,39 @@ class TrainConfig:
 
 @dataclass
 class RankingConfig:
-    exploration: float = 0.1              # share of picks made to learn (uncertain pictures), not by score
+    exploration: float = 0.2              # share of picks made to learn (uncertain pictures), not by score
     cold_exploration: float = 0.5         # the share while the model is untrained (cold start)
+
+
+DEFAULT_REACTIONS = {"1\ufe0f\u20e3": 1, "2\ufe0f\u20e3": 2, "3\ufe0f\u20e3": 3, "4\ufe0f\u20e3": 4,
+                     "5\ufe0f\u20e3": 5, "\u2764\ufe0f": 5, "\U0001f44e": 1}
+
+
+@dataclass
+class DiscordConfig:
+    token: str = ""                       # or DISCORD_TOKEN; none = Discord off
+    channel_id: int = 0                   # the channel recommendations are posted to
+    nsfw_channel_id: int = 0              # questionable/explicit pictures go here; 0 = never posted
+    owner_ids: list[int] = field(default_factory=list)  # users whose reactions and commands count
+    guild_id: int = 0                     # register slash commands in this server only; 0 = everywhere
+    interval: float = 3600.0              # seconds between posting cycles
+    posts_per_cycle: int = 3
+    min_score: float = 0.0                # score-ranked pictures predicted below this are not posted
+    near_duplicate_distance: int = 8      # skip pictures this close (phash bits) to one posted; -1 = off
+    blocklist: list[str] = field(default_factory=list)  # pictures with any of these tags are not posted
+    catch_up_hours: float = 72.0          # on start, read reactions on posts this recent
+    max_upload_bytes: int = 10 * 1024 * 1024  # attachments are shrunk below this (and the server's limit)
+    reactions: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_REACTIONS))
+
+    def off_reason(self) -> str | None:
+        """Why Discord cannot run with these settings (None: it can)."""
+        if not self.token:
+            return "no token (set DISCORD_TOKEN or discord.token)"
+        if not self.channel_id:
+            return "discord.channel_id is not set (right-click the channel > Copy Channel ID)"
+        if not self.owner_ids:
+            return "discord.owner_ids is empty (only the owner's reactions and commands count)"
+        return None
 
 
 @dataclass
@@ -120,6 +151,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ranking: RankingConfig = field(default_factory=RankingConfig)
+    discord: DiscordConfig = field(default_factory=DiscordConfig)
     sources: list[SourceConfig] = field(default_factory=list)
     path: str | None = None               # the file this came from (not a key)
 
@@ -280,6 +312,21 @@ def _check_values(cfg: Config) -> None:
         except ValueError as e:
             raise ConfigError(f"train.schedule: expected a cron expression like '0 4 * * *' "
                               f"(minute hour day month weekday), got {cfg.train.schedule!r}: {e}") from None
+    d = cfg.discord
+    d.token = d.token or os.environ.get("DISCORD_TOKEN", "")
+    register_secret(d.token)
+    for key, value in [("discord.interval", d.interval), ("discord.posts_per_cycle", d.posts_per_cycle),
+                       ("discord.catch_up_hours", d.catch_up_hours),
+                       ("discord.max_upload_bytes", d.max_upload_bytes)]:
+        if value <= 0:
+            raise ConfigError(f"{key}: expected a positive number, got {value!r}")
+    for key, value in [("discord.channel_id", d.channel_id), ("discord.nsfw_channel_id", d.nsfw_channel_id),
+                       ("discord.guild_id", d.guild_id), *[("discord.owner_ids", v) for v in d.owner_ids]]:
+        if value < 0:
+            raise ConfigError(f"{key}: expected a Discord id (a positive number), got {value!r}")
+    for emoji, value in d.reactions.items():
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 5:
+            raise ConfigError(f"discord.reactions.{emoji}: expected a rating from 1 to 5, got {value!r}")
     if not cfg.data_dir:
         raise ConfigError("data_dir: expected a folder path, got ''")
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 
-from bot.config import Config, SourceConfig
+from bot.config import Config
+from bot.manage import source_runtime_config
 from bot.retrain import Retrainer
 from scorer.analyze import Analyzer
 from scorer.detect import make_detector
@@ -38,11 +39,6 @@ from storage.writer import AsyncStore
 log = logging.getLogger("tastefeed.daemon")
 
 ACCEPTED_CONTENT_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
-
-
-def source_runtime_config(src: SourceConfig) -> dict:
-    return {"interval": src.interval, "enabled": src.enabled, "max_items": src.max_items,
-            "options": src.options}
 
 
 async def sync_config_sources(store, cfg: Config) -> None:
@@ -89,6 +85,8 @@ class Daemon:
         self.retrainer = Retrainer(cfg)
         self._rescore_task: asyncio.Task | None = None
         self._retrain_not_before = 0.0
+        self.discord = None           # bot.discord_bot.DiscordBot when a token is configured
+        self._discord_task: asyncio.Task | None = None
 
     # ---- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -126,7 +124,18 @@ class Daemon:
               for i in range(self.cfg.download.workers)],
             asyncio.create_task(self._score_worker(), name="scorer"),
         ]
+        self.start_discord()
         self.started.set()
+
+    def start_discord(self) -> None:
+        reason = self.cfg.discord.off_reason()
+        if reason is not None:
+            log.info("Discord: off (%s)", reason)
+            return
+        from bot.discord_bot import DiscordBot  # discord.py is imported only when it is used
+
+        self.discord = DiscordBot(self.cfg, self.store, daemon=self)
+        self._discord_task = asyncio.create_task(self.discord.run(), name="discord")
 
     def request_stop(self) -> None:
         if not self._stop.is_set():
@@ -138,6 +147,14 @@ class Daemon:
         if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         await self.retrainer.stop()
+        if self.discord is not None:
+            try:
+                await asyncio.wait_for(self.discord.close(), timeout=10)
+            except Exception as e:  # noqa: BLE001
+                log.warning("Discord: did not close cleanly: %s", e)
+        if self._discord_task is not None and not self._discord_task.done():
+            self._discord_task.cancel()
+            await asyncio.wait([self._discord_task], timeout=5)
         rescoring = [self._rescore_task] if self._rescore_task is not None else []
         pending = [t for t in self._tasks + list(self._polls) + rescoring if not t.done()]
         if pending:

@@ -7,14 +7,24 @@ large numbers do not crowd out the rest; pictures without one come after, newest
 exploration share is ``ranking.cold_exploration`` (default 0.5) instead of ``ranking.exploration``
 (0.1): more random picks gather ratings across the whole range, which is what training needs.
 
-Exploration picks are uniform random candidates, marked ``exploration`` so posts can say so.
-Candidates are scored, unposted (on that channel), unlabelled and not duplicates.
+Exploration: of ``n`` picks, ``n * share`` are exploration picks (a fraction is rounded up or down
+at random, so 0.2 of 1 pick explores one time in five). With a trained model they are pictures the
+model is least sure about (the largest spread between a face and its mirror image, one of the ten
+most uncertain at random); while cold, uniform random candidates. They are marked ``exploration``
+so posts can say so. Candidates are scored, unposted (on that channel), unlabelled and not
+duplicates; ``accept`` filters them further (content rating, tag blocklist) and ``near_distance``
+skips pictures whose perceptual hash is that close to one already posted on the channel.
 """
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
+from typing import Callable
+
+BATCH = 10
+MAX_SCANNED = 2000    # candidates looked at for one pick before giving up (all filtered out)
 
 
 @dataclass
@@ -29,20 +39,34 @@ def is_cold(store, cfg) -> bool:
     return not (active and active.get("metrics")) or store.label_count() < cfg.train.min_labels
 
 
-def pick(store, cfg, n: int = 1, *, channel: str = "discord", rng: random.Random | None = None) -> list[Pick]:
+def exploration_count(n: int, share: float, rng: random.Random) -> int:
+    whole = math.floor(n * share)
+    return whole + (rng.random() < n * share - whole)
+
+
+def pick(store, cfg, n: int = 1, *, channel: str = "discord", rng: random.Random | None = None,
+         accept: Callable[[dict], bool] | None = None, near_distance: int = -1) -> list[Pick]:
     """Up to ``n`` pictures to show next on ``channel`` (``store`` is a sync Store)."""
     rng = rng or random.Random()
     cold = is_cold(store, cfg)
     share = cfg.ranking.cold_exploration if cold else cfg.ranking.exploration
+    explore_n = exploration_count(n, share, rng)
+    slots = [True] * explore_n + [False] * (n - explore_n)
+    rng.shuffle(slots)
+    seen = [int(h) for h in store.posted_phashes(channel)] if near_distance >= 0 else []
     picks: list[Pick] = []
-    chosen: set[int] = set()
-    for _ in range(n):
-        explore = rng.random() < share
-        rows = store.ranked_candidates(channel, "random" if explore else ("popularity" if cold else "score"),
-                                       1, exclude=chosen)
-        if not rows:
+    passed: set[int] = set()  # chosen or filtered out
+    for explore in slots:
+        if explore:
+            order = "random" if cold else "uncertain"
+        else:
+            order = "popularity" if cold else "score"
+        row = _next(store, channel, order, passed, accept, seen, near_distance, rng if explore else None)
+        if row is None and explore:  # nothing to explore: fill the slot by rank
+            explore, order = False, "popularity" if cold else "score"
+            row = _next(store, channel, order, passed, accept, seen, near_distance, None)
+        if row is None:
             break
-        row = rows[0]
         if explore:
             reason = "explore"
         elif cold:
@@ -51,5 +75,27 @@ def pick(store, cfg, n: int = 1, *, channel: str = "discord", rng: random.Random
             reason = "score"
         row["tags"] = json.loads(row["tags"] or "[]") if isinstance(row.get("tags"), str) else row.get("tags")
         picks.append(Pick(row, reason, explore))
-        chosen.add(row["id"])
+        if row.get("phash") and near_distance >= 0:
+            seen.append(int(row["phash"], 16))
     return picks
+
+
+def _next(store, channel, order, passed, accept, seen, near_distance, rng) -> dict | None:
+    scanned = 0
+    while scanned < MAX_SCANNED:
+        rows = store.ranked_candidates(channel, order, BATCH, exclude=passed)
+        if not rows:
+            return None
+        if rng is not None and order == "uncertain":
+            rng.shuffle(rows)
+        for row in rows:
+            scanned += 1
+            passed.add(row["id"])
+            if accept is not None and not accept(row):
+                continue
+            if near_distance >= 0 and row.get("phash"):
+                h = int(row["phash"], 16)
+                if any((h ^ other).bit_count() <= near_distance for other in seen):
+                    continue
+            return row
+    return None

@@ -141,6 +141,23 @@ def m002_labels_by_time(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX predictions_face ON predictions(face_id)")
 
 
+@migrations()
+def m003_discord(db: sqlite_utils.Database) -> None:
+    # A label the owner took back (a removed reaction, an undo) keeps its row, marked removed:
+    # every read of labels ignores removed ones, and the history stays.
+    db.execute("ALTER TABLE labels ADD COLUMN removed_at TEXT")
+    db.execute("CREATE INDEX labels_ref ON labels(ref)")
+    db.execute("ALTER TABLE posts ADD COLUMN reason TEXT")     # score | popularity | recent | explore | command
+    db.execute("ALTER TABLE posts ADD COLUMN error TEXT")
+    db.execute("CREATE INDEX posts_message ON posts(message_id)")
+    db.execute("CREATE INDEX posts_status ON posts(channel, status)")
+    db.execute("""
+    CREATE TABLE settings (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL                 -- JSON
+    )""")
+
+
 SCHEMA_VERSION = len(migrations._migrations)
 
 

@@ -99,6 +99,10 @@ class Store:
         row["cursor"] = json.loads(row["cursor"] or "{}")
         return row
 
+    def source_name(self, source_id: int) -> str | None:
+        row = self.db.execute("SELECT name FROM sources WHERE id = ?", [source_id]).fetchone()
+        return row[0] if row else None
+
     def remove_source(self, name: str) -> bool:
         with self.db.conn:
             cur = self.db.execute("DELETE FROM sources WHERE name = ?", [name])
@@ -295,11 +299,11 @@ class Store:
     # ---- ranking ---------------------------------------------------------------------------
     _CANDIDATES = ("FROM images WHERE status = 'scored' AND duplicate_of IS NULL "
                    "AND id NOT IN (SELECT image_id FROM posts WHERE channel = ? AND status != 'failed') "
-                   "AND id NOT IN (SELECT image_id FROM labels)")
+                   "AND id NOT IN (SELECT image_id FROM labels WHERE removed_at IS NULL)")
 
     def ranked_candidates(self, channel: str, order: str, limit: int, exclude: Iterable[int] = ()) -> list[dict]:
         """Unposted, unlabelled scored pictures, best first by ``order``:
-        score | popularity (percentile within its source) | recent | random."""
+        score | popularity (percentile within its source) | recent | random | uncertain."""
         exclude = list(exclude)
         skip = f"AND id NOT IN ({','.join('?' * len(exclude))})" if exclude else ""
         if order == "popularity":
@@ -308,7 +312,8 @@ class Store:
                    f"AS pop_rank {self._CANDIDATES}) WHERE 1 {skip} "
                    f"ORDER BY pop_rank IS NULL, pop_rank DESC, popularity DESC, id DESC LIMIT ?")
         else:
-            key = {"score": "score DESC, id DESC", "recent": "id DESC", "random": "RANDOM()"}[order]
+            key = {"score": "score DESC, id DESC", "recent": "id DESC", "random": "RANDOM()",
+                   "uncertain": "uncertainty IS NULL, uncertainty DESC, id DESC"}[order]
             sql = f"SELECT * {self._CANDIDATES} {skip} ORDER BY {key} LIMIT ?"
         return [dict(r) for r in self.db.query(sql, [channel, *exclude, limit])]
 
@@ -349,16 +354,16 @@ class Store:
     def add_label(self, image_id: int, value: int, *, origin: str, user: str = "owner",
                   ref: str | None = None, face_id: int | None = None) -> bool:
         """Record a rating; False (nothing written) if it repeats the latest label with this
-        origin and ref (e.g. the same CSV row or Discord message) for the picture.
+        origin and ref (e.g. the same CSV row or Discord reaction) for the picture.
 
-        Labels are never overwritten: a changed rating adds a row, and the newest label counts.
+        Labels are never overwritten: a changed rating adds a row, and the newest counts.
         """
         if not 1 <= int(value) <= 5:
             raise ValueError(f"a rating is 1 to 5, got {value!r}")
         with self.db.conn:
             last = self.db.execute(
                 "SELECT value FROM labels WHERE image_id = ? AND user = ? AND face_id IS ? AND origin = ? "
-                "AND ref IS ? ORDER BY created_at DESC, id DESC LIMIT 1",
+                "AND ref IS ? AND removed_at IS NULL ORDER BY created_at DESC, id DESC LIMIT 1",
                 [image_id, user, face_id, origin, ref]).fetchone()
             if last is not None and last[0] == int(value):
                 return False
@@ -367,11 +372,38 @@ class Store:
                 "VALUES (?, ?, ?, ?, ?, ?, ?)", [image_id, face_id, user, int(value), origin, ref, now()])
         return True
 
+    def remove_label(self, image_id: int, *, origin: str, user: str, ref: str | None = None) -> int:
+        """Take back labels (a removed reaction, an undo): the rows stay, marked removed, and the
+        picture's previous label, if any, counts again. Returns how many were removed."""
+        with self.db.conn:
+            cur = self.db.execute(
+                "UPDATE labels SET removed_at = ? WHERE image_id = ? AND origin = ? AND user = ? "
+                "AND ref IS ? AND removed_at IS NULL", [now(), image_id, origin, user, ref])
+        return cur.rowcount
+
+    def labels_with_ref_prefix(self, origin: str, prefix: str) -> list[dict]:
+        """Active labels whose ref starts with ``prefix`` (e.g. all reactions on one message)."""
+        return [dict(r) for r in self.db.query(
+            "SELECT * FROM labels WHERE origin = ? AND substr(ref, 1, ?) = ? AND removed_at IS NULL "
+            "ORDER BY id", [origin, len(prefix), prefix])]
+
+    def labels_of(self, image_id: int) -> list[dict]:
+        """Every label of a picture, removed ones included (``removed_at`` set), oldest first."""
+        return [dict(r) for r in self.db.query(
+            "SELECT * FROM labels WHERE image_id = ? ORDER BY created_at, id", [image_id])]
+
+    def current_label(self, image_id: int) -> int | None:
+        row = self.db.execute("SELECT value FROM labels WHERE image_id = ? AND removed_at IS NULL "
+                              "ORDER BY created_at DESC, id DESC LIMIT 1", [image_id]).fetchone()
+        return row[0] if row else None
+
     def label_count(self, since: str | None = None) -> int:
-        """Labelled pictures (all labels, or labels written after ``since``)."""
+        """Labelled pictures (all labels, or labels written after ``since``); removed ones do not count."""
         if since is None:
-            return self.db.execute("SELECT COUNT(DISTINCT image_id) FROM labels").fetchone()[0]
-        return self.db.execute("SELECT COUNT(*) FROM labels WHERE created_at > ?", [since]).fetchone()[0]
+            return self.db.execute(
+                "SELECT COUNT(DISTINCT image_id) FROM labels WHERE removed_at IS NULL").fetchone()[0]
+        return self.db.execute("SELECT COUNT(*) FROM labels WHERE created_at > ? AND removed_at IS NULL",
+                               [since]).fetchone()[0]
 
     def training_rows(self) -> list[dict]:
         """Each labelled, analysed picture with its latest rating and its faces.
@@ -382,9 +414,10 @@ class Store:
             "SELECT images.id AS image_id, images.sha256, images.media_path, images.status, "
             "labels.value, labels.face_id FROM labels JOIN images ON images.id = labels.image_id "
             "WHERE labels.id = (SELECT id FROM labels AS l2 WHERE l2.image_id = labels.image_id "
-            "ORDER BY l2.created_at DESC, l2.id DESC LIMIT 1) ORDER BY images.id")]
+            "AND l2.removed_at IS NULL ORDER BY l2.created_at DESC, l2.id DESC LIMIT 1) ORDER BY images.id")]
         faces: dict[int, list[dict]] = {}
-        for f in self.db.query("SELECT * FROM faces WHERE image_id IN (SELECT image_id FROM labels) ORDER BY id"):
+        for f in self.db.query("SELECT * FROM faces WHERE image_id IN (SELECT image_id FROM labels WHERE removed_at IS NULL) "
+                               "ORDER BY id"):
             faces.setdefault(f["image_id"], []).append(dict(f))
         for r in rows:
             r["faces"] = [f for f in faces.get(r["image_id"], [])
@@ -423,6 +456,62 @@ class Store:
 
     def list_models(self) -> list[dict]:
         return [dict(r) for r in self.db.query("SELECT * FROM models ORDER BY created_at")]
+
+    # ---- posts ---------------------------------------------------------------------------
+    def post_intent(self, image_id: int, channel: str, channel_id: str | None, *, exploration: bool = False,
+                    reason: str | None = None) -> int:
+        """Record that a picture is about to be sent (before the send, so a crash cannot repost it)."""
+        with self.db.conn:
+            cur = self.db.execute(
+                "INSERT INTO posts (image_id, channel, channel_id, status, exploration, reason, created_at) "
+                "VALUES (?, ?, ?, 'intent', ?, ?, ?)",
+                [image_id, channel, channel_id, int(exploration), reason, now()])
+        return cur.lastrowid
+
+    def post_sent(self, post_id: int, message_id: str) -> None:
+        with self.db.conn:
+            self.db.execute("UPDATE posts SET status = 'sent', message_id = ?, sent_at = ?, error = NULL "
+                            "WHERE id = ?", [str(message_id), now(), post_id])
+
+    def post_failed(self, post_id: int, error: str) -> None:
+        """The picture was not sent: it becomes a candidate again."""
+        with self.db.conn:
+            self.db.execute("UPDATE posts SET status = 'failed', error = ? WHERE id = ?", [error, post_id])
+
+    def posts_with_status(self, channel: str, status: str) -> list[dict]:
+        return [dict(r) for r in self.db.query(
+            "SELECT * FROM posts WHERE channel = ? AND status = ? ORDER BY id", [channel, status])]
+
+    def post_by_message(self, channel: str, message_id: str) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM posts WHERE channel = ? AND message_id = ? LIMIT 1",
+                                  [channel, str(message_id)]))
+        return dict(rows[0]) if rows else None
+
+    def recent_posts(self, channel: str, since: str) -> list[dict]:
+        """Posts sent on ``channel`` since ``since`` (ISO time), oldest first."""
+        return [dict(r) for r in self.db.query(
+            "SELECT * FROM posts WHERE channel = ? AND status = 'sent' AND sent_at >= ? ORDER BY id",
+            [channel, since])]
+
+    def posted_phashes(self, channel: str) -> list[int]:
+        """Perceptual hashes of the pictures posted (or being posted) on ``channel``."""
+        return [int(r["phash"], 16) for r in self.db.query(
+            "SELECT DISTINCT images.phash FROM posts JOIN images ON images.id = posts.image_id "
+            "WHERE posts.channel = ? AND posts.status != 'failed' AND images.phash IS NOT NULL", [channel])]
+
+    def post_counts(self, channel: str) -> dict[str, int]:
+        return {r["status"]: r["n"] for r in self.db.query(
+            "SELECT status, COUNT(*) AS n FROM posts WHERE channel = ? GROUP BY status", [channel])}
+
+    # ---- settings (small state changed at run time, e.g. posting paused) -----------------------
+    def get_setting(self, key: str, default: Any = None) -> Any:
+        row = self.db.execute("SELECT value FROM settings WHERE key = ?", [key]).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_setting(self, key: str, value: Any) -> None:
+        with self.db.conn:
+            self.db.execute("INSERT INTO settings (key, value) VALUES (?, ?) "
+                            "ON CONFLICT(key) DO UPDATE SET value = excluded.value", [key, json.dumps(value)])
 
     # ---- summaries -----------------------------------------------------------------------
     def status_counts(self) -> dict[str, int]:

@@ -26,7 +26,7 @@ def test_config_toml_in_working_directory_is_read(tmp_path):
 def test_example_config_is_valid_and_matches_defaults():
     example = load_config("config.example.toml")
     defaults = load_config(cwd="/nonexistent")
-    for section in ("log", "download", "detector", "scorer", "daemon"):
+    for section in ("log", "download", "detector", "scorer", "daemon", "train", "ranking", "discord"):
         assert getattr(example, section) == getattr(defaults, section), section
     assert example.sources[0].options == defaults.sources[0].options
 
@@ -37,6 +37,9 @@ def test_example_config_is_valid_and_matches_defaults():
     ('[download]\ntimeout = "fast"\n', "download.timeout: expected a number, got 'fast'"),
     ('[download]\nworkers = 0\n', "download.workers: expected a positive number"),
     ('[scorer]\ndevice = "tpu"\n', "scorer.device: expected auto"),
+    ('[discord]\nowner_ids = ["me"]\n', "discord.owner_ids[0]: expected an integer, got 'me'"),
+    ('[discord.reactions]\n"⭐" = 7\n', "discord.reactions.⭐: expected a rating from 1 to 5, got 7"),
+    ('[discord]\nposts_per_cycle = 0\n', "discord.posts_per_cycle: expected a positive number"),
     ('[detector]\nname = "yolo"\n', "detector.weights: the yolo detector needs"),
     ('[[sources]]\nname = "x"\nkind = "ftp"\n', "sources[0].kind: expected one of booru, folder, rss, got 'ftp'"),
     ('[[sources]]\nname = "x"\nkind = "rss"\nurl = "ftp://a"\n', "sources[0].url: expected an http(s) feed URL"),

@@ -374,3 +374,30 @@ settle = 0.2
 
 async def _true(value):
     return value
+
+
+def test_exploration_picks_the_least_certain_share_of_each_batch(tmp_path):
+    cfg = learn_config(tmp_path, "")
+    cfg.train.min_labels = 0
+    cfg.ranking.exploration = 0.5
+    store = Store.open(cfg.db_path)
+    ensure_active_model(store, cfg.scorer, cfg.models_path)
+    store.register_model("trained", "resnet18", "x.pt", metrics={"val": {}}, activate=True)
+    src = store.upsert_source("a", "booru", {})
+    store.save_poll(src, [{"external_id": str(i)} for i in range(40)], {})
+    with store.db.conn:  # score rises with id; the 10 least certain have low scores
+        store.db.execute("UPDATE images SET status = 'scored', score = 1 + id / 10.0, "
+                         "uncertainty = CASE WHEN id <= 10 THEN 0.5 + id / 100.0 ELSE 0.01 END")
+    picks = pick(store, cfg, 4, channel="web", rng=random.Random(1))
+    explore = [p for p in picks if p.exploration]
+    assert len(explore) == 2 and {p.reason for p in explore} == {"explore"}
+    assert {p.image["id"] for p in explore} <= set(range(1, 11))   # among the most uncertain
+    assert [p.image["id"] for p in picks if not p.exploration] == [40, 39]  # the rest by score
+    # Candidates refused by `accept` or too close to a posted picture are passed over.
+    cfg.ranking.exploration = 0.0
+    assert [p.image["id"] for p in pick(store, cfg, 2, channel="web", accept=lambda r: r["id"] % 2)] == [39, 37]
+    with store.db.conn:
+        store.db.execute("UPDATE images SET phash = CASE WHEN id = 40 THEN 'ffff000000000000' "
+                         "WHEN id = 39 THEN 'ffff000000000001' ELSE printf('%016x', id * 7919) END")
+    store.post_intent(40, "web", None)
+    assert [p.image["id"] for p in pick(store, cfg, 1, channel="web", near_distance=4)] == [38]

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from storage import AsyncStore, Store, open_db
-from storage.db import StorageError, migrations
+from storage.db import SCHEMA_VERSION, StorageError, migrations
 from storage.media import BadImage, decode_image, inspect, media_relpath, store_media
 from storage.store import FaceRecord, NewItem
 from tests.conftest import picture
@@ -18,12 +18,12 @@ def test_open_creates_schema_with_wal_and_foreign_keys(tmp_path):
     db = open_db(tmp_path / "a" / "t.db")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
-    for table in ("sources", "images", "faces", "predictions", "labels", "posts", "models"):
+    for table in ("sources", "images", "faces", "predictions", "labels", "posts", "models", "settings"):
         assert db[table].exists(), table
-    assert [m.name for m in migrations.applied(db)] == ["m001_initial", "m002_labels_by_time"]
+    assert [m.name for m in migrations.applied(db)] == ["m001_initial", "m002_labels_by_time", "m003_discord"]
     db.close()
     db = open_db(tmp_path / "a" / "t.db")  # reopening applies nothing twice
-    assert len(migrations.applied(db)) == 2
+    assert len(migrations.applied(db)) == SCHEMA_VERSION == 3
 
 
 def test_save_poll_is_idempotent_and_stores_cursor(tmp_path):

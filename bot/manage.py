@@ -1,0 +1,128 @@
+"""Administration shared by the command line, the Discord commands and the web gallery:
+adding, listing and removing sources, and the status summary (``/stats``).
+
+Every function takes a sync :class:`storage.Store` (the daemon runs them on its writer thread)
+and raises :class:`ManageError` with a message meant for the user.
+"""
+from __future__ import annotations
+
+import json
+import tomllib
+
+from bot.config import Config, ConfigError, SourceConfig, parse_source
+
+
+class ManageError(Exception):
+    """The request cannot be done; the message says why."""
+
+
+def source_runtime_config(src: SourceConfig) -> dict:
+    return {"interval": src.interval, "enabled": src.enabled, "max_items": src.max_items,
+            "options": src.options}
+
+
+def parse_value(text: str):
+    """A ``key=value`` value as TOML (numbers, true/false, lists), else the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_pairs(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ManageError(f"expected key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def add_source(store, cfg: Config, name: str, kind: str, options: dict) -> SourceConfig:
+    """Validate and add (or replace) a run-time source; a running daemon polls it within 15 s."""
+    if any(s.name == name for s in cfg.sources):
+        raise ManageError(f"source {name!r} is defined in {cfg.path or 'the defaults'}; change it there")
+    existing = store.get_source(name)
+    if existing is not None and existing["origin"] not in ("cli",):
+        raise ManageError(f"source {name!r} exists already ({existing['origin']})")
+    try:
+        src = parse_source({"name": name, "kind": kind, **options}, f"source {name}")
+    except ConfigError as e:
+        raise ManageError(str(e)) from None
+    store.upsert_source(src.name, src.kind, source_runtime_config(src), origin="cli")
+    return src
+
+
+def remove_source(store, cfg: Config, name: str) -> None:
+    if any(s.name == name for s in cfg.sources):
+        raise ManageError(f"source {name!r} is defined in {cfg.path or 'the defaults'}; remove it there")
+    row = store.get_source(name)
+    if row is None or row["origin"] != "cli":
+        raise ManageError(f"no source named {name!r}" if row is None else
+                          f"source {name!r} is not a run-time source and cannot be removed")
+    store.remove_source(name)
+
+
+def sync_config_sources(store, cfg: Config) -> None:
+    """Show the config's sources in the table before the daemon's first start."""
+    for src in cfg.sources:
+        store.upsert_source(src.name, src.kind, source_runtime_config(src))
+
+
+def source_lines(store) -> list[str]:
+    """One line per source (two when it has an error), as `sources list` prints them."""
+    lines = []
+    for r in store.list_sources():
+        conf = r["config"]
+        if r["kind"] == "import":
+            n = store.execute("SELECT COUNT(*) AS n FROM images WHERE source_id = ?", [r["id"]])[0]["n"]
+            lines.append(f"{r['name']}  [pictures from import-labels, never polled]  {n} picture(s)")
+            continue
+        state = "disabled" if not conf.get("enabled", True) else ("ok" if r["healthy"] else "UNHEALTHY")
+        lines.append(f"{r['name']}  [{r['kind']}, {r['origin']}]  {state}  every {conf.get('interval')}s  "
+                     f"items {r['items_fetched']}  last poll {r['last_poll_at'] or '-'}  "
+                     f"next {r['next_poll_at'] or '-'}")
+        if r["last_error"]:
+            lines.append(f"    last error ({r['failures']} failure(s) in a row): {r['last_error']}")
+    return lines
+
+
+def stats(store, channel: str | None = None) -> dict:
+    """Labels, the active model and its validation metrics, queue sizes and source health."""
+    model = store.active_model() or {}
+    metrics = json.loads(model["metrics"]) if model.get("metrics") else {}
+    counts = store.status_counts()
+    sources = [r for r in store.list_sources() if r["kind"] != "import"]
+    out = {
+        "labelled_pictures": store.label_count(),
+        "label_rows": store.execute("SELECT COUNT(*) AS n FROM labels WHERE removed_at IS NULL")[0]["n"],
+        "model": model.get("version"),
+        "model_trained": bool(metrics),
+        "val": metrics.get("val") or {},
+        "queues": {"to download": counts.get("pending", 0), "to score": counts.get("downloaded", 0),
+                   "scored": counts.get("scored", 0), "failed": counts.get("failed", 0)},
+        "sources": {"total": len(sources), "unhealthy": sorted(r["name"] for r in sources if not r["healthy"])},
+    }
+    if channel is not None:
+        out["unposted"] = len(store.ranked_candidates(channel, "recent", 100_000))
+        out["posts"] = store.post_counts(channel)
+    return out
+
+
+def format_stats(s: dict) -> list[str]:
+    val = s["val"]
+    quality = (f"validation Pearson {val.get('pearson', float('nan')):.3f}, MAE {val.get('mae', float('nan')):.3f}, "
+               f"top-10% precision {val.get('topk_precision', float('nan')):.3f} (n={val.get('n', 0)})"
+               if s["model_trained"] else "untrained (ranking by popularity until trained)")
+    q = s["queues"]
+    lines = [f"labels: {s['labelled_pictures']} picture(s) rated ({s['label_rows']} label(s))",
+             f"model: {s['model'] or 'none'} — {quality}",
+             "queues: " + ", ".join(f"{k} {v}" for k, v in q.items())]
+    if "unposted" in s:
+        lines.append(f"unposted candidates: {s['unposted']}; posts: "
+                     + (", ".join(f"{k} {v}" for k, v in sorted(s["posts"].items())) or "none"))
+    src = s["sources"]
+    lines.append(f"sources: {src['total']}, " + (f"UNHEALTHY: {', '.join(src['unhealthy'])}"
+                                                 if src["unhealthy"] else "all healthy"))
+    return lines

@@ -1,0 +1,116 @@
+"""What may be posted where, and the files that go with a post: plain functions, no Discord.
+
+- :func:`route`: the channel a picture goes to by its source's content rating and tags
+  (questionable/explicit only to the NSFW channel, blocked tags nowhere).
+- :class:`Reactions`: the emoji -> rating mapping (``discord.reactions``).
+- :func:`fit_upload`: the picture's bytes, recompressed/downscaled below an upload limit.
+- :func:`face_sheet`: the face crops of a picture side by side with their scores (``/why``).
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from scorer.analyze import face_crop
+from scorer.detect import Face
+from storage.media import load_media
+
+NSFW_RATINGS = ("questionable", "explicit")
+VS16 = "\ufe0f"   # emoji presentation selector: "❤" and "❤️" are the same reaction
+
+
+def emoji_key(text: str) -> str:
+    return text.replace(VS16, "")
+
+
+class Reactions:
+    """The rating each reaction emoji stands for (unicode emoji, or a custom emoji's name)."""
+
+    def __init__(self, mapping: dict[str, int]):
+        self.mapping = dict(mapping)
+        self._by_key = {emoji_key(e): v for e, v in mapping.items()}
+
+    def value_of(self, emoji: str | None, name: str | None = None) -> int | None:
+        for candidate in (emoji, name):
+            if candidate and emoji_key(candidate) in self._by_key:
+                return self._by_key[emoji_key(candidate)]
+        return None
+
+    def buttons(self) -> list[str]:
+        """The reactions the bot adds to its posts: the first emoji mapped to each rating, 1 to 5."""
+        out = []
+        for value in range(1, 6):
+            emoji = next((e for e, v in self.mapping.items() if v == value), None)
+            if emoji is not None:
+                out.append(emoji)
+        return out
+
+
+def blocked_tag(image: dict, blocklist: list[str]) -> str | None:
+    tags = {t.lower() for t in image.get("tags") or []}
+    return next((t for t in blocklist if t.lower() in tags), None)
+
+
+def route(image: dict, channel_id: int, nsfw_channel_id: int, blocklist: list[str]) -> int | None:
+    """The channel id ``image`` may be posted to, or None (blocked tag, or NSFW with no NSFW channel)."""
+    if blocked_tag(image, blocklist):
+        return None
+    if (image.get("rating") or "").lower() in NSFW_RATINGS:
+        return nsfw_channel_id or None
+    return channel_id
+
+
+@dataclass
+class Upload:
+    data: bytes
+    filename: str
+
+
+def fit_upload(media_root: str | Path, rel: str, limit: int, *, max_pixels: int = 90_000_000,
+               name: str = "picture") -> Upload:
+    """The stored picture as it is when it fits in ``limit`` bytes, else as a JPEG, downscaled
+    step by step until it fits."""
+    path = Path(media_root) / rel
+    data = path.read_bytes()
+    ext = path.suffix.lstrip(".").lower() or "jpg"
+    if len(data) <= limit and ext in ("jpg", "jpeg", "png", "gif", "webp"):
+        return Upload(data, f"{name}.{ext}")
+    im = load_media(media_root, rel, max_pixels=max_pixels)
+    if im.mode not in ("RGB", "L"):
+        im = im.convert("RGB")
+    side = max(im.size)
+    quality = 90
+    while True:
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=quality, optimize=True)
+        if buf.tell() <= limit or side <= 64:
+            return Upload(buf.getvalue(), f"{name}.jpg")
+        if quality > 75:
+            quality -= 10
+            continue
+        side = int(side * 0.75)
+        im = im.copy()
+        im.thumbnail((side, side))
+
+
+def face_sheet(media_root: str | Path, rel: str, faces: list[dict], *, margin: float = 0.2, size: int = 160,
+               max_pixels: int = 90_000_000) -> bytes:
+    """PNG: each face crop (as the model saw it) with its score below, left to right, best first."""
+    im = load_media(media_root, rel, max_pixels=max_pixels).convert("RGB")
+    faces = sorted(faces, key=lambda f: -(f.get("score") if f.get("score") is not None else -1))[:10]
+    sheet = Image.new("RGB", (max(1, len(faces)) * (size + 8) + 8, size + 36), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, f in enumerate(faces):
+        box = Face(f["x1"], f["y1"], f["x2"], f["y2"], f["confidence"], f["detector"])
+        crop = face_crop(im, box, margin).copy()
+        crop.thumbnail((size, size))
+        x = 8 + i * (size + 8)
+        sheet.paste(crop, (x + (size - crop.width) // 2, 8 + (size - crop.height) // 2))
+        score = "n/a" if f.get("score") is None else f"{f['score']:.2f}"
+        draw.text((x + 4, size + 14), f"face {i + 1}: {score}", fill="black")
+    buf = io.BytesIO()
+    sheet.save(buf, "PNG")
+    return buf.getvalue()
