@@ -57,16 +57,25 @@ interval = {opts["interval"]}
 posts_per_cycle = {opts["posts_per_cycle"]}
 blocklist = [{blocklist}]
 catch_up_hours = {opts["catch_up_hours"]}
+min_score = {opts.get("min_score", 0.0)}
 [ranking]
 cold_exploration = {opts["cold_exploration"]}
+exploration = 0.0
+[train]
+min_labels = 0
 '''
     return make_config(tmp_path, extra)
 
 
-def seed(cfg, specs: list[dict]) -> list[int]:
-    """Scored pictures from a booru-like source, as the daemon would have stored them."""
+def seed(cfg, specs: list[dict], *, trained: bool = False) -> list[int]:
+    """Scored pictures from a booru-like source, as the daemon would have stored them; with
+    ``trained``, by a model registered as trained (so the ranking is by score, not cold)."""
     store = Store.open(cfg.db_path)
     model = ensure_active_model(store, cfg.scorer, cfg.models_path)
+    if trained:  # metrics mark a model trained
+        with store.db.conn:
+            store.db.execute("UPDATE models SET metrics = ? WHERE version = ?",
+                             ['{"val": {"pearson": 0.5}}', model["version"]])
     sid = store.upsert_source("booru-test", "booru", {"enabled": False, "interval": 60, "options": {}},
                               origin="cli")
     ids = []
@@ -186,6 +195,19 @@ def test_routing_reactions_and_upload_shrinking(tmp_path):
     assert Image.open(io.BytesIO(small.data)).format == "JPEG"
     same = fit_upload(tmp_path, rel, 50_000_000, name="x")
     assert same.data == buf.getvalue() and same.filename == "x.png"
+
+
+async def test_with_a_trained_model_pictures_below_min_score_wait(tmp_path, fake):
+    cfg = discord_config(tmp_path, fake, posts_per_cycle=3, min_score=3.0)
+    ids = seed(cfg, [{"popularity": 1, "score": 2.0}, {"popularity": 2, "score": 4.5},
+                     {"popularity": 3, "score": 2.9}, {"popularity": 0, "score": 3.2}], trained=True)
+    daemon = await started(cfg)
+    try:
+        await messages(fake, fake.channel_id, 2)
+        assert await daemon.discord.post_cycle() == []
+        assert [footer_id(m) for m in fake.messages_in(fake.channel_id)] == [ids[1], ids[3]]  # by score
+    finally:
+        await daemon.stop()
 
 
 # ---- reactions -------------------------------------------------------------------------------
