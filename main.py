@@ -38,8 +38,15 @@ def cmd_run(cfg, args) -> int:
         print(f"tastefeed: data in {Path(cfg.data_dir).resolve()}", flush=True)
         for folder in folders:
             print(f"tastefeed: drop pictures into {Path(folder).resolve()}", flush=True)
-        print("tastefeed: Ctrl-C to stop", flush=True)
-        await daemon.run()
+
+        def announce(d):
+            if d.gallery_url:
+                print(f"tastefeed: gallery at {d.gallery_url}", flush=True)
+            if d.discord is not None:
+                print(f"tastefeed: posting to Discord channel {cfg.discord.channel_id}", flush=True)
+            print("tastefeed: Ctrl-C to stop", flush=True)
+
+        await daemon.run(announce)
 
     asyncio.run(main())
     return 0

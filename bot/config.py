@@ -123,6 +123,29 @@ class DiscordConfig:
 
 
 @dataclass
+class WebConfig:
+    enabled: Literal["auto", "on", "off"] = "auto"  # auto: on unless Discord is set up
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str = ""                       # or TASTEFEED_WEB_TOKEN; required unless host is loopback
+    page_size: int = 30                   # pictures per page
+    thumb_size: int = 360                 # thumbnails (pixels, longest side), made once and cached
+
+    def loopback(self) -> bool:
+        return is_loopback(self.host)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
 class DaemonConfig:
     score_queue_size: int = 64
     stop_timeout: float = 15.0            # seconds to finish work in flight on SIGINT/SIGTERM
@@ -152,6 +175,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ranking: RankingConfig = field(default_factory=RankingConfig)
     discord: DiscordConfig = field(default_factory=DiscordConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     sources: list[SourceConfig] = field(default_factory=list)
     path: str | None = None               # the file this came from (not a key)
 
@@ -178,6 +202,14 @@ class Config:
     @property
     def eval_path(self) -> Path:
         return self.data_path / "eval"
+
+    @property
+    def thumbs_path(self) -> Path:
+        return self.data_path / "thumbs"
+
+    def web_on(self) -> bool:
+        """The gallery runs when asked to, or by default when Discord is not set up."""
+        return self.web.enabled == "on" or (self.web.enabled == "auto" and self.discord.off_reason() is not None)
 
 
 DEFAULT_SOURCES = [{"name": "inbox", "kind": "folder", "interval": 2, "path": "inbox"}]
@@ -327,6 +359,17 @@ def _check_values(cfg: Config) -> None:
     for emoji, value in d.reactions.items():
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 5:
             raise ConfigError(f"discord.reactions.{emoji}: expected a rating from 1 to 5, got {value!r}")
+    w = cfg.web
+    w.token = w.token or os.environ.get("TASTEFEED_WEB_TOKEN", "")
+    register_secret(w.token)
+    if not 0 <= w.port <= 65535:
+        raise ConfigError(f"web.port: expected a port number (0-65535), got {w.port!r}")
+    for key, value in [("web.page_size", w.page_size), ("web.thumb_size", w.thumb_size)]:
+        if value <= 0:
+            raise ConfigError(f"{key}: expected a positive number, got {value!r}")
+    if not w.loopback() and not w.token and w.enabled != "off":
+        raise ConfigError(f"web.token: the gallery listens on {w.host!r}, beyond this machine, so it needs a "
+                          "secret token (web.token or TASTEFEED_WEB_TOKEN); open it once with ?token=...")
     if not cfg.data_dir:
         raise ConfigError("data_dir: expected a folder path, got ''")
 

@@ -24,7 +24,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from bot.config import Config
-from bot.manage import source_runtime_config
+from bot.manage import PAUSED_SOURCES, source_runtime_config
 from bot.retrain import Retrainer
 from scorer.analyze import Analyzer
 from scorer.detect import make_detector
@@ -86,6 +86,8 @@ class Daemon:
         self._rescore_task: asyncio.Task | None = None
         self._retrain_not_before = 0.0
         self.discord = None           # bot.discord_bot.DiscordBot when a token is configured
+        self.gallery = None           # bot.web.Gallery when the web gallery is on
+        self.gallery_url: str | None = None
         self._discord_task: asyncio.Task | None = None
 
     # ---- life cycle ----------------------------------------------------------------------
@@ -125,7 +127,24 @@ class Daemon:
             asyncio.create_task(self._score_worker(), name="scorer"),
         ]
         self.start_discord()
+        await self.start_gallery()
         self.started.set()
+
+    async def start_gallery(self) -> None:
+        if not self.cfg.web_on():
+            log.info("web gallery: off (web.enabled = %r%s)", self.cfg.web.enabled,
+                     ", Discord is set up" if self.cfg.web.enabled == "auto" else "")
+            return
+        from bot.web import Gallery
+
+        gallery = Gallery(self.cfg, self.store, daemon=self)
+        try:
+            self.gallery_url = await gallery.start()
+        except OSError as e:
+            log.error("web gallery: %s; polling and scoring go on without it", e)
+            return
+        self.gallery = gallery
+        log.info("web gallery: %s", self.gallery_url)
 
     def start_discord(self) -> None:
         reason = self.cfg.discord.off_reason()
@@ -147,6 +166,8 @@ class Daemon:
         if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         await self.retrainer.stop()
+        if self.gallery is not None:
+            await self.gallery.stop()
         if self.discord is not None:
             try:
                 await asyncio.wait_for(self.discord.close(), timeout=10)
@@ -167,8 +188,8 @@ class Daemon:
         await self.store.close()
         log.info("stopped")
 
-    async def run(self) -> None:
-        """Start, run until SIGINT/SIGTERM, stop gracefully."""
+    async def run(self, announce=None) -> None:
+        """Start, call ``announce(self)``, run until SIGINT/SIGTERM, stop gracefully."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -176,6 +197,8 @@ class Daemon:
             except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
                 pass
         await self.start()
+        if announce is not None:
+            announce(self)
         try:
             await self._stop.wait()
         finally:
@@ -263,10 +286,14 @@ class Daemon:
         except Exception as e:  # noqa: BLE001 - a locked database must not stop the daemon
             log.error("cannot read the sources table: %s", e)
             return
+        try:
+            paused = set(await self.store.get_setting(PAUSED_SOURCES, []))
+        except Exception:  # noqa: BLE001
+            paused = set()
         wanted = {}
         for row in rows:
             conf = row["config"]
-            if conf.get("enabled", True):
+            if conf.get("enabled", True) and row["name"] not in paused:
                 wanted[row["name"]] = (row["kind"], repr(sorted(conf.items())))
         for name in list(self._source_configs):
             if name not in wanted or wanted[name] != self._source_configs[name]:
@@ -274,7 +301,7 @@ class Daemon:
                 self.sources.pop(name, None)
                 del self._source_configs[name]
                 if name not in wanted:
-                    log.info("source %s: no longer polled", name)
+                    log.info("source %s: %s", name, "paused" if name in paused else "no longer polled")
         for row in rows:
             name = row["name"]
             if name not in wanted or name in self._source_configs:

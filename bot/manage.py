@@ -12,6 +12,9 @@ import tomllib
 from bot.config import Config, ConfigError, SourceConfig, parse_source
 
 
+PAUSED_SOURCES = "sources.paused"   # settings key: names of sources not polled for now
+
+
 class ManageError(Exception):
     """The request cannot be done; the message says why."""
 
@@ -64,6 +67,15 @@ def remove_source(store, cfg: Config, name: str) -> None:
     store.remove_source(name)
 
 
+def pause_source(store, name: str, paused: bool) -> None:
+    """Stop (or restart) polling a source without removing it; kept across restarts."""
+    if store.get_source(name) is None:
+        raise ManageError(f"no source named {name!r}")
+    names = set(store.get_setting(PAUSED_SOURCES, []))
+    names = names | {name} if paused else names - {name}
+    store.set_setting(PAUSED_SOURCES, sorted(names))
+
+
 def sync_config_sources(store, cfg: Config) -> None:
     """Show the config's sources in the table before the daemon's first start."""
     for src in cfg.sources:
@@ -73,19 +85,28 @@ def sync_config_sources(store, cfg: Config) -> None:
 def source_lines(store) -> list[str]:
     """One line per source (two when it has an error), as `sources list` prints them."""
     lines = []
+    paused = set(store.get_setting(PAUSED_SOURCES, []))
     for r in store.list_sources():
         conf = r["config"]
         if r["kind"] == "import":
             n = store.execute("SELECT COUNT(*) AS n FROM images WHERE source_id = ?", [r["id"]])[0]["n"]
             lines.append(f"{r['name']}  [pictures from import-labels, never polled]  {n} picture(s)")
             continue
-        state = "disabled" if not conf.get("enabled", True) else ("ok" if r["healthy"] else "UNHEALTHY")
+        state = source_state(r, paused)
         lines.append(f"{r['name']}  [{r['kind']}, {r['origin']}]  {state}  every {conf.get('interval')}s  "
                      f"items {r['items_fetched']}  last poll {r['last_poll_at'] or '-'}  "
                      f"next {r['next_poll_at'] or '-'}")
         if r["last_error"]:
             lines.append(f"    last error ({r['failures']} failure(s) in a row): {r['last_error']}")
     return lines
+
+
+def source_state(row: dict, paused: set[str]) -> str:
+    if not row["config"].get("enabled", True):
+        return "disabled"
+    if row["name"] in paused:
+        return "paused"
+    return "ok" if row["healthy"] else "UNHEALTHY"
 
 
 def stats(store, channel: str | None = None) -> dict:

@@ -115,12 +115,7 @@ def media_relpath(sha256: str, fmt: str) -> str:
     return f"{sha256[:2]}/{sha256[2:4]}/{sha256}.{EXTENSIONS.get(fmt, 'bin')}"
 
 
-def store_media(root: str | Path, data: bytes, info: ImageInfo) -> str:
-    """Write ``data`` under ``root`` by its hash (once); return the path relative to ``root``."""
-    rel = media_relpath(info.sha256, info.format)
-    final = Path(root) / rel
-    if final.exists() and final.stat().st_size == len(data):
-        return rel
+def _write_atomic(final: Path, data: bytes) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".tmp-")
     try:
@@ -133,7 +128,32 @@ def store_media(root: str | Path, data: bytes, info: ImageInfo) -> str:
         except FileNotFoundError:
             pass
         raise
+
+
+def store_media(root: str | Path, data: bytes, info: ImageInfo) -> str:
+    """Write ``data`` under ``root`` by its hash (once); return the path relative to ``root``."""
+    rel = media_relpath(info.sha256, info.format)
+    final = Path(root) / rel
+    if not (final.exists() and final.stat().st_size == len(data)):
+        _write_atomic(final, data)
     return rel
+
+
+def thumbnail(root: str | Path, rel: str, thumbs: str | Path, size: int, *,
+              max_pixels: int = 90_000_000) -> Path:
+    """A JPEG of the stored picture at most ``size`` pixels on its longest side, made once and
+    kept under ``thumbs/<size>/`` (the picture's hash names it)."""
+    out = Path(thumbs) / str(size) / rel[:6] / (Path(rel).stem + ".jpg")
+    if out.exists():
+        return out
+    im = load_media(root, rel, max_pixels=max_pixels)
+    im.thumbnail((size, size))
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=85)
+    _write_atomic(out, buf.getvalue())
+    return out
 
 
 def load_media(root: str | Path, rel: str, *, max_pixels: int = 90_000_000) -> Image.Image:

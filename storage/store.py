@@ -301,21 +301,27 @@ class Store:
                    "AND id NOT IN (SELECT image_id FROM posts WHERE channel = ? AND status != 'failed') "
                    "AND id NOT IN (SELECT image_id FROM labels WHERE removed_at IS NULL)")
 
-    def ranked_candidates(self, channel: str, order: str, limit: int, exclude: Iterable[int] = ()) -> list[dict]:
-        """Unposted, unlabelled scored pictures, best first by ``order``:
-        score | popularity (percentile within its source) | recent | random | uncertain."""
+    def ranked_candidates(self, channel: str, order: str, limit: int, exclude: Iterable[int] = (),
+                          offset: int = 0) -> list[dict]:
+        """Unposted, unlabelled scored pictures, best first by ``order``: score | popularity
+        (percentile within its source) | recent | random | shuffled (a fixed pseudo-random order)
+        | uncertain."""
         exclude = list(exclude)
         skip = f"AND id NOT IN ({','.join('?' * len(exclude))})" if exclude else ""
         if order == "popularity":
             sql = (f"SELECT * FROM (SELECT *, CASE WHEN popularity IS NULL THEN NULL ELSE "
                    f"PERCENT_RANK() OVER (PARTITION BY source_id, popularity IS NULL ORDER BY popularity) END "
                    f"AS pop_rank {self._CANDIDATES}) WHERE 1 {skip} "
-                   f"ORDER BY pop_rank IS NULL, pop_rank DESC, popularity DESC, id DESC LIMIT ?")
+                   f"ORDER BY pop_rank IS NULL, pop_rank DESC, popularity DESC, id DESC LIMIT ? OFFSET ?")
         else:
             key = {"score": "score DESC, id DESC", "recent": "id DESC", "random": "RANDOM()",
-                   "uncertain": "uncertainty IS NULL, uncertainty DESC, id DESC"}[order]
-            sql = f"SELECT * {self._CANDIDATES} {skip} ORDER BY {key} LIMIT ?"
-        return [dict(r) for r in self.db.query(sql, [channel, *exclude, limit])]
+                   "uncertain": "uncertainty IS NULL, uncertainty DESC, id DESC",
+                   "shuffled": "(id * 2654435761) % 4294967291, id"}[order]
+            sql = f"SELECT * {self._CANDIDATES} {skip} ORDER BY {key} LIMIT ? OFFSET ?"
+        return [dict(r) for r in self.db.query(sql, [channel, *exclude, limit, offset])]
+
+    def count_candidates(self, channel: str) -> int:
+        return self.db.execute(f"SELECT COUNT(*) {self._CANDIDATES}", [channel]).fetchone()[0]
 
     # ---- imports and labels --------------------------------------------------------------
     IMPORT_SOURCE = "import"
@@ -396,6 +402,36 @@ class Store:
         row = self.db.execute("SELECT value FROM labels WHERE image_id = ? AND removed_at IS NULL "
                               "ORDER BY created_at DESC, id DESC LIMIT 1", [image_id]).fetchone()
         return row[0] if row else None
+
+    def undo_label(self, label_id: int) -> dict | None:
+        """Take back one label (by id); the picture's previous label, if any, counts again."""
+        with self.db.conn:
+            self.db.execute("UPDATE labels SET removed_at = ? WHERE id = ? AND removed_at IS NULL", [now(), label_id])
+        rows = list(self.db.query("SELECT * FROM labels WHERE id = ?", [label_id]))
+        return dict(rows[0]) if rows else None
+
+    _CURRENT = ("FROM labels JOIN images ON images.id = labels.image_id "
+                "LEFT JOIN sources ON sources.id = images.source_id "
+                "WHERE labels.id = (SELECT id FROM labels AS l2 WHERE l2.image_id = labels.image_id "
+                "AND l2.removed_at IS NULL ORDER BY l2.created_at DESC, l2.id DESC LIMIT 1)")
+
+    def rated(self, *, value: int | None = None, source: str | None = None, limit: int = 30,
+              offset: int = 0) -> tuple[list[dict], int]:
+        """Pictures with their current label, newest label first, optionally of one rating or
+        source; returns (rows, total)."""
+        where, params = "", []
+        if value is not None:
+            where += " AND labels.value = ?"
+            params.append(value)
+        if source:
+            where += " AND sources.name = ?"
+            params.append(source)
+        total = self.db.execute(f"SELECT COUNT(*) {self._CURRENT}{where}", params).fetchone()[0]
+        rows = [dict(r) for r in self.db.query(
+            f"SELECT images.*, sources.name AS source_name, labels.id AS label_id, labels.value AS label, "
+            f"labels.origin AS label_origin, labels.created_at AS labelled_at {self._CURRENT}{where} "
+            f"ORDER BY labels.created_at DESC, labels.id DESC LIMIT ? OFFSET ?", [*params, limit, offset])]
+        return rows, total
 
     def label_count(self, since: str | None = None) -> int:
         """Labelled pictures (all labels, or labels written after ``since``); removed ones do not count."""

@@ -26,7 +26,7 @@ def test_config_toml_in_working_directory_is_read(tmp_path):
 def test_example_config_is_valid_and_matches_defaults():
     example = load_config("config.example.toml")
     defaults = load_config(cwd="/nonexistent")
-    for section in ("log", "download", "detector", "scorer", "daemon", "train", "ranking", "discord"):
+    for section in ("log", "download", "detector", "scorer", "daemon", "train", "ranking", "discord", "web"):
         assert getattr(example, section) == getattr(defaults, section), section
     assert example.sources[0].options == defaults.sources[0].options
 

@@ -17,11 +17,9 @@ from PIL import Image
 from bot.daemon import Daemon
 from bot.discord_bot import DiscordBot
 from bot.posting import Reactions, fit_upload, route
-from scorer.registry import ensure_active_model
 from storage import Store
 from storage.media import inspect, store_media
-from storage.store import FaceRecord
-from tests.conftest import picture
+from tests.conftest import picture, seed
 from tests.fake_discord import FakeDiscord
 from tests.test_daemon import make_config, wait_for
 
@@ -65,34 +63,6 @@ exploration = 0.0
 min_labels = 0
 '''
     return make_config(tmp_path, extra)
-
-
-def seed(cfg, specs: list[dict], *, trained: bool = False) -> list[int]:
-    """Scored pictures from a booru-like source, as the daemon would have stored them; with
-    ``trained``, by a model registered as trained (so the ranking is by score, not cold)."""
-    store = Store.open(cfg.db_path)
-    model = ensure_active_model(store, cfg.scorer, cfg.models_path)
-    if trained:  # metrics mark a model trained
-        with store.db.conn:
-            store.db.execute("UPDATE models SET metrics = ? WHERE version = ?",
-                             ['{"val": {"pearson": 0.5}}', model["version"]])
-    sid = store.upsert_source("booru-test", "booru", {"enabled": False, "interval": 60, "options": {}},
-                              origin="cli")
-    ids = []
-    for i, spec in enumerate(specs):
-        data = picture(1000 + i, size=(200, 160))
-        info, _ = inspect(data)
-        rel = store_media(cfg.media_path, data, info)
-        [image_id] = store.save_poll(sid, [{
-            "external_id": f"post{i}", "page_url": f"https://booru.example/posts/{i}", "author": f"artist{i}",
-            "title": f"post {i}", "tags": spec.get("tags", []), "rating": spec.get("rating", "general"),
-            "popularity": spec["popularity"]}], {})
-        store.record_download(image_id, info, rel, near_distance=-1)
-        face = FaceRecord(20, 20, 90, 100, 0.9, "animeface", spec.get("score", 3.0), 0.1)
-        store.record_analysis(image_id, [face], spec.get("score", 3.0), 0.1, model["version"])
-        ids.append(image_id)
-    store.close()
-    return ids
 
 
 def footer_id(message: dict) -> int:

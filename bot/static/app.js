@@ -1,0 +1,83 @@
+// tastefeed gallery: rate with a click or a key, move with the arrow keys.
+(() => {
+  const cards = Array.from(document.querySelectorAll("article.card, div.card"));
+  let at = -1;
+
+  function focusCard(i) {
+    if (!cards.length) return;
+    at = Math.max(0, Math.min(cards.length - 1, i));
+    cards.forEach((c) => c.classList.remove("focused"));
+    const card = cards[at];
+    card.classList.add("focused");
+    card.scrollIntoView({ block: "center", behavior: "smooth" });
+  }
+
+  async function post(url, body) {
+    const resp = await fetch(url, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "application/json" },
+      body: JSON.stringify(body || {}),
+      credentials: "same-origin",
+    });
+    if (!resp.ok) throw new Error(`${resp.status} ${await resp.text()}`);
+    return resp.json();
+  }
+
+  async function rate(card, value) {
+    const state = card.querySelector(".state, .current");
+    try {
+      await post(`/rate/${card.dataset.id}`, { value });
+    } catch (err) {
+      if (state) state.textContent = `not saved: ${err.message}`;
+      return;
+    }
+    card.dataset.rated = String(value);
+    card.querySelectorAll("form.rate button").forEach((b) => b.classList.toggle("chosen", b.value === String(value)));
+    if (card.tagName === "ARTICLE") {
+      card.classList.add("rated");
+      if (state) state.textContent = `rated ${value}`;
+      focusCard(cards.indexOf(card) + 1);
+    } else if (state) {
+      state.textContent = String(value);
+    }
+  }
+
+  document.querySelectorAll("form.rate").forEach((form) => {
+    form.addEventListener("submit", (e) => {
+      e.preventDefault();
+      const card = form.closest(".card");
+      if (card && e.submitter) rate(card, Number(e.submitter.value));
+    });
+  });
+
+  document.querySelectorAll("form.undo").forEach((form) => {
+    form.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      const card = form.closest(".card");
+      try {
+        await post(form.action);
+        card.remove();
+      } catch (err) {
+        form.querySelector("button").textContent = "failed";
+      }
+    });
+  });
+
+  document.addEventListener("keydown", (e) => {
+    if (e.target.closest && e.target.closest("input, textarea, select")) return;
+    if (e.altKey || e.ctrlKey || e.metaKey) return;
+    if (e.key === "ArrowRight" || e.key === "ArrowDown" || e.key === "j") {
+      focusCard(at + 1);
+      e.preventDefault();
+    } else if (e.key === "ArrowLeft" || e.key === "ArrowUp" || e.key === "k") {
+      focusCard(at - 1);
+      e.preventDefault();
+    } else if (/^[1-5]$/.test(e.key) && cards.length) {
+      if (at < 0) focusCard(0);
+      rate(cards[at], Number(e.key));
+      e.preventDefault();
+    }
+  });
+
+  if (cards.length) focusCard(0);
+})();
