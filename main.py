@@ -140,10 +140,12 @@ async def _test_source(cfg, store, name, limit) -> int:
             poll = await source.poll(cursor, limit)
         except Exception as e:  # noqa: BLE001
             return _fail(f"source {name}: {e}")
-    print(f"source {name} ({source.describe()}): {len(poll.items)} item(s)" + (", more available" if poll.more else ""))
+    print(f"source {name} ({source.describe()}): {len(poll.items)} item(s)" + (", more available" if poll.more else "")
+          + (f"; this test used {poll.cursor['reads']} billed read(s)" if "reads" in poll.cursor else ""))
     for item in poll.items:
         print(f"  {item.external_id}: {item.media_url or item.local_path}"
-              + (f"  by {item.author}" if item.author else "") + (f"  [{item.rating}]" if item.rating else ""))
+              + (f"  by {item.author}" if item.author else "") + (f"  [{item.rating}]" if item.rating else "")
+              + (f"  (not scored: {item.skip})" if item.skip else ""))
     return 0
 
 

@@ -95,10 +95,20 @@ def source_lines(store) -> list[str]:
         state = source_state(r, paused)
         lines.append(f"{r['name']}  [{r['kind']}, {r['origin']}]  {state}  every {conf.get('interval')}s  "
                      f"items {r['items_fetched']}  last poll {r['last_poll_at'] or '-'}  "
-                     f"next {r['next_poll_at'] or '-'}")
+                     f"next {r['next_poll_at'] or '-'}" + reads_today(r))
         if r["last_error"]:
             lines.append(f"    last error ({r['failures']} failure(s) in a row): {r['last_error']}")
     return lines
+
+
+def reads_today(row: dict) -> str:
+    """For sources billed per read (X): the reads used today against the daily cap."""
+    cap = row["config"].get("options", {}).get("max_reads_per_day")
+    if row["kind"] != "x" or cap is None:
+        return ""
+    from sources.x import today
+    used = row["cursor"].get("reads", 0) if row["cursor"].get("reads_day") == today() else 0
+    return f"  reads today {used}/{cap}"
 
 
 def source_state(row: dict, paused: set[str]) -> str:

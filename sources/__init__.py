@@ -9,14 +9,20 @@ import dataclasses
 from typing import Any
 
 from sources.base import AuthError, BadPayload, Item, Poll, RateLimited, Source, SourceError, TransientError
+from sources.bluesky import BlueskySource
 from sources.booru import BooruSource
 from sources.folder import FolderSource
+from sources.mastodon import MastodonSource
 from sources.rss import RssSource
+from sources.x import XSource
 
 SOURCE_KINDS: dict[str, type[Source]] = {
     FolderSource.kind: FolderSource,
     RssSource.kind: RssSource,
     BooruSource.kind: BooruSource,
+    XSource.kind: XSource,
+    BlueskySource.kind: BlueskySource,
+    MastodonSource.kind: MastodonSource,
 }
 
 

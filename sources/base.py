@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from storage.store import NewItem as Item  # one definition of a candidate picture
 
 __all__ = ["Item", "Poll", "Source", "SourceError", "TransientError", "RateLimited", "AuthError",
-           "BadPayload", "normalize_rating"]
+           "BadPayload", "normalize_rating", "remember", "secret", "number"]
 
 
 @dataclass
@@ -60,6 +60,31 @@ class Source:
 
     def describe(self) -> str:
         return self.kind
+
+
+def secret(value: str, env: str) -> str:
+    """A credential from the config, else from the environment variable ``env``; either way it is
+    masked in every log line from now on."""
+    import os
+
+    from bot.logs import register_secret
+    value = value or os.environ.get(env, "")
+    register_secret(value)
+    return value
+
+
+def number(value) -> float | None:
+    """A site's count (likes, score) as a float, or None when it is missing or not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def remember(seen: list, new: list, keep: int = 1000) -> list:
+    """A bounded list of recently handled ids (for feeds that have no "since" parameter)."""
+    known = set(seen)
+    return (list(seen) + [i for i in new if i not in known])[-keep:]
 
 
 _RATINGS = {

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
-from sources.base import BadPayload, Item, Poll, Source, SourceError, normalize_rating
+from sources.base import BadPayload, Item, Poll, Source, SourceError, normalize_rating, number
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class BooruSource(Source):
             external_id=str(pid), media_url=media, page_url=f"{self.base}/posts/{pid}",
             author=(post.get("tag_string_artist") or None), tags=_tags(post.get("tag_string")),
             rating=normalize_rating(post.get("rating"), s_means="sensitive"),
-            popularity=_num(post.get("score")), site_md5=post.get("md5"), posted_at=post.get("created_at"))
+            popularity=number(post.get("score")), site_md5=post.get("md5"), posted_at=post.get("created_at"))
 
     # ---- Gelbooru dapi -------------------------------------------------------------------
     def _request_gelbooru(self, after, limit):
@@ -174,7 +174,7 @@ class BooruSource(Source):
             external_id=str(pid), media_url=media, page_url=f"{self.base}/index.php?page=post&s=view&id={pid}",
             author=post.get("owner") or None, tags=_tags(post.get("tags")),
             rating=normalize_rating(post.get("rating"), s_means="general"),
-            popularity=_num(post.get("score")), site_md5=post.get("md5") or post.get("hash"),
+            popularity=number(post.get("score")), site_md5=post.get("md5") or post.get("hash"),
             posted_at=post.get("created_at"))
 
     # ---- Moebooru ------------------------------------------------------------------------
@@ -206,11 +206,4 @@ class BooruSource(Source):
             external_id=str(pid), media_url=media, page_url=f"{self.base}/post/show/{pid}",
             author=post.get("author") or None, tags=_tags(post.get("tags")),
             rating=normalize_rating(post.get("rating"), s_means="general"),
-            popularity=_num(post.get("score")), site_md5=post.get("md5"), posted_at=created)
-
-
-def _num(value) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
+            popularity=number(post.get("score")), site_md5=post.get("md5"), posted_at=created)

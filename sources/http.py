@@ -77,6 +77,37 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
 
 
+RESET_HEADERS = ("RateLimit-Reset", "X-RateLimit-Reset", "X-Rate-Limit-Reset")
+
+
+def parse_reset(value: str | None) -> float | None:
+    """Seconds until a rate-limit window resets: epoch seconds (X, Bluesky), an ISO time
+    (Mastodon) or seconds from now (the IETF draft's ``RateLimit-Reset``)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        n = float(value)
+    except ValueError:
+        from datetime import datetime
+        try:
+            return max(0.0, datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() - time.time())
+        except ValueError:
+            return None
+    return max(0.0, n - time.time()) if n > 1e9 else max(0.0, n)
+
+
+def retry_after(headers) -> float | None:
+    """How long to wait, from Retry-After or else a rate-limit reset header."""
+    retry = parse_retry_after(headers.get("Retry-After"))
+    if retry is None:
+        for name in RESET_HEADERS:
+            retry = parse_reset(headers.get(name))
+            if retry is not None:
+                break
+    return retry
+
+
 class AddressPolicy:
     """Which IP addresses a remote source may reach."""
 
@@ -233,7 +264,7 @@ class Http:
     def _raise_for_status(resp: aiohttp.ClientResponse, url: str) -> None:
         status = resp.status
         if status == 429:
-            retry = parse_retry_after(resp.headers.get("Retry-After"))
+            retry = retry_after(resp.headers)
             raise RateLimited(f"rate limited (429) by {urlsplit(url).netloc}"
                               + (f", retry after {retry:.0f}s" if retry is not None else ""), retry)
         if status in (401, 403):

@@ -36,6 +36,7 @@ class NewItem:
     popularity: float | None = None
     site_md5: str | None = None
     posted_at: str | None = None
+    skip: str | None = None        # recorded but not downloaded or scored, and why (e.g. a video)
 
 
 @dataclass
@@ -139,11 +140,12 @@ class Store:
                 d = asdict(item) if isinstance(item, NewItem) else dict(item)
                 cur = self.db.execute(
                     "INSERT OR IGNORE INTO images (source_id, external_id, page_url, media_url, local_path, "
-                    "author, title, tags, rating, popularity, site_md5, posted_at, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "author, title, tags, rating, popularity, site_md5, posted_at, status, error, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [source_id, d["external_id"], d.get("page_url"), d.get("media_url"), d.get("local_path"),
                      d.get("author"), d.get("title"), json.dumps(d.get("tags") or []), d.get("rating"),
-                     d.get("popularity"), d.get("site_md5"), d.get("posted_at"), stamp])
+                     d.get("popularity"), d.get("site_md5"), d.get("posted_at"),
+                     "skipped" if d.get("skip") else "pending", d.get("skip"), stamp])
                 if cur.rowcount:
                     new_ids.append(cur.lastrowid)
             self.db.execute(
