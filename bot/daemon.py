@@ -24,7 +24,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from bot.config import Config
-from bot.manage import PAUSED_SOURCES, source_runtime_config
+from bot.manage import PAUSED_SOURCES, sync_config_sources
 from bot.retrain import Retrainer
 from scorer.analyze import Analyzer
 from scorer.detect import make_detector
@@ -39,17 +39,6 @@ from storage.writer import AsyncStore
 log = logging.getLogger("tastefeed.daemon")
 
 ACCEPTED_CONTENT_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
-
-
-async def sync_config_sources(store, cfg: Config) -> None:
-    """Make the sources table hold the config's sources (sources added by the CLI stay)."""
-    for src in cfg.sources:
-        await store.call(lambda s, src=src: s.upsert_source(src.name, src.kind, source_runtime_config(src)))
-    names = {s.name for s in cfg.sources}
-    for row in await store.list_sources():
-        if row["origin"] == "config" and row["name"] not in names:
-            await store.remove_source(row["name"])
-            log.info("source %s: removed (no longer in the config)", row["name"])
 
 
 def build_analyzer(cfg: Config, store) -> Analyzer:
@@ -95,7 +84,8 @@ class Daemon:
         Path(self.cfg.data_dir).mkdir(parents=True, exist_ok=True)
         self.cfg.media_path.mkdir(parents=True, exist_ok=True)
         await self.store.open()
-        await sync_config_sources(self.store, self.cfg)
+        for name in await self.store.call(sync_config_sources, self.cfg):
+            log.info("source %s: removed (no longer in the config)", name)
         self.analyzer = await self.store.call(lambda s: build_analyzer(self.cfg, s))
         log.info("scoring with model %s on %s, detector %s", self.analyzer.scorer.version,
                  self.analyzer.scorer.device, self.analyzer.detector.name)

@@ -33,7 +33,8 @@ import discord
 from discord import app_commands
 
 from bot.config import Config
-from bot.manage import ManageError, add_source, format_stats, parse_pairs, remove_source, source_lines, stats
+from bot.manage import (ManageError, add_source, format_stats, parse_pairs, picture_data, remove_source,
+                        source_lines, stats)
 from bot.posting import Reactions, emoji_key, face_sheet, fit_upload, route
 from scorer.ranking import Pick, pick
 
@@ -546,9 +547,8 @@ class DiscordBot:
         return int(digits) if await self.store.get_image(int(digits)) else None
 
     async def explain(self, image_id: int) -> tuple[str, bytes | None]:
-        image = await self.store.get_image(image_id)
-        faces = await self.store.faces_of(image_id)
-        labels = [lb for lb in await self.store.labels_of(image_id) if lb["removed_at"] is None]
+        data = await self.store.call(picture_data, image_id)
+        image, faces, current = data["image"], data["faces"], data["current"]
         score = "n/a" if image.get("score") is None else f"{image['score']:.2f}"
         lines = [f"Picture #{image_id}: score {score} by model {image.get('model_version')} "
                  f"({self.cfg.scorer.aggregate} of {len(faces)} face(s))"]
@@ -557,8 +557,8 @@ class DiscordBot:
             kind = "whole picture" if f["detector"] in ("whole", "crop") else f"{f['detector']} face"
             s = "n/a" if f["score"] is None else f"{f['score']:.2f}"
             lines.append(f"face {i}: {kind} at ({f['x1']}, {f['y1']})-({f['x2']}, {f['y2']}), score {s}")
-        if labels:
-            lines.append(f"your rating: {labels[-1]['value']} ({labels[-1]['origin']})")
+        if current is not None:
+            lines.append(f"your rating: {current}")
         if image.get("page_url"):
             lines.append(image["page_url"])
         sheet = None

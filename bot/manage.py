@@ -76,10 +76,16 @@ def pause_source(store, name: str, paused: bool) -> None:
     store.set_setting(PAUSED_SOURCES, sorted(names))
 
 
-def sync_config_sources(store, cfg: Config) -> None:
-    """Show the config's sources in the table before the daemon's first start."""
+def sync_config_sources(store, cfg: Config) -> list[str]:
+    """Make the sources table hold the config's sources (run-time ones stay); returns the names
+    of sources removed because they left the config."""
     for src in cfg.sources:
         store.upsert_source(src.name, src.kind, source_runtime_config(src))
+    names = {s.name for s in cfg.sources}
+    gone = [r["name"] for r in store.list_sources() if r["origin"] == "config" and r["name"] not in names]
+    for name in gone:
+        store.remove_source(name)
+    return gone
 
 
 def source_lines(store) -> list[str]:
@@ -117,6 +123,16 @@ def source_state(row: dict, paused: set[str]) -> str:
     if row["name"] in paused:
         return "paused"
     return "ok" if row["healthy"] else "UNHEALTHY"
+
+
+def picture_data(store, image_id: int) -> dict | None:
+    """A picture with its faces (and scores), every label, the current rating and its source name."""
+    image = store.get_image(image_id)
+    if image is None:
+        return None
+    source = store.source_name(image["source_id"]) if image.get("source_id") else None
+    return {"image": image, "faces": store.faces_of(image_id), "labels": store.labels_of(image_id),
+            "current": store.current_label(image_id), "source": source}
 
 
 def stats(store, channel: str | None = None) -> dict:

@@ -30,8 +30,8 @@ import jinja2
 from aiohttp import web
 
 from bot.config import Config
-from bot.manage import (PAUSED_SOURCES, ManageError, add_source, parse_pairs, pause_source, remove_source,
-                        source_state, stats)
+from bot.manage import (PAUSED_SOURCES, ManageError, add_source, parse_pairs, pause_source, picture_data,
+                        remove_source, source_state, stats)
 from scorer.ranking import is_cold
 from storage.media import thumbnail
 
@@ -77,17 +77,6 @@ def _cards(store, rows: list[dict]) -> list[dict]:
                         tags=json.loads(tags) if isinstance(tags, str) else (tags or []),
                         exploration=bool(r.get("exploration"))))
     return out
-
-
-def picture_data(store, image_id: int) -> dict | None:
-    image = store.get_image(image_id)
-    if image is None:
-        return None
-    faces = store.faces_of(image_id)
-    labels = store.labels_of(image_id)
-    current = store.current_label(image_id)
-    source = store.source_name(image["source_id"]) if image.get("source_id") else None
-    return {"image": image, "faces": faces, "labels": labels, "current": current, "source": source}
 
 
 def model_data(store, cfg: Config) -> dict:

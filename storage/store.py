@@ -412,10 +412,11 @@ class Store:
         rows = list(self.db.query("SELECT * FROM labels WHERE id = ?", [label_id]))
         return dict(rows[0]) if rows else None
 
+    # The label that counts for a picture: its newest one not taken back.
+    _LATEST = ("labels.id = (SELECT id FROM labels AS l2 WHERE l2.image_id = labels.image_id "
+               "AND l2.removed_at IS NULL ORDER BY l2.created_at DESC, l2.id DESC LIMIT 1)")
     _CURRENT = ("FROM labels JOIN images ON images.id = labels.image_id "
-                "LEFT JOIN sources ON sources.id = images.source_id "
-                "WHERE labels.id = (SELECT id FROM labels AS l2 WHERE l2.image_id = labels.image_id "
-                "AND l2.removed_at IS NULL ORDER BY l2.created_at DESC, l2.id DESC LIMIT 1)")
+                "LEFT JOIN sources ON sources.id = images.source_id WHERE " + _LATEST)
 
     def rated(self, *, value: int | None = None, source: str | None = None, limit: int = 30,
               offset: int = 0) -> tuple[list[dict], int]:
@@ -451,8 +452,7 @@ class Store:
         rows = [dict(r) for r in self.db.query(
             "SELECT images.id AS image_id, images.sha256, images.media_path, images.status, "
             "labels.value, labels.face_id FROM labels JOIN images ON images.id = labels.image_id "
-            "WHERE labels.id = (SELECT id FROM labels AS l2 WHERE l2.image_id = labels.image_id "
-            "AND l2.removed_at IS NULL ORDER BY l2.created_at DESC, l2.id DESC LIMIT 1) ORDER BY images.id")]
+            f"WHERE {self._LATEST} ORDER BY images.id")]
         faces: dict[int, list[dict]] = {}
         for f in self.db.query("SELECT * FROM faces WHERE image_id IN (SELECT image_id FROM labels WHERE removed_at IS NULL) "
                                "ORDER BY id"):
