@@ -41,9 +41,6 @@ CHANNEL = "web"
 USER = "owner"
 COOKIE = "tastefeed_token"
 HERE = Path(__file__).parent
-CFG = web.AppKey("cfg", Config)
-STORE = web.AppKey("store", object)
-GALLERY = web.AppKey("gallery", object)
 
 
 # ---- page data (plain functions on a sync Store, run on the daemon's writer thread) -----------
@@ -111,7 +108,6 @@ class Gallery:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self.guard], client_max_size=1024 * 1024)
-        app[CFG], app[STORE], app[GALLERY] = self.cfg, self.store, self
         r = app.router
         r.add_get("/", self.page_for_you)
         r.add_get("/picture/{id:\\d+}", self.page_picture)
