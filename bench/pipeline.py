@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bot.config import DetectorConfig, load_config  # noqa: E402
+from bot.config import DetectorConfig, ScorerConfig, load_config  # noqa: E402
 from scorer.analyze import Analyzer  # noqa: E402
 from scorer.detect import make_detector  # noqa: E402
 from scorer.model import Scorer, build_model, save_model  # noqa: E402
@@ -45,11 +45,13 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--daemon-pictures", type=int, default=40)
+    ap.add_argument("--image-size", type=int, default=ScorerConfig().image_size,
+                    help="scorer input size (default: the scorer.image_size default)")
     args = ap.parse_args()
     data = pictures()
     tmp = Path(tempfile.mkdtemp())
     torch.manual_seed(0)
-    save_model(build_model("resnet18"), tmp / "m.pt", arch="resnet18", image_size=224, version="bench")
+    save_model(build_model("resnet18"), tmp / "m.pt", arch="resnet18", image_size=args.image_size, version="bench")
     det = make_detector(DetectorConfig())
     rows = []
     for label, batch in (("one at a time", 1), ("batched (32)", 32)):
@@ -113,7 +115,7 @@ def main() -> None:
 
     cpu = platform.processor() or platform.machine()
     print(f"Machine: {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-          f"device {rows[0][6]}; {len(data)} pictures x {args.repeat}\n")
+          f"device {rows[0][6]}; scorer at {args.image_size} px; {len(data)} pictures x {args.repeat}\n")
     print("| mode | pictures/s | decode ms/pic | detect ms/pic | crop+score ms/pic | face crops/s (scoring) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for label, ips, dec, det_ms, sc, fps, _ in rows:
