@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from bot.logs import register_secret
+from bot.logs import register_secret, secret
 
 
 class ConfigError(Exception):
@@ -306,7 +306,11 @@ def _check_values(cfg: Config) -> None:
                 ("daemon.score_queue_size", cfg.daemon.score_queue_size),
                 ("daemon.max_items_per_poll", cfg.daemon.max_items_per_poll),
                 ("daemon.backoff_max", cfg.daemon.backoff_max),
-                ("daemon.unhealthy_after", cfg.daemon.unhealthy_after)]
+                ("daemon.unhealthy_after", cfg.daemon.unhealthy_after),
+                ("discord.interval", cfg.discord.interval), ("discord.posts_per_cycle", cfg.discord.posts_per_cycle),
+                ("discord.catch_up_hours", cfg.discord.catch_up_hours),
+                ("discord.max_upload_bytes", cfg.discord.max_upload_bytes),
+                ("web.page_size", cfg.web.page_size), ("web.thumb_size", cfg.web.thumb_size)]
     for key, value in positive:
         if value <= 0:
             raise ConfigError(f"{key}: expected a positive number, got {value!r}")
@@ -345,13 +349,7 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"train.schedule: expected a cron expression like '0 4 * * *' "
                               f"(minute hour day month weekday), got {cfg.train.schedule!r}: {e}") from None
     d = cfg.discord
-    d.token = d.token or os.environ.get("DISCORD_TOKEN", "")
-    register_secret(d.token)
-    for key, value in [("discord.interval", d.interval), ("discord.posts_per_cycle", d.posts_per_cycle),
-                       ("discord.catch_up_hours", d.catch_up_hours),
-                       ("discord.max_upload_bytes", d.max_upload_bytes)]:
-        if value <= 0:
-            raise ConfigError(f"{key}: expected a positive number, got {value!r}")
+    d.token = secret(d.token, "DISCORD_TOKEN")
     for key, value in [("discord.channel_id", d.channel_id), ("discord.nsfw_channel_id", d.nsfw_channel_id),
                        ("discord.guild_id", d.guild_id), *[("discord.owner_ids", v) for v in d.owner_ids]]:
         if value < 0:
@@ -360,13 +358,9 @@ def _check_values(cfg: Config) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 5:
             raise ConfigError(f"discord.reactions.{emoji}: expected a rating from 1 to 5, got {value!r}")
     w = cfg.web
-    w.token = w.token or os.environ.get("TASTEFEED_WEB_TOKEN", "")
-    register_secret(w.token)
+    w.token = secret(w.token, "TASTEFEED_WEB_TOKEN")
     if not 0 <= w.port <= 65535:
         raise ConfigError(f"web.port: expected a port number (0-65535), got {w.port!r}")
-    for key, value in [("web.page_size", w.page_size), ("web.thumb_size", w.thumb_size)]:
-        if value <= 0:
-            raise ConfigError(f"{key}: expected a positive number, got {value!r}")
     if not w.loopback() and not w.token and w.enabled != "off":
         raise ConfigError(f"web.token: the gallery listens on {w.host!r}, beyond this machine, so it needs a "
                           "secret token (web.token or TASTEFEED_WEB_TOKEN); open it once with ?token=...")

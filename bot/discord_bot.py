@@ -250,8 +250,7 @@ class DiscordBot:
 
     # ---- posting ---------------------------------------------------------------------------
     def _accept(self, row: dict) -> bool:
-        image = dict(row, tags=json.loads(row["tags"]) if isinstance(row.get("tags"), str) else row.get("tags"))
-        return route(image, self.d.channel_id, self.d.nsfw_channel_id, self.d.blocklist) is not None
+        return route(row, self.d.channel_id, self.d.nsfw_channel_id, self.d.blocklist) is not None
 
     async def post_cycle(self, n: int | None = None, *, reason: str = "schedule") -> list[int]:
         """Post up to ``n`` (default ``posts_per_cycle``) pictures; returns the message ids sent."""

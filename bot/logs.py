@@ -17,6 +17,15 @@ def register_secret(value: str | None) -> None:
         _SECRETS.add(value)
 
 
+def secret(value: str, env: str) -> str:
+    """A credential from the config, else from the environment variable ``env``; either way it is
+    masked in every log line from now on."""
+    import os
+    value = value or os.environ.get(env, "")
+    register_secret(value)
+    return value
+
+
 def redact(text: str) -> str:
     for secret in sorted(_SECRETS, key=len, reverse=True):
         if secret in text:

@@ -152,7 +152,7 @@ def stats(store, channel: str | None = None) -> dict:
         "sources": {"total": len(sources), "unhealthy": sorted(r["name"] for r in sources if not r["healthy"])},
     }
     if channel is not None:
-        out["unposted"] = len(store.ranked_candidates(channel, "recent", 100_000))
+        out["unposted"] = store.count_candidates(channel)
         out["posts"] = store.post_counts(channel)
     return out
 

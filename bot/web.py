@@ -29,7 +29,7 @@ from urllib.parse import urlencode, urlsplit
 import jinja2
 from aiohttp import web
 
-from bot.config import Config
+from bot.config import Config, is_loopback
 from bot.manage import (PAUSED_SOURCES, ManageError, add_source, parse_pairs, pause_source, picture_data,
                         remove_source, source_state, stats)
 from scorer.ranking import is_cold
@@ -69,9 +69,7 @@ def _cards(store, rows: list[dict]) -> list[dict]:
     names = {r["id"]: r["name"] for r in store.list_sources()}
     out = []
     for r in rows:
-        tags = r.get("tags")
         out.append(dict(r, source_name=r.get("source_name") or names.get(r.get("source_id"), "?"),
-                        tags=json.loads(tags) if isinstance(tags, str) else (tags or []),
                         exploration=bool(r.get("exploration"))))
     return out
 
@@ -375,7 +373,6 @@ class Gallery:
 
 
 def _local_host(host: str | None) -> bool:
-    from bot.config import is_loopback
     if not host:
         return False
     name = host.rsplit(":", 1)[0] if not host.endswith("]") else host

@@ -17,7 +17,6 @@ skips pictures whose perceptual hash is that close to one already posted on the 
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -73,7 +72,6 @@ def pick(store, cfg, n: int = 1, *, channel: str = "discord", rng: random.Random
             reason = "popularity" if row.get("popularity") is not None else "recent"
         else:
             reason = "score"
-        row["tags"] = json.loads(row["tags"] or "[]") if isinstance(row.get("tags"), str) else row.get("tags")
         picks.append(Pick(row, reason, explore))
         if row.get("phash") and near_distance >= 0:
             seen.append(int(row["phash"], 16))

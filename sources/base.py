@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from storage.store import NewItem as Item  # one definition of a candidate picture
 
 __all__ = ["Item", "Poll", "Source", "SourceError", "TransientError", "RateLimited", "AuthError",
-           "BadPayload", "normalize_rating", "remember", "secret", "number"]
+           "BadPayload", "normalize_rating", "remember", "number"]
 
 
 @dataclass
@@ -60,17 +60,6 @@ class Source:
 
     def describe(self) -> str:
         return self.kind
-
-
-def secret(value: str, env: str) -> str:
-    """A credential from the config, else from the environment variable ``env``; either way it is
-    masked in every log line from now on."""
-    import os
-
-    from bot.logs import register_secret
-    value = value or os.environ.get(env, "")
-    register_secret(value)
-    return value
 
 
 def number(value) -> float | None:

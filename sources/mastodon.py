@@ -17,7 +17,8 @@ import logging
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from sources.base import BadPayload, Item, Poll, Source, SourceError, number, secret
+from bot.logs import secret
+from sources.base import BadPayload, Item, Poll, Source, SourceError, number
 
 log = logging.getLogger(__name__)
 

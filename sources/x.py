@@ -29,8 +29,9 @@ from datetime import datetime, timezone
 
 import aiohttp
 
+from bot.logs import secret
 from sources.base import (AuthError, BadPayload, Item, Poll, RateLimited, Source, SourceError, TransientError,
-                          number, remember, secret)
+                          number, remember)
 
 log = logging.getLogger(__name__)
 

@@ -165,7 +165,12 @@ class Store:
         rows = list(self.db.query("SELECT * FROM images WHERE id = ?", [image_id]))
         if not rows:
             return None
-        row = dict(rows[0])
+        return self._image_row(rows[0])
+
+    @staticmethod
+    def _image_row(row) -> dict:
+        """A row of ``images`` as a dict, its JSON tags decoded."""
+        row = dict(row)
         row["tags"] = json.loads(row["tags"] or "[]")
         return row
 
@@ -320,7 +325,7 @@ class Store:
                    "uncertain": "uncertainty IS NULL, uncertainty DESC, id DESC",
                    "shuffled": "(id * 2654435761) % 4294967291, id"}[order]
             sql = f"SELECT * {self._CANDIDATES} {skip} ORDER BY {key} LIMIT ? OFFSET ?"
-        return [dict(r) for r in self.db.query(sql, [channel, *exclude, limit, offset])]
+        return [self._image_row(r) for r in self.db.query(sql, [channel, *exclude, limit, offset])]
 
     def count_candidates(self, channel: str) -> int:
         return self.db.execute(f"SELECT COUNT(*) {self._CANDIDATES}", [channel]).fetchone()[0]
@@ -430,7 +435,7 @@ class Store:
             where += " AND sources.name = ?"
             params.append(source)
         total = self.db.execute(f"SELECT COUNT(*) {self._CURRENT}{where}", params).fetchone()[0]
-        rows = [dict(r) for r in self.db.query(
+        rows = [self._image_row(r) for r in self.db.query(
             f"SELECT images.*, sources.name AS source_name, labels.id AS label_id, labels.value AS label, "
             f"labels.origin AS label_origin, labels.created_at AS labelled_at {self._CURRENT}{where} "
             f"ORDER BY labels.created_at DESC, labels.id DESC LIMIT ? OFFSET ?", [*params, limit, offset])]
