@@ -123,7 +123,7 @@ def cmd_sources(cfg, args) -> int:
 
 
 async def _test_source(cfg, store, name, limit) -> int:
-    from sources import make_source
+    from bot.config import build_source
     from sources.http import Http
 
     conf = next((s for s in cfg.sources if s.name == name), None)
@@ -135,7 +135,7 @@ async def _test_source(cfg, store, name, limit) -> int:
             return _fail(f"no source named {name!r}")
         kind, options, cursor = row["kind"], row["config"].get("options", {}), {}
     async with Http.from_config(cfg.download) as http:
-        source = make_source(name, kind, options, http)
+        source = build_source(name, kind, options, http)
         try:
             poll = await source.poll(cursor, limit)
         except Exception as e:  # noqa: BLE001

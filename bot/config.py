@@ -4,6 +4,11 @@ With no file, the embedded defaults below apply: database and media under ``./da
 source watching ``./inbox``, the ``animeface`` detector and an ``resnet18`` scorer.
 Every key is documented in ``config.example.toml``; an unknown key, a wrong type or a bad value
 raises :class:`ConfigError` with one line naming the file, the key and what was expected.
+
+Secrets are resolved in one place: a field whose metadata names an environment variable
+(``{"env": "DISCORD_TOKEN", "secret": True}``, in the tables here and in each source kind's
+``Options``) is filled from it when empty, and secrets are registered for masking in log lines
+(:func:`fill_from_env`).
 """
 from __future__ import annotations
 
@@ -16,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from bot.logs import register_secret, secret
+from bot.logs import register_secret
+from sources import SOURCE_KINDS, make_options
 
 
 class ConfigError(Exception):
@@ -97,7 +103,7 @@ DEFAULT_REACTIONS = {"1\ufe0f\u20e3": 1, "2\ufe0f\u20e3": 2, "3\ufe0f\u20e3": 3,
 
 @dataclass
 class DiscordConfig:
-    token: str = ""                       # or DISCORD_TOKEN; none = Discord off
+    token: str = field(default="", metadata={"env": "DISCORD_TOKEN", "secret": True})  # none = Discord off
     channel_id: int = 0                   # the channel recommendations are posted to
     nsfw_channel_id: int = 0              # questionable/explicit pictures go here; 0 = never posted
     owner_ids: list[int] = field(default_factory=list)  # users whose reactions and commands count
@@ -127,7 +133,8 @@ class WebConfig:
     enabled: Literal["auto", "on", "off"] = "auto"  # auto: on unless Discord is set up
     host: str = "127.0.0.1"
     port: int = 8080
-    token: str = ""                       # or TASTEFEED_WEB_TOKEN; required unless host is loopback
+    # or TASTEFEED_WEB_TOKEN; required unless host is loopback
+    token: str = field(default="", metadata={"env": "TASTEFEED_WEB_TOKEN", "secret": True})
     page_size: int = 30                   # pictures per page
     thumb_size: int = 360                 # thumbnails (pixels, longest side), made once and cached
 
@@ -297,6 +304,33 @@ def parse_dataclass(cls: type, data: dict[str, Any], where: str, *, extra_ok: bo
     return cls(**kwargs)
 
 
+def env_name(template: str, values: dict[str, Any]) -> str:
+    """An environment variable's name from a field's ``env`` metadata: ``{field}`` stands for
+    another field's value in capitals (a booru's ``{api}_API_KEY`` is ``DANBOORU_API_KEY``)."""
+    return template.format(**{key: str(value).upper() for key, value in values.items()})
+
+
+def fill_from_env(section):
+    """``section`` (a settings dataclass or a source's Options) with every empty field that names an
+    environment variable in its metadata (``{"env": "X_BEARER_TOKEN"}``) taken from that variable.
+    The values of fields marked ``"secret": True`` are registered for masking in log lines. This is
+    the one place where secrets are read from the environment; a copy is returned if anything was
+    filled, the section itself otherwise."""
+    fields = dataclasses.fields(section)
+    values = {f.name: getattr(section, f.name) for f in fields}
+    filled = {}
+    for f in fields:
+        template = f.metadata.get("env")
+        if template is None:
+            continue
+        value = values[f.name] or os.environ.get(env_name(template, values), "")
+        if value != values[f.name]:
+            filled[f.name] = value
+        if f.metadata.get("secret"):
+            register_secret(value or None)
+    return dataclasses.replace(section, **filled) if filled else section
+
+
 def _check_values(cfg: Config) -> None:
     positive = [("download.timeout", cfg.download.timeout), ("download.max_bytes", cfg.download.max_bytes),
                 ("download.max_pixels", cfg.download.max_pixels), ("download.per_host", cfg.download.per_host),
@@ -349,7 +383,6 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"train.schedule: expected a cron expression like '0 4 * * *' "
                               f"(minute hour day month weekday), got {cfg.train.schedule!r}: {e}") from None
     d = cfg.discord
-    d.token = secret(d.token, "DISCORD_TOKEN")
     for key, value in [("discord.channel_id", d.channel_id), ("discord.nsfw_channel_id", d.nsfw_channel_id),
                        ("discord.guild_id", d.guild_id), *[("discord.owner_ids", v) for v in d.owner_ids]]:
         if value < 0:
@@ -358,7 +391,6 @@ def _check_values(cfg: Config) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 5:
             raise ConfigError(f"discord.reactions.{emoji}: expected a rating from 1 to 5, got {value!r}")
     w = cfg.web
-    w.token = secret(w.token, "TASTEFEED_WEB_TOKEN")
     if not 0 <= w.port <= 65535:
         raise ConfigError(f"web.port: expected a port number (0-65535), got {w.port!r}")
     if not w.loopback() and not w.token and w.enabled != "off":
@@ -369,9 +401,11 @@ def _check_values(cfg: Config) -> None:
 
 
 def parse_source(raw: dict[str, Any], where: str) -> SourceConfig:
-    """Validate one ``[[sources]]`` table: the common keys here, the rest by the kind's Options."""
-    from sources import SOURCE_KINDS  # local import: sources do not depend on the bot
+    """Validate one ``[[sources]]`` table: the common keys here, the rest by the kind's Options.
 
+    The kind's ``check()`` sees credentials from the environment too, but ``options`` keeps only
+    what was written, so secrets from the environment never reach the sources table: they are
+    filled again when the source is built (:func:`build_source`)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a table, got {raw!r}")
     common = {k: v for k, v in raw.items() if k in _SOURCE_KEYS}
@@ -390,16 +424,20 @@ def parse_source(raw: dict[str, Any], where: str) -> SourceConfig:
     if src.max_items < 0:
         raise ConfigError(f"{where}.max_items: expected 0 or more, got {src.max_items!r}")
     opts = parse_dataclass(SOURCE_KINDS[kind].Options, options, where)
-    check = getattr(opts, "check", None)
+    check = getattr(fill_from_env(opts), "check", None)
     if check:
         problem = check()
         if problem:
             key, message = problem
             raise ConfigError(f"{where}.{key}: {message}")
     src.options = dataclasses.asdict(opts)
-    for key in getattr(SOURCE_KINDS[kind], "secret_options", ()):
-        register_secret(src.options.get(key) or None)
     return src
+
+
+def build_source(name: str, kind: str, options: dict[str, Any], http=None):
+    """A :class:`sources.base.Source` from its stored options, with the credentials left empty
+    there filled from the environment (and registered for masking)."""
+    return SOURCE_KINDS[kind](name, fill_from_env(make_options(kind, options)), http)
 
 
 def load_config(path: str | os.PathLike | None = None, *, cwd: str | os.PathLike | None = None) -> Config:
@@ -423,6 +461,9 @@ def load_config(path: str | os.PathLike | None = None, *, cwd: str | os.PathLike
     try:
         raw_sources = data.pop("sources", DEFAULT_SOURCES)
         cfg = parse_dataclass(Config, data, "")
+        for f in dataclasses.fields(cfg):
+            if dataclasses.is_dataclass(getattr(cfg, f.name)):
+                setattr(cfg, f.name, fill_from_env(getattr(cfg, f.name)))
         if not isinstance(raw_sources, list):
             raise ConfigError(f"sources: expected a list of tables ([[sources]]), got {raw_sources!r}")
         cfg.sources = [parse_source(dict(s) if isinstance(s, dict) else s, f"sources[{i}]")

@@ -23,14 +23,14 @@ from pathlib import Path
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 
-from bot.config import Config
+from bot.config import Config, build_source
 from bot.manage import PAUSED_SOURCES, sync_config_sources
 from bot.retrain import Retrainer
 from scorer.analyze import Analyzer
 from scorer.detect import make_detector
 from scorer.registry import ensure_active_model, load_scorer
 from scorer.rescore import score_stored
-from sources import AuthError, RateLimited, SourceError, TransientError, make_source
+from sources import AuthError, RateLimited, SourceError, TransientError
 from sources.http import Http, TooLarge, short_url
 from storage.media import BadImage, inspect, load_media, store_media
 from storage.store import FaceRecord
@@ -298,7 +298,7 @@ class Daemon:
                 continue
             conf = row["config"]
             try:
-                self.sources[name] = make_source(name, row["kind"], conf.get("options", {}), self.http)
+                self.sources[name] = build_source(name, row["kind"], conf.get("options", {}), self.http)
             except Exception as e:  # noqa: BLE001
                 log.error("source %s: cannot be set up: %s", name, e)
                 continue
