@@ -56,12 +56,12 @@ def cmd_run(cfg, args) -> int:
 def cmd_score(cfg, args) -> int:
     from tqdm import tqdm
 
-    from bot.daemon import build_analyzer
+    from scorer.analyze import build_analyzer
     from storage import Store
     from storage.media import BadImage, decode_image
 
     store = Store.open(cfg.db_path)
-    analyzer = build_analyzer(cfg, store)
+    analyzer = build_analyzer(store, cfg.detector, cfg.scorer, cfg.paths)
     results, failures = [], 0
     paths = [Path(p) for p in args.paths]
     bar = tqdm(paths, desc="scoring", unit="img", disable=len(paths) < 2 or not sys.stderr.isatty(),
@@ -123,7 +123,7 @@ def cmd_sources(cfg, args) -> int:
 
 
 async def _test_source(cfg, store, name, limit) -> int:
-    from sources import make_source
+    from bot.config import build_source
     from sources.http import Http
 
     conf = next((s for s in cfg.sources if s.name == name), None)
@@ -135,7 +135,7 @@ async def _test_source(cfg, store, name, limit) -> int:
             return _fail(f"no source named {name!r}")
         kind, options, cursor = row["kind"], row["config"].get("options", {}), {}
     async with Http.from_config(cfg.download) as http:
-        source = make_source(name, kind, options, http)
+        source = build_source(name, kind, options, http)
         try:
             poll = await source.poll(cursor, limit)
         except Exception as e:  # noqa: BLE001
@@ -206,9 +206,9 @@ def cmd_doctor(cfg, args) -> int:
 
 # ---- learning loop ---------------------------------------------------------------------------
 def cmd_import_labels(cfg, args) -> int:
-    from bot.daemon import build_analyzer
+    from scorer.analyze import build_analyzer
+    from scorer.import_labels import import_labels, read_rating_rows
     from storage import Store
-    from storage.labels import import_labels, read_rating_rows
 
     try:
         rows, errors = read_rating_rows(args.path)
@@ -224,7 +224,7 @@ def cmd_import_labels(cfg, args) -> int:
             store.import_source_id()
         except ValueError as e:
             return _fail(str(e))
-        analyzer = build_analyzer(cfg, store)
+        analyzer = build_analyzer(store, cfg.detector, cfg.scorer, cfg.paths)
         report = import_labels(store, analyzer, rows, cfg.media_path, crops=args.crops,
                                max_pixels=cfg.download.max_pixels, batch_size=cfg.scorer.batch_size)
         for message in report.errors:
@@ -249,7 +249,9 @@ def cmd_train(cfg, args) -> int:
         with train_lock(cfg.data_path):
             from scorer.registry import ensure_active_model
             ensure_active_model(store, cfg.scorer, cfg.models_path)
-            out = train_from_store(cfg, store, epochs=args.epochs, promote=not args.no_promote)
+            out = train_from_store(store, cfg.paths, cfg.scorer, cfg.train, margin=cfg.detector.margin,
+                                   max_pixels=cfg.download.max_pixels, epochs=args.epochs,
+                                   promote=not args.no_promote)
     except TrainError as e:
         return _fail(str(e))
     finally:
@@ -271,7 +273,8 @@ def cmd_eval(cfg, args) -> int:
 
     store = Store.open(cfg.db_path)
     try:
-        m, paths, row = evaluate_version(cfg, store, args.model, args.out)
+        m, paths, row = evaluate_version(store, cfg.paths, cfg.scorer, cfg.train, args.model, args.out,
+                                         margin=cfg.detector.margin, max_pixels=cfg.download.max_pixels)
     finally:
         store.close()
     if not m["n"]:
@@ -307,7 +310,7 @@ def cmd_models(cfg, args) -> int:
                     print(f"    {r['notes']}")
             return 0
         try:
-            row = use_model(store, cfg, args.version)
+            row = use_model(store, cfg.scorer, cfg.models_path, args.version)
         except ModelError as e:
             return _fail(str(e))
         print(f"active model: {row['version']}; a running daemon switches within a minute and rescores "
@@ -326,7 +329,8 @@ def cmd_rescore(cfg, args) -> int:
     try:
         row = ensure_active_model(store, cfg.scorer, cfg.models_path)
         scorer = load_scorer(row, cfg.scorer, cfg.models_path)
-        n = rescore_all(store, scorer, cfg, batch_size=cfg.scorer.batch_size)
+        n = rescore_all(store, scorer, cfg.media_path, margin=cfg.detector.margin, how=cfg.scorer.aggregate,
+                        max_pixels=cfg.download.max_pixels, batch_size=cfg.scorer.batch_size)
     finally:
         store.close()
     print(f"rescored {n} picture(s) with {scorer.version}")

@@ -30,10 +30,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bot.config import ScorerConfig, TrainConfig  # noqa: E402
 from scorer.dataset import split_of  # noqa: E402
 from scorer.evaluate import format_metrics, metrics  # noqa: E402
 from scorer.model import build_model, pick_device, resize_crop  # noqa: E402
+from scorer.settings import ScorerConfig, TrainConfig  # noqa: E402
 from scorer.train import fit, predict  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "animeface-10"

@@ -4,6 +4,14 @@ With no file, the embedded defaults below apply: database and media under ``./da
 source watching ``./inbox``, the ``animeface`` detector and an ``resnet18`` scorer.
 Every key is documented in ``config.example.toml``; an unknown key, a wrong type or a bad value
 raises :class:`ConfigError` with one line naming the file, the key and what was expected.
+
+Each table's dataclass lives beside the code that uses it (``[download]`` in ``sources/http.py``,
+``[detector]`` in ``scorer/detect.py``, ``[scorer]`` and ``[train]`` in ``scorer/settings.py``,
+``[ranking]`` in ``scorer/ranking.py``, a source kind's keys in its ``Options``); the bot's own
+tables are here. This module composes them into :class:`Config`, runs each one's ``check()``
+and resolves secrets in one place: a field whose metadata names an environment variable
+(``{"env": "DISCORD_TOKEN", "secret": True}``) is filled from it when empty, and secrets are
+registered for masking in log lines (:func:`fill_from_env`).
 """
 from __future__ import annotations
 
@@ -16,7 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from bot.logs import register_secret, secret
+from bot.logs import register_secret
+from scorer.detect import DetectorConfig
+from scorer.ranking import RankingConfig
+from scorer.settings import ScorerConfig, TrainConfig
+from sources import SOURCE_KINDS, make_options
+from sources.http import DownloadConfig
+from storage.paths import DataPaths
 
 
 class ConfigError(Exception):
@@ -28,67 +42,12 @@ class LogConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
-@dataclass
-class DownloadConfig:
-    timeout: float = 30.0                 # seconds for one HTTP request
-    max_bytes: int = 50 * 1024 * 1024     # larger downloads are refused
-    max_pixels: int = 90_000_000          # decompression-bomb guard (width * height)
-    per_host: int = 4                     # concurrent requests to one host
-    workers: int = 4                      # concurrent downloads in the daemon
-    queue_size: int = 64                  # download queue window (items waiting in memory)
-    allow_private: list[str] = field(default_factory=list)  # IPs/CIDRs/hosts allowed although private
-    near_duplicate_distance: int = 4      # perceptual-hash distance for near-duplicates; -1 = off
-    user_agent: str = "tastefeed/0.1 (+https://github.com/tastefeed)"
-
-
-@dataclass
-class DetectorConfig:
-    name: Literal["animeface", "opencv", "yolo"] = "animeface"
-    weights: str = ""                     # yolo: local .pt or .onnx file
-    min_confidence: float = 0.5
-    margin: float = 0.2                   # crop margin, as a share of the box size
-    min_size: int = 24                    # smaller faces (pixels) are ignored
-    max_side: int = 1600                  # pictures are downscaled to this for detection
-    no_face: Literal["whole", "skip"] = "whole"  # score the whole picture, or skip it
-
-
-@dataclass
-class ScorerConfig:
-    arch: Literal["resnet18", "resnet34", "resnet50", "alexnet"] = "resnet18"
-    pretrained: str = "none"              # none | imagenet | path to a torchvision weights file
-    device: str = "auto"                  # auto | cpu | cuda | cuda:N | mps
-    batch_size: int = 32
-    image_size: int = 64                  # crops are resized to this square (training and untrained model)
-    aggregate: Literal["max", "mean"] = "max"
-    tta: bool = True                      # also score the mirrored crop; spread = uncertainty
-
-
-@dataclass
-class TrainConfig:
-    min_labels: int = 50                  # fewer labels: no training; the ranking uses popularity
-    val_share: float = 0.15               # share of pictures (fixed by their hash) held out to validate
-    faces: Literal["all", "largest"] = "all"  # which faces of a multi-face picture its label trains
-    epochs: int = 40
-    batch_size: int = 32
-    lr: float = 0.002                     # peak learning rate (one-cycle schedule)
-    weight_decay: float = 0.05            # AdamW
-    mixup: float = 0.4                    # MixUp Beta(alpha, alpha) for inputs and targets; 0 = off
-    rotation: float = 10.0                # degrees of random rotation
-    color_jitter: float = 0.05            # brightness/contrast jitter; saturation and hue are kept
-    freeze_epochs: int = 2                # with a pretrained/warm-started backbone: epochs before unfreezing
-    warm_start: bool = True               # start from the active trained model (same arch and size)
-    patience: int = 10                    # early stopping: epochs without validation improvement
-    ema: float = 0.99                     # exponential moving average of weights; 0 = off
-    promote_margin: float = 0.0           # the new model must beat the active one's Pearson by more
-    schedule: str = ""                    # daemon: cron "min hour day month weekday"; "" = off
-    after_new_labels: int = 0             # daemon: also retrain after this many new labels; 0 = off
-    seed: int = 0
-
-
-@dataclass
-class RankingConfig:
-    exploration: float = 0.2              # share of picks made to learn (uncertain pictures), not by score
-    cold_exploration: float = 0.5         # the share while the model is untrained (cold start)
+def _positive(section, keys: tuple[str, ...]):
+    for key in keys:
+        value = getattr(section, key)
+        if value <= 0:
+            return key, f"expected a positive number, got {value!r}"
+    return None
 
 
 DEFAULT_REACTIONS = {"1\ufe0f\u20e3": 1, "2\ufe0f\u20e3": 2, "3\ufe0f\u20e3": 3, "4\ufe0f\u20e3": 4,
@@ -97,7 +56,7 @@ DEFAULT_REACTIONS = {"1\ufe0f\u20e3": 1, "2\ufe0f\u20e3": 2, "3\ufe0f\u20e3": 3,
 
 @dataclass
 class DiscordConfig:
-    token: str = ""                       # or DISCORD_TOKEN; none = Discord off
+    token: str = field(default="", metadata={"env": "DISCORD_TOKEN", "secret": True})  # none = Discord off
     channel_id: int = 0                   # the channel recommendations are posted to
     nsfw_channel_id: int = 0              # questionable/explicit pictures go here; 0 = never posted
     owner_ids: list[int] = field(default_factory=list)  # users whose reactions and commands count
@@ -110,6 +69,19 @@ class DiscordConfig:
     catch_up_hours: float = 72.0          # on start, read reactions on posts this recent
     max_upload_bytes: int = 10 * 1024 * 1024  # attachments are shrunk below this (and the server's limit)
     reactions: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_REACTIONS))
+
+    def check(self):
+        problem = _positive(self, ("interval", "posts_per_cycle", "catch_up_hours", "max_upload_bytes"))
+        if problem:
+            return problem
+        for key, value in [("channel_id", self.channel_id), ("nsfw_channel_id", self.nsfw_channel_id),
+                           ("guild_id", self.guild_id), *[("owner_ids", v) for v in self.owner_ids]]:
+            if value < 0:
+                return key, f"expected a Discord id (a positive number), got {value!r}"
+        for emoji, value in self.reactions.items():
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 5:
+                return f"reactions.{emoji}", f"expected a rating from 1 to 5, got {value!r}"
+        return None
 
     def off_reason(self) -> str | None:
         """Why Discord cannot run with these settings (None: it can)."""
@@ -127,12 +99,24 @@ class WebConfig:
     enabled: Literal["auto", "on", "off"] = "auto"  # auto: on unless Discord is set up
     host: str = "127.0.0.1"
     port: int = 8080
-    token: str = ""                       # or TASTEFEED_WEB_TOKEN; required unless host is loopback
+    # or TASTEFEED_WEB_TOKEN; required unless host is loopback
+    token: str = field(default="", metadata={"env": "TASTEFEED_WEB_TOKEN", "secret": True})
     page_size: int = 30                   # pictures per page
     thumb_size: int = 360                 # thumbnails (pixels, longest side), made once and cached
 
     def loopback(self) -> bool:
         return is_loopback(self.host)
+
+    def check(self):
+        problem = _positive(self, ("page_size", "thumb_size"))
+        if problem:
+            return problem
+        if not 0 <= self.port <= 65535:
+            return "port", f"expected a port number (0-65535), got {self.port!r}"
+        if not self.loopback() and not self.token and self.enabled != "off":
+            return "token", (f"the gallery listens on {self.host!r}, beyond this machine, so it needs a "
+                             "secret token (web.token or TASTEFEED_WEB_TOKEN); open it once with ?token=...")
+        return None
 
 
 def is_loopback(host: str) -> bool:
@@ -152,6 +136,9 @@ class DaemonConfig:
     max_items_per_poll: int = 50          # default cap of new items per poll, per source
     backoff_max: float = 3600.0           # longest wait between retries of a failing source
     unhealthy_after: int = 3              # consecutive failures before a source is unhealthy
+
+    def check(self):
+        return _positive(self, ("score_queue_size", "max_items_per_poll", "backoff_max", "unhealthy_after"))
 
 
 @dataclass
@@ -180,32 +167,38 @@ class Config:
     path: str | None = None               # the file this came from (not a key)
 
     @property
+    def paths(self) -> DataPaths:
+        """Where the database, media, models, ... live; what the scorer is handed."""
+        return DataPaths(Path(self.data_dir))
+
+    # Shorthands for the paths, as the bot uses them.
+    @property
     def data_path(self) -> Path:
-        return Path(self.data_dir)
+        return self.paths.root
 
     @property
     def db_path(self) -> Path:
-        return self.data_path / "tastefeed.db"
+        return self.paths.db
 
     @property
     def media_path(self) -> Path:
-        return self.data_path / "media"
+        return self.paths.media
 
     @property
     def models_path(self) -> Path:
-        return self.data_path / "models"
+        return self.paths.models
 
     @property
     def cache_path(self) -> Path:
-        return self.data_path / "cache"
+        return self.paths.cache
 
     @property
     def eval_path(self) -> Path:
-        return self.data_path / "eval"
+        return self.paths.eval
 
     @property
     def thumbs_path(self) -> Path:
-        return self.data_path / "thumbs"
+        return self.paths.thumbs
 
     def web_on(self) -> bool:
         """The gallery runs when asked to, or by default when Discord is not set up."""
@@ -297,50 +290,47 @@ def parse_dataclass(cls: type, data: dict[str, Any], where: str, *, extra_ok: bo
     return cls(**kwargs)
 
 
+def env_name(template: str, values: dict[str, Any]) -> str:
+    """An environment variable's name from a field's ``env`` metadata: ``{field}`` stands for
+    another field's value in capitals (a booru's ``{api}_API_KEY`` is ``DANBOORU_API_KEY``)."""
+    return template.format(**{key: str(value).upper() for key, value in values.items()})
+
+
+def fill_from_env(section):
+    """``section`` (a settings dataclass or a source's Options) with every empty field that names an
+    environment variable in its metadata (``{"env": "X_BEARER_TOKEN"}``) taken from that variable.
+    The values of fields marked ``"secret": True`` are registered for masking in log lines. This is
+    the one place where secrets are read from the environment; a copy is returned if anything was
+    filled, the section itself otherwise."""
+    fields = dataclasses.fields(section)
+    values = {f.name: getattr(section, f.name) for f in fields}
+    filled = {}
+    for f in fields:
+        template = f.metadata.get("env")
+        if template is None:
+            continue
+        value = values[f.name] or os.environ.get(env_name(template, values), "")
+        if value != values[f.name]:
+            filled[f.name] = value
+        if f.metadata.get("secret"):
+            register_secret(value or None)
+    return dataclasses.replace(section, **filled) if filled else section
+
+
+def _check(section, where: str) -> None:
+    """Raise the first problem the section's ``check()`` finds, as one line naming the key."""
+    check = getattr(section, "check", None)
+    problem = check() if check else None
+    if problem:
+        key, message = problem
+        raise ConfigError(f"{where}.{key}: {message}")
+
+
 def _check_values(cfg: Config) -> None:
-    positive = [("download.timeout", cfg.download.timeout), ("download.max_bytes", cfg.download.max_bytes),
-                ("download.max_pixels", cfg.download.max_pixels), ("download.per_host", cfg.download.per_host),
-                ("download.workers", cfg.download.workers), ("download.queue_size", cfg.download.queue_size),
-                ("detector.max_side", cfg.detector.max_side), ("scorer.batch_size", cfg.scorer.batch_size),
-                ("scorer.image_size", cfg.scorer.image_size),
-                ("daemon.score_queue_size", cfg.daemon.score_queue_size),
-                ("daemon.max_items_per_poll", cfg.daemon.max_items_per_poll),
-                ("daemon.backoff_max", cfg.daemon.backoff_max),
-                ("daemon.unhealthy_after", cfg.daemon.unhealthy_after),
-                ("discord.interval", cfg.discord.interval), ("discord.posts_per_cycle", cfg.discord.posts_per_cycle),
-                ("discord.catch_up_hours", cfg.discord.catch_up_hours),
-                ("discord.max_upload_bytes", cfg.discord.max_upload_bytes),
-                ("web.page_size", cfg.web.page_size), ("web.thumb_size", cfg.web.thumb_size)]
-    for key, value in positive:
-        if value <= 0:
-            raise ConfigError(f"{key}: expected a positive number, got {value!r}")
-    if not 0 <= cfg.detector.min_confidence <= 1:
-        raise ConfigError(f"detector.min_confidence: expected a number from 0 to 1, "
-                          f"got {cfg.detector.min_confidence!r}")
-    if not 0 <= cfg.detector.margin <= 2:
-        raise ConfigError(f"detector.margin: expected a number from 0 to 2, got {cfg.detector.margin!r}")
-    if cfg.detector.name == "yolo" and not cfg.detector.weights:
-        raise ConfigError("detector.weights: the yolo detector needs a local .pt or .onnx file")
-    if not (cfg.scorer.device in ("auto", "cpu", "cuda", "mps") or cfg.scorer.device.startswith("cuda:")):
-        raise ConfigError(f"scorer.device: expected auto, cpu, cuda, cuda:N or mps, got {cfg.scorer.device!r}")
-    for key, value in [("train.epochs", cfg.train.epochs), ("train.batch_size", cfg.train.batch_size),
-                       ("train.lr", cfg.train.lr), ("train.patience", cfg.train.patience)]:
-        if value <= 0:
-            raise ConfigError(f"{key}: expected a positive number, got {value!r}")
-    for key, value in [("train.min_labels", cfg.train.min_labels), ("train.weight_decay", cfg.train.weight_decay),
-                       ("train.mixup", cfg.train.mixup), ("train.rotation", cfg.train.rotation),
-                       ("train.color_jitter", cfg.train.color_jitter),
-                       ("train.freeze_epochs", cfg.train.freeze_epochs),
-                       ("train.promote_margin", cfg.train.promote_margin),
-                       ("train.after_new_labels", cfg.train.after_new_labels)]:
-        if value < 0:
-            raise ConfigError(f"{key}: expected 0 or more, got {value!r}")
-    for key, value, high in [("train.val_share", cfg.train.val_share, 0.5), ("train.ema", cfg.train.ema, 0.9999),
-                             ("ranking.exploration", cfg.ranking.exploration, 1),
-                             ("ranking.cold_exploration", cfg.ranking.cold_exploration, 1)]:
-        if not 0 <= value <= high or (key == "train.val_share" and value == 0):
-            raise ConfigError(f"{key}: expected a number {'above' if key == 'train.val_share' else 'from'} "
-                              f"0 {'and at most' if key == 'train.val_share' else 'to'} {high}, got {value!r}")
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(section):
+            _check(section, f.name)
     if cfg.train.schedule:
         from apscheduler.triggers.cron import CronTrigger
         try:
@@ -348,30 +338,16 @@ def _check_values(cfg: Config) -> None:
         except ValueError as e:
             raise ConfigError(f"train.schedule: expected a cron expression like '0 4 * * *' "
                               f"(minute hour day month weekday), got {cfg.train.schedule!r}: {e}") from None
-    d = cfg.discord
-    d.token = secret(d.token, "DISCORD_TOKEN")
-    for key, value in [("discord.channel_id", d.channel_id), ("discord.nsfw_channel_id", d.nsfw_channel_id),
-                       ("discord.guild_id", d.guild_id), *[("discord.owner_ids", v) for v in d.owner_ids]]:
-        if value < 0:
-            raise ConfigError(f"{key}: expected a Discord id (a positive number), got {value!r}")
-    for emoji, value in d.reactions.items():
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 5:
-            raise ConfigError(f"discord.reactions.{emoji}: expected a rating from 1 to 5, got {value!r}")
-    w = cfg.web
-    w.token = secret(w.token, "TASTEFEED_WEB_TOKEN")
-    if not 0 <= w.port <= 65535:
-        raise ConfigError(f"web.port: expected a port number (0-65535), got {w.port!r}")
-    if not w.loopback() and not w.token and w.enabled != "off":
-        raise ConfigError(f"web.token: the gallery listens on {w.host!r}, beyond this machine, so it needs a "
-                          "secret token (web.token or TASTEFEED_WEB_TOKEN); open it once with ?token=...")
     if not cfg.data_dir:
         raise ConfigError("data_dir: expected a folder path, got ''")
 
 
 def parse_source(raw: dict[str, Any], where: str) -> SourceConfig:
-    """Validate one ``[[sources]]`` table: the common keys here, the rest by the kind's Options."""
-    from sources import SOURCE_KINDS  # local import: sources do not depend on the bot
+    """Validate one ``[[sources]]`` table: the common keys here, the rest by the kind's Options.
 
+    The kind's ``check()`` sees credentials from the environment too, but ``options`` keeps only
+    what was written, so secrets from the environment never reach the sources table: they are
+    filled again when the source is built (:func:`build_source`)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a table, got {raw!r}")
     common = {k: v for k, v in raw.items() if k in _SOURCE_KEYS}
@@ -390,16 +366,15 @@ def parse_source(raw: dict[str, Any], where: str) -> SourceConfig:
     if src.max_items < 0:
         raise ConfigError(f"{where}.max_items: expected 0 or more, got {src.max_items!r}")
     opts = parse_dataclass(SOURCE_KINDS[kind].Options, options, where)
-    check = getattr(opts, "check", None)
-    if check:
-        problem = check()
-        if problem:
-            key, message = problem
-            raise ConfigError(f"{where}.{key}: {message}")
+    _check(fill_from_env(opts), where)
     src.options = dataclasses.asdict(opts)
-    for key in getattr(SOURCE_KINDS[kind], "secret_options", ()):
-        register_secret(src.options.get(key) or None)
     return src
+
+
+def build_source(name: str, kind: str, options: dict[str, Any], http=None):
+    """A :class:`sources.base.Source` from its stored options, with the credentials left empty
+    there filled from the environment (and registered for masking)."""
+    return SOURCE_KINDS[kind](name, fill_from_env(make_options(kind, options)), http)
 
 
 def load_config(path: str | os.PathLike | None = None, *, cwd: str | os.PathLike | None = None) -> Config:
@@ -423,6 +398,9 @@ def load_config(path: str | os.PathLike | None = None, *, cwd: str | os.PathLike
     try:
         raw_sources = data.pop("sources", DEFAULT_SOURCES)
         cfg = parse_dataclass(Config, data, "")
+        for f in dataclasses.fields(cfg):
+            if dataclasses.is_dataclass(getattr(cfg, f.name)):
+                setattr(cfg, f.name, fill_from_env(getattr(cfg, f.name)))
         if not isinstance(raw_sources, list):
             raise ConfigError(f"sources: expected a list of tables ([[sources]]), got {raw_sources!r}")
         cfg.sources = [parse_source(dict(s) if isinstance(s, dict) else s, f"sources[{i}]")

@@ -23,14 +23,13 @@ from pathlib import Path
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 
-from bot.config import Config
+from bot.config import Config, build_source
 from bot.manage import PAUSED_SOURCES, sync_config_sources
 from bot.retrain import Retrainer
-from scorer.analyze import Analyzer
-from scorer.detect import make_detector
-from scorer.registry import ensure_active_model, load_scorer
+from scorer.analyze import Analyzer, build_analyzer
+from scorer.registry import load_scorer
 from scorer.rescore import score_stored
-from sources import AuthError, RateLimited, SourceError, TransientError, make_source
+from sources import AuthError, RateLimited, SourceError, TransientError
 from sources.http import Http, TooLarge, short_url
 from storage.media import BadImage, inspect, load_media, store_media
 from storage.store import FaceRecord
@@ -39,15 +38,6 @@ from storage.writer import AsyncStore
 log = logging.getLogger("tastefeed.daemon")
 
 ACCEPTED_CONTENT_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
-
-
-def build_analyzer(cfg: Config, store) -> Analyzer:
-    """Detector plus the active model (created untrained if none); ``store`` is a sync Store."""
-    row = ensure_active_model(store, cfg.scorer, cfg.models_path)
-    scorer = load_scorer(row, cfg.scorer, cfg.models_path)
-    detector = make_detector(cfg.detector, cfg.data_path)
-    return Analyzer(detector, scorer, margin=cfg.detector.margin, no_face=cfg.detector.no_face,
-                    aggregate=cfg.scorer.aggregate)
 
 
 class Daemon:
@@ -86,7 +76,7 @@ class Daemon:
         await self.store.open()
         for name in await self.store.call(sync_config_sources, self.cfg):
             log.info("source %s: removed (no longer in the config)", name)
-        self.analyzer = await self.store.call(lambda s: build_analyzer(self.cfg, s))
+        self.analyzer = await self.store.call(lambda s: build_analyzer(s, self.cfg.detector, self.cfg.scorer, self.cfg.paths))
         log.info("scoring with model %s on %s, detector %s", self.analyzer.scorer.version,
                  self.analyzer.scorer.device, self.analyzer.detector.name)
         self.scheduler = AsyncIOScheduler(timezone=timezone.utc)
@@ -298,7 +288,7 @@ class Daemon:
                 continue
             conf = row["config"]
             try:
-                self.sources[name] = make_source(name, row["kind"], conf.get("options", {}), self.http)
+                self.sources[name] = build_source(name, row["kind"], conf.get("options", {}), self.http)
             except Exception as e:  # noqa: BLE001
                 log.error("source %s: cannot be set up: %s", name, e)
                 continue

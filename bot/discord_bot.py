@@ -268,8 +268,8 @@ class DiscordBot:
                 return []
             n = n or self.d.posts_per_cycle
             picks: list[Pick] = await self.store.call(
-                lambda s: pick(s, self.cfg, n, channel=CHANNEL, rng=self.rng, accept=self._accept,
-                               near_distance=self.d.near_duplicate_distance))
+                lambda s: pick(s, self.cfg.ranking, self.cfg.train.min_labels, n, channel=CHANNEL, rng=self.rng,
+                               accept=self._accept, near_distance=self.d.near_duplicate_distance))
             sent = []
             for p in picks:
                 if p.reason == "score" and (p.image.get("score") or 0) < self.d.min_score:

@@ -1,7 +1,8 @@
 """Logging set-up with secret redaction.
 
-Every secret the configuration knows about (tokens, API keys) is registered here, and a filter on
-the root handler replaces it with ``***`` in every log record, whatever logger or library emits it.
+Every secret the configuration knows about (tokens, API keys) is registered here (by
+``bot.config.fill_from_env``), and a filter on the root handler replaces it with ``***`` in every
+log record, whatever logger or library emits it.
 """
 from __future__ import annotations
 
@@ -15,15 +16,6 @@ def register_secret(value: str | None) -> None:
     """Never let ``value`` appear in a log line (values shorter than 4 characters are ignored)."""
     if value and len(value) >= 4:
         _SECRETS.add(value)
-
-
-def secret(value: str, env: str) -> str:
-    """A credential from the config, else from the environment variable ``env``; either way it is
-    masked in every log line from now on."""
-    import os
-    value = value or os.environ.get(env, "")
-    register_secret(value)
-    return value
 
 
 def redact(text: str) -> str:

@@ -47,7 +47,7 @@ HERE = Path(__file__).parent
 def for_you(store, cfg: Config, page: int, size: int) -> dict:
     """One page of unrated pictures: best first (popularity while cold), with the exploration
     share of each page taken from the least certain (cold: a fixed shuffle) and marked."""
-    cold = is_cold(store, cfg)
+    cold = is_cold(store, cfg.train.min_labels)
     share = cfg.ranking.cold_exploration if cold else cfg.ranking.exploration
     n_explore = round(size * share)
     explore = store.ranked_candidates(CHANNEL, "shuffled" if cold else "uncertain", n_explore,
@@ -310,7 +310,7 @@ class Gallery:
         from scorer.registry import use_model
         version = str((await self._form(request)).get("version", ""))
         try:
-            await self.store.call(lambda s: use_model(s, self.cfg, version))
+            await self.store.call(lambda s: use_model(s, self.cfg.scorer, self.cfg.models_path, version))
         except ModelError as e:
             return self._done(request, {"ok": False, "error": str(e)}, "/model?" + urlencode({"message": str(e)}))
         if self.daemon is not None:
@@ -326,7 +326,9 @@ class Gallery:
         def run():
             store = Store.open(self.cfg.db_path)
             try:
-                return evaluate_version(self.cfg, store, version, progress=False)
+                return evaluate_version(store, self.cfg.paths, self.cfg.scorer, self.cfg.train, version,
+                                        margin=self.cfg.detector.margin,
+                                        max_pixels=self.cfg.download.max_pixels, progress=False)
             finally:
                 store.close()
         try:

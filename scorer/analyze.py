@@ -3,6 +3,9 @@
 The picture's score is the max (or mean, per config) over its faces. A picture with no face is
 scored as a whole or skipped (``detector.no_face``); a picture imported as a face crop
 (``import-labels --crops``) has one box, detector ``crop``, covering all of it.
+
+``build_analyzer`` puts together the configured detector and the active model (creating the
+untrained one first if the registry is empty), as the daemon, ``score`` and ``import-labels`` use it.
 """
 from __future__ import annotations
 
@@ -10,8 +13,11 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from scorer.detect import Detector, Face, crop_face
+from scorer.detect import Detector, DetectorConfig, Face, crop_face, make_detector
 from scorer.model import Scorer
+from scorer.registry import ensure_active_model, load_scorer
+from scorer.settings import ScorerConfig
+from storage.paths import DataPaths
 
 
 @dataclass
@@ -74,6 +80,14 @@ class Analyzer:
             res.whole = res.faces[0].face.detector in WHOLE
             res.score, res.uncertainty = aggregate([(f.score, f.uncertainty) for f in res.faces], self.aggregate)
         return results
+
+
+def build_analyzer(store, detector: DetectorConfig, scorer: ScorerConfig, paths: DataPaths) -> Analyzer:
+    """Detector plus the active model (created untrained if none); ``store`` is a sync Store."""
+    row = ensure_active_model(store, scorer, paths.models)
+    model = load_scorer(row, scorer, paths.models)
+    return Analyzer(make_detector(detector, paths.root), model, margin=detector.margin, no_face=detector.no_face,
+                    aggregate=scorer.aggregate)
 
 
 WHOLE = ("whole", "crop")  # "face" boxes that are the whole picture: no margin is added

@@ -15,6 +15,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from PIL import Image
 
@@ -206,8 +207,32 @@ class YoloDetector(Detector):
 DETECTORS = {"animeface": AnimeFaceDetector, "opencv": OpenCVDetector, "yolo": YoloDetector}
 
 
-def make_detector(cfg, data_dir: str | Path = "data") -> Detector:
-    """Build the detector named by a ``DetectorConfig``."""
+@dataclass
+class DetectorConfig:
+    """The ``[detector]`` table."""
+    name: Literal["animeface", "opencv", "yolo"] = "animeface"
+    weights: str = ""                     # yolo: local .pt or .onnx file
+    min_confidence: float = 0.5
+    margin: float = 0.2                   # crop margin, as a share of the box size
+    min_size: int = 24                    # smaller faces (pixels) are ignored
+    max_side: int = 1600                  # pictures are downscaled to this for detection
+    no_face: Literal["whole", "skip"] = "whole"  # score the whole picture, or skip it
+
+    def check(self):
+        """(key, problem) for the first bad value, or None."""
+        if self.max_side <= 0:
+            return "max_side", f"expected a positive number, got {self.max_side!r}"
+        if not 0 <= self.min_confidence <= 1:
+            return "min_confidence", f"expected a number from 0 to 1, got {self.min_confidence!r}"
+        if not 0 <= self.margin <= 2:
+            return "margin", f"expected a number from 0 to 2, got {self.margin!r}"
+        if self.name == "yolo" and not self.weights:
+            return "weights", "the yolo detector needs a local .pt or .onnx file"
+        return None
+
+
+def make_detector(cfg: DetectorConfig, data_dir: str | Path = "data") -> Detector:
+    """Build the detector named by a :class:`DetectorConfig`."""
     common = dict(min_confidence=cfg.min_confidence, min_size=cfg.min_size, max_side=cfg.max_side)
     if cfg.name == "yolo":
         return YoloDetector(cfg.weights, config_dir=Path(data_dir) / "ultralytics", **common)

@@ -151,10 +151,13 @@ def plot_evaluation(pred, true, history: list[dict] | None, out_dir: str | Path,
     return paths
 
 
-def evaluate_version(cfg, store, version: str | None = None, out_dir: str | Path | None = None,
-                     *, progress: bool | None = None) -> tuple[dict, list[Path], dict]:
+def evaluate_version(store, paths, scfg, tcfg, version: str | None = None, out_dir: str | Path | None = None,
+                     *, margin: float, max_pixels: int,
+                     progress: bool | None = None) -> tuple[dict, list[Path], dict]:
     """Metrics and plots of a registered model (default: the active one) on the validation split.
 
+    ``paths`` is a :class:`storage.paths.DataPaths`, ``scfg`` and ``tcfg`` the scorer and train
+    settings, ``margin`` the crop margin (``detector.margin``) and ``max_pixels`` the decoding guard.
     Returns (metrics, plot paths, the model's row). Plots go to ``<data>/eval/<version>/``.
     """
     import json
@@ -167,14 +170,14 @@ def evaluate_version(cfg, store, version: str | None = None, out_dir: str | Path
     if row is None:
         raise ModelError(f"no model {version!r} (see `python main.py models list`)" if version
                          else "no active model yet: run `python main.py train`")
-    scorer = load_scorer(row, cfg.scorer, cfg.models_path)
+    scorer = load_scorer(row, scfg, paths.models)
     recorded = json.loads(row["metrics"]) if row["metrics"] else {}
-    val_share = recorded.get("val_share", cfg.train.val_share)
-    examples = [e for e in build_examples(store.training_rows(), faces=cfg.train.faces, val_share=val_share)
+    val_share = recorded.get("val_share", tcfg.val_share)
+    examples = [e for e in build_examples(store.training_rows(), faces=tcfg.faces, val_share=val_share)
                 if e.split == "val"]
-    pred, true = picture_predictions(scorer, examples, cfg.cache_path, cfg.media_path, cfg.detector.margin,
-                                     cfg.scorer.aggregate, cfg.download.max_pixels, progress)
+    pred, true = picture_predictions(scorer, examples, paths.cache, paths.media, margin,
+                                     scfg.aggregate, max_pixels, progress)
     m = metrics(pred, true)
-    out = Path(out_dir) if out_dir else cfg.eval_path / row["version"]
-    paths = plot_evaluation(pred, true, recorded.get("history"), out, title=row["version"]) if len(pred) else []
-    return m, paths, row
+    out = Path(out_dir) if out_dir else paths.eval / row["version"]
+    plots = plot_evaluation(pred, true, recorded.get("history"), out, title=row["version"]) if len(pred) else []
+    return m, plots, row

@@ -33,9 +33,25 @@ class Pick:
     exploration: bool
 
 
-def is_cold(store, cfg) -> bool:
+@dataclass
+class RankingConfig:
+    """The ``[ranking]`` table."""
+    exploration: float = 0.2              # share of picks made to learn (uncertain pictures), not by score
+    cold_exploration: float = 0.5         # the share while the model is untrained (cold start)
+
+    def check(self):
+        for key in ("exploration", "cold_exploration"):
+            value = getattr(self, key)
+            if not 0 <= value <= 1:
+                return key, f"expected a number from 0 to 1, got {value!r}"
+        return None
+
+
+def is_cold(store, min_labels: int) -> bool:
+    """No trained model is active, or fewer than ``min_labels`` (``train.min_labels``) pictures are
+    labelled."""
     active = store.active_model()
-    return not (active and active.get("metrics")) or store.label_count() < cfg.train.min_labels
+    return not (active and active.get("metrics")) or store.label_count() < min_labels
 
 
 def exploration_count(n: int, share: float, rng: random.Random) -> int:
@@ -43,12 +59,14 @@ def exploration_count(n: int, share: float, rng: random.Random) -> int:
     return whole + (rng.random() < n * share - whole)
 
 
-def pick(store, cfg, n: int = 1, *, channel: str = "discord", rng: random.Random | None = None,
-         accept: Callable[[dict], bool] | None = None, near_distance: int = -1) -> list[Pick]:
-    """Up to ``n`` pictures to show next on ``channel`` (``store`` is a sync Store)."""
+def pick(store, ranking: RankingConfig, min_labels: int, n: int = 1, *, channel: str = "discord",
+         rng: random.Random | None = None, accept: Callable[[dict], bool] | None = None,
+         near_distance: int = -1) -> list[Pick]:
+    """Up to ``n`` pictures to show next on ``channel`` (``store`` is a sync Store); cold while
+    fewer than ``min_labels`` pictures are labelled (see :func:`is_cold`)."""
     rng = rng or random.Random()
-    cold = is_cold(store, cfg)
-    share = cfg.ranking.cold_exploration if cold else cfg.ranking.exploration
+    cold = is_cold(store, min_labels)
+    share = ranking.cold_exploration if cold else ranking.exploration
     explore_n = exploration_count(n, share, rng)
     slots = [True] * explore_n + [False] * (n - explore_n)
     rng.shuffle(slots)

@@ -49,13 +49,13 @@ def load_scorer(row: dict, scorer_cfg, models_dir: str | Path) -> Scorer:
     return Scorer.load(path, device=scorer_cfg.device, batch_size=scorer_cfg.batch_size, tta=scorer_cfg.tta)
 
 
-def use_model(store, cfg, version: str) -> dict:
+def use_model(store, scorer_cfg, models_dir: str | Path, version: str) -> dict:
     """Make ``version`` the active model (rollback), after checking that its file loads."""
     row = store.get_model(version)
     if row is None:
         known = ", ".join(r["version"] for r in store.list_models()) or "none"
         raise ModelError(f"no model {version!r} (known: {known})")
-    load_scorer(row, cfg.scorer, cfg.models_path)
+    load_scorer(row, scorer_cfg, models_dir)
     store.activate_model(version)
     log.info("active model is now %s", version)
     return store.get_model(version)

@@ -57,7 +57,8 @@ def score_stored(scorer, media_root: str | Path, rows: list[dict], faces: dict[i
     return out
 
 
-def rescore_all(store, scorer, cfg, *, batch_size: int = 64, progress: bool | None = None) -> int:
+def rescore_all(store, scorer, media_root: str | Path, *, margin: float, how: str = "max",
+                max_pixels: int = 90_000_000, batch_size: int = 64, progress: bool | None = None) -> int:
     """Rescore every unposted scored picture not yet scored by ``scorer`` (sync Store)."""
     from tqdm import tqdm
 
@@ -70,9 +71,8 @@ def rescore_all(store, scorer, cfg, *, batch_size: int = 64, progress: bool | No
         if not rows:
             break
         after = rows[-1]["id"]
-        results = score_stored(scorer, cfg.media_path, rows, store.faces_for([r["id"] for r in rows]),
-                               margin=cfg.detector.margin, how=cfg.scorer.aggregate,
-                               max_pixels=cfg.download.max_pixels)
+        results = score_stored(scorer, media_root, rows, store.faces_for([r["id"] for r in rows]),
+                               margin=margin, how=how, max_pixels=max_pixels)
         for r in results:
             store.record_rescore(r.image_id, r.face_scores, r.score, r.uncertainty, scorer.version)
         done += len(results)

@@ -35,6 +35,8 @@ from scorer.dataset import CropCache, build_examples
 from scorer.evaluate import better, metrics, picture_predictions
 from scorer.model import (FORMAT, ModelError, RatingNet, Scorer, build_model, pick_device, save_model,
                           to_tensor)
+from scorer.settings import ScorerConfig, TrainConfig
+from storage.paths import DataPaths
 
 log = logging.getLogger("tastefeed.train")
 
@@ -227,20 +229,21 @@ def validation_metrics(scorer: Scorer, examples, cache_root, media_root, margin,
     return metrics(*picture_predictions(scorer, examples, cache_root, media_root, margin, how, max_pixels))
 
 
-def load_training_data(cfg, store, image_size: int, *, progress: bool | None = None):
+def load_training_data(store, tcfg: TrainConfig, paths: DataPaths, image_size: int, *, margin: float,
+                       max_pixels: int, progress: bool | None = None):
     """(train arrays, train examples, val arrays, val examples) from the labels in ``store``."""
     rows = store.training_rows()
-    examples = build_examples(rows, faces=cfg.train.faces, val_share=cfg.train.val_share)
+    examples = build_examples(rows, faces=tcfg.faces, val_share=tcfg.val_share)
     pictures = {e.image_id for e in examples}
     unanalysed = len(rows) - len(pictures)
     if unanalysed:
         log.info("%d labelled picture(s) have no stored face yet (not analysed, or no face); left out", unanalysed)
-    if len(pictures) < max(cfg.train.min_labels, 4):
+    if len(pictures) < max(tcfg.min_labels, 4):
         raise TrainError(f"only {len(pictures)} labelled picture(s) with faces; training needs "
-                         f"{max(cfg.train.min_labels, 4)} (train.min_labels). Import ratings with "
+                         f"{max(tcfg.min_labels, 4)} (train.min_labels). Import ratings with "
                          "`python main.py import-labels`, or rate pictures in Discord or the gallery")
-    cache = CropCache(cfg.cache_path, image_size, cfg.detector.margin)
-    arrays, kept = cache.arrays(examples, cfg.media_path, max_pixels=cfg.download.max_pixels, progress=progress)
+    cache = CropCache(paths.cache, image_size, margin)
+    arrays, kept = cache.arrays(examples, paths.media, max_pixels=max_pixels, progress=progress)
     train_idx = [i for i, e in enumerate(kept) if e.split == "train"]
     val_idx = [i for i, e in enumerate(kept) if e.split == "val"]
     if len(train_idx) < 2 or len(val_idx) < 2:
@@ -250,51 +253,54 @@ def load_training_data(cfg, store, image_size: int, *, progress: bool | None = N
             cache)
 
 
-def train_from_store(cfg, store, *, epochs: int | None = None, promote: bool = True,
+def train_from_store(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainConfig, *, margin: float,
+                     max_pixels: int, epochs: int | None = None, promote: bool = True,
                      progress: bool | None = None) -> TrainOutcome:
-    """Train on all labels, compare with the active model, register, promote if better."""
+    """Train on all labels, compare with the active model, register, promote if better.
+
+    ``margin`` is the crop margin (``detector.margin``), ``max_pixels`` the decoding guard
+    (``download.max_pixels``)."""
     from scorer.registry import load_scorer
 
     started = time.monotonic()
-    arch, size = cfg.scorer.arch, cfg.scorer.image_size
-    device = pick_device(cfg.scorer.device)
+    arch, size = scfg.arch, scfg.image_size
+    device = pick_device(scfg.device)
     active = store.active_model()
     net, warm = None, False
-    if cfg.train.warm_start and _is_trained(active) and active["arch"] == arch:
+    if tcfg.warm_start and _is_trained(active) and active["arch"] == arch:
         try:
-            current = load_scorer(active, cfg.scorer, cfg.models_path)
+            current = load_scorer(active, scfg, paths.models)
             if current.image_size == size:
                 net, warm = copy.deepcopy(current.net).cpu(), True
                 log.info("fine-tuning the active model %s", active["version"])
         except ModelError as e:
             log.warning("cannot warm-start from %s (%s); starting fresh", active["version"], e)
     if net is None:
-        torch.manual_seed(cfg.train.seed)
-        net = build_model(arch, cfg.scorer.pretrained)
-    learned_start = warm or cfg.scorer.pretrained not in ("", "none")
-    x_tr, ex_tr, x_val, ex_val, cache = load_training_data(cfg, store, size, progress=progress)
+        torch.manual_seed(tcfg.seed)
+        net = build_model(arch, scfg.pretrained)
+    learned_start = warm or scfg.pretrained not in ("", "none")
+    x_tr, ex_tr, x_val, ex_val, cache = load_training_data(store, tcfg, paths, size, margin=margin,
+                                                           max_pixels=max_pixels, progress=progress)
     y_tr = np.array([e.rating for e in ex_tr], dtype=np.float32)
     y_val = np.array([e.rating for e in ex_val], dtype=np.float32)
     n_train_pics, n_val_pics = len({e.image_id for e in ex_tr}), len({e.image_id for e in ex_val})
     log.info("training %s (%dpx) on %s: %d crops from %d pictures, validating on %d crops from %d pictures",
              arch, size, device, len(ex_tr), n_train_pics, len(ex_val), n_val_pics)
-    result = fit(net, x_tr, y_tr, x_val, y_val, cfg.train, device,
-                 freeze_epochs=cfg.train.freeze_epochs if learned_start else 0, epochs=epochs, progress=progress)
+    result = fit(net, x_tr, y_tr, x_val, y_val, tcfg, device,
+                 freeze_epochs=tcfg.freeze_epochs if learned_start else 0, epochs=epochs, progress=progress)
     version = _new_version(store, arch)
     scorer = Scorer(result.net, arch=arch, version=version, image_size=size, device=str(device),
-                    batch_size=cfg.scorer.batch_size, tta=cfg.scorer.tta)
-    how = cfg.scorer.aggregate
-    new = validation_metrics(scorer, ex_val, cfg.cache_path, cfg.media_path, cfg.detector.margin, how,
-                             cfg.download.max_pixels)
+                    batch_size=scfg.batch_size, tta=scfg.tta)
+    how = scfg.aggregate
+    new = validation_metrics(scorer, ex_val, paths.cache, paths.media, margin, how, max_pixels)
     baseline = None
     if active is not None:
         try:
-            old = load_scorer(active, cfg.scorer, cfg.models_path)
-            baseline = validation_metrics(old, ex_val, cfg.cache_path, cfg.media_path, cfg.detector.margin,
-                                          how, cfg.download.max_pixels)
+            old = load_scorer(active, scfg, paths.models)
+            baseline = validation_metrics(old, ex_val, paths.cache, paths.media, margin, how, max_pixels)
         except ModelError as e:
             log.warning("cannot evaluate the active model %s (%s); comparing with nothing", active["version"], e)
-    wins = better(new, baseline, cfg.train.promote_margin)
+    wins = better(new, baseline, tcfg.promote_margin)
     promoted = promote and wins
     if not promote:
         reason = "not promoted (--no-promote)"
@@ -309,8 +315,8 @@ def train_from_store(cfg, store, *, epochs: int | None = None, promote: bool = T
               "history": result.history, "best_epoch": result.best_epoch, "image_size": size,
               "n_train": n_train_pics, "n_val": n_val_pics, "crops_train": len(ex_tr), "crops_val": len(ex_val),
               "train_seconds": round(result.seconds, 1), "seconds": round(seconds, 1), "device": str(device),
-              "warm_start": warm, "val_share": cfg.train.val_share, "format": FORMAT}
-    path = cfg.models_path / f"{version}.pt"
+              "warm_start": warm, "val_share": tcfg.val_share, "format": FORMAT}
+    path = paths.models / f"{version}.pt"
     save_model(result.net, path, arch=arch, image_size=size, version=version)
     store.register_model(version, arch, path.name, data_size=n_train_pics + n_val_pics, metrics=record,
                          activate=promoted, notes=reason)

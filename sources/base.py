@@ -45,9 +45,14 @@ class BadPayload(SourceError):
 
 
 class Source:
+    """A source of one kind. ``Options`` is a dataclass of the kind's config keys, with an optional
+    ``check()`` returning ``(key, problem)`` or None. A field that may also come from the
+    environment says so in its metadata: ``{"env": "NAME"}`` (``{field}`` in the name stands for
+    that field's value in capitals), plus ``"secret": True`` for credentials that must never be
+    logged. Sources never read the environment themselves: the configuration loader fills such
+    fields when they are empty (before ``check()``) and registers secrets for masking."""
     kind: ClassVar[str]
     Options: ClassVar[type]
-    secret_options: ClassVar[tuple[str, ...]] = ()
     remote: ClassVar[bool] = True   # items are fetched over HTTP (False: local files)
 
     def __init__(self, name: str, options: Any, http=None):

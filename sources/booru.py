@@ -9,7 +9,6 @@ from the newest posts (no back-fill of the site's history). The site's md5 and s
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
@@ -28,9 +27,12 @@ class BooruOptions:
     url: str = ""                 # site root; default per api (danbooru.donmai.us, gelbooru.com, yande.re)
     tags: str = ""                # the site's own tag search
     ratings: list[str] = field(default_factory=lambda: ["general", "sensitive"])
-    login: str = ""               # Danbooru login / Moebooru login (or env DANBOORU_LOGIN, MOEBOORU_LOGIN)
-    api_key: str = ""             # Danbooru/Gelbooru API key, Moebooru password hash (or env *_API_KEY)
-    user_id: str = ""             # Gelbooru user id (or env GELBOORU_USER_ID)
+    # Credentials, each also from the environment ({api} in capitals: DANBOORU_LOGIN, ...):
+    # Danbooru / Moebooru login; Danbooru/Gelbooru API key or Moebooru password hash (never logged);
+    # Gelbooru user id.
+    login: str = field(default="", metadata={"env": "{api}_LOGIN"})
+    api_key: str = field(default="", metadata={"env": "{api}_API_KEY", "secret": True})
+    user_id: str = field(default="", metadata={"env": "{api}_USER_ID"})
     page_size: int = 100
 
     def check(self):
@@ -42,21 +44,11 @@ class BooruOptions:
             return "url", f"expected an http(s) URL, got {self.url!r}"
         if not 1 <= self.page_size <= 1000:
             return "page_size", f"expected 1 to 1000, got {self.page_size}"
-        creds = resolve_credentials(self)
         host = urlsplit(self.url or DEFAULT_URLS[self.api]).hostname or ""
-        if self.api == "gelbooru" and host.endswith("gelbooru.com") and not (creds["api_key"] and creds["user_id"]):
+        if self.api == "gelbooru" and host.endswith("gelbooru.com") and not (self.api_key and self.user_id):
             return "api_key", ("Gelbooru needs api_key and user_id (from your account options page), "
                                "in the config or as GELBOORU_API_KEY and GELBOORU_USER_ID")
         return None
-
-
-def resolve_credentials(opts: BooruOptions) -> dict[str, str]:
-    prefix = opts.api.upper()
-    return {
-        "login": opts.login or os.environ.get(f"{prefix}_LOGIN", ""),
-        "api_key": opts.api_key or os.environ.get(f"{prefix}_API_KEY", ""),
-        "user_id": opts.user_id or os.environ.get(f"{prefix}_USER_ID", ""),
-    }
 
 
 def _tags(value) -> list[str]:
@@ -68,14 +60,10 @@ def _tags(value) -> list[str]:
 class BooruSource(Source):
     kind = "booru"
     Options = BooruOptions
-    secret_options = ("api_key",)
 
     def __init__(self, name, options, http=None):
         super().__init__(name, options, http)
         self.base = (options.url or DEFAULT_URLS[options.api]).rstrip("/")
-        self.creds = resolve_credentials(options)
-        from bot.logs import register_secret
-        register_secret(self.creds["api_key"])
 
     def describe(self) -> str:
         return f"{self.options.api} {self.base} tags={self.options.tags!r}"
@@ -116,8 +104,8 @@ class BooruSource(Source):
             params["tags"] = self.options.tags
         if after is not None:
             params["page"] = f"a{after}"
-        if self.creds["login"] and self.creds["api_key"]:
-            params["login"], params["api_key"] = self.creds["login"], self.creds["api_key"]
+        if self.options.login and self.options.api_key:
+            params["login"], params["api_key"] = self.options.login, self.options.api_key
         return f"{self.base}/posts.json", params
 
     def _posts_danbooru(self, payload):
@@ -145,8 +133,8 @@ class BooruSource(Source):
         params = {"page": "dapi", "s": "post", "q": "index", "json": "1", "limit": str(limit)}
         if tags:
             params["tags"] = tags
-        if self.creds["api_key"] and self.creds["user_id"]:
-            params["api_key"], params["user_id"] = self.creds["api_key"], self.creds["user_id"]
+        if self.options.api_key and self.options.user_id:
+            params["api_key"], params["user_id"] = self.options.api_key, self.options.user_id
         return f"{self.base}/index.php", params
 
     def _posts_gelbooru(self, payload):
@@ -185,8 +173,8 @@ class BooruSource(Source):
         params = {"limit": str(limit)}
         if tags:
             params["tags"] = tags
-        if self.creds["login"] and self.creds["api_key"]:
-            params["login"], params["password_hash"] = self.creds["login"], self.creds["api_key"]
+        if self.options.login and self.options.api_key:
+            params["login"], params["password_hash"] = self.options.login, self.options.api_key
         return f"{self.base}/post.json", params
 
     def _posts_moebooru(self, payload):

@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -32,6 +32,28 @@ class BlockedAddress(SourceError):
 
 class TooLarge(SourceError):
     pass
+
+
+@dataclass
+class DownloadConfig:
+    """The ``[download]`` table: this client's limits and the daemon's download workers."""
+    timeout: float = 30.0                 # seconds for one HTTP request
+    max_bytes: int = 50 * 1024 * 1024     # larger downloads are refused
+    max_pixels: int = 90_000_000          # decompression-bomb guard (width * height)
+    per_host: int = 4                     # concurrent requests to one host
+    workers: int = 4                      # concurrent downloads in the daemon
+    queue_size: int = 64                  # download queue window (items waiting in memory)
+    allow_private: list[str] = field(default_factory=list)  # IPs/CIDRs/hosts allowed although private
+    near_duplicate_distance: int = 4      # perceptual-hash distance for near-duplicates; -1 = off
+    user_agent: str = "tastefeed/0.1 (+https://github.com/tastefeed)"
+
+    def check(self):
+        """(key, problem) for the first bad value, or None."""
+        for key in ("timeout", "max_bytes", "max_pixels", "per_host", "workers", "queue_size"):
+            value = getattr(self, key)
+            if value <= 0:
+                return key, f"expected a positive number, got {value!r}"
+        return None
 
 
 @dataclass

@@ -14,10 +14,9 @@ Servers that need it get ``access_token`` (or ``MASTODON_ACCESS_TOKEN``) as a be
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from bot.logs import secret
 from sources.base import BadPayload, Item, Poll, Source, SourceError, number
 
 log = logging.getLogger(__name__)
@@ -28,7 +27,8 @@ class MastodonOptions:
     url: str = ""                 # the server, e.g. https://mastodon.social
     account: str = ""             # an account: user (on that server) or user@other.server
     hashtag: str = ""             # or a hashtag timeline (without #)
-    access_token: str = ""        # for servers that require one (or MASTODON_ACCESS_TOKEN); never logged
+    # for servers that require one (or MASTODON_ACCESS_TOKEN); never logged
+    access_token: str = field(default="", metadata={"env": "MASTODON_ACCESS_TOKEN", "secret": True})
     reblogs: bool = False         # also take boosted statuses (the original's id dedups)
     page_size: int = 40           # statuses per request (1-40)
 
@@ -45,12 +45,11 @@ class MastodonOptions:
 class MastodonSource(Source):
     kind = "mastodon"
     Options = MastodonOptions
-    secret_options = ("access_token",)
 
     def __init__(self, name, options, http=None):
         super().__init__(name, options, http)
         self.base = options.url.rstrip("/")
-        self.token = secret(options.access_token, "MASTODON_ACCESS_TOKEN")
+        self.token = options.access_token
 
     def describe(self) -> str:
         what = f"account {self.options.account.lstrip('@')}" if self.options.account else f"#{self.options.hashtag}"

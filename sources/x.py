@@ -22,14 +22,12 @@ until ``x-rate-limit-reset``, never the others.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import aiohttp
 
-from bot.logs import secret
 from sources.base import (AuthError, BadPayload, Item, Poll, RateLimited, Source, SourceError, TransientError,
                           number, remember)
 
@@ -48,7 +46,8 @@ class XOptions:
     user: str = ""                # a handle (without @)
     list_id: str = ""             # or a list's id
     query: str = ""               # or a recent-search query, e.g. "from:artist has:images"
-    bearer_token: str = ""        # or X_BEARER_TOKEN; never logged
+    # or X_BEARER_TOKEN; never logged
+    bearer_token: str = field(default="", metadata={"env": "X_BEARER_TOKEN", "secret": True})
     retweets: bool = False        # also take pictures from retweets (the original's id dedups)
     quotes: bool = True           # a quote post without its own media: take the quoted post's
     videos: bool = False          # score GIFs/videos by their preview image (else recorded, not scored)
@@ -62,7 +61,7 @@ class XOptions:
     def check(self):
         if sum(bool(v) for v in (self.user, self.list_id, self.query)) != 1:
             return "user", "set one of user (a handle), list_id or query"
-        if not (self.bearer_token or os.environ.get("X_BEARER_TOKEN")):
+        if not self.bearer_token:
             return "bearer_token", ("X needs an app bearer token (bearer_token or X_BEARER_TOKEN); reading posts "
                                     "needs a paid X API plan (pay-per-use). Without one, follow X accounts "
                                     "through an RSS bridge with an rss source (see the README)")
@@ -101,11 +100,9 @@ def today() -> str:
 class XSource(Source):
     kind = "x"
     Options = XOptions
-    secret_options = ("bearer_token",)
 
     def __init__(self, name, options, http=None):
         super().__init__(name, options, http)
-        self.token = secret(options.bearer_token, "X_BEARER_TOKEN")
         self._capped_day = None
 
     def describe(self) -> str:
@@ -128,7 +125,7 @@ class XSource(Source):
                             "resumes tomorrow (UTC)", self.name, cursor["reads"], o.max_reads_per_day)
                 self._capped_day = day
             return Poll(items=[], cursor=cursor)
-        client = tweepy.asynchronous.AsyncClient(bearer_token=self.token, return_type=dict)
+        client = tweepy.asynchronous.AsyncClient(bearer_token=o.bearer_token, return_type=dict)
         session = _ApiSession(o.api_url, getattr(self.http, "timeout", 30.0))
         client.session = session
         try:

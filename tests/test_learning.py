@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 
 from bot.config import load_config
-from bot.daemon import build_analyzer
 from scorer import dataset
+from scorer.analyze import build_analyzer
 from scorer.dataset import build_examples, split_of
 from scorer.evaluate import better, evaluate_version, metrics
+from scorer.import_labels import import_labels, read_rating_rows
 from scorer.ranking import is_cold, pick
 from scorer.registry import ensure_active_model, load_scorer, use_model
 from scorer.rescore import rescore_all
 from scorer.train import TrainError, train_from_store, train_lock
 from storage import Store
-from storage.labels import import_labels, read_rating_rows
 from tests.conftest import picture, shared, write_config
 from tests.test_cli import MAIN, cli
 
@@ -42,6 +42,12 @@ patience = 25
     return load_config(write_config(root, body))
 
 
+def train(cfg, store, **kwargs):
+    """``train_from_store`` with the settings of ``cfg``, as ``main.py train`` calls it."""
+    return train_from_store(store, cfg.paths, cfg.scorer, cfg.train, margin=cfg.detector.margin,
+                            max_pixels=cfg.download.max_pixels, **kwargs)
+
+
 # ---- reading and importing ratings ---------------------------------------------------------
 def test_csv_rows_and_bad_lines_are_reported_with_line_numbers(tmp_path):
     (tmp_path / "pics").mkdir()
@@ -59,7 +65,7 @@ def test_csv_rows_and_bad_lines_are_reported_with_line_numbers(tmp_path):
                       "ratings.csv:9: rating '0' is not a whole number from 1 to 5"]
     cfg = learn_config(tmp_path)
     store = Store.open(cfg.db_path)
-    report = import_labels(store, build_analyzer(cfg, store), rows, cfg.media_path, progress=False)
+    report = import_labels(store, build_analyzer(store, cfg.detector, cfg.scorer, cfg.paths), rows, cfg.media_path, progress=False)
     assert report.labels_added == 2 and report.new_pictures == 2
     assert any(e.startswith("ratings.csv:7: cannot read") for e in report.errors)
     assert any(e.startswith("ratings.csv:8: broken.jpg:") for e in report.errors)
@@ -75,7 +81,7 @@ def test_folder_import_is_idempotent_and_a_new_rating_adds_a_label(tmp_path):
     (root / "misc" / "x.jpg").write_bytes(picture(99))
     cfg = learn_config(tmp_path)
     store = Store.open(cfg.db_path)
-    analyzer = build_analyzer(cfg, store)
+    analyzer = build_analyzer(store, cfg.detector, cfg.scorer, cfg.paths)
     rows, errors = read_rating_rows(root)
     assert len(rows) == 6 and errors == ["misc/: not a rating (expected folders 1 to 5), skipped"]
     first = import_labels(store, analyzer, rows, cfg.media_path, progress=False)
@@ -151,7 +157,7 @@ def rated_crops(tmp_path_factory):
         csv.writer(f).writerows([[str(ratings.parent / p), r] for p, r in rows])
     cfg = learn_config(root)
     store = Store.open(cfg.db_path)
-    report = import_labels(store, build_analyzer(cfg, store), read_rating_rows(root / "ratings.csv")[0],
+    report = import_labels(store, build_analyzer(store, cfg.detector, cfg.scorer, cfg.paths), read_rating_rows(root / "ratings.csv")[0],
                            cfg.media_path, crops=True, progress=False)
     store.close()
     assert report.labels_added == len(rows) and not report.errors
@@ -178,7 +184,7 @@ def test_training_learns_taste_and_reuses_cached_crops(rated_crops, tmp_path, mo
     decodes = []
     real_load = dataset.load_media
     monkeypatch.setattr(dataset, "load_media", lambda *a, **k: decodes.append(a[1]) or real_load(*a, **k))
-    out = train_from_store(cfg, store, progress=False)
+    out = train(cfg, store, progress=False)
     n_pictures = out.n_train + out.n_val
     assert len(decodes) == n_pictures == len(set(decodes))  # each picture decoded once over all epochs
     assert len(out.history) > 1
@@ -189,20 +195,20 @@ def test_training_learns_taste_and_reuses_cached_crops(rated_crops, tmp_path, mo
     decodes.clear()
     cfg.train.warm_start = False
     cfg.train.epochs = 2
-    train_from_store(cfg, store, promote=False, progress=False)
+    train(cfg, store, promote=False, progress=False)
     assert decodes == []  # the second run reads the crop cache
 
     control_cfg = copy_of(rated_crops, tmp_path / "control")
     control = Store.open(control_cfg.db_path)
     shuffle_labels(control)
-    shuffled = train_from_store(control_cfg, control, progress=False)
+    shuffled = train(control_cfg, control, progress=False)
     assert (shuffled.metrics["pearson"] or 0) < out.metrics["pearson"] - 0.3, (shuffled.metrics, out.metrics)
 
 
 def test_promotion_only_on_improvement_rollback_eval_and_rescore(rated_crops, tmp_path):
     cfg = copy_of(rated_crops, tmp_path)
     store = Store.open(cfg.db_path)
-    good = train_from_store(cfg, store, progress=False)
+    good = train(cfg, store, progress=False)
     assert good.promoted
     posted = store.execute("SELECT id FROM images ORDER BY id LIMIT 1")[0]["id"]
     with store.db.conn:
@@ -210,7 +216,7 @@ def test_promotion_only_on_improvement_rollback_eval_and_rescore(rated_crops, tm
                          [posted])
     # A much shorter run from scratch is worse: registered, but not used.
     cfg.train.warm_start, cfg.train.epochs = False, 1
-    worse = train_from_store(cfg, store, progress=False)
+    worse = train(cfg, store, progress=False)
     assert not worse.promoted and "kept, not used" in worse.reason
     assert store.active_model()["version"] == good.version
     versions = {r["version"]: r for r in store.list_models()}
@@ -218,26 +224,29 @@ def test_promotion_only_on_improvement_rollback_eval_and_rescore(rated_crops, tm
     assert json.loads(versions[worse.version]["metrics"])["baseline_version"] == good.version
 
     # Rollback and forward again.
-    assert use_model(store, cfg, worse.version)["active"] == 1
+    assert use_model(store, cfg.scorer, cfg.models_path, worse.version)["active"] == 1
     assert store.active_model()["version"] == worse.version
-    use_model(store, cfg, good.version)
+    use_model(store, cfg.scorer, cfg.models_path, good.version)
     with pytest.raises(Exception, match="no model 'nope'"):
-        use_model(store, cfg, "nope")
+        use_model(store, cfg.scorer, cfg.models_path, "nope")
 
     # Evaluation: the same numbers as training reported, and the plots.
-    m, paths, row = evaluate_version(cfg, store)
+    m, paths, row = evaluate_version(store, cfg.paths, cfg.scorer, cfg.train, margin=cfg.detector.margin,
+                                     max_pixels=cfg.download.max_pixels)
     assert row["version"] == good.version and m["pearson"] == good.metrics["pearson"]
     assert [p.name for p in paths] == ["by_rating.png", "pred_vs_true.png", "learning_curve.png"]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths)
 
     # Rescoring: every unposted picture gets the new model's score; the posted one keeps its own.
     scorer = load_scorer(store.active_model(), cfg.scorer, cfg.models_path)
-    n = rescore_all(store, scorer, cfg, progress=False)
+    n = rescore_all(store, scorer, cfg.media_path, margin=cfg.detector.margin, how=cfg.scorer.aggregate,
+                    max_pixels=cfg.download.max_pixels, progress=False)
     versions = {r["id"]: r["model_version"] for r in store.execute("SELECT id, model_version FROM images")}
     assert n == len(versions) - 1
     assert versions[posted] == "resnet18-random-init"
     assert {v for i, v in versions.items() if i != posted} == {good.version}
-    assert rescore_all(store, scorer, cfg, progress=False) == 0
+    assert rescore_all(store, scorer, cfg.media_path, margin=cfg.detector.margin, how=cfg.scorer.aggregate,
+                    max_pixels=cfg.download.max_pixels, progress=False) == 0
 
 
 def test_too_few_labels_and_a_second_run_are_refused(tmp_path):
@@ -245,7 +254,7 @@ def test_too_few_labels_and_a_second_run_are_refused(tmp_path):
     store = Store.open(cfg.db_path)
     ensure_active_model(store, cfg.scorer, cfg.models_path)
     with pytest.raises(TrainError, match="only 0 labelled picture"):
-        train_from_store(cfg, store, progress=False)
+        train(cfg, store, progress=False)
     with train_lock(cfg.data_path):
         with pytest.raises(TrainError, match="another training run is in progress"):
             with train_lock(cfg.data_path):
@@ -297,8 +306,8 @@ def test_cold_start_ranks_by_popularity_and_explores_more(tmp_path):
     with store.db.conn:  # scores that disagree with popularity
         store.db.execute("UPDATE images SET status = 'scored', score = 6 - id")
     ids = {(r["source_id"], r["external_id"]): r["id"] for r in store.execute("SELECT * FROM images")}
-    assert is_cold(store, cfg)
-    picks = pick(store, cfg, 6, channel="web")
+    assert is_cold(store, cfg.train.min_labels)
+    picks = pick(store, cfg.ranking, cfg.train.min_labels, 6, channel="web")
     # Percentile within each source: a's 500 and b's 3 lead, whatever the raw numbers.
     assert [p.image["id"] for p in picks[:2]] in ([ids[(a, "1")], ids[(b, "1")]], [ids[(b, "1")], ids[(a, "1")]])
     assert picks[-1].image["id"] == ids[(b, "none")] and picks[-1].reason == "recent"
@@ -306,13 +315,14 @@ def test_cold_start_ranks_by_popularity_and_explores_more(tmp_path):
     # Once trained with enough labels, the model's score ranks.
     store.register_model("trained", "resnet18", "x.pt", metrics={"val": {}}, activate=True)
     cfg.train.min_labels = 0
-    assert not is_cold(store, cfg)
-    assert [p.image["id"] for p in pick(store, cfg, 2, channel="web")] == [1, 2]
+    assert not is_cold(store, cfg.train.min_labels)
+    assert [p.image["id"] for p in pick(store, cfg.ranking, cfg.train.min_labels, 2, channel="web")] == [1, 2]
     # Exploration share: cold start explores more.
     cfg.ranking.exploration, cfg.ranking.cold_exploration = 0.1, 0.6
     cfg.train.min_labels = 50
     rng = random.Random(0)
-    explored = sum(p.exploration for _ in range(200) for p in pick(store, cfg, 1, channel="web", rng=rng))
+    explored = sum(p.exploration for _ in range(200)
+                   for p in pick(store, cfg.ranking, cfg.train.min_labels, 1, channel="web", rng=rng))
     assert 90 < explored < 150
 
 
@@ -388,16 +398,18 @@ def test_exploration_picks_the_least_certain_share_of_each_batch(tmp_path):
     with store.db.conn:  # score rises with id; the 10 least certain have low scores
         store.db.execute("UPDATE images SET status = 'scored', score = 1 + id / 10.0, "
                          "uncertainty = CASE WHEN id <= 10 THEN 0.5 + id / 100.0 ELSE 0.01 END")
-    picks = pick(store, cfg, 4, channel="web", rng=random.Random(1))
+    picks = pick(store, cfg.ranking, cfg.train.min_labels, 4, channel="web", rng=random.Random(1))
     explore = [p for p in picks if p.exploration]
     assert len(explore) == 2 and {p.reason for p in explore} == {"explore"}
     assert {p.image["id"] for p in explore} <= set(range(1, 11))   # among the most uncertain
     assert [p.image["id"] for p in picks if not p.exploration] == [40, 39]  # the rest by score
     # Candidates refused by `accept` or too close to a posted picture are passed over.
     cfg.ranking.exploration = 0.0
-    assert [p.image["id"] for p in pick(store, cfg, 2, channel="web", accept=lambda r: r["id"] % 2)] == [39, 37]
+    assert [p.image["id"] for p in pick(store, cfg.ranking, cfg.train.min_labels, 2, channel="web",
+                                        accept=lambda r: r["id"] % 2)] == [39, 37]
     with store.db.conn:
         store.db.execute("UPDATE images SET phash = CASE WHEN id = 40 THEN 'ffff000000000000' "
                          "WHEN id = 39 THEN 'ffff000000000001' ELSE printf('%016x', id * 7919) END")
     store.post_intent(40, "web", None)
-    assert [p.image["id"] for p in pick(store, cfg, 1, channel="web", near_distance=4)] == [38]
+    assert [p.image["id"] for p in pick(store, cfg.ranking, cfg.train.min_labels, 1, channel="web",
+                                        near_distance=4)] == [38]

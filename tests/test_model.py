@@ -5,7 +5,7 @@ from PIL import Image
 
 from scorer.model import ModelError, Scorer, build_model, pick_device, save_model
 from scorer.registry import ensure_active_model, load_scorer
-from bot.config import ScorerConfig
+from scorer.settings import ScorerConfig
 from storage import Store
 from tests.conftest import picture
 

@@ -4,6 +4,7 @@ import time
 import pytest
 from aiohttp import web
 
+from bot.config import build_source
 from sources import BadPayload, SourceError, make_source
 from sources.base import normalize_rating
 from sources.http import Http
@@ -156,7 +157,7 @@ async def test_danbooru_item_fields_auth_and_rating_filter(serve, http, monkeypa
     base_ref[0] = base = await serve(fake.app(base_ref))
     monkeypatch.setenv("DANBOORU_LOGIN", "me")
     monkeypatch.setenv("DANBOORU_API_KEY", "key-from-env")
-    src = make_source("d", "booru", {"api": "danbooru", "url": base, "tags": "smile"}, http)
+    src = build_source("d", "booru", {"api": "danbooru", "url": base, "tags": "smile"}, http)  # reads the env
     poll = await src.poll({}, 10)
     assert [i.external_id for i in poll.items] == ["1", "4"]  # general + sensitive kept by default
     item = poll.items[0]

@@ -1,9 +1,10 @@
 """Importing existing ratings: a folder with subfolders ``1``..``5``, or a CSV of ``path,rating``.
 
-Every picture is stored like a fetched one (media file by hash, faces detected and scored), then
-its rating is recorded as a label with origin ``import``. Importing the same ratings again adds
-nothing: pictures are found by their hash and an unchanged label is not written twice. Bad rows
-(missing file, not a picture, rating not 1-5) are reported with their line number and skipped.
+Every picture is stored like a fetched one (media file by hash, faces detected and scored by the
+analyzer, which is why this lives in the scorer and not in storage), then its rating is recorded
+as a label with origin ``import``. Importing the same ratings again adds nothing: pictures are
+found by their hash and an unchanged label is not written twice. Bad rows (missing file, not a
+picture, rating not 1-5) are reported with their line number and skipped.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scorer.detect import Face
 from storage.media import BadImage, inspect, store_media
+from storage.store import FaceRecord
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +115,6 @@ def import_labels(store, analyzer, rows: list[RatingRow], media_root: str | Path
     each picture is taken as one face crop and not run through the detector.
     """
     from tqdm import tqdm
-
-    from scorer.detect import Face
-    from storage.store import FaceRecord
 
     report = ImportReport(rows=len(rows))
     source_id = store.import_source_id()

@@ -1,0 +1,71 @@
+"""The settings of the taste model: the ``[scorer]`` table (the model that scores crops) and the
+``[train]`` table (how it learns from labels).
+
+They live here rather than in ``scorer/model.py`` and ``scorer/train.py`` because those import
+torch, and reading the configuration must stay quick. Each ``check()`` returns the first bad key
+and what was expected, or None; the configuration loader turns that into its one-line error.
+The other scorer tables live beside their code: ``DetectorConfig`` in ``scorer/detect.py``,
+``RankingConfig`` in ``scorer/ranking.py``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class ScorerConfig:
+    arch: Literal["resnet18", "resnet34", "resnet50", "alexnet"] = "resnet18"
+    pretrained: str = "none"              # none | imagenet | path to a torchvision weights file
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N | mps
+    batch_size: int = 32
+    image_size: int = 64                  # crops are resized to this square (training and untrained model)
+    aggregate: Literal["max", "mean"] = "max"
+    tta: bool = True                      # also score the mirrored crop; spread = uncertainty
+
+    def check(self):
+        for key in ("batch_size", "image_size"):
+            value = getattr(self, key)
+            if value <= 0:
+                return key, f"expected a positive number, got {value!r}"
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            return "device", f"expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}"
+        return None
+
+
+@dataclass
+class TrainConfig:
+    min_labels: int = 50                  # fewer labels: no training; the ranking uses popularity
+    val_share: float = 0.15               # share of pictures (fixed by their hash) held out to validate
+    faces: Literal["all", "largest"] = "all"  # which faces of a multi-face picture its label trains
+    epochs: int = 40
+    batch_size: int = 32
+    lr: float = 0.002                     # peak learning rate (one-cycle schedule)
+    weight_decay: float = 0.05            # AdamW
+    mixup: float = 0.4                    # MixUp Beta(alpha, alpha) for inputs and targets; 0 = off
+    rotation: float = 10.0                # degrees of random rotation
+    color_jitter: float = 0.05            # brightness/contrast jitter; saturation and hue are kept
+    freeze_epochs: int = 2                # with a pretrained/warm-started backbone: epochs before unfreezing
+    warm_start: bool = True               # start from the active trained model (same arch and size)
+    patience: int = 10                    # early stopping: epochs without validation improvement
+    ema: float = 0.99                     # exponential moving average of weights; 0 = off
+    promote_margin: float = 0.0           # the new model must beat the active one's Pearson by more
+    schedule: str = ""                    # daemon: cron "min hour day month weekday"; "" = off
+    after_new_labels: int = 0             # daemon: also retrain after this many new labels; 0 = off
+    seed: int = 0
+
+    def check(self):
+        for key in ("epochs", "batch_size", "lr", "patience"):
+            value = getattr(self, key)
+            if value <= 0:
+                return key, f"expected a positive number, got {value!r}"
+        for key in ("min_labels", "weight_decay", "mixup", "rotation", "color_jitter", "freeze_epochs",
+                    "promote_margin", "after_new_labels"):
+            value = getattr(self, key)
+            if value < 0:
+                return key, f"expected 0 or more, got {value!r}"
+        if not 0 < self.val_share <= 0.5:
+            return "val_share", f"expected a number above 0 and at most 0.5, got {self.val_share!r}"
+        if not 0 <= self.ema <= 0.9999:
+            return "ema", f"expected a number from 0 to 0.9999, got {self.ema!r}"
+        return None
