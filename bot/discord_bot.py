@@ -26,6 +26,7 @@ import json
 import logging
 import random
 import re
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 
 import aiohttp
@@ -129,11 +130,11 @@ class _Client(discord.Client):
 class DiscordBot:
     RETRY_FIRST = 5.0                 # seconds before retrying a failed login; doubles up to 10 minutes
 
-    def __init__(self, cfg: Config, store, daemon=None):
+    def __init__(self, cfg: Config, store, request_retrain: Callable[[str], Awaitable[bool]] | None = None):
         self.cfg = cfg
         self.d = cfg.discord
         self.store = store            # storage.writer.AsyncStore
-        self.daemon = daemon          # for /train and queue sizes; None in tools
+        self.request_retrain = request_retrain  # starts a training run (/train); None in tools
         self.owners = {int(o) for o in self.d.owner_ids}
         self.reactions = Reactions(self.d.reactions)
         self.client: _Client | None = None
@@ -522,10 +523,10 @@ class DiscordBot:
 
         @tree.command(name="train", description="Start a training run on all labels now")
         async def train(interaction: discord.Interaction):
-            if bot.daemon is None:
+            if bot.request_retrain is None:
                 await interaction.response.send_message("Training is not available here.", ephemeral=True)
                 return
-            started = await bot.daemon.retrain(f"/train by {interaction.user.id}")
+            started = await bot.request_retrain(f"/train by {interaction.user.id}")
             await interaction.response.send_message(
                 "Training started; the new model is used if it beats the current one." if started else
                 "A training run is already in progress.", ephemeral=True)

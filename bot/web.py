@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import mimetypes
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
@@ -93,10 +94,14 @@ def sources_data(store) -> dict:
 
 # ---- the app --------------------------------------------------------------------------------
 class Gallery:
-    def __init__(self, cfg: Config, store, daemon=None):
+    """The gallery; ``model_changed`` and ``sources_changed`` tell a running daemon at once."""
+
+    def __init__(self, cfg: Config, store, model_changed: Callable[[], Awaitable[None]] | None = None,
+                 sources_changed: Callable[[], Awaitable[None]] | None = None):
         self.cfg = cfg
         self.store = store            # storage.writer.AsyncStore
-        self.daemon = daemon
+        self.model_changed = model_changed
+        self.sources_changed = sources_changed
         self.runner: web.AppRunner | None = None
         self.url: str | None = None
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
@@ -313,8 +318,8 @@ class Gallery:
             await self.store.call(lambda s: use_model(s, self.cfg, version))
         except ModelError as e:
             return self._done(request, {"ok": False, "error": str(e)}, "/model?" + urlencode({"message": str(e)}))
-        if self.daemon is not None:
-            await self.daemon.check_model()
+        if self.model_changed is not None:
+            await self.model_changed()
         return self._done(request, {"ok": True, "version": version},
                           "/model?" + urlencode({"message": f"now using {version}"}))
 
@@ -367,8 +372,8 @@ class Gallery:
             message = f"source {name} {'paused' if paused else 'resumed'}"
         except ManageError as e:
             message = str(e)
-        if self.daemon is not None:
-            await self.daemon.refresh_sources()
+        if self.sources_changed is not None:
+            await self.sources_changed()
         return self._done(request, {"message": message}, "/sources?" + urlencode({"message": message}))
 
 

@@ -334,7 +334,7 @@ async def test_slash_commands_answer_the_owner_and_refuse_everyone_else(tmp_path
         assert store.get_source("feed") is None
 
         [train] = await reply(await fake.command("train", fake.owner_id))
-        assert "Training started" in train["data"]["content"] and daemon.retrainer.running
+        assert "Training started" in train["data"]["content"] and daemon.models.retrainer.running
     finally:
         await daemon.stop()
     assert not fake.unknown
