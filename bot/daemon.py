@@ -132,7 +132,7 @@ class Daemon:
         if self._discord_task is not None and not self._discord_task.done():
             self._discord_task.cancel()
             await asyncio.wait([self._discord_task], timeout=5)
-        work = self.pipeline.tasks + self.poller.in_flight() + self.models.tasks()
+        work = self.pipeline.running() + self.poller.running() + self.models.running()
         pending = [t for t in work if not t.done()]
         if pending:
             done, still = await asyncio.wait(pending, timeout=self.cfg.daemon.stop_timeout)

@@ -57,7 +57,7 @@ class ModelWatcher:
                                    max_instances=1, coalesce=True)
         await self.check_model()  # pictures left unrescored by a stop or by `models use`
 
-    def tasks(self) -> list[asyncio.Task]:
+    def running(self) -> list[asyncio.Task]:
         """Background work a stop waits for (a rescoring run)."""
         return [self._rescore_task] if self._rescore_task is not None else []
 

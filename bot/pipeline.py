@@ -44,12 +44,12 @@ class Pipeline:
         self._in_download: set[int] = set()
         self._in_score: set[int] = set()
         self._retry_at: dict[int, float] = {}
-        self.tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task] = []
 
     def start(self, analyzer: Analyzer) -> None:
         """Start the feeders and workers; they run until ``stopping`` is set."""
         self.analyzer = analyzer
-        self.tasks = [
+        self._tasks = [
             asyncio.create_task(self._feeder(self.download_queue, "pending", self._in_download,
                                              self._download_wake), name="download-feeder"),
             asyncio.create_task(self._feeder(self.score_queue, "downloaded", self._in_score,
@@ -58,6 +58,10 @@ class Pipeline:
               for i in range(self.cfg.download.workers)],
             asyncio.create_task(self._score_worker(), name="scorer"),
         ]
+
+    def running(self) -> list[asyncio.Task]:
+        """The feeders and workers (a stop waits for them to finish their item)."""
+        return list(self._tasks)
 
     def wake_downloads(self) -> None:
         """New ``pending`` rows were stored: look for them now rather than within a second."""

@@ -46,7 +46,7 @@ class SourcePoller:
         self.scheduler.add_job(self.refresh_sources, "interval", seconds=15, id="refresh-sources",
                                max_instances=1, coalesce=True)
 
-    def in_flight(self) -> list[asyncio.Task]:
+    def running(self) -> list[asyncio.Task]:
         """Polls running now (a stop waits for them)."""
         return list(self._polls)
 
