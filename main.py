@@ -323,16 +323,22 @@ def cmd_models(cfg, args) -> int:
 def cmd_rescore(cfg, args) -> int:
     from scorer.registry import ensure_active_model, load_scorer
     from scorer.rescore import rescore_all
-    from storage import Store
+    from storage import AsyncStore
 
-    store = Store.open(cfg.db_path)
-    try:
-        row = ensure_active_model(store, cfg.scorer, cfg.models_path)
-        scorer = load_scorer(row, cfg.scorer, cfg.models_path)
-        n = rescore_all(store, scorer, cfg.media_path, margin=cfg.detector.margin, how=cfg.scorer.aggregate,
-                        max_pixels=cfg.download.max_pixels, batch_size=cfg.scorer.batch_size)
-    finally:
-        store.close()
+    async def run():
+        store = AsyncStore(cfg.db_path)
+        try:
+            await store.open()
+            row = await store.call(ensure_active_model, cfg.scorer, cfg.models_path)
+            scorer = await asyncio.to_thread(load_scorer, row, cfg.scorer, cfg.models_path)
+            n = await rescore_all(store, scorer, media_root=cfg.media_path, margin=cfg.detector.margin,
+                                  how=cfg.scorer.aggregate, max_pixels=cfg.download.max_pixels,
+                                  batch_size=cfg.scorer.batch_size, progress=None)
+        finally:
+            await store.close()
+        return n, scorer
+
+    n, scorer = asyncio.run(run())
     print(f"rescored {n} picture(s) with {scorer.version}")
     return 0
 

@@ -5,41 +5,35 @@ An aiohttp app served by the daemon (``[web]``: 127.0.0.1:8080 by default). Page
 *Picture* (face boxes and scores, labels), *Rated* (with undo), *Model* (metrics, plots,
 rollback) and *Sources* (health, add, remove, pause).
 
-Security:
-- Bound to anything but loopback, every request needs the secret token (``web.token`` or
-  ``TASTEFEED_WEB_TOKEN``): open the gallery once with ``?token=...`` and it is kept in a cookie
-  (HttpOnly, SameSite=Strict); otherwise 401. A token set for a loopback gallery is enforced too.
-- On loopback, the Host header must name this machine (no DNS rebinding).
-- State changes are POSTs only, and a POST must come from the gallery's own pages: its Origin
-  (or Sec-Fetch-Site, or Referer) must match, or it is refused with 403.
-
-A click is stored exactly like a Discord reaction: a label in the same table, origin ``web``.
+This module is the app, its pages and its files; who may use it (token, Host check, same-origin
+POSTs) is ``bot.web_guard``, and what the buttons do (rate, undo, switch model, sources) is
+``bot.web_actions``. A click is stored exactly like a Discord reaction: a label in the same
+table, origin ``web``.
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import math
 import mimetypes
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import jinja2
 from aiohttp import web
 
-from bot.config import Config, is_loopback
-from bot.manage import (PAUSED_SOURCES, ManageError, add_source, parse_pairs, pause_source, picture_data,
-                        remove_source, source_state, stats)
+from bot.config import Config
+from bot.manage import PAUSED_SOURCES, picture_data, source_state, stats
+from bot.web_actions import GalleryActions
+from bot.web_guard import guard
 from scorer.ranking import is_cold
 from storage.media import thumbnail
 
 log = logging.getLogger("tastefeed.web")
 
 CHANNEL = "web"
-USER = "owner"
-COOKIE = "tastefeed_token"
 HERE = Path(__file__).parent
 
 
@@ -93,10 +87,13 @@ def sources_data(store) -> dict:
 
 # ---- the app --------------------------------------------------------------------------------
 class Gallery:
-    def __init__(self, cfg: Config, store, daemon=None):
+    """The gallery; ``model_changed`` and ``sources_changed`` tell a running daemon at once."""
+
+    def __init__(self, cfg: Config, store, model_changed: Callable[[], Awaitable[None]] | None = None,
+                 sources_changed: Callable[[], Awaitable[None]] | None = None):
         self.cfg = cfg
         self.store = store            # storage.writer.AsyncStore
-        self.daemon = daemon
+        self.actions = GalleryActions(cfg, store, model_changed, sources_changed)
         self.runner: web.AppRunner | None = None
         self.url: str | None = None
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
@@ -105,8 +102,8 @@ class Gallery:
         self.env.globals["query"] = lambda **kw: "?" + urlencode({k: v for k, v in kw.items() if v not in (None, "")})
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self.guard], client_max_size=1024 * 1024)
-        r = app.router
+        app = web.Application(middlewares=[guard(self.cfg.web)], client_max_size=1024 * 1024)
+        r, a = app.router, self.actions
         r.add_get("/", self.page_for_you)
         r.add_get("/picture/{id:\\d+}", self.page_picture)
         r.add_get("/rated", self.page_rated)
@@ -116,14 +113,14 @@ class Gallery:
         r.add_get("/thumb/{id:\\d+}", self.thumb)
         r.add_get("/eval/{version}/{name}", self.eval_plot)
         r.add_get("/api/stats", self.api_stats)
-        r.add_post("/rate/{id:\\d+}", self.rate)
-        r.add_post("/undo/{label:\\d+}", self.undo)
-        r.add_post("/model/use", self.use_model)
-        r.add_post("/model/evaluate", self.evaluate)
-        r.add_post("/sources/add", self.source_add)
-        r.add_post("/sources/{name}/remove", self.source_remove)
-        r.add_post("/sources/{name}/pause", self.source_pause)
-        r.add_post("/sources/{name}/resume", self.source_pause)
+        r.add_post("/rate/{id:\\d+}", a.rate)
+        r.add_post("/undo/{label:\\d+}", a.undo)
+        r.add_post("/model/use", a.use_model)
+        r.add_post("/model/evaluate", a.evaluate)
+        r.add_post("/sources/add", a.source_add)
+        r.add_post("/sources/{name}/remove", a.source_remove)
+        r.add_post("/sources/{name}/pause", a.source_pause)
+        r.add_post("/sources/{name}/resume", a.source_pause)
         r.add_static("/static", HERE / "static")
         return app
 
@@ -148,33 +145,6 @@ class Gallery:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
-
-    # ---- security ----------------------------------------------------------------------------
-    def _token_needed(self) -> bool:
-        return bool(self.cfg.web.token) or not self.cfg.web.loopback()
-
-    @web.middleware
-    async def guard(self, request: web.Request, handler):
-        if self.cfg.web.loopback() and not _local_host(request.host):
-            return web.Response(status=421, text="This gallery answers only to localhost addresses.\n")
-        if self._token_needed():
-            token = self.cfg.web.token
-            given = request.query.get("token")
-            if given is not None:
-                if not hmac.compare_digest(given.encode(), token.encode()):
-                    return web.Response(status=401, text="Wrong token.\n")
-                target = request.rel_url.with_query([(k, v) for k, v in request.query.items() if k != "token"])
-                resp = web.Response(status=303, headers={"Location": str(target)})
-                resp.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/",
-                                max_age=400 * 24 * 3600)
-                return resp
-            cookie = request.cookies.get(COOKIE, "")
-            if not hmac.compare_digest(cookie.encode(), token.encode()):
-                return web.Response(status=401, text="This gallery needs its token: open it once with "
-                                                     "?token=... (web.token or TASTEFEED_WEB_TOKEN).\n")
-        if request.method not in ("GET", "HEAD") and not _same_origin(request):
-            return web.Response(status=403, text="Cross-site request refused.\n")
-        return await handler(request)
 
     # ---- rendering ---------------------------------------------------------------------------
     def render(self, name: str, request: web.Request, **ctx) -> web.Response:
@@ -258,135 +228,3 @@ class Gallery:
         if root not in path.parents or path.suffix != ".png" or not path.is_file():
             raise web.HTTPNotFound()
         return web.FileResponse(path)
-
-    # ---- actions -----------------------------------------------------------------------------
-    async def _form(self, request) -> dict:
-        if request.content_type == "application/json":
-            try:
-                data = await request.json()
-            except ValueError:
-                raise web.HTTPBadRequest(text="expected JSON\n") from None
-            return data if isinstance(data, dict) else {}
-        return dict(await request.post())
-
-    @staticmethod
-    def _done(request, data: dict, back: str) -> web.Response:
-        if "application/json" in request.headers.get("Accept", "") or request.content_type == "application/json":
-            return web.json_response(data)
-        raise web.HTTPSeeOther(back)
-
-    @staticmethod
-    def _back(request, default: str) -> str:
-        ref = request.headers.get("Referer")
-        return urlsplit(ref)._replace(scheme="", netloc="").geturl() if ref else default
-
-    async def rate(self, request):
-        image_id = int(request.match_info["id"])
-        form = await self._form(request)
-        try:
-            value = int(form.get("value"))
-            if not 1 <= value <= 5:
-                raise ValueError
-        except (TypeError, ValueError):
-            raise web.HTTPBadRequest(text="value: expected a rating from 1 to 5\n") from None
-        if await self.store.get_image(image_id) is None:
-            raise web.HTTPNotFound(text="No such picture.\n")
-        await self.store.add_label(image_id, value, origin=CHANNEL, user=USER)
-        log.info("label: picture %d rated %d in the gallery", image_id, value)
-        return self._done(request, {"ok": True, "image_id": image_id, "value": value},
-                          self._back(request, f"/picture/{image_id}"))
-
-    async def undo(self, request):
-        label = await self.store.undo_label(int(request.match_info["label"]))
-        if label is None:
-            raise web.HTTPNotFound(text="No such label.\n")
-        log.info("label: rating %d of picture %d taken back in the gallery", label["value"], label["image_id"])
-        current = await self.store.current_label(label["image_id"])
-        return self._done(request, {"ok": True, "image_id": label["image_id"], "current": current},
-                          self._back(request, "/rated"))
-
-    async def use_model(self, request):
-        from scorer.model import ModelError
-        from scorer.registry import use_model
-        version = str((await self._form(request)).get("version", ""))
-        try:
-            await self.store.call(lambda s: use_model(s, self.cfg.scorer, self.cfg.models_path, version))
-        except ModelError as e:
-            return self._done(request, {"ok": False, "error": str(e)}, "/model?" + urlencode({"message": str(e)}))
-        if self.daemon is not None:
-            await self.daemon.check_model()
-        return self._done(request, {"ok": True, "version": version},
-                          "/model?" + urlencode({"message": f"now using {version}"}))
-
-    async def evaluate(self, request):
-        from scorer.evaluate import evaluate_version
-        from storage import Store
-        version = str((await self._form(request)).get("version", "")) or None
-
-        def run():
-            store = Store.open(self.cfg.db_path)
-            try:
-                return evaluate_version(store, self.cfg.paths, self.cfg.scorer, self.cfg.train, version,
-                                        margin=self.cfg.detector.margin,
-                                        max_pixels=self.cfg.download.max_pixels, progress=False)
-            finally:
-                store.close()
-        try:
-            m, paths, row = await asyncio.to_thread(run)
-            message = f"evaluated {row['version']} on {m.get('n', 0)} validation picture(s)"
-        except Exception as e:  # noqa: BLE001
-            message = f"evaluation failed: {e}"
-        return self._done(request, {"message": message}, "/model?" + urlencode({"message": message}))
-
-    async def source_add(self, request):
-        import shlex
-        form = await self._form(request)
-        name, kind = str(form.get("name", "")).strip(), str(form.get("kind", "")).strip()
-        try:
-            if not name:
-                raise ManageError("a source needs a name")
-            pairs = parse_pairs(shlex.split(str(form.get("options", ""))))
-            src = await self.store.call(lambda s: add_source(s, self.cfg, name, kind, pairs))
-            message = f"added source {src.name}; it is polled within 15 s"
-        except (ManageError, ValueError) as e:
-            message = f"not added: {e}"
-        return self._done(request, {"message": message}, "/sources?" + urlencode({"message": message}))
-
-    async def source_remove(self, request):
-        name = request.match_info["name"]
-        try:
-            await self.store.call(lambda s: remove_source(s, self.cfg, name))
-            message = f"removed source {name}; its pictures are kept"
-        except ManageError as e:
-            message = f"not removed: {e}"
-        return self._done(request, {"message": message}, "/sources?" + urlencode({"message": message}))
-
-    async def source_pause(self, request):
-        name = request.match_info["name"]
-        paused = request.path.endswith("/pause")
-        try:
-            await self.store.call(lambda s: pause_source(s, name, paused))
-            message = f"source {name} {'paused' if paused else 'resumed'}"
-        except ManageError as e:
-            message = str(e)
-        if self.daemon is not None:
-            await self.daemon.refresh_sources()
-        return self._done(request, {"message": message}, "/sources?" + urlencode({"message": message}))
-
-
-def _local_host(host: str | None) -> bool:
-    if not host:
-        return False
-    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    return is_loopback(name.strip("[]"))
-
-
-def _same_origin(request: web.Request) -> bool:
-    origin = request.headers.get("Origin")
-    if origin:
-        return origin != "null" and urlsplit(origin).netloc == request.host
-    site = request.headers.get("Sec-Fetch-Site")
-    if site:
-        return site in ("same-origin", "none")
-    referer = request.headers.get("Referer")
-    return bool(referer) and urlsplit(referer).netloc == request.host

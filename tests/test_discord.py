@@ -174,7 +174,7 @@ async def test_with_a_trained_model_pictures_below_min_score_wait(tmp_path, fake
     daemon = await started(cfg)
     try:
         await messages(fake, fake.channel_id, 2)
-        assert await daemon.discord.post_cycle() == []
+        assert await daemon.discord.posts.post_cycle() == []
         assert [footer_id(m) for m in fake.messages_in(fake.channel_id)] == [ids[1], ids[3]]  # by score
     finally:
         await daemon.stop()
@@ -239,7 +239,7 @@ async def test_a_crash_between_send_and_record_posts_nothing_twice(tmp_path, fak
     try:
         await wait_for(lambda: _async(not store.posts_with_status("discord", "intent")))  # reconciled on start
         # The restart does not start a cycle early (the last one was under an hour ago): run one now.
-        assert len(await daemon.discord.post_cycle()) == 1
+        assert len(await daemon.discord.posts.post_cycle()) == 1
         msgs = fake.messages_in(fake.channel_id)
         assert [footer_id(m) for m in msgs] == [ids[0], ids[1]]   # picture 0 once; picture 1 posted now
         posts = store.execute("SELECT image_id, status, message_id FROM posts ORDER BY id")
@@ -301,7 +301,7 @@ async def test_slash_commands_answer_the_owner_and_refuse_everyone_else(tmp_path
 
         [ok] = await reply(await fake.command("pause", fake.owner_id))
         assert "paused" in ok["data"]["content"] and store.get_setting("discord.paused") is True
-        assert await daemon.discord.post_cycle() == []        # scheduled cycles wait while paused
+        assert await daemon.discord.posts.post_cycle() == []  # scheduled cycles wait while paused
         replies = await reply(await fake.command("top", fake.owner_id, [{"name": "n", "type": 4, "value": 2}]), 2)
         assert "Posted 2" in replies[1]["content"]             # /top posts even while paused
         assert [footer_id(m) for m in fake.messages_in(fake.channel_id)] == ids[:3]
@@ -334,7 +334,7 @@ async def test_slash_commands_answer_the_owner_and_refuse_everyone_else(tmp_path
         assert store.get_source("feed") is None
 
         [train] = await reply(await fake.command("train", fake.owner_id))
-        assert "Training started" in train["data"]["content"] and daemon.retrainer.running
+        assert "Training started" in train["data"]["content"] and daemon.models.retrainer.running
     finally:
         await daemon.stop()
     assert not fake.unknown

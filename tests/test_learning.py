@@ -22,7 +22,7 @@ from scorer.ranking import is_cold, pick
 from scorer.registry import ensure_active_model, load_scorer, use_model
 from scorer.rescore import rescore_all
 from scorer.train import TrainError, train_from_store, train_lock
-from storage import Store
+from storage import AsyncStore, Store
 from tests.conftest import picture, shared, write_config
 from tests.test_cli import MAIN, cli
 
@@ -239,14 +239,26 @@ def test_promotion_only_on_improvement_rollback_eval_and_rescore(rated_crops, tm
 
     # Rescoring: every unposted picture gets the new model's score; the posted one keeps its own.
     scorer = load_scorer(store.active_model(), cfg.scorer, cfg.models_path)
-    n = rescore_all(store, scorer, cfg.media_path, margin=cfg.detector.margin, how=cfg.scorer.aggregate,
-                    max_pixels=cfg.download.max_pixels, progress=False)
+    n = rescore_now(cfg, scorer)
     versions = {r["id"]: r["model_version"] for r in store.execute("SELECT id, model_version FROM images")}
     assert n == len(versions) - 1
     assert versions[posted] == "resnet18-random-init"
     assert {v for i, v in versions.items() if i != posted} == {good.version}
-    assert rescore_all(store, scorer, cfg.media_path, margin=cfg.detector.margin, how=cfg.scorer.aggregate,
-                    max_pixels=cfg.download.max_pixels, progress=False) == 0
+    assert rescore_now(cfg, scorer) == 0
+
+
+def rescore_now(cfg, scorer) -> int:
+    """``rescore_all`` as ``main.py rescore`` runs it: over an AsyncStore, in its own event loop."""
+    async def run():
+        store = AsyncStore(cfg.db_path)
+        try:
+            await store.open()
+            return await rescore_all(store, scorer, media_root=cfg.media_path, margin=cfg.detector.margin,
+                                     how=cfg.scorer.aggregate, max_pixels=cfg.download.max_pixels,
+                                     batch_size=cfg.scorer.batch_size, progress=False)
+        finally:
+            await store.close()
+    return asyncio.run(run())
 
 
 def test_too_few_labels_and_a_second_run_are_refused(tmp_path):
@@ -354,15 +366,15 @@ settle = 0.2
         # The labels were imported before any training, so the label trigger wants a run too;
         # the schedule fires first here, and one run at a time is allowed.
         job.modify(next_run_time=datetime.now(timezone.utc))
-        await wait_for(lambda: _true(daemon.retrainer.running), timeout=10)
-        assert not await daemon.retrain("a second request")
+        await wait_for(lambda: _true(daemon.models.retrainer.running), timeout=10)
+        assert not await daemon.models.retrain("a second request")
         # The daemon keeps working while the child process trains.
         (tmp_path / "inbox").mkdir(exist_ok=True)
         (tmp_path / "inbox" / "new.jpg").write_bytes(picture(7))
         await wait_for(lambda: _true(daemon.stats["scored"] >= 1), timeout=30)
-        assert daemon.retrainer.running
+        assert daemon.models.retrainer.running
         await wait_for(lambda: _true(daemon.analyzer.scorer.version != first), timeout=120)
-        assert daemon.retrainer.last_exit == 0 and daemon.retrainer.runs == 1
+        assert daemon.models.retrainer.last_exit == 0 and daemon.models.retrainer.runs == 1
         new = daemon.analyzer.scorer.version
         assert (await daemon.store.active_model())["version"] == new
         await wait_for(lambda: _true(daemon.stats["rescored"] > 0), timeout=60)
@@ -371,12 +383,12 @@ settle = 0.2
         ids = [r["id"] for r in await daemon.store.execute("SELECT id FROM images ORDER BY id LIMIT 2")]
         for image_id in ids:
             await daemon.store.add_label(image_id, 5, origin="web", ref="test")
-        await daemon.check_new_labels()
-        assert daemon.retrainer.running and daemon.retrainer.runs == 2
+        await daemon.models.check_new_labels()
+        assert daemon.models.retrainer.running and daemon.models.retrainer.runs == 2
         await asyncio.sleep(1)
     finally:
         await daemon.stop()
-    assert daemon.retrainer.last_exit != 0
+    assert daemon.models.retrainer.last_exit != 0
     store = Store.open(cfg.db_path)
     assert store.active_model()["version"] == new
     assert store.execute("SELECT COUNT(*) AS n FROM labels WHERE origin = 'web'")[0]["n"] == 2

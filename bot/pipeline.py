@@ -1,0 +1,219 @@
+"""The download → score pipeline: workers that take image ids from the database and move them on.
+
+    feeder --(ids of ``pending`` rows)--> download workers --(rows ``downloaded``)-->
+    feeder --(ids of ``downloaded`` rows)--> scoring worker --(rows ``scored``)
+
+Bounded asyncio queues hold only image ids and are refilled from the database by a feeder, so
+memory stays bounded, a slow model never blocks polling, and after a crash or stop the work
+resumes from the rows' status. Downloading and decoding run in worker threads; the scoring
+worker takes the ids waiting in its queue as one batch (up to ``scorer.batch_size``) and runs
+detection and scoring in a worker thread. Every write goes through the single writer thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from pathlib import Path
+
+from bot.config import Config
+from scorer.analyze import Analyzer
+from sources import SourceError, TransientError
+from sources.http import Http, TooLarge, short_url
+from storage.media import BadImage, inspect, load_media, store_media
+from storage.store import FaceRecord
+
+log = logging.getLogger("tastefeed.daemon")
+
+ACCEPTED_CONTENT_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, store, http: Http, stopping: asyncio.Event, stats: dict):
+        self.cfg = cfg
+        self.store = store            # storage.writer.AsyncStore
+        self.http = http
+        self.stopping = stopping
+        self.stats = stats
+        self.analyzer: Analyzer | None = None
+        self.download_queue: asyncio.Queue[int] = asyncio.Queue(cfg.download.queue_size)
+        self.score_queue: asyncio.Queue[int] = asyncio.Queue(cfg.daemon.score_queue_size)
+        self._download_wake = asyncio.Event()
+        self._score_wake = asyncio.Event()
+        self._in_download: set[int] = set()
+        self._in_score: set[int] = set()
+        self._retry_at: dict[int, float] = {}
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self, analyzer: Analyzer) -> None:
+        """Start the feeders and workers; they run until ``stopping`` is set."""
+        self.analyzer = analyzer
+        self._tasks = [
+            asyncio.create_task(self._feeder(self.download_queue, "pending", self._in_download,
+                                             self._download_wake), name="download-feeder"),
+            asyncio.create_task(self._feeder(self.score_queue, "downloaded", self._in_score,
+                                             self._score_wake), name="score-feeder"),
+            *[asyncio.create_task(self._download_worker(), name=f"download-{i}")
+              for i in range(self.cfg.download.workers)],
+            asyncio.create_task(self._score_worker(), name="scorer"),
+        ]
+
+    def running(self) -> list[asyncio.Task]:
+        """The feeders and workers (a stop waits for them to finish their item)."""
+        return list(self._tasks)
+
+    def wake_downloads(self) -> None:
+        """New ``pending`` rows were stored: look for them now rather than within a second."""
+        self._download_wake.set()
+
+    async def _take(self, queue: asyncio.Queue):
+        """The next id from ``queue``, or None once a stop is requested."""
+        if self.stopping.is_set():
+            return None
+        getter = asyncio.ensure_future(queue.get())
+        stopper = asyncio.ensure_future(self.stopping.wait())
+        done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            stopper.cancel()
+            return getter.result()
+        getter.cancel()
+        return None
+
+    async def _feeder(self, queue: asyncio.Queue, status: str, in_flight: set[int], wake: asyncio.Event):
+        while not self.stopping.is_set():
+            wake.clear()
+            room = queue.maxsize - queue.qsize()
+            if room > 0:
+                now = time.monotonic()
+                waiting = {i for i, t in self._retry_at.items() if t > now}
+                try:
+                    ids = await self.store.ids_with_status(status, room, in_flight | waiting)
+                except Exception as e:  # noqa: BLE001
+                    log.error("cannot read the %s queue from the database: %s", status, e)
+                    ids = []
+                for image_id in ids:
+                    in_flight.add(image_id)
+                    queue.put_nowait(image_id)
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
+
+    # ---- download ------------------------------------------------------------------------
+    async def _download_worker(self) -> None:
+        while True:
+            image_id = await self._take(self.download_queue)
+            if image_id is None:
+                return
+            try:
+                await self.download(image_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                log.error("image %d: download step failed: %s: %s", image_id, type(e).__name__, e)
+            finally:
+                self._in_download.discard(image_id)
+                self._download_wake.set()
+
+    async def _fetch(self, row: dict) -> bytes:
+        limit = self.cfg.download.max_bytes
+        if row["local_path"]:
+            path = Path(row["local_path"])
+            size = path.stat().st_size
+            if size > limit:
+                raise TooLarge(f"{path.name} is {size} bytes, over the {limit}-byte limit")
+            return await asyncio.to_thread(path.read_bytes)
+        if not row["media_url"]:
+            raise BadImage("the source gave no picture URL")
+        resp = await self.http.get(row["media_url"], headers={"Accept": "image/*"})
+        ctype = resp.headers.get("Content-Type", "").lower()
+        if ctype and not ctype.startswith(ACCEPTED_CONTENT_TYPES):
+            raise BadImage(f"{short_url(row['media_url'])} is {ctype.split(';')[0]}, not a picture")
+        return resp.body
+
+    async def download(self, image_id: int) -> str:
+        row = await self.store.get_image(image_id)
+        if row is None or row["status"] != "pending":
+            return "gone"
+        where = row["local_path"] or short_url(row["media_url"] or "")
+        try:
+            data = await self._fetch(row)
+            info, _ = await asyncio.to_thread(inspect, data, max_pixels=self.cfg.download.max_pixels)
+            rel = await asyncio.to_thread(store_media, self.cfg.media_path, data, info)
+            status, dup_of = await self.store.record_download(
+                image_id, info, rel, self.cfg.download.near_duplicate_distance)
+        except TransientError as e:
+            status = await self.store.mark_failed(image_id, str(e), retry=True)
+            if status == "pending":
+                self._retry_at[image_id] = time.monotonic() + 30 * random.uniform(0.8, 1.2)
+            log.warning("image %d (%s): %s%s", image_id, where, e, "; will retry" if status == "pending" else "")
+            self.stats["failed"] += status == "failed"
+            return status
+        except (SourceError, BadImage, OSError) as e:
+            message = str(e) if not isinstance(e, OSError) else f"cannot read file: {e.strerror or e}"
+            await self.store.mark_failed(image_id, message)
+            log.warning("image %d (%s): skipped: %s", image_id, where, message)
+            self.stats["failed"] += 1
+            return "failed"
+        self._retry_at.pop(image_id, None)
+        self.stats["downloaded"] += 1
+        if status == "downloaded":
+            self._score_wake.set()
+        else:
+            log.info("image %d (%s): %s of image %d, not scored again", image_id, where,
+                     status.replace("_", "-"), dup_of)
+        return status
+
+    # ---- score ---------------------------------------------------------------------------
+    async def _score_worker(self) -> None:
+        batch_size = self.cfg.scorer.batch_size
+        while True:
+            first = await self._take(self.score_queue)
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < batch_size and not self.score_queue.empty():
+                batch.append(self.score_queue.get_nowait())
+            try:
+                await self.score(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                log.error("scoring a batch of %d failed: %s: %s", len(batch), type(e).__name__, e)
+            finally:
+                for image_id in batch:
+                    self._in_score.discard(image_id)
+                self._score_wake.set()
+
+    async def score(self, image_ids: list[int]) -> None:
+        pictures, rows = [], []
+        for image_id in image_ids:
+            row = await self.store.get_image(image_id)
+            if row is None or row["status"] != "downloaded":
+                continue
+            try:
+                im = await asyncio.to_thread(load_media, self.cfg.media_path, row["media_path"],
+                                             max_pixels=self.cfg.download.max_pixels)
+            except (OSError, BadImage) as e:
+                await self.store.mark_failed(image_id, f"stored picture unreadable: {e}")
+                log.warning("image %d: stored picture unreadable: %s", image_id, e)
+                continue
+            pictures.append(im)
+            rows.append(row)
+        if not pictures:
+            return
+        analyzer = self.analyzer
+        analyses = await asyncio.to_thread(analyzer.analyze, pictures)
+        version = analyzer.scorer.version
+        for row, res in zip(rows, analyses):
+            faces = [FaceRecord.from_scored(f) for f in res.faces]
+            await self.store.record_analysis(row["id"], faces, res.score, res.uncertainty, version,
+                                             skipped=res.skipped)
+            self.stats["scored"] += 1
+            name = row["title"] or row["external_id"]
+            if res.skipped:
+                log.info("image %d (%s): no face, skipped", row["id"], name)
+            else:
+                log.info("image %d (%s): %d face(s), score %.2f", row["id"], name,
+                         0 if res.whole else len(res.faces), res.score)

@@ -1,0 +1,164 @@
+"""Source polling: one APScheduler job per enabled source, and backoff when a poll fails.
+
+:class:`SourcePoller` keeps the scheduler's poll jobs in step with the ``sources`` table (every
+15 s it picks up sources added, changed, paused or removed meanwhile, from the CLI, Discord or
+the gallery). A poll stores its new items (status ``pending``) and the source's new cursor in one
+transaction, then wakes the download stage. A failed poll is never fatal: it is logged and the
+source's next poll is pushed back (exponential backoff with jitter, the server's retry time when
+it gave one, the maximum for a refused login); the next poll time is stored, so a restart
+honours a backoff that was running.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from bot.config import Config, build_source
+from bot.manage import PAUSED_SOURCES
+from sources import AuthError, RateLimited, SourceError, TransientError
+from sources.http import Http
+
+log = logging.getLogger("tastefeed.daemon")
+
+
+class SourcePoller:
+    def __init__(self, cfg: Config, store, http: Http, scheduler: AsyncIOScheduler, stopping: asyncio.Event,
+                 stats: dict, on_new_items: Callable[[], None]):
+        self.cfg = cfg
+        self.store = store            # storage.writer.AsyncStore
+        self.http = http
+        self.scheduler = scheduler
+        self.stopping = stopping
+        self.stats = stats
+        self.on_new_items = on_new_items
+        self.sources: dict[str, object] = {}
+        self._source_configs: dict[str, tuple] = {}
+        self._polls: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        """Schedule the sources now, then look for changes every 15 s."""
+        await self.refresh_sources()
+        self.scheduler.add_job(self.refresh_sources, "interval", seconds=15, id="refresh-sources",
+                               max_instances=1, coalesce=True)
+
+    def running(self) -> list[asyncio.Task]:
+        """Polls running now (a stop waits for them)."""
+        return list(self._polls)
+
+    async def refresh_sources(self) -> None:
+        """Schedule a poll job per enabled source; pick up sources added or removed meanwhile."""
+        try:
+            rows = await self.store.list_sources()
+        except Exception as e:  # noqa: BLE001 - a locked database must not stop the daemon
+            log.error("cannot read the sources table: %s", e)
+            return
+        try:
+            paused = set(await self.store.get_setting(PAUSED_SOURCES, []))
+        except Exception:  # noqa: BLE001
+            paused = set()
+        wanted = {}
+        for row in rows:
+            conf = row["config"]
+            if conf.get("enabled", True) and row["name"] not in paused:
+                wanted[row["name"]] = (row["kind"], repr(sorted(conf.items())))
+        for name in list(self._source_configs):
+            if name not in wanted or wanted[name] != self._source_configs[name]:
+                self.scheduler.remove_job(f"poll:{name}")
+                self.sources.pop(name, None)
+                del self._source_configs[name]
+                if name not in wanted:
+                    log.info("source %s: %s", name, "paused" if name in paused else "no longer polled")
+        for row in rows:
+            name = row["name"]
+            if name not in wanted or name in self._source_configs:
+                continue
+            conf = row["config"]
+            try:
+                self.sources[name] = build_source(name, row["kind"], conf.get("options", {}), self.http)
+            except Exception as e:  # noqa: BLE001
+                log.error("source %s: cannot be set up: %s", name, e)
+                continue
+            interval = float(conf.get("interval", 300))
+            first = datetime.now(timezone.utc)
+            if row["next_poll_at"]:
+                stored = datetime.fromisoformat(row["next_poll_at"])
+                if stored > first:  # honour a backoff that was running before a restart
+                    first = min(stored, first + timedelta(seconds=self.cfg.daemon.backoff_max))
+            self.scheduler.add_job(self.poll_source, "interval", seconds=interval, args=[name],
+                                   id=f"poll:{name}", next_run_time=first, max_instances=1,
+                                   coalesce=True, misfire_grace_time=None)
+            self._source_configs[name] = wanted[name]
+            log.info("source %s: polling %s every %gs", name, self.sources[name].describe(), interval)
+
+    async def poll_source(self, name: str) -> None:
+        task = asyncio.current_task()
+        self._polls.add(task)
+        try:
+            await self._poll_source(name)
+        except asyncio.CancelledError:
+            pass  # stopping: the poll is abandoned before its transaction, nothing is half-saved
+        finally:
+            self._polls.discard(task)
+
+    async def _poll_source(self, name: str) -> None:
+        if self.stopping.is_set() or name not in self.sources:
+            return
+        source = self.sources[name]
+        try:
+            row = await self.store.get_source(name)
+        except Exception as e:  # noqa: BLE001
+            log.error("source %s: cannot read its state: %s", name, e)
+            return
+        if row is None:
+            return
+        conf = row["config"]
+        interval = float(conf.get("interval", 300))
+        cap = int(conf.get("max_items") or self.cfg.daemon.max_items_per_poll)
+        self.stats["polls"] += 1
+        try:
+            poll = await asyncio.wait_for(source.poll(row["cursor"], cap),
+                                          timeout=max(60.0, self.cfg.download.timeout * 3))
+            ids = await self.store.save_poll(row["id"], poll.items[:cap], poll.cursor)
+            next_at = datetime.now(timezone.utc) + timedelta(seconds=interval)
+            await self.store.source_polled(row["id"], error=None, next_poll_at=next_at.isoformat())
+            if not row["healthy"]:
+                log.info("source %s: healthy again", name)
+            if ids:
+                log.info("source %s: %d new item(s)%s", name, len(ids), ", more next poll" if poll.more else "")
+                self.on_new_items()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure is logged and backed off, never fatal
+            await self._poll_failed(name, row, interval, e)
+
+    async def _poll_failed(self, name: str, row: dict, interval: float, error: Exception) -> None:
+        failures = row["failures"] + 1
+        if isinstance(error, asyncio.TimeoutError):
+            error = TransientError("poll timed out")
+        if isinstance(error, RateLimited) and error.retry_after is not None:
+            delay = error.retry_after + random.uniform(0, 2)
+        elif isinstance(error, AuthError):
+            delay = self.cfg.daemon.backoff_max
+        else:
+            base = max(interval, 10.0) * 2 ** (failures - 1)
+            delay = min(self.cfg.daemon.backoff_max, base) * random.uniform(0.8, 1.2)
+        message = str(error) if isinstance(error, SourceError) else f"{type(error).__name__}: {error}"
+        next_at = datetime.now(timezone.utc) + timedelta(seconds=delay)
+        try:
+            updated = await self.store.source_polled(
+                row["id"], error=message, next_poll_at=next_at.isoformat(),
+                unhealthy_after=self.cfg.daemon.unhealthy_after, force_unhealthy=isinstance(error, AuthError))
+            became_unhealthy = row["healthy"] and not updated["healthy"]
+        except Exception as e:  # noqa: BLE001
+            log.error("source %s: cannot record its failure: %s", name, e)
+            became_unhealthy = False
+        log.warning("source %s: %s; next try in %.0fs%s", name, message, delay,
+                    " (marked unhealthy)" if became_unhealthy else "")
+        job = self.scheduler.get_job(f"poll:{name}")
+        if job is not None:
+            job.modify(next_run_time=next_at)

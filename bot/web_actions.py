@@ -1,0 +1,149 @@
+"""The web gallery's actions: the POST handlers that change something.
+
+Rate a picture and undo a rating (a click is stored exactly like a Discord reaction: a label in
+the same table, origin ``web``), switch the active model or evaluate one, add, remove, pause and
+resume sources. Each answers JSON to the page's script (``Accept: application/json``) and
+otherwise redirects back with a message. Only POSTs reach these, and only from the gallery's own
+pages (``bot.web_guard``). A running daemon hears of a model switch (``model_changed``) and of
+source changes (``sources_changed``) at once instead of within its next check.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlencode, urlsplit
+
+from aiohttp import web
+
+from bot.config import Config
+from bot.manage import ManageError, add_source, parse_pairs, pause_source, remove_source
+
+log = logging.getLogger("tastefeed.web")
+
+ORIGIN = "web"                    # the labels' origin
+USER = "owner"
+
+
+class GalleryActions:
+    """The handlers of the gallery's POSTs (``Gallery.app`` routes them)."""
+
+    def __init__(self, cfg: Config, store, model_changed: Callable[[], Awaitable[None]] | None = None,
+                 sources_changed: Callable[[], Awaitable[None]] | None = None):
+        self.cfg = cfg
+        self.store = store            # storage.writer.AsyncStore
+        self.model_changed = model_changed
+        self.sources_changed = sources_changed
+
+    async def _form(self, request) -> dict:
+        if request.content_type == "application/json":
+            try:
+                data = await request.json()
+            except ValueError:
+                raise web.HTTPBadRequest(text="expected JSON\n") from None
+            return data if isinstance(data, dict) else {}
+        return dict(await request.post())
+
+    @staticmethod
+    def _done(request, data: dict, back: str) -> web.Response:
+        if "application/json" in request.headers.get("Accept", "") or request.content_type == "application/json":
+            return web.json_response(data)
+        raise web.HTTPSeeOther(back)
+
+    @staticmethod
+    def _back(request, default: str) -> str:
+        ref = request.headers.get("Referer")
+        return urlsplit(ref)._replace(scheme="", netloc="").geturl() if ref else default
+
+    async def rate(self, request):
+        image_id = int(request.match_info["id"])
+        form = await self._form(request)
+        try:
+            value = int(form.get("value"))
+            if not 1 <= value <= 5:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise web.HTTPBadRequest(text="value: expected a rating from 1 to 5\n") from None
+        if await self.store.get_image(image_id) is None:
+            raise web.HTTPNotFound(text="No such picture.\n")
+        await self.store.add_label(image_id, value, origin=ORIGIN, user=USER)
+        log.info("label: picture %d rated %d in the gallery", image_id, value)
+        return self._done(request, {"ok": True, "image_id": image_id, "value": value},
+                          self._back(request, f"/picture/{image_id}"))
+
+    async def undo(self, request):
+        label = await self.store.undo_label(int(request.match_info["label"]))
+        if label is None:
+            raise web.HTTPNotFound(text="No such label.\n")
+        log.info("label: rating %d of picture %d taken back in the gallery", label["value"], label["image_id"])
+        current = await self.store.current_label(label["image_id"])
+        return self._done(request, {"ok": True, "image_id": label["image_id"], "current": current},
+                          self._back(request, "/rated"))
+
+    async def use_model(self, request):
+        from scorer.model import ModelError
+        from scorer.registry import use_model
+        version = str((await self._form(request)).get("version", ""))
+        try:
+            await self.store.call(lambda s: use_model(s, self.cfg.scorer, self.cfg.models_path, version))
+        except ModelError as e:
+            return self._done(request, {"ok": False, "error": str(e)}, "/model?" + urlencode({"message": str(e)}))
+        if self.model_changed is not None:
+            await self.model_changed()
+        return self._done(request, {"ok": True, "version": version},
+                          "/model?" + urlencode({"message": f"now using {version}"}))
+
+    async def evaluate(self, request):
+        from scorer.evaluate import evaluate_version
+        from storage import Store
+        version = str((await self._form(request)).get("version", "")) or None
+
+        def run():
+            store = Store.open(self.cfg.db_path)
+            try:
+                return evaluate_version(store, self.cfg.paths, self.cfg.scorer, self.cfg.train, version,
+                                        margin=self.cfg.detector.margin,
+                                        max_pixels=self.cfg.download.max_pixels, progress=False)
+            finally:
+                store.close()
+        try:
+            m, paths, row = await asyncio.to_thread(run)
+            message = f"evaluated {row['version']} on {m.get('n', 0)} validation picture(s)"
+        except Exception as e:  # noqa: BLE001
+            message = f"evaluation failed: {e}"
+        return self._done(request, {"message": message}, "/model?" + urlencode({"message": message}))
+
+    async def source_add(self, request):
+        import shlex
+        form = await self._form(request)
+        name, kind = str(form.get("name", "")).strip(), str(form.get("kind", "")).strip()
+        try:
+            if not name:
+                raise ManageError("a source needs a name")
+            pairs = parse_pairs(shlex.split(str(form.get("options", ""))))
+            src = await self.store.call(lambda s: add_source(s, self.cfg, name, kind, pairs))
+            message = f"added source {src.name}; it is polled within 15 s"
+        except (ManageError, ValueError) as e:
+            message = f"not added: {e}"
+        return self._done(request, {"message": message}, "/sources?" + urlencode({"message": message}))
+
+    async def source_remove(self, request):
+        name = request.match_info["name"]
+        try:
+            await self.store.call(lambda s: remove_source(s, self.cfg, name))
+            message = f"removed source {name}; its pictures are kept"
+        except ManageError as e:
+            message = f"not removed: {e}"
+        return self._done(request, {"message": message}, "/sources?" + urlencode({"message": message}))
+
+    async def source_pause(self, request):
+        name = request.match_info["name"]
+        paused = request.path.endswith("/pause")
+        try:
+            await self.store.call(lambda s: pause_source(s, name, paused))
+            message = f"source {name} {'paused' if paused else 'resumed'}"
+        except ManageError as e:
+            message = str(e)
+        if self.sources_changed is not None:
+            await self.sources_changed()
+        return self._done(request, {"message": message}, "/sources?" + urlencode({"message": message}))
