@@ -1,5 +1,4 @@
-#!/usr/bin/env python3
-"""tastefeed command line.
+"""tastefeed command line (``python main.py ...`` and the ``tastefeed`` console script).
 
     python main.py run                      start the daemon (no config needed)
     python main.py score PICTURE...         faces and scores of pictures (--json)
@@ -10,11 +9,22 @@
     python main.py eval                     metrics and plots of the active (or --model) model
     python main.py models list|use VERSION  the model registry; use = switch / roll back
     python main.py rescore                  rescore unposted pictures with the active model
+
+Each command is a ``cmd_*`` function. Errors meant for the user (each package's base error:
+``ConfigError``, ``StorageError``, ``BadImage``, ``DetectorError``, ``ModelError``,
+``TrainError``, ``SourceError``, ``ManageError``) are caught in one place, :func:`main`, and
+printed as one line, ``error: <message>``, on stderr. Exit codes:
+
+    0    done
+    1    the command failed (the message says why), or ``doctor`` found a failing check
+    2    bad configuration or bad command-line arguments
+    130  interrupted (Ctrl-C)
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -23,7 +33,22 @@ from bot.config import ConfigError, load_config
 from bot.logs import setup_logging
 
 
-def _fail(message: str, code: int = 1) -> int:
+EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130  # see the module docstring
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Each package's base error: its message is written for the user (imported late: torch)."""
+    from bot.manage import ManageError
+    from scorer.detect import DetectorError
+    from scorer.model import ModelError
+    from scorer.train import TrainError
+    from sources import SourceError
+    from storage.db import StorageError
+    from storage.media import BadImage
+    return StorageError, BadImage, SourceError, DetectorError, ModelError, TrainError, ManageError
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code
 
@@ -54,14 +79,18 @@ def cmd_run(cfg, args) -> int:
 
 # ---- score -----------------------------------------------------------------------------------
 def cmd_score(cfg, args) -> int:
-    from tqdm import tqdm
-
     from bot.daemon import build_analyzer
     from storage import Store
+
+    with Store.open(cfg.db_path) as store:
+        return _score(cfg, args, build_analyzer(cfg, store))
+
+
+def _score(cfg, args, analyzer) -> int:
+    from tqdm import tqdm
+
     from storage.media import BadImage, decode_image
 
-    store = Store.open(cfg.db_path)
-    analyzer = build_analyzer(cfg, store)
     results, failures = [], 0
     paths = [Path(p) for p in args.paths]
     bar = tqdm(paths, desc="scoring", unit="img", disable=len(paths) < 2 or not sys.stderr.isatty(),
@@ -91,35 +120,28 @@ def cmd_score(cfg, args) -> int:
             tqdm.write("\n".join(lines), file=sys.stdout)
     if args.json:
         print(json.dumps(results, indent=2))
-    store.close()
     return 1 if failures and failures == len(paths) else 0
 
 
 # ---- sources ---------------------------------------------------------------------------------
 def cmd_sources(cfg, args) -> int:
-    from bot.manage import ManageError, add_source, parse_pairs, remove_source, source_lines, sync_config_sources
+    from bot.manage import add_source, parse_pairs, remove_source, source_lines, sync_config_sources
     from storage import Store
 
-    store = Store.open(cfg.db_path)
-    try:
+    with Store.open(cfg.db_path) as store:
         if args.action == "list":
             sync_config_sources(store, cfg)  # config sources are visible before the first run
             print("\n".join(source_lines(store)) or "no sources")
             return 0
         if args.action == "test":
             return asyncio.run(_test_source(cfg, store, args.name, args.limit))
-        try:
-            if args.action == "add":
-                src = add_source(store, cfg, args.name, args.kind, parse_pairs(args.options))
-                print(f"added source {src.name} ({src.kind}); a running daemon picks it up within 15s")
-            else:
-                remove_source(store, cfg, args.name)
-                print(f"removed source {args.name} (pictures already fetched are kept)")
-        except ManageError as e:
-            return _fail(str(e))
+        if args.action == "add":
+            src = add_source(store, cfg, args.name, args.kind, parse_pairs(args.options))
+            print(f"added source {src.name} ({src.kind}); a running daemon picks it up within 15s")
+        else:
+            remove_source(store, cfg, args.name)
+            print(f"removed source {args.name} (pictures already fetched are kept)")
         return 0
-    finally:
-        store.close()
 
 
 async def _test_source(cfg, store, name, limit) -> int:
@@ -151,13 +173,23 @@ async def _test_source(cfg, store, name, limit) -> int:
 
 # ---- doctor ----------------------------------------------------------------------------------
 def cmd_doctor(cfg, args) -> int:
+    with contextlib.ExitStack() as opened:
+        checks = _doctor_checks(cfg, opened)
+    width = max(len(name) for name, _, _ in checks)
+    for name, ok, detail in checks:
+        print(f"{name.ljust(width)}  {'OK  ' if ok else 'FAIL'}  {detail}")
+    return 0 if all(ok for _, ok, _ in checks) else 1
+
+
+def _doctor_checks(cfg, opened: contextlib.ExitStack) -> list[tuple[str, bool, str]]:
+    """(part, ok, detail) for each part; the database, once open, stays open in ``opened``."""
     from PIL import Image
 
     checks: list[tuple[str, bool, str]] = [("config", True, cfg.path or "embedded defaults")]
     store = None
     try:
         from storage import Store
-        store = Store.open(cfg.db_path)
+        store = opened.enter_context(Store.open(cfg.db_path))
         store.db.execute("CREATE TABLE IF NOT EXISTS _doctor (x)")
         store.db.execute("DROP TABLE _doctor")
         counts = store.status_counts()
@@ -197,11 +229,7 @@ def cmd_doctor(cfg, args) -> int:
         for r in store.list_sources():
             if not r["healthy"]:
                 checks.append((f"source {r['name']}", False, r["last_error"] or "unhealthy"))
-        store.close()
-    width = max(len(name) for name, _, _ in checks)
-    for name, ok, detail in checks:
-        print(f"{name.ljust(width)}  {'OK  ' if ok else 'FAIL'}  {detail}")
-    return 0 if all(ok for _, ok, _ in checks) else 1
+    return checks
 
 
 # ---- learning loop ---------------------------------------------------------------------------
@@ -218,8 +246,7 @@ def cmd_import_labels(cfg, args) -> int:
         print(f"skipped: {message}", file=sys.stderr)
     if not rows:
         return _fail(f"{args.path}: no ratings to import")
-    store = Store.open(cfg.db_path)
-    try:
+    with Store.open(cfg.db_path) as store:
         try:
             store.import_source_id()
         except ValueError as e:
@@ -232,28 +259,20 @@ def cmd_import_labels(cfg, args) -> int:
         report.errors[:0] = errors
         print(f"imported {args.path}: {report.summary()}")
         print(f"{store.label_count()} labelled picture(s) in total; next: python main.py train")
-    finally:
-        store.close()
     return 0 if report.labels_added + report.labels_unchanged else 1
 
 
 def cmd_train(cfg, args) -> int:
     from scorer.evaluate import format_metrics
-    from scorer.train import TrainError, train_from_store, train_lock
+    from scorer.registry import ensure_active_model
+    from scorer.train import train_from_store, train_lock
     from storage import Store
 
     if args.epochs is not None and args.epochs <= 0:
         return _fail("--epochs: expected a positive number")
-    store = Store.open(cfg.db_path)
-    try:
-        with train_lock(cfg.data_path):
-            from scorer.registry import ensure_active_model
-            ensure_active_model(store, cfg.scorer, cfg.models_path)
-            out = train_from_store(cfg, store, epochs=args.epochs, promote=not args.no_promote)
-    except TrainError as e:
-        return _fail(str(e))
-    finally:
-        store.close()
+    with Store.open(cfg.db_path) as store, train_lock(cfg.data_path):
+        ensure_active_model(store, cfg.scorer, cfg.models_path)
+        out = train_from_store(cfg, store, epochs=args.epochs, promote=not args.no_promote)
     print(f"model {out.version}: {out.n_train} training and {out.n_val} validation pictures, "
           f"{out.seconds:.0f}s")
     print(f"  validation: {format_metrics(out.metrics)}")
@@ -269,11 +288,8 @@ def cmd_eval(cfg, args) -> int:
     from scorer.evaluate import evaluate_version, format_metrics
     from storage import Store
 
-    store = Store.open(cfg.db_path)
-    try:
+    with Store.open(cfg.db_path) as store:
         m, paths, row = evaluate_version(cfg, store, args.model, args.out)
-    finally:
-        store.close()
     if not m["n"]:
         return _fail("no labelled validation pictures to evaluate on: import ratings first")
     print(f"model {row['version']}{' (active)' if row['active'] else ''} on the validation split:")
@@ -286,12 +302,10 @@ def cmd_eval(cfg, args) -> int:
 
 
 def cmd_models(cfg, args) -> int:
-    from scorer.model import ModelError
     from scorer.registry import use_model
     from storage import Store
 
-    store = Store.open(cfg.db_path)
-    try:
+    with Store.open(cfg.db_path) as store:
         if args.action == "list":
             rows = store.list_models()
             if not rows:
@@ -306,15 +320,10 @@ def cmd_models(cfg, args) -> int:
                 if r["notes"]:
                     print(f"    {r['notes']}")
             return 0
-        try:
-            row = use_model(store, cfg, args.version)
-        except ModelError as e:
-            return _fail(str(e))
+        row = use_model(store, cfg, args.version)
         print(f"active model: {row['version']}; a running daemon switches within a minute and rescores "
               "unposted pictures (or run: python main.py rescore)")
         return 0
-    finally:
-        store.close()
 
 
 def cmd_rescore(cfg, args) -> int:
@@ -322,13 +331,10 @@ def cmd_rescore(cfg, args) -> int:
     from scorer.rescore import rescore_all
     from storage import Store
 
-    store = Store.open(cfg.db_path)
-    try:
+    with Store.open(cfg.db_path) as store:
         row = ensure_active_model(store, cfg.scorer, cfg.models_path)
         scorer = load_scorer(row, cfg.scorer, cfg.models_path)
         n = rescore_all(store, scorer, cfg, batch_size=cfg.scorer.batch_size)
-    finally:
-        store.close()
     print(f"rescored {n} picture(s) with {scorer.version}")
     return 0
 
@@ -382,21 +388,18 @@ COMMANDS = {"run": cmd_run, "score": cmd_score, "sources": cmd_sources, "doctor"
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; return its exit code (see the module docstring). Bad arguments exit 2."""
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config)
-    except ConfigError as e:
-        return _fail(str(e), 2)
-    setup_logging(args.log_level or cfg.log.level)
-    from storage.db import StorageError
-    from scorer.detect import DetectorError
-    from scorer.model import ModelError
-    try:
+        setup_logging(args.log_level or cfg.log.level)
         return COMMANDS[args.command](cfg, args)
-    except (StorageError, DetectorError, ModelError) as e:
-        return _fail(str(e))
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except ConfigError as e:
+        return _fail(str(e), EXIT_CONFIG)
+    except user_errors() as e:  # evaluated only when an exception gets this far
+        return _fail(str(e), EXIT_FAILED)
 
 
 if __name__ == "__main__":
