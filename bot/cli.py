@@ -390,6 +390,7 @@ COMMANDS = {"run": cmd_run, "score": cmd_score, "sources": cmd_sources, "doctor"
 def main(argv: list[str] | None = None) -> int:
     """Run one command; return its exit code (see the module docstring). Bad arguments exit 2."""
     args = build_parser().parse_args(argv)
+    errors = user_errors()
     try:
         cfg = load_config(args.config)
         setup_logging(args.log_level or cfg.log.level)
@@ -398,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except ConfigError as e:
         return _fail(str(e), EXIT_CONFIG)
-    except user_errors() as e:  # evaluated only when an exception gets this far
+    except errors as e:
         return _fail(str(e), EXIT_FAILED)
 
 

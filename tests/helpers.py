@@ -217,6 +217,7 @@ def unprivileged(fn, timeout: float = 60.0) -> str:
         code = 1
         try:
             os.close(r)
+            os.chdir("/")  # the working folder may be out of that user's reach
             os.setgroups([])
             os.setgid(gid)
             os.setuid(uid)
