@@ -22,15 +22,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
-from PIL import Image  # noqa: E402
+from aiohttp.test_utils import TestClient, TestServer
+from PIL import Image
 
-from bot.config import load_config  # noqa: E402
-from bot.web import Gallery  # noqa: E402
-from scorer.registry import ensure_active_model  # noqa: E402
-from storage import AsyncStore, Store  # noqa: E402
-from storage.media import inspect, store_media  # noqa: E402
-from storage.store import now  # noqa: E402
+from bot.config import load_config
+from bot.web import Gallery
+from scorer.registry import ensure_active_model
+from storage import AsyncStore, Store
+from storage.media import inspect, store_media
+from storage.store import now
 
 
 def fill(cfg, n: int, labels: int) -> None:

@@ -20,14 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from bot.config import load_config  # noqa: E402
-from scorer.analyze import Analyzer  # noqa: E402
-from scorer.detect import DetectorConfig, make_detector  # noqa: E402
-from scorer.model import Scorer, build_model, save_model  # noqa: E402
-from scorer.settings import ScorerConfig  # noqa: E402
-from storage.media import decode_image  # noqa: E402
+from bot.config import load_config
+from scorer.analyze import Analyzer
+from scorer.detect import DetectorConfig, make_detector
+from scorer.model import Scorer, build_model, save_model
+from scorer.settings import ScorerConfig
+from storage.media import decode_image
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "illustrations"
 

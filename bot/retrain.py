@@ -16,7 +16,10 @@ from pathlib import Path
 
 log = logging.getLogger("tastefeed.retrain")
 
-MAIN = Path(__file__).resolve().parents[1] / "main.py"
+# The child runs the command line as ``python -P -m bot.cli train`` (an installed tastefeed has no
+# main.py) with the folder holding the bot package (a checkout, or site-packages) first on its path,
+# so it runs this same code; -P keeps the working directory off the path.
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Retrainer:
@@ -32,7 +35,7 @@ class Retrainer:
         return self._task is not None and not self._task.done()
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, str(MAIN)]
+        cmd = [sys.executable, "-P", "-m", "bot.cli"]
         if self.cfg.path:
             cmd += ["--config", str(Path(self.cfg.path).resolve())]
         return cmd + ["train"]
@@ -48,7 +51,8 @@ class Retrainer:
         return True
 
     async def _run(self, on_done) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.command(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,

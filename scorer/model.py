@@ -60,7 +60,7 @@ class RatingNet(nn.Module):
 
     def tail_parameters(self) -> list[nn.Parameter]:
         """The last block and the head: what trains while the early layers are frozen."""
-        last = getattr(self.backbone, "layer4", None) or getattr(self.backbone, "classifier")
+        last = getattr(self.backbone, "layer4", None) or self.backbone.classifier
         return list(last.parameters()) + list(self.head.parameters())
 
 

@@ -2,7 +2,10 @@
 
 A :class:`Store` belongs to the thread that opened it (sqlite-utils 4: one connection per thread).
 The daemon uses it through :class:`storage.writer.AsyncStore`, which runs every call on a single
-writer thread; the command line uses it directly.
+writer thread; the command line uses it directly, as a context manager that closes it::
+
+    with Store.open(path) as store:
+        store.status_counts()
 """
 from __future__ import annotations
 
@@ -69,6 +72,12 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- sources -------------------------------------------------------------------------
     def upsert_source(self, name: str, kind: str, config: dict, origin: str = "config") -> int:

@@ -5,7 +5,7 @@ import re
 
 from aiohttp import web
 
-from tests.conftest import picture
+from tests.helpers import picture
 
 
 class FakeBooru:

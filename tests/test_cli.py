@@ -1,17 +1,9 @@
+"""The command line, run in-process (``tests.helpers.cli``); `run` in a real process."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-
-from tests.conftest import SHARED, picture
-
-MAIN = Path(__file__).resolve().parents[1] / "main.py"
-
-
-def cli(cwd, *args, timeout=180):
-    return subprocess.run([sys.executable, str(MAIN), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+from tests.helpers import MAIN, SHARED, Result, cli, make_read_only, open_folder, picture, unprivileged
 
 
 def test_score_prints_faces_and_scores_as_json(tmp_path):
@@ -70,6 +62,28 @@ def test_doctor_reports_each_part(tmp_path):
     (tmp_path / "config.toml").write_text('[detector]\nname = "yolo"\nweights = "nope.pt"\n')
     out = cli(tmp_path, "doctor")
     assert out.returncode == 1 and "detector" in out.stdout and "nope.pt" in out.stdout
+
+
+def test_errors_of_each_layer_are_one_line_and_exit_code_1(tmp_path):
+    for args, message in [(["models", "use", "nope"], "error: no model 'nope' (known: "),      # ModelError
+                          (["train"], "error: only 0 labelled picture(s) with faces"),         # TrainError
+                          (["sources", "test", "nope"], "error: no source named 'nope'")]:
+        out = cli(tmp_path, *args)
+        assert (out.returncode, out.stdout) == (1, ""), out.stderr
+        assert [line for line in out.stderr.splitlines() if line.startswith("error: ")] == [out.stderr.splitlines()[-1]]
+        assert out.stderr.splitlines()[-1].startswith(message), out.stderr
+    assert cli(tmp_path, "models", "nope").returncode == 2  # argparse
+
+
+def test_a_read_only_database_is_one_clear_line():
+    with open_folder() as folder:
+        assert cli(folder, "sources", "list").returncode == 0  # creates data/tastefeed.db
+        make_read_only(folder / "data")
+        out = Result(**json.loads(unprivileged(lambda: json.dumps(vars(cli(folder, "sources", "list"))))))
+    assert out.returncode == 1 and out.stdout == "", out
+    assert out.stderr.startswith("error: data/tastefeed.db: attempt to write a readonly database "
+                                 "(is the file read-only, locked by another program, or its folder missing?)")
+    assert out.stderr.count("\n") == 1
 
 
 def test_run_starts_creates_data_and_stops_on_sigint(tmp_path):

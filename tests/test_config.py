@@ -5,7 +5,7 @@ import pytest
 
 from bot.config import ConfigError, load_config
 from bot.logs import redact, register_secret, setup_logging
-from tests.conftest import write_config
+from tests.helpers import write_config
 
 
 def test_defaults_without_file(tmp_path):

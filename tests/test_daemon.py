@@ -4,34 +4,10 @@ import time
 
 from aiohttp import web
 
-from bot.config import load_config
 from bot.daemon import Daemon
 from storage import Store
-from tests.conftest import SHARED, picture, write_config
 from tests.fakes import FakeBooru
-
-
-def make_config(tmp_path, sources: str = "", **extra):
-    inbox = tmp_path / "inbox"
-    body = f'''data_dir = "{tmp_path / 'data'}"
-[download]
-allow_private = ["127.0.0.1"]
-timeout = 5
-[scorer]
-image_size = 64
-batch_size = 8
-[daemon]
-stop_timeout = 5
-backoff_max = 60
-unhealthy_after = {extra.get("unhealthy_after", 3)}
-[[sources]]
-name = "inbox"
-kind = "folder"
-interval = 0.5
-path = "{inbox}"
-settle = 0.2
-{sources}'''
-    return load_config(write_config(tmp_path, body))
+from tests.helpers import SHARED, make_config, picture, wait_for
 
 
 async def booru_answering(serve, handler, *, name: str, interval: float) -> str:
@@ -46,16 +22,6 @@ kind = "booru"
 url = "{base}"
 interval = {interval}
 '''
-
-
-async def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = await predicate()
-        if result:
-            return result
-        await asyncio.sleep(0.2)
-    raise AssertionError("condition not met in time")
 
 
 async def test_picture_dropped_into_inbox_is_stored_with_faces_and_score(tmp_path):

@@ -3,7 +3,7 @@ import xml.etree.ElementTree as ET
 from PIL import Image
 
 from scorer.detect import AnimeFaceDetector, Face, OpenCVDetector, animeface_raw, crop_face
-from tests.conftest import shared
+from tests.helpers import shared
 
 
 def iou(a, b):
@@ -70,5 +70,8 @@ def test_crop_adds_margin_squares_and_clips():
     im = Image.new("RGB", (100, 100))
     crop = crop_face(im, Face(40, 40, 60, 60, 1.0, "t"), margin=0.5)
     assert crop.size == (40, 40)
+    # A 60 px square around (10, 15), clipped at the top left; one around (95, 90) at the bottom right.
     edge = crop_face(im, Face(0, 0, 20, 30, 1.0, "t"), margin=0.5)
-    assert edge.size[0] <= 100 and edge.size[1] <= 100 and edge.size[0] > 20
+    assert edge.size == (40, 45)
+    corner = crop_face(im, Face(90, 80, 100, 100, 1.0, "t"), margin=0.5)
+    assert corner.size == (25, 30)

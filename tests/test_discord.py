@@ -19,9 +19,8 @@ from bot.discord_bot import DiscordBot
 from bot.posting import Reactions, fit_upload, route
 from storage import Store
 from storage.media import inspect, store_media
-from tests.conftest import picture, seed
 from tests.fake_discord import FakeDiscord
-from tests.test_daemon import make_config, wait_for
+from tests.helpers import make_config, picture, seed, wait_for
 
 FIVE = "5\ufe0f\u20e3"
 FOUR = "4\ufe0f\u20e3"

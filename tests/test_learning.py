@@ -23,8 +23,7 @@ from scorer.registry import ensure_active_model, load_scorer, use_model
 from scorer.rescore import rescore_all
 from scorer.train import TrainError, train_from_store, train_lock
 from storage import AsyncStore, Store
-from tests.conftest import picture, shared, write_config
-from tests.test_cli import MAIN, cli
+from tests.helpers import MAIN, cli, picture, shared, wait_for, write_config
 
 
 def learn_config(root, extra: str = ""):
@@ -178,6 +177,7 @@ def shuffle_labels(store, seed=0):
             store.db.execute("UPDATE labels SET value = ? WHERE id = ?", [v, r["id"]])
 
 
+@pytest.mark.slow
 def test_training_learns_taste_and_reuses_cached_crops(rated_crops, tmp_path, monkeypatch):
     cfg = copy_of(rated_crops, tmp_path)
     store = Store.open(cfg.db_path)
@@ -205,6 +205,7 @@ def test_training_learns_taste_and_reuses_cached_crops(rated_crops, tmp_path, mo
     assert (shuffled.metrics["pearson"] or 0) < out.metrics["pearson"] - 0.3, (shuffled.metrics, out.metrics)
 
 
+@pytest.mark.slow
 def test_promotion_only_on_improvement_rollback_eval_and_rescore(rated_crops, tmp_path):
     cfg = copy_of(rated_crops, tmp_path)
     store = Store.open(cfg.db_path)
@@ -275,6 +276,7 @@ def test_too_few_labels_and_a_second_run_are_refused(tmp_path):
         pass
 
 
+@pytest.mark.slow
 def test_killed_training_leaves_the_active_model_and_labels(rated_crops, tmp_path):
     cfg = copy_of(rated_crops, tmp_path, "")
     (tmp_path / "config.toml").write_text((tmp_path / "config.toml").read_text().replace("epochs = 25", "epochs = 200"))
@@ -339,11 +341,11 @@ def test_cold_start_ranks_by_popularity_and_explores_more(tmp_path):
 
 
 # ---- the daemon ----------------------------------------------------------------------------
+@pytest.mark.slow
 async def test_daemon_retrains_on_schedule_and_after_new_labels(rated_crops, tmp_path):
     from datetime import datetime, timezone
 
     from bot.daemon import Daemon
-    from tests.test_daemon import wait_for
 
     shutil.copytree(rated_crops / "data", tmp_path / "data")
     cfg = learn_config(tmp_path, f'''schedule = "0 4 * * *"

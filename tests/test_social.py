@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sys
 import time
 
 import pytest
@@ -16,10 +15,8 @@ from bot.manage import source_lines
 from sources import AuthError, BadPayload, RateLimited, make_source
 from sources.http import Http
 from storage import Store
-from tests.conftest import write_config
 from tests.fake_social import FakeBluesky, FakeMastodon, FakeX
-from tests.test_cli import MAIN
-from tests.test_daemon import make_config, wait_for
+from tests.helpers import cli, make_config, wait_for, write_config
 
 
 @pytest.fixture
@@ -229,12 +226,10 @@ user = "artist"
 bearer_token = "{fake.token}"
 api_url = "{base}"
 ''')
-    proc = await asyncio.create_subprocess_exec(sys.executable, str(MAIN), "--config", str(config), "sources", "test",
-                                                "x-artist", stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT)
-    out = (await asyncio.wait_for(proc.communicate(), 120))[0].decode()
-    assert proc.returncode == 0, out
-    assert f"{tid}/3_{tid}: https://pbs.twimg.com/media/{tid}_0.jpg  by artist" in out
+    result = await asyncio.to_thread(cli, tmp_path, "--config", config, "sources", "test", "x-artist")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert f"{tid}/3_{tid}: https://pbs.twimg.com/media/{tid}_0.jpg  by artist" in result.stdout
     assert fake.token not in out
     assert not (tmp_path / "data" / "tastefeed.db").exists() or not Store.open(
         tmp_path / "data" / "tastefeed.db").execute("SELECT * FROM images")

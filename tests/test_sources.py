@@ -9,7 +9,7 @@ from sources import BadPayload, SourceError, make_source
 from sources.base import normalize_rating
 from sources.http import Http
 from storage import Store
-from tests.conftest import picture
+from tests.helpers import picture
 from tests.fakes import FakeBooru, atom_feed, rss_feed
 
 

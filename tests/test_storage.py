@@ -1,8 +1,6 @@
 import asyncio
 import io
-import os
 import sqlite3
-import stat
 
 import pytest
 from PIL import Image
@@ -11,7 +9,7 @@ from storage import AsyncStore, Store, open_db
 from storage.db import SCHEMA_VERSION, StorageError, migrations
 from storage.media import BadImage, decode_image, inspect, media_relpath, store_media
 from storage.store import FaceRecord, NewItem
-from tests.conftest import picture
+from tests.helpers import make_read_only, open_folder, picture, unprivileged
 
 
 def test_open_creates_schema_with_wal_and_foreign_keys(tmp_path):
@@ -105,18 +103,21 @@ async def test_async_store_serialises_concurrent_writes(tmp_path):
     await store.close()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
-def test_read_only_database_gives_clear_error(tmp_path):
-    path = tmp_path / "t.db"
-    Store.open(path).close()
-    for p in tmp_path.iterdir():
-        p.chmod(stat.S_IRUSR)
-    tmp_path.chmod(stat.S_IRUSR | stat.S_IXUSR)
-    try:
-        with pytest.raises(StorageError, match="read-only"):
+def test_read_only_database_gives_clear_error():
+    def open_and_write():
+        try:
             Store.open(path).upsert_source("s", "rss", {})
-    finally:
-        tmp_path.chmod(stat.S_IRWXU)
+        except StorageError as e:
+            return f"StorageError: {e}"
+        return "opened and written"
+
+    with open_folder() as folder:
+        path = folder / "t.db"
+        Store.open(path).close()
+        make_read_only(folder)
+        outcome = unprivileged(open_and_write)  # as root: in a child process that is not root
+    assert outcome.startswith("StorageError: ") and "read-only" in outcome, outcome
+    assert "attempt to write a readonly database" in outcome
 
 
 def test_damaged_database_gives_clear_error(tmp_path):

@@ -19,10 +19,8 @@ from bot.config import load_config
 from bot.web import Gallery
 from scorer.registry import ensure_active_model
 from storage import AsyncStore, Store
-from tests.conftest import picture, seed, write_config
-from tests.test_daemon import make_config
+from tests.helpers import MAIN, cli, make_config, picture, seed, write_config
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -217,6 +215,7 @@ def _browser():
     return pytest.importorskip("playwright.async_api")
 
 
+@pytest.mark.slow
 async def test_in_a_browser_pictures_in_the_inbox_are_rated_by_click_and_key_and_train_uses_the_labels(tmp_path):
     pw = _browser()
     (tmp_path / "inbox").mkdir()
@@ -227,7 +226,7 @@ async def test_in_a_browser_pictures_in_the_inbox_are_rated_by_click_and_key_and
                                     '[scorer]\nimage_size = 32\n')
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("DISCORD_TOKEN", None)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--config", str(config), "run"], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, str(MAIN), "--config", str(config), "run"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         url = None
@@ -288,8 +287,7 @@ async def test_in_a_browser_pictures_in_the_inbox_are_rated_by_click_and_key_and
         except subprocess.TimeoutExpired:
             proc.kill()
     # `main.py train` learns from the labels given in the browser.
-    out = subprocess.run([sys.executable, str(ROOT / "main.py"), "--config", str(config), "train", "--no-promote"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    out = await asyncio.to_thread(cli, tmp_path, "--config", config, "train", "--no-promote")
     assert out.returncode == 0, out.stdout + out.stderr
     [model] = [m for m in Store.open(tmp_path / "data" / "tastefeed.db").list_models() if m["metrics"]]
     assert model["data_size"] == 14 and json.loads(model["metrics"])["val"]["n"] > 0

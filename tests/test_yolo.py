@@ -34,6 +34,7 @@ def tiny_weights(tmp_path_factory):
     return weights
 
 
+@pytest.mark.slow
 def test_yolo_detector_loads_local_weights_and_returns_boxes(tiny_weights, tmp_path):
     det = YoloDetector(str(tiny_weights), config_dir=tmp_path, min_confidence=0.0, min_size=1)
     im = Image.new("RGB", (128, 96), (200, 200, 200))

@@ -1,0 +1,420 @@
+"""tastefeed command line (``python main.py ...`` and the ``tastefeed`` console script).
+
+    python main.py run                      start the daemon (no config needed)
+    python main.py score PICTURE...         faces and scores of pictures (--json)
+    python main.py sources list|add|remove|test
+    python main.py doctor                   check config, database, detector, model, device
+    python main.py import-labels DIR|CSV    import existing ratings (--crops for face crops)
+    python main.py train                    train on all labels; promote if better
+    python main.py eval                     metrics and plots of the active (or --model) model
+    python main.py models list|use VERSION  the model registry; use = switch / roll back
+    python main.py rescore                  rescore unposted pictures with the active model
+
+Each command is a ``cmd_*`` function. Errors meant for the user (each package's base error:
+``ConfigError``, ``StorageError``, ``BadImage``, ``DetectorError``, ``ModelError``,
+``TrainError``, ``SourceError``, ``ManageError``) are caught in one place, :func:`main`, and
+printed as one line, ``error: <message>``, on stderr. Exit codes:
+
+    0    done
+    1    the command failed (the message says why), or ``doctor`` found a failing check
+    2    bad configuration or bad command-line arguments
+    130  interrupted (Ctrl-C)
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+from bot.config import ConfigError, load_config
+from bot.logs import setup_logging
+
+
+EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130  # see the module docstring
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Each package's base error: its message is written for the user (imported late: torch)."""
+    from bot.manage import ManageError
+    from scorer.detect import DetectorError
+    from scorer.model import ModelError
+    from scorer.train import TrainError
+    from sources import SourceError
+    from storage.db import StorageError
+    from storage.media import BadImage
+    return StorageError, BadImage, SourceError, DetectorError, ModelError, TrainError, ManageError
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+# ---- run -------------------------------------------------------------------------------------
+def cmd_run(cfg, args) -> int:
+    from bot.daemon import Daemon
+
+    async def main():
+        daemon = Daemon(cfg)
+        folders = [s.options["path"] for s in cfg.sources if s.kind == "folder" and s.enabled]
+        print(f"tastefeed: data in {Path(cfg.data_dir).resolve()}", flush=True)
+        for folder in folders:
+            print(f"tastefeed: drop pictures into {Path(folder).resolve()}", flush=True)
+
+        def announce(d):
+            if d.gallery_url:
+                print(f"tastefeed: gallery at {d.gallery_url}", flush=True)
+            if d.discord is not None:
+                print(f"tastefeed: posting to Discord channel {cfg.discord.channel_id}", flush=True)
+            print("tastefeed: Ctrl-C to stop", flush=True)
+
+        await daemon.run(announce)
+
+    asyncio.run(main())
+    return 0
+
+
+# ---- score -----------------------------------------------------------------------------------
+def cmd_score(cfg, args) -> int:
+    from scorer.analyze import build_analyzer
+    from storage import Store
+
+    with Store.open(cfg.db_path) as store:
+        return _score(cfg, args, build_analyzer(store, cfg.detector, cfg.scorer, cfg.paths))
+
+
+def _score(cfg, args, analyzer) -> int:
+    from tqdm import tqdm
+
+    from storage.media import BadImage, decode_image
+
+    results, failures = [], 0
+    paths = [Path(p) for p in args.paths]
+    bar = tqdm(paths, desc="scoring", unit="img", disable=len(paths) < 2 or not sys.stderr.isatty(),
+               file=sys.stderr)
+    for path in bar:
+        try:
+            im = decode_image(path.read_bytes(), max_pixels=cfg.download.max_pixels)
+        except (OSError, BadImage) as e:
+            failures += 1
+            message = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            results.append({"path": str(path), "error": message})
+            if not args.json:
+                tqdm.write(f"{path}: error: {message}", file=sys.stdout)
+            continue
+        res = analyzer.analyze([im])[0]
+        entry = {"path": str(path), "model": analyzer.scorer.version, **res.as_dict()}
+        results.append(entry)
+        if not args.json:
+            lines = [f"{path}: {'no face' if res.whole or res.skipped else f'{len(res.faces)} face(s)'}, "
+                     + ("skipped" if res.skipped else f"score {res.score:.2f}")
+                     + (" (whole picture)" if res.whole else "")]
+            if not res.whole:
+                for i, f in enumerate(res.faces, 1):
+                    b = f.face
+                    lines.append(f"  face {i}: box ({b.x1}, {b.y1}, {b.x2}, {b.y2}) "
+                                 f"confidence {b.confidence:.2f} score {f.score:.2f}")
+            tqdm.write("\n".join(lines), file=sys.stdout)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 1 if failures and failures == len(paths) else 0
+
+
+# ---- sources ---------------------------------------------------------------------------------
+def cmd_sources(cfg, args) -> int:
+    from bot.manage import add_source, parse_pairs, remove_source, source_lines, sync_config_sources
+    from storage import Store
+
+    with Store.open(cfg.db_path) as store:
+        if args.action == "list":
+            sync_config_sources(store, cfg)  # config sources are visible before the first run
+            print("\n".join(source_lines(store)) or "no sources")
+            return 0
+        if args.action == "test":
+            return asyncio.run(_test_source(cfg, store, args.name, args.limit))
+        if args.action == "add":
+            src = add_source(store, cfg, args.name, args.kind, parse_pairs(args.options))
+            print(f"added source {src.name} ({src.kind}); a running daemon picks it up within 15s")
+        else:
+            remove_source(store, cfg, args.name)
+            print(f"removed source {args.name} (pictures already fetched are kept)")
+        return 0
+
+
+async def _test_source(cfg, store, name, limit) -> int:
+    from bot.config import build_source
+    from sources.http import Http
+
+    conf = next((s for s in cfg.sources if s.name == name), None)
+    if conf is not None:
+        kind, options, cursor = conf.kind, conf.options, {}
+    else:
+        row = store.get_source(name)
+        if row is None:
+            return _fail(f"no source named {name!r}")
+        kind, options, cursor = row["kind"], row["config"].get("options", {}), {}
+    async with Http.from_config(cfg.download) as http:
+        source = build_source(name, kind, options, http)
+        try:
+            poll = await source.poll(cursor, limit)
+        except Exception as e:  # noqa: BLE001
+            return _fail(f"source {name}: {e}")
+    print(f"source {name} ({source.describe()}): {len(poll.items)} item(s)" + (", more available" if poll.more else "")
+          + (f"; this test used {poll.cursor['reads']} billed read(s)" if "reads" in poll.cursor else ""))
+    for item in poll.items:
+        print(f"  {item.external_id}: {item.media_url or item.local_path}"
+              + (f"  by {item.author}" if item.author else "") + (f"  [{item.rating}]" if item.rating else "")
+              + (f"  (not scored: {item.skip})" if item.skip else ""))
+    return 0
+
+
+# ---- doctor ----------------------------------------------------------------------------------
+def cmd_doctor(cfg, args) -> int:
+    with contextlib.ExitStack() as opened:
+        checks = _doctor_checks(cfg, opened)
+    width = max(len(name) for name, _, _ in checks)
+    for name, ok, detail in checks:
+        print(f"{name.ljust(width)}  {'OK  ' if ok else 'FAIL'}  {detail}")
+    return 0 if all(ok for _, ok, _ in checks) else 1
+
+
+def _doctor_checks(cfg, opened: contextlib.ExitStack) -> list[tuple[str, bool, str]]:
+    """(part, ok, detail) for each part; the database, once open, stays open in ``opened``."""
+    from PIL import Image
+
+    checks: list[tuple[str, bool, str]] = [("config", True, cfg.path or "embedded defaults")]
+    store = None
+    try:
+        from storage import Store
+        store = opened.enter_context(Store.open(cfg.db_path))
+        store.db.execute("CREATE TABLE IF NOT EXISTS _doctor (x)")
+        store.db.execute("DROP TABLE _doctor")
+        counts = store.status_counts()
+        checks.append(("database", True, f"{cfg.db_path} ({sum(counts.values())} pictures)"))
+    except Exception as e:  # noqa: BLE001
+        checks.append(("database", False, str(e)))
+    try:
+        cfg.media_path.mkdir(parents=True, exist_ok=True)
+        probe = cfg.media_path / ".doctor"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        checks.append(("media folder", True, str(cfg.media_path)))
+    except OSError as e:
+        checks.append(("media folder", False, f"{cfg.media_path}: {e.strerror}"))
+    try:
+        from scorer.detect import make_detector
+        det = make_detector(cfg.detector, cfg.data_path)
+        det.detect(Image.new("RGB", (64, 64), "white"))
+        checks.append(("detector", True, cfg.detector.name))
+    except Exception as e:  # noqa: BLE001
+        checks.append(("detector", False, str(e)))
+    try:
+        from scorer.model import pick_device
+        checks.append(("device", True, str(pick_device(cfg.scorer.device))))
+    except Exception as e:  # noqa: BLE001
+        checks.append(("device", False, str(e)))
+    if store is not None:
+        try:
+            from scorer.registry import ensure_active_model, load_scorer
+            row = ensure_active_model(store, cfg.scorer, cfg.models_path)
+            scorer = load_scorer(row, cfg.scorer, cfg.models_path)
+            scorer.predict([Image.new("RGB", (64, 64), "gray")])
+            trained = "" if row["metrics"] else " (untrained)"
+            checks.append(("model", True, f"{row['version']}{trained}"))
+        except Exception as e:  # noqa: BLE001
+            checks.append(("model", False, str(e)))
+        for r in store.list_sources():
+            if not r["healthy"]:
+                checks.append((f"source {r['name']}", False, r["last_error"] or "unhealthy"))
+    return checks
+
+
+# ---- learning loop ---------------------------------------------------------------------------
+def cmd_import_labels(cfg, args) -> int:
+    from scorer.analyze import build_analyzer
+    from storage import Store
+    from scorer.import_labels import import_labels, read_rating_rows
+
+    try:
+        rows, errors = read_rating_rows(args.path)
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+    for message in errors:
+        print(f"skipped: {message}", file=sys.stderr)
+    if not rows:
+        return _fail(f"{args.path}: no ratings to import")
+    with Store.open(cfg.db_path) as store:
+        try:
+            store.import_source_id()
+        except ValueError as e:
+            return _fail(str(e))
+        analyzer = build_analyzer(store, cfg.detector, cfg.scorer, cfg.paths)
+        report = import_labels(store, analyzer, rows, cfg.media_path, crops=args.crops,
+                               max_pixels=cfg.download.max_pixels, batch_size=cfg.scorer.batch_size)
+        for message in report.errors:
+            print(f"skipped: {message}", file=sys.stderr)
+        report.errors[:0] = errors
+        print(f"imported {args.path}: {report.summary()}")
+        print(f"{store.label_count()} labelled picture(s) in total; next: python main.py train")
+    return 0 if report.labels_added + report.labels_unchanged else 1
+
+
+def cmd_train(cfg, args) -> int:
+    from scorer.evaluate import format_metrics
+    from scorer.registry import ensure_active_model
+    from scorer.train import train_from_store, train_lock
+    from storage import Store
+
+    if args.epochs is not None and args.epochs <= 0:
+        return _fail("--epochs: expected a positive number")
+    with Store.open(cfg.db_path) as store, train_lock(cfg.data_path):
+        ensure_active_model(store, cfg.scorer, cfg.models_path)
+        out = train_from_store(store, cfg.paths, cfg.scorer, cfg.train, margin=cfg.detector.margin,
+                                   max_pixels=cfg.download.max_pixels, epochs=args.epochs,
+                                   promote=not args.no_promote)
+    print(f"model {out.version}: {out.n_train} training and {out.n_val} validation pictures, "
+          f"{out.seconds:.0f}s")
+    print(f"  validation: {format_metrics(out.metrics)}")
+    if out.baseline is not None:
+        print(f"  active model {out.baseline_version}: {format_metrics(out.baseline)}")
+    print(f"  {out.reason}")
+    if out.promoted:
+        print("  unposted pictures are rescored by a running daemon, or now with: python main.py rescore")
+    return 0
+
+
+def cmd_eval(cfg, args) -> int:
+    from scorer.evaluate import evaluate_version, format_metrics
+    from storage import Store
+
+    with Store.open(cfg.db_path) as store:
+        m, paths, row = evaluate_version(store, cfg.paths, cfg.scorer, cfg.train, args.model, args.out,
+                                         margin=cfg.detector.margin, max_pixels=cfg.download.max_pixels)
+    if not m["n"]:
+        return _fail("no labelled validation pictures to evaluate on: import ratings first")
+    print(f"model {row['version']}{' (active)' if row['active'] else ''} on the validation split:")
+    print(f"  {format_metrics(m)}")
+    for path in paths:
+        print(f"  plot: {path}")
+    if args.json:
+        print(json.dumps({"version": row["version"], "metrics": m, "plots": [str(p) for p in paths]}))
+    return 0
+
+
+def cmd_models(cfg, args) -> int:
+    from scorer.registry import use_model
+    from storage import Store
+
+    with Store.open(cfg.db_path) as store:
+        if args.action == "list":
+            rows = store.list_models()
+            if not rows:
+                print("no models yet: `python main.py run`, `score` or `train` creates the first")
+            for r in rows:
+                m = json.loads(r["metrics"]) if r["metrics"] else {}
+                val = m.get("val") or {}
+                quality = ("untrained" if not m else
+                           f"Pearson {val.get('pearson')}  MAE {val.get('mae')}  top-k {val.get('topk_precision')}")
+                print(f"{'*' if r['active'] else ' '} {r['version']}  {r['arch']}  {r['created_at'][:19]}  "
+                      f"{r['data_size']} labels  {quality}")
+                if r["notes"]:
+                    print(f"    {r['notes']}")
+            return 0
+        row = use_model(store, cfg.scorer, cfg.models_path, args.version)
+        print(f"active model: {row['version']}; a running daemon switches within a minute and rescores "
+              "unposted pictures (or run: python main.py rescore)")
+        return 0
+
+
+def cmd_rescore(cfg, args) -> int:
+    from scorer.registry import ensure_active_model, load_scorer
+    from scorer.rescore import rescore_all
+    from storage import AsyncStore
+
+    async def run():
+        store = AsyncStore(cfg.db_path)
+        try:
+            await store.open()
+            row = await store.call(ensure_active_model, cfg.scorer, cfg.models_path)
+            scorer = await asyncio.to_thread(load_scorer, row, cfg.scorer, cfg.models_path)
+            n = await rescore_all(store, scorer, media_root=cfg.media_path, margin=cfg.detector.margin,
+                                  how=cfg.scorer.aggregate, max_pixels=cfg.download.max_pixels,
+                                  batch_size=cfg.scorer.batch_size, progress=None)
+        finally:
+            await store.close()
+        return n, scorer
+
+    n, scorer = asyncio.run(run())
+    print(f"rescored {n} picture(s) with {scorer.version}")
+    return 0
+
+
+# ---- entry point -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tastefeed", description="Personal image recommendation bot.")
+    p.add_argument("--config", help="config file (default: ./config.toml if present, else built-in defaults)")
+    p.add_argument("--log-level", help="override log.level (DEBUG, INFO, WARNING, ERROR)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the daemon: poll sources, download, detect, score")
+    sc = sub.add_parser("score", help="print faces and scores of picture files")
+    sc.add_argument("paths", nargs="+", metavar="PICTURE")
+    sc.add_argument("--json", action="store_true", help="print JSON")
+    so = sub.add_parser("sources", help="list, add, remove or test sources")
+    so_sub = so.add_subparsers(dest="action", required=True)
+    so_sub.add_parser("list", help="sources with health, last/next poll and last error")
+    add = so_sub.add_parser("add", help="add a source: NAME KIND key=value ...")
+    add.add_argument("name")
+    add.add_argument("kind")
+    add.add_argument("options", nargs="*", metavar="key=value")
+    rm = so_sub.add_parser("remove", help="remove a source added with 'sources add'")
+    rm.add_argument("name")
+    te = so_sub.add_parser("test", help="poll a source once and print what it would fetch")
+    te.add_argument("name")
+    te.add_argument("--limit", type=int, default=20)
+    sub.add_parser("doctor", help="check config, database, detector, model and device")
+    il = sub.add_parser("import-labels", help="import ratings: a folder with subfolders 1..5, or a path,rating CSV")
+    il.add_argument("path", metavar="DIR_OR_CSV")
+    il.add_argument("--crops", action="store_true",
+                    help="the pictures are face crops: skip detection, the whole picture is the face")
+    tr = sub.add_parser("train", help="train on all labels; the new model is used only if it is better")
+    tr.add_argument("--epochs", type=int, help="override train.epochs")
+    tr.add_argument("--no-promote", action="store_true", help="register the model but do not use it")
+    ev = sub.add_parser("eval", help="metrics and plots of a model on the validation split")
+    ev.add_argument("--model", metavar="VERSION", help="default: the active model")
+    ev.add_argument("--out", metavar="DIR", help="plot folder (default: <data>/eval/<version>)")
+    ev.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    mo = sub.add_parser("models", help="list models, or switch to one (rollback)")
+    mo_sub = mo.add_subparsers(dest="action", required=True)
+    mo_sub.add_parser("list", help="every model with its metrics; * marks the active one")
+    use = mo_sub.add_parser("use", help="make VERSION the active model")
+    use.add_argument("version")
+    sub.add_parser("rescore", help="rescore unposted pictures with the active model")
+    return p
+
+
+COMMANDS = {"run": cmd_run, "score": cmd_score, "sources": cmd_sources, "doctor": cmd_doctor,
+            "import-labels": cmd_import_labels, "train": cmd_train, "eval": cmd_eval, "models": cmd_models,
+            "rescore": cmd_rescore}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; return its exit code (see the module docstring). Bad arguments exit 2."""
+    args = build_parser().parse_args(argv)
+    errors = user_errors()
+    try:
+        cfg = load_config(args.config)
+        setup_logging(args.log_level or cfg.log.level)
+        return COMMANDS[args.command](cfg, args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except ConfigError as e:
+        return _fail(str(e), EXIT_CONFIG)
+    except errors as e:
+        return _fail(str(e), EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
