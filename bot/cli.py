@@ -114,7 +114,7 @@ def _score(cfg, args, analyzer) -> int:
                      + (" (whole picture)" if res.whole else "")]
             if not res.whole:
                 for i, f in enumerate(res.faces, 1):
-                    b = f.face
+                    b = f
                     lines.append(f"  face {i}: box ({b.x1}, {b.y1}, {b.x2}, {b.y2}) "
                                  f"confidence {b.confidence:.2f} score {f.score:.2f}")
             tqdm.write("\n".join(lines), file=sys.stdout)

@@ -19,6 +19,7 @@ import discord
 from bot.config import DiscordConfig
 from bot.discord_posts import CHANNEL, get_channel
 from bot.posting import Reactions, emoji_key
+from storage.records import ORIGIN_DISCORD
 
 log = logging.getLogger("tastefeed.discord")
 
@@ -50,11 +51,11 @@ class ReactionLabels:
         ref = f"{payload.message_id}/{emoji}"
         try:
             if added:
-                if await self.store.add_label(post["image_id"], value, origin="discord", user=str(payload.user_id),
+                if await self.store.add_label(post["image_id"], value, origin=ORIGIN_DISCORD, user=str(payload.user_id),
                                               ref=ref):
                     log.info("label: picture %d rated %d by %s (%s)", post["image_id"], value, payload.user_id,
                              payload.emoji)
-            elif await self.store.remove_label(post["image_id"], origin="discord", user=str(payload.user_id),
+            elif await self.store.remove_label(post["image_id"], origin=ORIGIN_DISCORD, user=str(payload.user_id),
                                                ref=ref):
                 log.info("label: rating %d of picture %d taken back by %s", value, post["image_id"],
                          payload.user_id)
@@ -84,14 +85,14 @@ class ReactionLabels:
                 log.warning("Discord: catch-up stopped at message %s: %s", post["message_id"], e)
                 break
             prefix = f"{post['message_id']}/"
-            stored = await self.store.labels_with_ref_prefix("discord", prefix)
+            stored = await self.store.labels_with_ref_prefix(ORIGIN_DISCORD, prefix)
             for label in stored:
                 key = (label["user"], label["ref"][len(prefix):])
                 if key not in present:
-                    changed += await self.store.remove_label(post["image_id"], origin="discord", user=label["user"],
+                    changed += await self.store.remove_label(post["image_id"], origin=ORIGIN_DISCORD, user=label["user"],
                                                              ref=label["ref"])
             for (user, emoji), value in present.items():
-                changed += await self.store.add_label(post["image_id"], value, origin="discord", user=user,
+                changed += await self.store.add_label(post["image_id"], value, origin=ORIGIN_DISCORD, user=user,
                                                       ref=prefix + emoji)
         if changed:
             log.info("Discord: %d reaction(s) given or taken back while away recorded", changed)

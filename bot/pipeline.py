@@ -22,7 +22,7 @@ from scorer.analyze import Analyzer
 from sources import SourceError, TransientError
 from sources.http import Http, TooLarge, short_url
 from storage.media import BadImage, inspect, load_media, store_media
-from storage.store import FaceRecord
+from storage.records import DOWNLOADED, FAILED, PENDING
 
 log = logging.getLogger("tastefeed.daemon")
 
@@ -50,9 +50,9 @@ class Pipeline:
         """Start the feeders and workers; they run until ``stopping`` is set."""
         self.analyzer = analyzer
         self._tasks = [
-            asyncio.create_task(self._feeder(self.download_queue, "pending", self._in_download,
+            asyncio.create_task(self._feeder(self.download_queue, PENDING, self._in_download,
                                              self._download_wake), name="download-feeder"),
-            asyncio.create_task(self._feeder(self.score_queue, "downloaded", self._in_score,
+            asyncio.create_task(self._feeder(self.score_queue, DOWNLOADED, self._in_score,
                                              self._score_wake), name="score-feeder"),
             *[asyncio.create_task(self._download_worker(), name=f"download-{i}")
               for i in range(self.cfg.download.workers)],
@@ -134,7 +134,7 @@ class Pipeline:
 
     async def download(self, image_id: int) -> str:
         row = await self.store.get_image(image_id)
-        if row is None or row["status"] != "pending":
+        if row is None or row["status"] != PENDING:
             return "gone"
         where = row["local_path"] or short_url(row["media_url"] or "")
         try:
@@ -145,20 +145,20 @@ class Pipeline:
                 image_id, info, rel, self.cfg.download.near_duplicate_distance)
         except TransientError as e:
             status = await self.store.mark_failed(image_id, str(e), retry=True)
-            if status == "pending":
+            if status == PENDING:
                 self._retry_at[image_id] = time.monotonic() + 30 * random.uniform(0.8, 1.2)
-            log.warning("image %d (%s): %s%s", image_id, where, e, "; will retry" if status == "pending" else "")
-            self.stats["failed"] += status == "failed"
+            log.warning("image %d (%s): %s%s", image_id, where, e, "; will retry" if status == PENDING else "")
+            self.stats["failed"] += status == FAILED
             return status
         except (SourceError, BadImage, OSError) as e:
             message = str(e) if not isinstance(e, OSError) else f"cannot read file: {e.strerror or e}"
             await self.store.mark_failed(image_id, message)
             log.warning("image %d (%s): skipped: %s", image_id, where, message)
             self.stats["failed"] += 1
-            return "failed"
+            return FAILED
         self._retry_at.pop(image_id, None)
         self.stats["downloaded"] += 1
-        if status == "downloaded":
+        if status == DOWNLOADED:
             self._score_wake.set()
         else:
             log.info("image %d (%s): %s of image %d, not scored again", image_id, where,
@@ -190,7 +190,7 @@ class Pipeline:
         pictures, rows = [], []
         for image_id in image_ids:
             row = await self.store.get_image(image_id)
-            if row is None or row["status"] != "downloaded":
+            if row is None or row["status"] != DOWNLOADED:
                 continue
             try:
                 im = await asyncio.to_thread(load_media, self.cfg.media_path, row["media_path"],
@@ -207,8 +207,7 @@ class Pipeline:
         analyses = await asyncio.to_thread(analyzer.analyze, pictures)
         version = analyzer.scorer.version
         for row, res in zip(rows, analyses):
-            faces = [FaceRecord.from_scored(f) for f in res.faces]
-            await self.store.record_analysis(row["id"], faces, res.score, res.uncertainty, version,
+            await self.store.record_analysis(row["id"], res.faces, res.score, res.uncertainty, version,
                                              skipped=res.skipped)
             self.stats["scored"] += 1
             name = row["title"] or row["external_id"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from scorer.analyze import face_crop
-from scorer.detect import Face
+from storage.records import Face
 from storage.media import load_media
 
 NSFW_RATINGS = ("questionable", "explicit")
@@ -104,7 +104,7 @@ def face_sheet(media_root: str | Path, rel: str, faces: list[dict], *, margin: f
     sheet = Image.new("RGB", (max(1, len(faces)) * (size + 8) + 8, size + 36), "white")
     draw = ImageDraw.Draw(sheet)
     for i, f in enumerate(faces):
-        box = Face(f["x1"], f["y1"], f["x2"], f["y2"], f["confidence"], f["detector"])
+        box = Face.from_row(f)
         crop = face_crop(im, box, margin).copy()
         crop.thumbnail((size, size))
         x = 8 + i * (size + 8)

@@ -18,10 +18,10 @@ from aiohttp import web
 
 from bot.config import Config
 from bot.manage import ManageError, add_source, parse_pairs, pause_source, remove_source
+from storage.records import ORIGIN_WEB
 
 log = logging.getLogger("tastefeed.web")
 
-ORIGIN = "web"                    # the labels' origin
 USER = "owner"
 
 
@@ -66,7 +66,7 @@ class GalleryActions:
             raise web.HTTPBadRequest(text="value: expected a rating from 1 to 5\n") from None
         if await self.store.get_image(image_id) is None:
             raise web.HTTPNotFound(text="No such picture.\n")
-        await self.store.add_label(image_id, value, origin=ORIGIN, user=USER)
+        await self.store.add_label(image_id, value, origin=ORIGIN_WEB, user=USER)
         log.info("label: picture %d rated %d in the gallery", image_id, value)
         return self._done(request, {"ok": True, "image_id": image_id, "value": value},
                           self._back(request, f"/picture/{image_id}"))

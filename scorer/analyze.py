@@ -13,23 +13,17 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from scorer.detect import Detector, DetectorConfig, Face, crop_face, make_detector
+from scorer.detect import Detector, DetectorConfig, crop_face, make_detector
 from scorer.model import Scorer
 from scorer.registry import ensure_active_model, load_scorer
 from scorer.settings import ScorerConfig
 from storage.paths import DataPaths
-
-
-@dataclass
-class FaceScore:
-    face: Face
-    score: float
-    uncertainty: float | None
+from storage.records import WHOLE, Face
 
 
 @dataclass
 class Analysis:
-    faces: list[FaceScore] = field(default_factory=list)
+    faces: list[Face] = field(default_factory=list)   # scored
     score: float | None = None
     uncertainty: float | None = None
     skipped: bool = False       # no face and no_face = "skip"
@@ -37,8 +31,8 @@ class Analysis:
 
     def as_dict(self) -> dict:
         return {
-            "faces": [{"box": [f.face.x1, f.face.y1, f.face.x2, f.face.y2], "detector": f.face.detector,
-                       "confidence": round(f.face.confidence, 4), "score": round(f.score, 4),
+            "faces": [{"box": [f.x1, f.y1, f.x2, f.y2], "detector": f.detector,
+                       "confidence": round(f.confidence, 4), "score": round(f.score, 4),
                        "uncertainty": None if f.uncertainty is None else round(f.uncertainty, 4)}
                       for f in self.faces],
             "score": None if self.score is None else round(self.score, 4),
@@ -56,7 +50,7 @@ class Analyzer:
     def detect(self, im: Image.Image) -> list[Face]:
         faces = self.detector.detect(im)
         if not faces and self.no_face == "whole":
-            faces = [Face(0, 0, im.width, im.height, 1.0, "whole")]
+            faces = [Face.whole(im.width, im.height)]
         return faces
 
     def analyze(self, pictures: list[Image.Image], found: list[list[Face]] | None = None) -> list[Analysis]:
@@ -71,13 +65,13 @@ class Analyzer:
         k = 0
         for i, faces in enumerate(found):
             for face in faces:
-                results[i].faces.append(FaceScore(face, scores[k], spreads[k]))
+                results[i].faces.append(face.scored(scores[k], spreads[k]))
                 k += 1
         for res in results:
             if not res.faces:
                 res.skipped = True
                 continue
-            res.whole = res.faces[0].face.detector in WHOLE
+            res.whole = res.faces[0].detector in WHOLE
             res.score, res.uncertainty = aggregate([(f.score, f.uncertainty) for f in res.faces], self.aggregate)
         return results
 
@@ -88,9 +82,6 @@ def build_analyzer(store, detector: DetectorConfig, scorer: ScorerConfig, paths:
     model = load_scorer(row, scorer, paths.models)
     return Analyzer(make_detector(detector, paths.root), model, margin=detector.margin, no_face=detector.no_face,
                     aggregate=scorer.aggregate)
-
-
-WHOLE = ("whole", "crop")  # "face" boxes that are the whole picture: no margin is added
 
 
 def face_crop(im: Image.Image, face: Face, margin: float) -> Image.Image:

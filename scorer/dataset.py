@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from scorer.analyze import WHOLE, face_crop
-from scorer.detect import Face
+from scorer.analyze import face_crop
+from storage.records import WHOLE, Face
 from scorer.model import resize_crop
 from storage.media import BadImage, load_media
 
@@ -54,7 +54,7 @@ def build_examples(rows: list[dict], *, faces: str = "all", val_share: float = 0
             chosen = [max(chosen, key=lambda f: (f["x2"] - f["x1"]) * (f["y2"] - f["y1"]))]
         split = split_of(row["sha256"], val_share)
         for f in chosen:
-            face = Face(f["x1"], f["y1"], f["x2"], f["y2"], f["confidence"], f["detector"])
+            face = Face.from_row(f)
             out.append(Example(row["image_id"], row["sha256"], row["media_path"], face,
                                float(row["value"]), split))
     return out

@@ -19,31 +19,11 @@ from typing import Literal
 
 from PIL import Image
 
+from storage.records import Face
+
 
 class DetectorError(Exception):
     """The detector cannot be set up; the message says why."""
-
-
-@dataclass(frozen=True)
-class Face:
-    x1: int
-    y1: int
-    x2: int
-    y2: int
-    confidence: float
-    detector: str
-
-    @property
-    def width(self) -> int:
-        return self.x2 - self.x1
-
-    @property
-    def height(self) -> int:
-        return self.y2 - self.y1
-
-    @property
-    def area(self) -> int:
-        return self.width * self.height
 
 
 def _downscale(im: Image.Image, max_side: int) -> tuple[Image.Image, float]:

@@ -14,9 +14,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scorer.detect import Face
+from storage.records import ANALYSED, CROP, ORIGIN_IMPORT, Face
 from storage.media import BadImage, inspect, store_media
-from storage.store import FaceRecord
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +107,7 @@ def _csv_rows(path: Path) -> tuple[list[RatingRow], list[str]]:
 
 def import_labels(store, analyzer, rows: list[RatingRow], media_root: str | Path, *, crops: bool = False,
                   max_pixels: int = 90_000_000, batch_size: int = 32, progress: bool | None = None,
-                  origin: str = "import") -> ImportReport:
+                  origin: str = ORIGIN_IMPORT) -> ImportReport:
     """Store the pictures of ``rows``, analyse new ones, and record their ratings as labels.
 
     ``store`` is a sync Store; ``analyzer`` a :class:`scorer.analyze.Analyzer`. With ``crops``,
@@ -135,7 +134,7 @@ def import_labels(store, analyzer, rows: list[RatingRow], media_root: str | Path
                 report.errors.append(f"{row.where}: {row.path.name}: {e}")
                 continue
             known = store.image_by_sha256(info.sha256)
-            if known is not None and known["status"] in ("scored", "skipped"):
+            if known is not None and known["status"] in ANALYSED:
                 report.known_pictures += 1
                 labelled.append((row, known["id"]))
                 continue
@@ -148,10 +147,9 @@ def import_labels(store, analyzer, rows: list[RatingRow], media_root: str | Path
             labelled.append((row, image_id))
         if todo:
             ids, pictures = list(todo), list(todo.values())
-            found = [[Face(0, 0, im.width, im.height, 1.0, "crop")] for im in pictures] if crops else None
+            found = [[Face.whole(im.width, im.height, CROP)] for im in pictures] if crops else None
             for image_id, res in zip(ids, analyzer.analyze(pictures, found)):
-                faces = [FaceRecord.from_scored(f) for f in res.faces]
-                store.record_analysis(image_id, faces, res.score, res.uncertainty, analyzer.scorer.version,
+                store.record_analysis(image_id, res.faces, res.score, res.uncertainty, analyzer.scorer.version,
                                       skipped=res.skipped)
         for row, image_id in labelled:
             if store.add_label(image_id, row.rating, origin=origin, ref=row.ref):

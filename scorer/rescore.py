@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scorer.analyze import aggregate, face_crop
-from scorer.detect import Face
+from storage.records import Face
 from storage.media import BadImage, load_media
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def score_stored(scorer, media_root: str | Path, rows: list[dict], faces: dict[i
             log.warning("image %d: stored picture unreadable, not rescored: %s", row["id"], e)
             continue
         for f in stored:
-            face = Face(f["x1"], f["y1"], f["x2"], f["y2"], f["confidence"], f["detector"])
+            face = Face.from_row(f)
             crops.append(face_crop(im, face, margin))
             owners.append((row["id"], f["id"]))
     if not crops:

@@ -19,6 +19,12 @@ import sqlite_utils
 
 from storage.db import open_db
 from storage.media import ImageInfo
+from storage.records import (DOWNLOADED, DUPLICATE, FAILED, NEAR_DUPLICATE, PENDING, SCORED,
+                             SKIPPED, Face)
+
+
+# stored pictures (the bytes are in the media folder), as an SQL list
+_STORED = f"('{DOWNLOADED}', '{SCORED}', '{SKIPPED}')"
 
 
 def now() -> str:
@@ -40,24 +46,6 @@ class NewItem:
     site_md5: str | None = None
     posted_at: str | None = None
     skip: str | None = None        # recorded but not downloaded or scored, and why (e.g. a video)
-
-
-@dataclass
-class FaceRecord:
-    x1: int
-    y1: int
-    x2: int
-    y2: int
-    confidence: float
-    detector: str
-    score: float
-    uncertainty: float | None = None
-
-    @classmethod
-    def from_scored(cls, f) -> "FaceRecord":
-        """From a ``scorer.analyze.FaceScore`` (a face box with its score)."""
-        return cls(f.face.x1, f.face.y1, f.face.x2, f.face.y2, f.face.confidence, f.face.detector,
-                   f.score, f.uncertainty)
 
 
 class Store:
@@ -154,7 +142,7 @@ class Store:
                     [source_id, d["external_id"], d.get("page_url"), d.get("media_url"), d.get("local_path"),
                      d.get("author"), d.get("title"), json.dumps(d.get("tags") or []), d.get("rating"),
                      d.get("popularity"), d.get("site_md5"), d.get("posted_at"),
-                     "skipped" if d.get("skip") else "pending", d.get("skip"), stamp])
+                     SKIPPED if d.get("skip") else PENDING, d.get("skip"), stamp])
                 if cur.rowcount:
                     new_ids.append(cur.lastrowid)
             self.db.execute(
@@ -189,7 +177,7 @@ class Store:
             self.db.execute("UPDATE images SET attempts = attempts + 1, error = ? WHERE id = ?",
                             [error, image_id])
             attempts = self.db.execute("SELECT attempts FROM images WHERE id = ?", [image_id]).fetchone()[0]
-            status = "pending" if retry and attempts < max_attempts else "failed"
+            status = PENDING if retry and attempts < max_attempts else FAILED
             self.db.execute("UPDATE images SET status = ? WHERE id = ?", [status, image_id])
         return status
 
@@ -198,7 +186,7 @@ class Store:
             self._phash_index = {
                 r["id"]: int(r["phash"], 16) for r in self.db.query(
                     "SELECT id, phash FROM images WHERE phash IS NOT NULL AND duplicate_of IS NULL "
-                    "AND status IN ('downloaded', 'scored', 'skipped')")}
+                    f"AND status IN {_STORED}")}
         return self._phash_index
 
     def find_duplicate(self, info: ImageInfo, near_distance: int, exclude: int | None = None
@@ -206,9 +194,9 @@ class Store:
         """('duplicate', id) for the same bytes, ('near_duplicate', id) for a close phash, or None."""
         for r in self.db.query(
                 "SELECT id FROM images WHERE sha256 = ? AND duplicate_of IS NULL AND id != ? "
-                "AND status IN ('downloaded', 'scored', 'skipped') ORDER BY id LIMIT 1",
+                f"AND status IN {_STORED} ORDER BY id LIMIT 1",
                 [info.sha256, exclude or -1]):
-            return "duplicate", r["id"]
+            return DUPLICATE, r["id"]
         if near_distance >= 0:
             target = int(info.phash, 16)
             best = None
@@ -219,7 +207,7 @@ class Store:
                 if d <= near_distance and (best is None or d < best[0]):
                     best = (d, image_id)
             if best:
-                return "near_duplicate", best[1]
+                return NEAR_DUPLICATE, best[1]
         return None
 
     def record_download(self, image_id: int, info: ImageInfo, media_path: str,
@@ -230,19 +218,19 @@ class Store:
         'near_duplicate' (perceptual hash within ``near_distance`` of a stored picture).
         """
         dup = self.find_duplicate(info, near_distance, exclude=image_id)
-        status, dup_of = ("downloaded", None) if dup is None else dup
+        status, dup_of = (DOWNLOADED, None) if dup is None else dup
         with self.db.conn:
             self.db.execute(
                 "UPDATE images SET status = ?, duplicate_of = ?, error = NULL, sha256 = ?, phash = ?, "
                 "width = ?, height = ?, format = ?, bytes = ?, media_path = ?, fetched_at = ? WHERE id = ?",
                 [status, dup_of, info.sha256, info.phash, info.width, info.height, info.format,
                  info.bytes, media_path, now(), image_id])
-        if status == "downloaded":
+        if status == DOWNLOADED:
             self._phashes()[image_id] = int(info.phash, 16)
         return status, dup_of
 
     # ---- scoring stage -------------------------------------------------------------------
-    def record_analysis(self, image_id: int, faces: list[FaceRecord], score: float | None,
+    def record_analysis(self, image_id: int, faces: list[Face], score: float | None,
                         uncertainty: float | None, model_version: str, *, skipped: bool = False) -> None:
         """Replace the picture's faces and store this model's predictions, in one transaction."""
         stamp = now()
@@ -265,7 +253,7 @@ class Store:
             self.db.execute(
                 "UPDATE images SET status = ?, score = ?, uncertainty = ?, model_version = ?, scored_at = ? "
                 "WHERE id = ?",
-                ["skipped" if skipped else "scored", score, uncertainty, model_version, stamp, image_id])
+                [SKIPPED if skipped else SCORED, score, uncertainty, model_version, stamp, image_id])
 
     def faces_of(self, image_id: int, model_version: str | None = None) -> list[dict]:
         return list(self.db.query(
@@ -294,7 +282,7 @@ class Store:
     def rescore_candidates(self, model_version: str, limit: int, after_id: int = 0) -> list[dict]:
         """Scored pictures not yet scored by ``model_version`` and never posted, oldest id first."""
         return [dict(r) for r in self.db.query(
-            "SELECT id, media_path FROM images WHERE status = 'scored' AND id > ? "
+            f"SELECT id, media_path FROM images WHERE status = '{SCORED}' AND id > ? "
             "AND (model_version IS NULL OR model_version != ?) "
             "AND id NOT IN (SELECT image_id FROM posts WHERE status = 'sent') ORDER BY id LIMIT ?",
             [after_id, model_version, limit])]
@@ -309,11 +297,11 @@ class Store:
 
     def count_rescore_candidates(self, model_version: str) -> int:
         return self.db.execute(
-            "SELECT COUNT(*) FROM images WHERE status = 'scored' AND (model_version IS NULL OR model_version != ?) "
+            f"SELECT COUNT(*) FROM images WHERE status = '{SCORED}' AND (model_version IS NULL OR model_version != ?) "
             "AND id NOT IN (SELECT image_id FROM posts WHERE status = 'sent')", [model_version]).fetchone()[0]
 
     # ---- ranking ---------------------------------------------------------------------------
-    _CANDIDATES = ("FROM images WHERE status = 'scored' AND duplicate_of IS NULL "
+    _CANDIDATES = (f"FROM images WHERE status = '{SCORED}' AND duplicate_of IS NULL "
                    "AND id NOT IN (SELECT image_id FROM posts WHERE channel = ? AND status != 'failed') "
                    "AND id NOT IN (SELECT image_id FROM labels WHERE removed_at IS NULL)")
 
@@ -340,7 +328,7 @@ class Store:
         return self.db.execute(f"SELECT COUNT(*) {self._CANDIDATES}", [channel]).fetchone()[0]
 
     # ---- imports and labels --------------------------------------------------------------
-    IMPORT_SOURCE = "import"
+    IMPORT_SOURCE = "import"              # the pseudo-source of import-labels (kind "import")
 
     def import_source_id(self) -> int:
         """The pseudo-source that owns imported pictures (never polled)."""

@@ -98,7 +98,7 @@ def seed(cfg, specs: list[dict], *, trained: bool = False, source: str = "booru-
     from scorer.registry import ensure_active_model
     from storage import Store
     from storage.media import inspect, store_media
-    from storage.store import FaceRecord
+    from storage.records import Face
 
     with Store.open(cfg.db_path) as store:
         model = ensure_active_model(store, cfg.scorer, cfg.models_path)
@@ -119,7 +119,7 @@ def seed(cfg, specs: list[dict], *, trained: bool = False, source: str = "booru-
                 "title": f"post {i}", "tags": spec.get("tags", []), "rating": spec.get("rating", "general"),
                 "popularity": spec["popularity"]}], {})
             store.record_download(image_id, info, rel, near_distance=-1)
-            faces = [FaceRecord(20 + 90 * k, 20, 90 + 90 * k, 100, 0.9, "animeface",
+            faces = [Face(20 + 90 * k, 20, 90 + 90 * k, 100, 0.9, "animeface",
                                 spec.get("score", 3.0) - k / 10, 0.1) for k in range(spec.get("faces", 1))]
             store.record_analysis(image_id, faces, spec.get("score", 3.0), spec.get("uncertainty", 0.1),
                                   model["version"])

@@ -2,7 +2,8 @@ import xml.etree.ElementTree as ET
 
 from PIL import Image
 
-from scorer.detect import AnimeFaceDetector, Face, OpenCVDetector, animeface_raw, crop_face
+from scorer.detect import AnimeFaceDetector, OpenCVDetector, animeface_raw, crop_face
+from storage.records import Face
 from tests.helpers import shared
 
 

@@ -8,7 +8,8 @@ from PIL import Image
 from storage import AsyncStore, Store, open_db
 from storage.db import SCHEMA_VERSION, StorageError, migrations
 from storage.media import BadImage, decode_image, inspect, media_relpath, store_media
-from storage.store import FaceRecord, NewItem
+from storage.records import Face
+from storage.store import NewItem
 from tests.helpers import make_read_only, open_folder, picture, unprivileged
 
 
@@ -62,7 +63,7 @@ def test_record_analysis_replaces_faces_and_keeps_model_version(tmp_path):
     store.register_model("m1", "resnet18", "m1.pt", activate=True)
     sid = store.upsert_source("s", "folder", {})
     (iid,) = store.save_poll(sid, [NewItem(external_id="1")], {})
-    faces = [FaceRecord(0, 0, 10, 10, 0.9, "animeface", 3.5, 0.1), FaceRecord(5, 5, 20, 20, 0.8, "animeface", 4.5, 0.2)]
+    faces = [Face(0, 0, 10, 10, 0.9, "animeface", 3.5, 0.1), Face(5, 5, 20, 20, 0.8, "animeface", 4.5, 0.2)]
     store.record_analysis(iid, faces, 4.5, 0.2, "m1")
     store.record_analysis(iid, faces, 4.5, 0.2, "m1")  # rescoring does not duplicate
     assert len(store.faces_of(iid)) == 2
