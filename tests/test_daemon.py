@@ -305,3 +305,72 @@ async def test_work_left_pending_by_a_stop_resumes_on_restart(tmp_path):
     finally:
         await daemon.stop()
 
+
+class _SlowAnalyzer:
+    """An analyzer that waits before analysing, to widen a race on purpose."""
+
+    def __init__(self, inner, wait: float, fail: bool = False):
+        self.inner, self.wait, self.fail = inner, wait, fail
+        self.scorer = inner.scorer
+
+    def analyze(self, pictures, found=None):
+        time.sleep(self.wait)
+        if self.fail:
+            raise RuntimeError("the import was killed")
+        return self.inner.analyze(pictures, found)
+
+
+def _ratings_folder(root, seeds) -> None:
+    for i in seeds:
+        folder = root / str(1 + i % 5)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"crop{i}.jpg").write_bytes(picture(100 + i))
+
+
+async def test_an_import_beside_a_running_daemon_keeps_its_crops(tmp_path):
+    from scorer.analyze import build_analyzer
+    from scorer.import_labels import import_labels, read_rating_rows
+    from tests.helpers import cli
+
+    cfg = make_config(tmp_path)
+    daemon = Daemon(cfg)
+    await daemon.start()
+    # the daemon analyses slowly: had it taken an imported picture, it would record its faces last
+    daemon.pipeline.analyzer = _SlowAnalyzer(daemon.pipeline.analyzer, 3)
+
+    def import_with(folder, wait, fail=False):
+        with Store.open(cfg.db_path) as store:
+            analyzer = _SlowAnalyzer(build_analyzer(store, cfg.detector, cfg.scorer, cfg.paths), wait, fail)
+            rows, _ = read_rating_rows(folder)
+            return import_labels(store, analyzer, rows, cfg.media_path, crops=True, progress=False)
+
+    try:
+        # an import whose analysis starts after the daemon looked for work (every second)
+        _ratings_folder(tmp_path / "a", range(0, 4))
+        report = await asyncio.to_thread(import_with, tmp_path / "a", 1.5)
+        assert report.new_pictures == 4 and report.labels_added == 4
+        # an import killed between storing its pictures and recording their analysis
+        _ratings_folder(tmp_path / "b", range(4, 7))
+        try:
+            await asyncio.to_thread(import_with, tmp_path / "b", 0, True)
+        except RuntimeError:
+            pass
+        await asyncio.sleep(2.5)
+        left = await daemon.store.execute("SELECT status FROM images WHERE status != 'scored'")
+        assert [r["status"] for r in left] == ["importing"] * 3      # kept aside, not analysed by the daemon
+        # the next import of the same files (and new ones), through the command line
+        _ratings_folder(tmp_path / "all", range(0, 10))
+        out = await asyncio.to_thread(cli, tmp_path, "import-labels", tmp_path / "all", "--crops")
+        assert out.returncode == 0, out.stderr
+        assert "6 new picture(s), 4 already stored" in out.stdout
+        await asyncio.sleep(1.5)
+        images = await daemon.store.execute("SELECT id, status FROM images")
+        assert len(images) == 10 and {r["status"] for r in images} == {"scored"}
+        for r in images:
+            faces = await daemon.store.faces_of(r["id"])
+            assert [f["detector"] for f in faces] == ["crop"], r
+        assert daemon.stats["scored"] == 0
+        labels = await daemon.store.execute("SELECT COUNT(*) AS n FROM labels WHERE removed_at IS NULL")
+        assert labels[0]["n"] == 14     # 4 from the first import, then one per file of the last
+    finally:
+        await daemon.stop()
