@@ -25,6 +25,7 @@ import aiohttp
 import discord
 
 from bot.config import Config
+from bot.manage import web_link
 from bot.posting import Reactions, emoji_key, fit_upload, route
 from scorer.ranking import Pick, pick
 
@@ -57,16 +58,16 @@ def build_embed(image: dict, *, faces: int, source: str, exploration: bool, reas
     title = image.get("title") or f"Picture #{image['id']}"
     desc = ("🔍 **Exploration**: the model is unsure about this one; your rating teaches it the most."
             if exploration else None)
-    embed = discord.Embed(title=title[:256], url=image.get("page_url") or None, description=desc,
-                          colour=score_colour(score))
+    link = web_link(image.get("page_url"))
+    embed = discord.Embed(title=title[:256], url=link, description=desc, colour=score_colour(score))
     embed.add_field(name="Score", value="n/a" if score is None else f"{score:.2f} / 5"
                     + (f" (± {image['uncertainty']:.2f})" if image.get("uncertainty") else ""))
     embed.add_field(name="Faces", value=str(faces))
     embed.add_field(name="Source", value=source or "?")
     if image.get("author"):
         embed.add_field(name="Author", value=str(image["author"])[:1024])
-    if image.get("page_url"):
-        embed.add_field(name="Original", value=f"[open]({image['page_url']})")
+    if link:
+        embed.add_field(name="Original", value=f"[open]({link})")
     embed.set_image(url=f"attachment://{filename}")
     embed.set_footer(text=f"tastefeed · picture #{image['id']} · {reason} · model {image.get('model_version')}")
     return embed

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from urllib.parse import urlsplit
 
 from bot.config import Config, ConfigError, SourceConfig, parse_source
 
@@ -123,6 +124,18 @@ def source_state(row: dict, paused: set[str]) -> str:
     if row["name"] in paused:
         return "paused"
     return "ok" if row["healthy"] else "UNHEALTHY"
+
+
+def web_link(url) -> str | None:
+    """A page address from a source, when it may be shown as a link: http and https only (a
+    feed's ``javascript:`` or ``data:`` link is stored as given but never becomes a link)."""
+    if not isinstance(url, str):
+        return None
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return None
+    return url.strip() if parts.scheme.lower() in ("http", "https") and parts.hostname else None
 
 
 def picture_data(store, image_id: int) -> dict | None:

@@ -4,14 +4,16 @@
 15 s it picks up sources added, changed, paused or removed meanwhile, from the CLI, Discord or
 the gallery). A poll stores its new items (status ``pending``) and the source's new cursor in one
 transaction, then wakes the download stage. A failed poll is never fatal: it is logged and the
-source's next poll is pushed back (exponential backoff with jitter, the server's retry time when
-it gave one, the maximum for a refused login); the next poll time is stored, so a restart
-honours a backoff that was running.
+source's next poll is pushed back (exponential backoff with jitter; after a 429, the server's
+retry time when it is longer, but never less than that backoff nor more than
+``daemon.backoff_max``; the maximum for a refused login); the next poll time is stored, so a
+restart honours a backoff that was running (up to ``daemon.backoff_max`` from the restart).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -85,10 +87,9 @@ class SourcePoller:
                 continue
             interval = float(conf.get("interval", 300))
             first = datetime.now(timezone.utc)
-            if row["next_poll_at"]:
-                stored = datetime.fromisoformat(row["next_poll_at"])
-                if stored > first:  # honour a backoff that was running before a restart
-                    first = min(stored, first + timedelta(seconds=self.cfg.daemon.backoff_max))
+            stored = _stored_time(row["next_poll_at"])
+            if stored is not None and stored > first:  # honour a backoff that was running before a restart
+                first = min(stored, first + timedelta(seconds=self.cfg.daemon.backoff_max))
             self.scheduler.add_job(self.poll_source, "interval", seconds=interval, args=[name],
                                    id=f"poll:{name}", next_run_time=first, max_instances=1,
                                    coalesce=True, misfire_grace_time=None)
@@ -140,15 +141,15 @@ class SourcePoller:
         failures = row["failures"] + 1
         if isinstance(error, asyncio.TimeoutError):
             error = TransientError("poll timed out")
-        if isinstance(error, RateLimited) and error.retry_after is not None:
-            delay = error.retry_after + random.uniform(0, 2)
-        elif isinstance(error, AuthError):
-            delay = self.cfg.daemon.backoff_max
-        else:
-            base = max(interval, 10.0) * 2 ** (failures - 1)
-            delay = min(self.cfg.daemon.backoff_max, base) * random.uniform(0.8, 1.2)
         message = str(error) if isinstance(error, SourceError) else f"{type(error).__name__}: {error}"
-        next_at = datetime.now(timezone.utc) + timedelta(seconds=delay)
+        try:
+            delay = retry_delay(error, interval, failures, self.cfg.daemon.backoff_max)
+            next_at = datetime.now(timezone.utc) + timedelta(seconds=delay)
+        except Exception as e:  # noqa: BLE001 - the failure is recorded and retried whatever happens
+            log.error("source %s: cannot work out its next try (%s: %s); trying again in %gs", name,
+                      type(e).__name__, e, FALLBACK_DELAY)
+            delay = FALLBACK_DELAY
+            next_at = datetime.now(timezone.utc) + timedelta(seconds=delay)
         try:
             updated = await self.store.source_polled(
                 row["id"], error=message, next_poll_at=next_at.isoformat(),
@@ -162,3 +163,35 @@ class SourcePoller:
         job = self.scheduler.get_job(f"poll:{name}")
         if job is not None:
             job.modify(next_run_time=next_at)
+
+
+FALLBACK_DELAY = 600.0   # seconds, should working out a retry time ever fail
+
+
+def retry_delay(error: Exception, interval: float, failures: int, backoff_max: float) -> float:
+    """Seconds until a source polled every ``interval`` s is tried again after its ``failures``-th
+    failure in a row: exponential backoff from max(interval, 10 s) with jitter (the doubling stops
+    at ``backoff_max``). A refused login waits ``backoff_max``. A 429 (or a 5xx with Retry-After)
+    waits the server's time when that is longer, but never less than this backoff (a server
+    cannot make us poll faster) nor more than ``backoff_max`` (nor silence a source longer)."""
+    if isinstance(error, AuthError):
+        return backoff_max
+    base = max(interval, 10.0) * 2.0 ** min(failures - 1, 32)
+    delay = min(backoff_max, base) * random.uniform(0.8, 1.2)
+    wait = error.retry_after if isinstance(error, RateLimited) else None
+    if isinstance(wait, (int, float)) and math.isfinite(wait):
+        delay = min(backoff_max, max(delay, wait + random.uniform(0, 2)))
+    elif isinstance(error, RateLimited):
+        delay = min(backoff_max, delay)
+    return delay
+
+
+def _stored_time(text: str | None) -> datetime | None:
+    """A stored next poll time (UTC); None when absent or unreadable."""
+    try:
+        when = datetime.fromisoformat(text) if text else None
+    except (TypeError, ValueError):
+        return None
+    if when is not None and when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when

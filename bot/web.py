@@ -25,7 +25,7 @@ import jinja2
 from aiohttp import web
 
 from bot.config import Config
-from bot.manage import PAUSED_SOURCES, picture_data, source_state, stats
+from bot.manage import PAUSED_SOURCES, picture_data, source_state, stats, web_link
 from bot.web_actions import GalleryActions
 from bot.web_guard import guard
 from scorer.ranking import is_cold
@@ -35,6 +35,7 @@ log = logging.getLogger("tastefeed.web")
 
 CHANNEL = "web"
 HERE = Path(__file__).parent
+MAX_PAGE = 10 ** 9                # a page beyond is empty (and its offset still fits SQLite)
 
 
 # ---- page data (plain functions on a sync Store, run on the daemon's writer thread) -----------
@@ -99,22 +100,24 @@ class Gallery:
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
                                       autoescape=True, undefined=jinja2.StrictUndefined)
         self.env.filters["score"] = lambda v: "n/a" if v is None or isinstance(v, jinja2.Undefined) else f"{v:.2f}"
+        self.env.filters["web_link"] = web_link   # a page link from a source: http(s) only, else None
         self.env.globals["query"] = lambda **kw: "?" + urlencode({k: v for k, v in kw.items() if v not in (None, "")})
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[guard(self.cfg.web)], client_max_size=1024 * 1024)
         r, a = app.router, self.actions
+        # ids have at most 18 digits, so they fit SQLite's integers: a longer one is no picture (404)
         r.add_get("/", self.page_for_you)
-        r.add_get("/picture/{id:\\d+}", self.page_picture)
+        r.add_get("/picture/{id:\\d{1,18}}", self.page_picture)
         r.add_get("/rated", self.page_rated)
         r.add_get("/model", self.page_model)
         r.add_get("/sources", self.page_sources)
-        r.add_get("/media/{id:\\d+}", self.media)
-        r.add_get("/thumb/{id:\\d+}", self.thumb)
+        r.add_get("/media/{id:\\d{1,18}}", self.media)
+        r.add_get("/thumb/{id:\\d{1,18}}", self.thumb)
         r.add_get("/eval/{version}/{name}", self.eval_plot)
         r.add_get("/api/stats", self.api_stats)
-        r.add_post("/rate/{id:\\d+}", a.rate)
-        r.add_post("/undo/{label:\\d+}", a.undo)
+        r.add_post("/rate/{id:\\d{1,18}}", a.rate)
+        r.add_post("/undo/{label:\\d{1,18}}", a.undo)
         r.add_post("/model/use", a.use_model)
         r.add_post("/model/evaluate", a.evaluate)
         r.add_post("/sources/add", a.source_add)
@@ -155,7 +158,7 @@ class Gallery:
 
     def _page(self, request: web.Request) -> int:
         try:
-            return max(0, int(request.query.get("page", "1")) - 1)
+            return min(MAX_PAGE, max(0, int(request.query.get("page", "1")) - 1))
         except ValueError:
             raise web.HTTPBadRequest(text="page: expected a number\n") from None
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from aiohttp import web
 
@@ -52,8 +52,21 @@ class GalleryActions:
 
     @staticmethod
     def _back(request, default: str) -> str:
-        ref = request.headers.get("Referer")
-        return urlsplit(ref)._replace(scheme="", netloc="").geturl() if ref else default
+        """Back to the page the form was on (its Referer) when that is a page of this gallery (an
+        http(s) URL with this request's host, whose path is not ``//host`` and holds no backslash,
+        space or control character, which browsers may read as ``//host``); else ``default``."""
+        ref = request.headers.get("Referer") or ""
+        try:
+            parts = urlsplit(ref)
+        except ValueError:
+            return default
+        if parts.scheme not in ("http", "https") or parts.netloc != request.host:
+            return default
+        back = urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        if not back.startswith("/") or back.startswith("//") or any(c == "\\" or c <= " " or c == "\x7f"
+                                                                    for c in back):
+            return default
+        return back
 
     async def rate(self, request):
         image_id = int(request.match_info["id"])

@@ -5,6 +5,10 @@ analyzer, which is why this lives in the scorer and not in storage), then its ra
 as a label with origin ``import``. Importing the same ratings again adds nothing: pictures are
 found by their hash and an unchanged label is not written twice. Bad rows (missing file, not a
 picture, rating not 1-5) are reported with their line number and skipped.
+
+A new picture is stored with status ``importing`` until its analysis is recorded, so a daemon
+running meanwhile never takes it (its faces stay the ones the import gave it, e.g. ``crop``);
+pictures an interrupted import left ``importing`` are analysed by the next import of them.
 """
 from __future__ import annotations
 

@@ -2,9 +2,13 @@
 
 - per-host concurrency limits, a total timeout per request, a size cap on bodies;
 - addresses in private, loopback, link-local and reserved ranges are refused unless allowed
-  (``download.allow_private``), on the first request and on every redirect hop;
+  (``download.allow_private``), on the first request and on every redirect hop; an IPv4 address
+  spelled as a number (``2130706433``, ``0x7f000001``, ``0177.0.0.1``, ``127.1``) is read the way
+  inet_aton and browsers read it, judged as that address and fetched in dotted form;
 - status codes become the source errors the daemon understands: 429 -> RateLimited (honouring
-  Retry-After), 5xx and timeouts -> TransientError, 401/403 -> AuthError.
+  Retry-After), 5xx and timeouts -> TransientError, 401/403 -> AuthError;
+- a server's delay (Retry-After, the rate-limit reset headers) is read as a finite number of
+  seconds from 0 to ``MAX_SERVER_DELAY``, or None when it cannot be read; never an error.
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import asyncio
 import email.utils
 import ipaddress
 import logging
+import math
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -84,43 +90,58 @@ def short_url(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{parts.path}"
 
 
-def parse_retry_after(value: str | None) -> float | None:
+MAX_SERVER_DELAY = 24 * 3600.0   # the longest wait a server can ask for here (the daemon caps it further)
+
+
+def _delay(seconds: float) -> float | None:
+    """``seconds`` clamped to 0..MAX_SERVER_DELAY; None for NaN."""
+    if math.isnan(seconds):
+        return None
+    return min(MAX_SERVER_DELAY, max(0.0, seconds))
+
+
+def parse_retry_after(value) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (seconds or an HTTP date); None if unreadable."""
+    if value is None:
+        return None
+    value = str(value).strip()
     if not value:
         return None
-    value = value.strip()
     try:
-        return max(0.0, float(value))
+        return _delay(float(value))
     except ValueError:
         pass
     try:
         when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time())
-    except (TypeError, ValueError):
+        return _delay(when.timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError, OSError, IndexError):
         return None
 
 
 RESET_HEADERS = ("RateLimit-Reset", "X-RateLimit-Reset", "X-Rate-Limit-Reset")
 
 
-def parse_reset(value: str | None) -> float | None:
+def parse_reset(value) -> float | None:
     """Seconds until a rate-limit window resets: epoch seconds (X, Bluesky), an ISO time
-    (Mastodon) or seconds from now (the IETF draft's ``RateLimit-Reset``)."""
+    (Mastodon) or seconds from now (the IETF draft's ``RateLimit-Reset``); None if unreadable."""
+    if value is None:
+        return None
+    value = str(value).strip()
     if not value:
         return None
-    value = value.strip()
     try:
         n = float(value)
     except ValueError:
         from datetime import datetime
         try:
-            return max(0.0, datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() - time.time())
-        except ValueError:
+            return _delay(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() - time.time())
+        except (TypeError, ValueError, OverflowError, OSError):
             return None
-    return max(0.0, n - time.time()) if n > 1e9 else max(0.0, n)
+    return _delay(n - time.time() if n > 1e9 else n)
 
 
 def retry_after(headers) -> float | None:
-    """How long to wait, from Retry-After or else a rate-limit reset header."""
+    """How long to wait, from Retry-After or else a rate-limit reset header (bounded as above)."""
     retry = parse_retry_after(headers.get("Retry-After"))
     if retry is None:
         for name in RESET_HEADERS:
@@ -130,6 +151,26 @@ def retry_after(headers) -> float | None:
     return retry
 
 
+_NUMBER = re.compile(r"(?:0x[0-9a-f]*|[0-9]+)\Z", re.IGNORECASE)
+
+
+def ipv4_literal(host: str) -> str | None:
+    """The dotted address a host spelled as IPv4 numbers means, read as inet_aton and browsers
+    read it (``2130706433``, ``0x7f000001``, ``0177.0.0.1``, ``127.1`` are all 127.0.0.1); None
+    for a host name. A host whose last label is a number but that is no address (``256.1.1.1``,
+    ``1.2.3.4.5``) raises ValueError: browsers refuse such URLs too."""
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    if not _NUMBER.match(labels[-1]):
+        return None
+    if len(labels) > 4 or not all(_NUMBER.match(label) for label in labels):
+        raise ValueError(f"{host} is not a valid IPv4 address")
+    try:
+        return socket.inet_ntoa(socket.inet_aton(name))
+    except OSError:
+        raise ValueError(f"{host} is not a valid IPv4 address") from None
+
+
 class AddressPolicy:
     """Which IP addresses a remote source may reach."""
 
@@ -137,10 +178,25 @@ class AddressPolicy:
         self.allowed_hosts: set[str] = set()
         self.allowed_nets: list[ipaddress._BaseNetwork] = []
         for entry in allow or []:
-            try:
-                self.allowed_nets.append(ipaddress.ip_network(entry, strict=False))
-            except ValueError:
+            net = self._network(entry)
+            if net is not None:
+                self.allowed_nets.append(net)
+            else:
                 self.allowed_hosts.add(entry.lower())
+
+    @staticmethod
+    def _network(entry: str) -> ipaddress._BaseNetwork | None:
+        """An allow-list entry as a network: an address or CIDR, IPv4 ones in any spelling."""
+        try:
+            return ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            pass
+        address, slash, prefix = entry.strip().partition("/")
+        try:
+            ip = ipv4_literal(address.lower())
+            return ipaddress.ip_network(f"{ip}{slash}{prefix}", strict=False) if ip else None
+        except ValueError:
+            return None
 
     def ip_allowed(self, ip: str) -> bool:
         addr = ipaddress.ip_address(ip.split("%")[0])
@@ -151,8 +207,9 @@ class AddressPolicy:
         return not (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved
                     or addr.is_multicast or addr.is_unspecified)
 
-    def check(self, url: str) -> None:
-        """Refuse non-http(s) URLs and refused IP literals. Host names are judged by
+    def check(self, url: str) -> str:
+        """Refuse non-http(s) URLs and refused IP literals; return the URL to fetch (an IPv4
+        address spelled as numbers rewritten in dotted form). Host names are judged by
         :class:`GuardedResolver` when the connection is made (one lookup, no rebinding window)."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
@@ -161,11 +218,23 @@ class AddressPolicy:
         if not host:
             raise BlockedAddress(f"refused {url!r}: no host")
         try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            return
-        if host not in self.allowed_hosts and not self.ip_allowed(host):
-            raise BlockedAddress(self.refusal(url, host, host))
+            ip = ipv4_literal(host)
+        except ValueError as e:
+            raise BlockedAddress(f"refused {short_url(url)}: {e}") from None
+        fetch = url
+        if ip is not None:
+            userinfo, at, hostport = parts.netloc.rpartition("@")
+            port = hostport.rpartition(":")[2] if ":" in hostport else ""
+            fetch = parts._replace(netloc=f"{userinfo}{at}{ip}" + (f":{port}" if port else "")).geturl()
+        else:
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                return url
+            ip = host
+        if host not in self.allowed_hosts and not self.ip_allowed(ip):
+            raise BlockedAddress(self.refusal(url, host, ip))
+        return fetch
 
     @staticmethod
     def refusal(url: str, host: str, ip: str) -> str:
@@ -256,7 +325,7 @@ class Http:
         limit = max_bytes or self.max_bytes
         current = url
         for _hop in range(self.max_redirects + 1):
-            self.policy.check(current)
+            current = self.policy.check(current)
             async with self._host_limit(current):
                 try:
                     async with self.session.get(current, params=params, headers=headers, auth=auth,

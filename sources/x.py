@@ -17,19 +17,22 @@ poll reads only the newest page. Retweets are skipped unless ``retweets = true``
 quote post without media of its own (``quotes = true``), the original post's id names the item,
 so the same picture is not fetched twice. 401/403 become one clear message and an unhealthy
 source (the daemon waits ``daemon.backoff_max`` before trying again); a 429 pauses this source
-until ``x-rate-limit-reset``, never the others.
+until ``x-rate-limit-reset`` (read by the same bounded parser as every source's, within the
+daemon's backoff limits), never the others.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from sources.base import (AuthError, BadPayload, Item, Poll, RateLimited, Source, SourceError, TransientError,
                           number, remember)
+from sources.http import parse_reset
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +86,32 @@ class _ApiSession:
         self.api = api_url.rstrip("/")
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
 
-    def request(self, method, url, **kwargs):
+    @contextlib.asynccontextmanager
+    async def request(self, method, url, **kwargs):
         url = str(url)
         if url.startswith(TWITTER):
             url = self.api + url[len(TWITTER):]
-        return self.session.request(method, url, **kwargs)
+        async with self.session.request(method, url, **kwargs) as response:
+            yield _Response(response)
 
     async def close(self) -> None:
         await self.session.close()
+
+
+class _Response:
+    """A response as tweepy sees it, except ``x-rate-limit-reset``: that is read here by
+    ``sources.http.parse_reset`` (bounded, never an error) into ``retry_after``, and hidden from
+    tweepy, which would raise on a value that is not a whole number and trust any other."""
+
+    def __init__(self, response: aiohttp.ClientResponse):
+        self._response = response
+        self.retry_after = parse_reset(response.headers.get("x-rate-limit-reset"))
+        headers = CIMultiDict(response.headers)
+        headers.popall("x-rate-limit-reset", None)
+        self.headers = CIMultiDictProxy(headers)
+
+    def __getattr__(self, name):
+        return getattr(self._response, name)
 
 
 def today() -> str:
@@ -131,7 +152,7 @@ class XSource(Source):
         try:
             return await self._poll(client, cursor, limit, budget, low)
         except tweepy.TooManyRequests as e:
-            wait = max(0.0, e.reset_time - time.time()) if getattr(e, "reset_time", None) else None
+            wait = getattr(e.response, "retry_after", None)
             raise RateLimited("X rate limit reached" + (f"; this source waits {wait:.0f}s" if wait else ""),
                               wait) from None
         except tweepy.Unauthorized:

@@ -340,14 +340,17 @@ class Store:
         return self.upsert_source(self.IMPORT_SOURCE, "import", {"enabled": False, "interval": 0}, origin="import")
 
     def image_by_sha256(self, sha256: str) -> dict | None:
-        """The stored picture with these bytes (the original, not a duplicate row), if any."""
+        """The stored picture with these bytes (the original, not a duplicate row), if any; also
+        one an import stored and did not analyse (status ``importing``, left by a crash)."""
         rows = list(self.db.query(
             "SELECT * FROM images WHERE sha256 = ? AND duplicate_of IS NULL "
-            "AND status IN ('downloaded', 'scored', 'skipped') ORDER BY id LIMIT 1", [sha256]))
+            "AND status IN ('downloaded', 'scored', 'skipped', 'importing') ORDER BY id LIMIT 1", [sha256]))
         return dict(rows[0]) if rows else None
 
     def add_imported_image(self, source_id: int, local_path: str, info: ImageInfo, media_path: str) -> int:
-        """A picture read from disk by import-labels, stored and ready for analysis."""
+        """A picture read from disk by import-labels, stored with status ``importing``: no stage
+        of a daemon running meanwhile takes it, so it keeps the analysis the import records for
+        it (``record_analysis``: ``scored`` or ``skipped``), e.g. as a crop, not detected faces."""
         with self.db.conn:
             self.db.execute(
                 "INSERT OR IGNORE INTO images (source_id, external_id, local_path, title, created_at) "
@@ -355,7 +358,7 @@ class Store:
             image_id = self.db.execute("SELECT id FROM images WHERE source_id = ? AND external_id = ?",
                                        [source_id, info.sha256]).fetchone()[0]
             self.db.execute(
-                "UPDATE images SET status = 'downloaded', error = NULL, sha256 = ?, phash = ?, width = ?, "
+                "UPDATE images SET status = 'importing', error = NULL, sha256 = ?, phash = ?, width = ?, "
                 "height = ?, format = ?, bytes = ?, media_path = ?, fetched_at = ? WHERE id = ?",
                 [info.sha256, info.phash, info.width, info.height, info.format, info.bytes, media_path,
                  now(), image_id])

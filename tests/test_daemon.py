@@ -1,6 +1,7 @@
 import asyncio
 import shutil
 import time
+from datetime import datetime, timezone
 
 from aiohttp import web
 
@@ -141,17 +142,146 @@ async def test_rate_limit_retry_after_is_honoured(tmp_path, serve):
     hits = []
 
     async def limited(request):
-        hits.append(time.monotonic())
-        return web.Response(status=429, headers={"Retry-After": "1"})
+        hits.append(time.time())
+        return web.Response(status=429, headers={"Retry-After": "40"})
 
     cfg = make_config(tmp_path, await booru_answering(serve, limited, name="busy", interval=30))
     daemon = Daemon(cfg)
     await daemon.start()
     try:
-        await wait_for(lambda: _hits(hits, 2), timeout=8)
-        assert 1.0 <= hits[1] - hits[0] <= 4.5  # Retry-After (1s) + jitter, not the 30s interval
-        row = await daemon.store.get_source("busy")
+        row = await wait_for(lambda: _source_where(daemon, "busy", lambda r: r["failures"] >= 1))
         assert "rate limited (429)" in row["last_error"]
+        # Retry-After (40s) + jitter: longer than this failure's backoff (24-36s), under backoff_max (60s)
+        assert 39.5 <= _seconds_after(row["next_poll_at"], hits[0]) <= 43.5
+        await asyncio.sleep(2)
+        assert len(hits) == 1
+    finally:
+        await daemon.stop()
+
+
+async def _source_where(daemon, name, predicate):
+    row = await daemon.store.get_source(name)
+    return row if row is not None and predicate(row) else None
+
+
+def _seconds_after(iso: str, then: float) -> float:
+    return datetime.fromisoformat(iso).timestamp() - then
+
+
+# What hostile servers answered with a 429, and the wait that follows it: at least the source's own
+# backoff (first failure, interval 0.5: 10s * 0.8-1.2) and at most daemon.backoff_max (60s here).
+BACKOFF, BACKOFF_MAX = (7.5, 13.5), (59.0, 61.5)
+HOSTILE_429 = {
+    "minus": ({"Retry-After": "-5"}, BACKOFF),
+    "zero": ({"Retry-After": "0"}, BACKOFF),
+    "nan": ({"Retry-After": "nan"}, BACKOFF),
+    "garbage": ({"Retry-After": "after lunch"}, BACKOFF),
+    "inf": ({"Retry-After": "inf"}, BACKOFF_MAX),
+    "huge": ({"Retry-After": "1e20"}, BACKOFF_MAX),
+    "year": ({"Retry-After": "31536000"}, BACKOFF_MAX),
+    "y2099": ({"Retry-After": "Thu, 01 Jan 2099 00:00:00 GMT"}, BACKOFF_MAX),
+    "reset-inf": ({"X-RateLimit-Reset": "inf"}, BACKOFF_MAX),
+    "reset-2099": ({"X-RateLimit-Reset": "4070908800"}, BACKOFF_MAX),
+    "reset-minus": ({"RateLimit-Reset": "-5"}, BACKOFF),
+}
+
+
+async def test_hostile_rate_limit_delays_are_bounded_by_the_backoff_and_backoff_max(tmp_path, serve):
+    hits: dict[str, list[float]] = {name: [] for name in HOSTILE_429}
+
+    async def limited(request):
+        name = request.match_info["name"]
+        hits[name].append(time.time())
+        return web.Response(status=429, headers=HOSTILE_429[name][0])
+
+    app = web.Application()
+    app.router.add_get("/{name}/posts.json", limited)
+    base = await serve(app)
+    cfg = make_config(tmp_path, "".join(f'''
+[[sources]]
+name = "{name}"
+kind = "booru"
+url = "{base}/{name}"
+interval = 0.5
+''' for name in HOSTILE_429))
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        for name in HOSTILE_429:
+            await wait_for(lambda name=name: _source_where(daemon, name, lambda r: r["failures"] >= 1), timeout=15)
+        await asyncio.sleep(4)  # without a backoff, a 0.5s source would have been polled again
+        for name, (_, (low, high)) in HOSTILE_429.items():
+            row = await daemon.store.get_source(name)
+            assert len(hits[name]) == 1, (name, len(hits[name]))
+            assert row["failures"] == 1 and row["healthy"], name
+            assert row["last_error"].startswith("rate limited (429)"), (name, row["last_error"])
+            assert low <= _seconds_after(row["next_poll_at"], hits[name][0]) <= high, (name, row["next_poll_at"])
+            job = daemon.scheduler.get_job(f"poll:{name}")
+            assert job.next_run_time == datetime.fromisoformat(row["next_poll_at"]), name
+    finally:
+        await daemon.stop()
+
+
+async def test_a_retry_time_stored_far_ahead_is_capped_at_backoff_max_on_restart(tmp_path, serve):
+    hits = []
+
+    async def down(request):
+        hits.append(request.path)
+        return web.Response(status=503)
+
+    app = web.Application()
+    app.router.add_get("/{name}/posts.json", down)
+    base = await serve(app)
+    names = ("y2099", "unreadable", "naive")
+    cfg = make_config(tmp_path, "".join(f'''
+[[sources]]
+name = "{name}"
+kind = "booru"
+url = "{base}/{name}"
+interval = 30
+''' for name in names))
+    from bot.manage import sync_config_sources
+    with Store.open(cfg.db_path) as store:
+        sync_config_sources(store, cfg)
+        for name, stored in zip(names, ("2099-01-01T00:00:00+00:00", "not a time", "2099-01-01T00:00:00")):
+            with store.db.conn:
+                store.db.execute("UPDATE sources SET next_poll_at = ?, failures = 4 WHERE name = ?", [stored, name])
+    daemon = Daemon(cfg)
+    started = datetime.now(timezone.utc)
+    await daemon.start()
+    try:
+        jobs = {name: daemon.scheduler.get_job(f"poll:{name}") for name in names}
+        for name in ("y2099", "naive"):
+            wait = (jobs[name].next_run_time - started).total_seconds()
+            assert 59 <= wait <= 62, (name, wait)       # daemon.backoff_max, not 2099
+        await wait_for(lambda: _source_where(daemon, "unreadable", lambda r: r["failures"] >= 5))
+        await asyncio.sleep(1)
+        assert hits == ["/unreadable/posts.json"]
+    finally:
+        await daemon.stop()
+
+
+async def test_a_failure_count_too_large_for_the_backoff_formula_still_records_the_failure(tmp_path, serve):
+    hits = []
+
+    async def down(request):
+        hits.append(time.time())
+        return web.Response(status=503)
+
+    cfg = make_config(tmp_path, await booru_answering(serve, down, name="dead", interval=0.5))
+    from bot.manage import sync_config_sources
+    with Store.open(cfg.db_path) as store:
+        sync_config_sources(store, cfg)
+        with store.db.conn:
+            store.db.execute("UPDATE sources SET failures = 5000 WHERE name = 'dead'")
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        row = await wait_for(lambda: _source_where(daemon, "dead", lambda r: r["failures"] > 5000))
+        assert "server error 503" in row["last_error"] and not row["healthy"]
+        assert 47 <= _seconds_after(row["next_poll_at"], hits[0]) <= 73   # backoff_max * 0.8-1.2
+        await asyncio.sleep(2)
+        assert len(hits) == 1
     finally:
         await daemon.stop()
 
@@ -172,5 +302,75 @@ async def test_work_left_pending_by_a_stop_resumes_on_restart(tmp_path):
     await daemon.start()
     try:
         await wait_for(lambda: _count(daemon, "scored", 1))
+    finally:
+        await daemon.stop()
+
+
+class _SlowAnalyzer:
+    """An analyzer that waits before analysing, to widen a race on purpose."""
+
+    def __init__(self, inner, wait: float, fail: bool = False):
+        self.inner, self.wait, self.fail = inner, wait, fail
+        self.scorer = inner.scorer
+
+    def analyze(self, pictures, found=None):
+        time.sleep(self.wait)
+        if self.fail:
+            raise RuntimeError("the import was killed")
+        return self.inner.analyze(pictures, found)
+
+
+def _ratings_folder(root, seeds) -> None:
+    for i in seeds:
+        folder = root / str(1 + i % 5)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"crop{i}.jpg").write_bytes(picture(100 + i))
+
+
+async def test_an_import_beside_a_running_daemon_keeps_its_crops(tmp_path):
+    from scorer.analyze import build_analyzer
+    from scorer.import_labels import import_labels, read_rating_rows
+    from tests.helpers import cli
+
+    cfg = make_config(tmp_path)
+    daemon = Daemon(cfg)
+    await daemon.start()
+    # the daemon analyses slowly: had it taken an imported picture, it would record its faces last
+    daemon.pipeline.analyzer = _SlowAnalyzer(daemon.pipeline.analyzer, 3)
+
+    def import_with(folder, wait, fail=False):
+        with Store.open(cfg.db_path) as store:
+            analyzer = _SlowAnalyzer(build_analyzer(store, cfg.detector, cfg.scorer, cfg.paths), wait, fail)
+            rows, _ = read_rating_rows(folder)
+            return import_labels(store, analyzer, rows, cfg.media_path, crops=True, progress=False)
+
+    try:
+        # an import whose analysis starts after the daemon looked for work (every second)
+        _ratings_folder(tmp_path / "a", range(0, 4))
+        report = await asyncio.to_thread(import_with, tmp_path / "a", 1.5)
+        assert report.new_pictures == 4 and report.labels_added == 4
+        # an import killed between storing its pictures and recording their analysis
+        _ratings_folder(tmp_path / "b", range(4, 7))
+        try:
+            await asyncio.to_thread(import_with, tmp_path / "b", 0, True)
+        except RuntimeError:
+            pass
+        await asyncio.sleep(2.5)
+        left = await daemon.store.execute("SELECT status FROM images WHERE status != 'scored'")
+        assert [r["status"] for r in left] == ["importing"] * 3      # kept aside, not analysed by the daemon
+        # the next import of the same files (and new ones), through the command line
+        _ratings_folder(tmp_path / "all", range(0, 10))
+        out = await asyncio.to_thread(cli, tmp_path, "import-labels", tmp_path / "all", "--crops")
+        assert out.returncode == 0, out.stderr
+        assert "6 new picture(s), 4 already stored" in out.stdout
+        await asyncio.sleep(1.5)
+        images = await daemon.store.execute("SELECT id, status FROM images")
+        assert len(images) == 10 and {r["status"] for r in images} == {"scored"}
+        for r in images:
+            faces = await daemon.store.faces_of(r["id"])
+            assert [f["detector"] for f in faces] == ["crop"], r
+        assert daemon.stats["scored"] == 0
+        labels = await daemon.store.execute("SELECT COUNT(*) AS n FROM labels WHERE removed_at IS NULL")
+        assert labels[0]["n"] == 14     # 4 from the first import, then one per file of the last
     finally:
         await daemon.stop()

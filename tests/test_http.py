@@ -1,7 +1,10 @@
 import asyncio
+import math
+import time
 
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from sources import AuthError, RateLimited, SourceError, TransientError
 from sources.http import AddressPolicy, BlockedAddress, Http, TooLarge, parse_retry_after
@@ -122,3 +125,132 @@ async def test_resolver_refuses_private_answers_at_connect_time():
     assert await allowed.resolve("localhost", 80)
     await resolver.close()
     await allowed.close()
+
+
+# ---- server-supplied delays are bounded (issue 12, item 2) ----------------------------------
+HOSTILE_DELAYS = ["-5", "0", "-0", "nan", "NaN", "inf", "-inf", "Infinity", "1e20", "1e308", "1e400",
+                  "31536000", "99999999999999999999999", "Thu, 01 Jan 2099 00:00:00 GMT",
+                  "Mon, 01 Jan 99999 00:00:00 GMT", "Fri, 31 Dec 9999 23:59:59 +9999", "2099-01-01T00:00:00Z",
+                  "0001-01-01T00:00:00", "9999-12-31T23:59:59", "4070908800", "soon", "", "   ", "1_000",
+                  "\x00", "0x10", "12abc", "-1e20"]
+
+
+def _bounded(value):
+    from sources.http import MAX_SERVER_DELAY
+    return value is None or (isinstance(value, float) and math.isfinite(value) and 0 <= value <= MAX_SERVER_DELAY)
+
+
+@pytest.mark.parametrize("value", HOSTILE_DELAYS)
+def test_hostile_delays_parse_to_a_bounded_number_or_none(value):
+    from sources.http import RESET_HEADERS, parse_reset, retry_after
+    assert _bounded(parse_retry_after(value)), value
+    assert _bounded(parse_reset(value)), value
+    for name in ("Retry-After", *RESET_HEADERS):
+        assert _bounded(retry_after(CIMultiDict({name: value}))), (name, value)
+
+
+def test_delays_are_clamped_not_dropped():
+    from sources.http import MAX_SERVER_DELAY, parse_reset
+    assert parse_retry_after("-5") == 0 and parse_retry_after("0") == 0
+    for huge in ("inf", "1e20", "31536000", "Thu, 01 Jan 2099 00:00:00 GMT"):
+        assert parse_retry_after(huge) == MAX_SERVER_DELAY, huge
+    for huge in ("inf", "1e20", "4070908800", "2099-01-01T00:00:00Z"):
+        assert parse_reset(huge) == MAX_SERVER_DELAY, huge
+    assert parse_retry_after("nan") is None and parse_reset("nan") is None
+    assert parse_reset("-5") == 0
+    assert 55 <= parse_reset(str(time.time() + 60)) <= 60     # epoch seconds
+    assert parse_reset("42") == 42                             # seconds from now
+    assert parse_retry_after(7) == 7                           # not text: read all the same
+
+
+async def test_a_429_with_a_hostile_retry_after_is_a_rate_limit_with_a_bounded_delay(serve):
+    values = ["-5", "0", "inf", "1e20", "nan", "Thu, 01 Jan 2099 00:00:00 GMT", "garbage"]
+
+    async def limited(request):
+        return web.Response(status=429, headers={"Retry-After": values[int(request.query["i"])]})
+
+    async def down(request):
+        return web.Response(status=503, headers={"Retry-After": values[int(request.query["i"])]})
+    base = await serve(app_with({"/429": limited, "/503": down}))
+    async with Http(timeout=5, allow_private=["127.0.0.1"]) as http:
+        for i, value in enumerate(values):
+            for path in ("/429", "/503"):
+                with pytest.raises(TransientError) as err:
+                    await http.get(f"{base}{path}", params={"i": str(i)})
+                assert _bounded(getattr(err.value, "retry_after", None)), (path, value)
+
+
+# ---- IPv4 addresses spelled as numbers (issue 12, item 5) ------------------------------------
+LOOPBACK_SPELLINGS = ["2130706433", "0x7f000001", "0X7F000001", "0177.0.0.1", "127.1", "0x7f.1", "0177.1",
+                      "127.0.1", "0x7f.0.0.0x1", "127.0.0.1."]
+OTHER_LOOPBACK_SPELLINGS = ["2130706434", "0x7f000002", "0177.0.0.2", "127.2"]   # 127.0.0.2
+
+
+@pytest.mark.parametrize("host", LOOPBACK_SPELLINGS)
+def test_numeric_ipv4_spellings_are_judged_as_the_address_they_mean(host):
+    url = f"http://{host}:8080/x?y=1"
+    with pytest.raises(BlockedAddress, match=r"^refused .*private/loopback.*\(127\.0\.0\.1\)"):
+        AddressPolicy([]).check(url)
+    assert AddressPolicy(["127.0.0.1"]).check(url) == "http://127.0.0.1:8080/x?y=1"
+    assert AddressPolicy(["127.0.0.0/8"]).check(url) == "http://127.0.0.1:8080/x?y=1"
+    # an allow-list entry may be spelled the same ways
+    assert AddressPolicy([host]).check("http://127.0.0.1/") == "http://127.0.0.1/"
+    assert AddressPolicy([host]).ip_allowed("127.0.0.1") and not AddressPolicy([host]).ip_allowed("127.0.0.2")
+
+
+@pytest.mark.parametrize("host", ["08.0.0.1", "256.1.1.1", "1.2.3.4.5", "4294967296", "example.0x7f", "0x"])
+def test_numeric_hosts_that_are_no_address_are_refused(host):
+    with pytest.raises(BlockedAddress, match=r"^refused "):
+        AddressPolicy(["0.0.0.0/0"]).check(f"http://{host}/")
+
+
+def test_numeric_spellings_of_public_addresses_are_fetched_in_dotted_form():
+    assert AddressPolicy([]).check("http://134744072/x") == "http://8.8.8.8/x"   # judged only, never fetched
+    assert AddressPolicy([]).check("https://user@0x8.0x8.0x8.0x8:443/") == "https://user@8.8.8.8:443/"
+    assert AddressPolicy([]).check("https://example.org/a") == "https://example.org/a"
+
+
+async def test_every_spelling_of_an_allowed_address_is_fetched_and_refused_ones_never_connect(serve):
+    hits = []
+
+    async def ok(request):
+        hits.append(request.host)
+        return web.Response(body=b"fine")
+
+    async def redirect(request):
+        raise web.HTTPFound(request.query["to"])
+    base = await serve(app_with({"/x": ok, "/r": redirect}))
+    port = base.rsplit(":", 1)[1]
+    # a server on 127.0.0.2, which no policy here allows: it must never be reached
+    other = web.Application()
+    other_hits = []
+
+    async def trap(request):
+        other_hits.append(request.path)
+        return web.Response(body=b"reached")
+    other.router.add_get("/x", trap)
+    from aiohttp.test_utils import TestServer
+    trap_server = TestServer(other, host="127.0.0.2", port=int(port))
+    try:
+        await trap_server.start_server()
+    except OSError:
+        trap_server = None
+    for allow in (["127.0.0.1"], ["2130706433"], ["0x7f.1"]):
+        async with Http(timeout=5, allow_private=allow) as http:
+            for host in LOOPBACK_SPELLINGS:
+                assert (await http.get(f"http://{host}:{port}/x")).body == b"fine", (allow, host)
+                to = f"http://{host}:{port}/x"
+                assert (await http.get(f"{base}/r", params={"to": to})).body == b"fine", (allow, host)
+            for host in OTHER_LOOPBACK_SPELLINGS:
+                with pytest.raises(BlockedAddress, match=r"^refused .*\(127\.0\.0\.2\); add it to download"):
+                    await http.get(f"http://{host}:{port}/x")
+                with pytest.raises(BlockedAddress, match=r"^refused .*\(127\.0\.0\.2\); add it to download"):
+                    await http.get(f"{base}/r", params={"to": f"http://{host}:{port}/x"})
+    async with Http(timeout=5) as http:
+        for host in LOOPBACK_SPELLINGS:
+            with pytest.raises(BlockedAddress, match=r"^refused .*\(127\.0\.0\.1\); add it to download"):
+                await http.get(f"http://{host}:{port}/x")
+    assert other_hits == []
+    assert len(hits) == 3 * 2 * len(LOOPBACK_SPELLINGS)
+    if trap_server is not None:
+        await trap_server.close()

@@ -154,6 +154,28 @@ async def test_x_malformed_payloads_are_skipped_with_a_log_line(serve, http, cap
     assert len(poll.items) == 1 and "skipped a malformed post" in caplog.text
 
 
+@pytest.mark.parametrize("reset, expected", [
+    ("inf", "max"), ("1e20", "max"), ("4070908800", "max"), ("99999999999999999999999", "max"),
+    ("2099-01-01T00:00:00Z", "max"), ("-5", 0.0), ("0", 0.0), ("nan", None), ("garbage", None), ("", None)])
+async def test_x_rate_limit_reset_goes_through_the_clamped_parser(serve, http, reset, expected):
+    from aiohttp import web
+
+    from sources.http import MAX_SERVER_DELAY
+
+    async def limited(request):
+        return web.json_response({"title": "Too Many Requests", "detail": "Too Many Requests", "status": 429},
+                                 status=429, headers={"x-rate-limit-reset": reset})
+    app = web.Application()
+    app.router.add_get("/2/users/by/username/{name}", limited)
+    base = await serve(app)
+    src = make_source("x", "x", parse_source({"name": "x", "kind": "x", "bearer_token": "t", "api_url": base,
+                                              "user": "artist"}, "x").options, http)
+    with pytest.raises(RateLimited) as e:
+        await src.poll({}, 10)
+    assert e.value.retry_after == (MAX_SERVER_DELAY if expected == "max" else expected)
+    assert "X rate limit reached" in str(e.value)
+
+
 def test_x_config_explains_the_token_and_the_caps(monkeypatch):
     monkeypatch.delenv("X_BEARER_TOKEN", raising=False)
     with pytest.raises(ConfigError, match="needs a paid X API plan"):
@@ -195,7 +217,8 @@ url = "{sky_base}"
         await asyncio.sleep(1.5)
         assert len(sky.requests) >= sky_polls + 2           # the other source goes on
         assert len(fake.requests) == limited_polls          # X waits for its reset
-        await wait_for(lambda: _row(daemon, "x-artist", lambda r: r["last_error"] is None), timeout=10)
+        # X waits for its reset, but never less than its backoff (8-12s for a first failure)
+        await wait_for(lambda: _row(daemon, "x-artist", lambda r: r["last_error"] is None), timeout=20)
         fake.status = 401
         row = await wait_for(lambda: _row(daemon, "x-artist", lambda r: not r["healthy"]), timeout=10)
         assert "X refused the bearer token (401 Unauthorized)" in row["last_error"]

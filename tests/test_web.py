@@ -201,6 +201,78 @@ async def test_sources_page_adds_pauses_and_removes(tmp_path, gallery):
     assert store.get_source("feed") is None
 
 
+async def test_ids_too_large_for_sqlite_are_404_on_every_route(tmp_path, gallery, caplog):
+    cfg = web_config(tmp_path)
+    [image_id] = seed(cfg, [{"popularity": 1}])
+    client = await gallery(cfg)
+    app = Gallery(cfg, None).app()
+    routes = [(r.method, r.resource.canonical) for r in app.router.routes()
+              if r.method != "HEAD" and r.resource is not None
+              and re.search(r"\{(id|label)\b", r.resource.canonical)]
+    assert len(routes) == 5, routes               # /picture, /media, /thumb, /rate, /undo
+    for huge in ("99999999999999999999", str(2 ** 63), str(2 ** 64 + 1), "0" * 30 + "1"):
+        for method, pattern in routes:
+            path = re.sub(r"\{(id|label)[^}]*\}", huge, pattern)
+            resp = await client.request(method, path, json={"value": 3}, headers=same_origin(client))
+            assert resp.status == 404, (method, path, resp.status)
+    for query in ("/?page=99999999999999999999", "/rated?page=99999999999999999999"):
+        assert (await client.get(query)).status in (200, 400), query
+    assert "Traceback" not in caplog.text and "Error handling request" not in caplog.text
+    assert (await client.get(f"/picture/{image_id}")).status == 200     # real ids still work
+
+
+@pytest.mark.parametrize("referer, back", [
+    ("/rated?rating=5", "/rated?rating=5"),
+    ("/?page=2", "/?page=2"),
+    ("//evil.example/x", None),
+    ("/\\evil.example/x", None),
+    ("/\\/evil.example/x", None),
+    ("/%5Cevil.example", "/%5Cevil.example"),
+    ("http://evil.example/rated", None),
+    ("https://127.0.0.1:1/rated", None),
+    ("javascript:alert(1)", None),
+    ("", None),
+])
+async def test_a_rating_goes_back_only_to_a_page_of_this_gallery(tmp_path, gallery, referer, back):
+    cfg = web_config(tmp_path)
+    [image_id] = seed(cfg, [{"popularity": 1}])
+    client = await gallery(cfg)
+    origin = f"http://127.0.0.1:{client.port}"
+    if referer.startswith("/"):
+        referer = origin + referer
+    headers = {"Origin": origin, "Referer": referer} if referer else {"Origin": origin}
+    resp = await client.post(f"/rate/{image_id}", data={"value": "4"}, headers=headers, allow_redirects=False)
+    assert resp.status == 303
+    assert resp.headers["Location"] == (back or f"/picture/{image_id}")
+    [label] = Store.open(cfg.db_path).labels_of(image_id)
+    resp = await client.post(f"/undo/{label['id']}", headers=headers, allow_redirects=False)
+    assert resp.status == 303 and resp.headers["Location"] == (back or "/rated")
+
+
+@pytest.mark.parametrize("page_url, linked", [
+    ("https://booru.example/posts/1", True), ("http://booru.example/posts/1", True),
+    ("javascript:alert(document.cookie)", False), ("JavaScript:alert(1)", False),
+    (" javascript:alert(1)", False), ("java\tscript:alert(1)", False),
+    ("data:text/html,<script>alert(1)</script>", False), ("vbscript:msgbox", False),
+    ("//evil.example/x", False), ("file:///etc/passwd", False), ("http:alert(1)", False)])
+async def test_page_links_from_sources_are_links_only_for_http_and_https(tmp_path, gallery, page_url, linked):
+    from bot.discord_posts import build_embed
+    cfg = web_config(tmp_path)
+    [image_id] = seed(cfg, [{"popularity": 1}])
+    with Store.open(cfg.db_path) as store:
+        with store.db.conn:
+            store.db.execute("UPDATE images SET page_url = ? WHERE id = ?", [page_url, image_id])
+        image = store.get_image(image_id)
+    client = await gallery(cfg)
+    html = await (await client.get(f"/picture/{image_id}")).text()
+    assert ("original page</a>" in html) is linked
+    hrefs = re.findall(r'href="([^"]*)"', html)
+    assert all(h.startswith(("/", "?", "http://", "https://")) for h in hrefs), hrefs
+    embed = build_embed(image, faces=1, source="feed", exploration=False, reason="top", filename="p.jpg")
+    assert (embed.url == page_url) if linked else embed.url is None
+    assert any(f.name == "Original" for f in embed.fields) is linked
+
+
 def test_non_loopback_without_a_token_is_a_config_error(tmp_path, monkeypatch):
     from bot.config import ConfigError
     monkeypatch.delenv("TASTEFEED_WEB_TOKEN", raising=False)
