@@ -7,7 +7,8 @@ crops) and to the bot (face sheets): one type, no copies of its fields.
 
 An image row moves ``pending`` (found by a source) -> ``downloaded`` (stored, waiting for the
 scorer) -> ``scored`` | ``skipped``, or ends ``failed``, ``duplicate`` (the same bytes as a stored
-picture) or ``near_duplicate`` (within the perceptual-hash distance of one).
+picture) or ``near_duplicate`` (within the perceptual-hash distance of one). A picture that
+``import-labels`` stores is ``importing`` until the importer records its analysis.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass, replace
 # images.status
 PENDING = "pending"
 DOWNLOADED = "downloaded"
+IMPORTING = "importing"          # stored by import-labels, analysed by it alone (no daemon stage takes it)
 SCORED = "scored"
 SKIPPED = "skipped"              # no face with detector.no_face = "skip", or not a picture to score (a video)
 FAILED = "failed"

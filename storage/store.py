@@ -19,12 +19,12 @@ import sqlite_utils
 
 from storage.db import open_db
 from storage.media import ImageInfo
-from storage.records import (DOWNLOADED, DUPLICATE, FAILED, NEAR_DUPLICATE, PENDING, SCORED,
+from storage.records import (DOWNLOADED, DUPLICATE, FAILED, IMPORTING, NEAR_DUPLICATE, PENDING, SCORED,
                              SKIPPED, Face)
 
 
 # stored pictures (the bytes are in the media folder), as an SQL list
-_STORED = f"('{DOWNLOADED}', '{SCORED}', '{SKIPPED}')"
+_STORED = f"('{DOWNLOADED}', '{IMPORTING}', '{SCORED}', '{SKIPPED}')"
 
 
 def now() -> str:
@@ -344,7 +344,7 @@ class Store:
         one an import stored and did not analyse (status ``importing``, left by a crash)."""
         rows = list(self.db.query(
             "SELECT * FROM images WHERE sha256 = ? AND duplicate_of IS NULL "
-            "AND status IN ('downloaded', 'scored', 'skipped', 'importing') ORDER BY id LIMIT 1", [sha256]))
+            f"AND status IN {_STORED} ORDER BY id LIMIT 1", [sha256]))
         return dict(rows[0]) if rows else None
 
     def add_imported_image(self, source_id: int, local_path: str, info: ImageInfo, media_path: str) -> int:
@@ -358,7 +358,7 @@ class Store:
             image_id = self.db.execute("SELECT id FROM images WHERE source_id = ? AND external_id = ?",
                                        [source_id, info.sha256]).fetchone()[0]
             self.db.execute(
-                "UPDATE images SET status = 'importing', error = NULL, sha256 = ?, phash = ?, width = ?, "
+                f"UPDATE images SET status = '{IMPORTING}', error = NULL, sha256 = ?, phash = ?, width = ?, "
                 "height = ?, format = ?, bytes = ?, media_path = ?, fetched_at = ? WHERE id = ?",
                 [info.sha256, info.phash, info.width, info.height, info.format, info.bytes, media_path,
                  now(), image_id])
