@@ -177,7 +177,7 @@ def retry_delay(error: Exception, interval: float, failures: int, backoff_max: f
     if isinstance(error, AuthError):
         return backoff_max
     base = max(interval, 10.0) * 2.0 ** min(failures - 1, 32)
-    delay = min(backoff_max, base) * random.uniform(0.8, 1.2)
+    delay = min(backoff_max, min(backoff_max, base) * random.uniform(0.8, 1.2))
     wait = error.retry_after if isinstance(error, RateLimited) else None
     if isinstance(wait, (int, float)) and math.isfinite(wait):
         delay = min(backoff_max, max(delay, wait + random.uniform(0, 2)))
