@@ -1,0 +1,338 @@
+"""Hostile and odd input from sources: malformed posts, older API dialects, broken feeds and text
+that tries to forge log lines. Each test names the gap it closes (issue 12, items 1, 3 and 4)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from bot.daemon import Daemon
+from sources import BadPayload, make_source
+from sources.base import Item, Poll, Source, clean_item
+from sources.http import Http, Response
+from tests.fake_social import FakeBluesky, FakeMastodon, FakeX
+from tests.helpers import make_config, picture, wait_for
+
+RATINGS = {None, "general", "sensitive", "questionable", "explicit"}
+
+# A post as Danbooru 1.x (and sites still running it) answers: tags instead of tag_string, a
+# relative file_url, and Ruby's JSON form of a time (the one that stalled a source in the trial).
+DANBOORU_1X_POST = {
+    "id": 11, "tags": "1girl solo smile", "created_at": {"json_class": "Time", "s": 1678977249, "n": 42631000},
+    "creator_id": 1, "author": "uploader", "change": 100, "source": "", "score": 5,
+    "md5": "d41d8cd98f00b204e9800998ecf8427e", "file_size": 1000, "file_url": "/data/ab.jpg",
+    "preview_url": "/data/preview/ab.jpg", "preview_width": 150, "preview_height": 113,
+    "sample_url": "/data/ab.jpg", "sample_width": 160, "sample_height": 120, "rating": "s",
+    "has_children": False, "status": "active", "width": 160, "height": 120, "parent_id": None,
+    "has_comments": False, "has_notes": False,
+}
+
+
+def danbooru_post(i: int, base: str) -> dict:
+    return {"id": i, "created_at": "2026-11-01T10:00:00.000-05:00", "score": i, "md5": f"{i:032x}",
+            "rating": "g", "tag_string": "1girl smile", "tag_string_artist": f"artist_{i}",
+            "file_url": f"{base}/img/{i}.jpg"}
+
+
+def assert_clean(item: Item) -> None:
+    """Every field has its declared type (what the database write and the gallery rely on)."""
+    assert isinstance(item.external_id, str) and item.external_id
+    for name in ("media_url", "page_url", "local_path", "author", "title", "site_md5", "posted_at", "skip"):
+        value = getattr(item, name)
+        assert value is None or isinstance(value, str), (name, value)
+        if isinstance(value, str):
+            value.encode("utf-8")  # no lone surrogates: SQLite could not store them
+    for name in ("media_url", "page_url"):
+        value = getattr(item, name)
+        assert value is None or value.startswith(("http://", "https://")), (name, value)
+    assert isinstance(item.tags, list) and all(isinstance(t, str) and t for t in item.tags)
+    assert item.rating in RATINGS
+    assert item.popularity is None or (isinstance(item.popularity, float) and math.isfinite(item.popularity))
+    if item.posted_at is not None:
+        assert item.posted_at.endswith("+00:00")
+
+
+# ---- item 1: one malformed post never stalls a source -----------------------------------------
+async def test_danbooru_1x_post_in_a_page_stalls_nothing_through_the_daemon(tmp_path, serve):
+    """The trial's payload: ten posts, one of them Danbooru 1.x with a Ruby time object. Before,
+    the database write failed for the page, the cursor stayed and the source went unhealthy."""
+    base_ref = [""]
+
+    async def posts(request):
+        if request.query.get("page", "").startswith("a"):
+            return web.json_response([])
+        base = base_ref[0]
+        return web.json_response([danbooru_post(i, base) for i in range(10, 0, -1) if i != 7]
+                                 + [dict(DANBOORU_1X_POST, id=7)])
+
+    async def image(request):
+        return web.Response(body=picture(int(request.match_info["n"])), content_type="image/jpeg")
+
+    async def data(request):
+        return web.Response(body=picture(70), content_type="image/jpeg")
+
+    app = web.Application()
+    app.router.add_get("/posts.json", posts)
+    app.router.add_get("/img/{n}.jpg", image)
+    app.router.add_get("/data/ab.jpg", data)
+    base_ref[0] = base = await serve(app)
+    cfg = make_config(tmp_path, f'''
+[[sources]]
+name = "old"
+kind = "booru"
+url = "{base}"
+interval = 60
+''', unhealthy_after=1)
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        async def stored():
+            rows = await daemon.store.execute(
+                "SELECT i.* FROM images i JOIN sources s ON s.id = i.source_id WHERE s.name = 'old'")
+            return rows if len(rows) == 10 else None
+        rows = await wait_for(stored)
+        row = await daemon.store.get_source("old")
+        assert row["cursor"] == {"last_id": 10}
+        assert row["healthy"] and not row["last_error"] and row["failures"] == 0
+        old = next(r for r in rows if r["external_id"] == "7")
+        assert old["posted_at"] == "2023-03-16T14:34:09.042631+00:00"
+        assert old["media_url"] == f"{base}/data/ab.jpg"   # relative file_url, joined with the site
+        assert json.loads(old["tags"]) == ["1girl", "solo", "smile"] and old["rating"] == "general"
+        assert next(r for r in rows if r["external_id"] == "1")["posted_at"] == "2026-11-01T15:00:00+00:00"
+    finally:
+        await daemon.stop()
+
+
+def test_clean_item_gives_every_field_its_declared_type(caplog):
+    raw = Item(external_id=1234, media_url=" https://a.example/x.jpg ", page_url="javascript:alert(1)",
+               author={"name": "x"}, title="  a title\ud800  ", tags={"artist": ["me"], "general": ["a", "b c", 5]},
+               rating="Q", popularity={"total": 17}, site_md5=["x"],
+               posted_at={"json_class": "Time", "s": 1678977249, "n": 42631000})
+    item = clean_item(raw, "src")
+    assert_clean(item)
+    assert (item.external_id, item.media_url, item.page_url, item.author) == (
+        "1234", "https://a.example/x.jpg", None, None)
+    assert item.title == "a title\ufffd" and item.tags == ["me", "a", "b c", "5"]
+    assert item.rating == "questionable" and item.popularity == 17.0 and item.site_md5 is None
+    assert item.posted_at == "2023-03-16T14:34:09.042631+00:00"
+    assert clean_item(item, "src") == item  # cleaning twice changes nothing
+
+    cases = [  # posted_at as sites send it
+        ("2023-03-16 13:54:09 -0400", "2023-03-16T17:54:09+00:00"),          # Moebooru / MyImouto
+        ("Sat Nov 01 10:00:00 -0500 2026", "2026-11-01T15:00:00+00:00"),     # Gelbooru
+        ("2026-11-23T08:00:00.000Z", "2026-11-23T08:00:00+00:00"),
+        (1678977249, "2023-03-16T14:34:09+00:00"), (1678977249000, "2023-03-16T14:34:09+00:00"),
+        ("1678977249", "2023-03-16T14:34:09+00:00"), ({"s": 1678977249}, "2023-03-16T14:34:09+00:00"),
+        ("yesterday", None), (float("inf"), None), (10 ** 30, None), (True, None), ([], None),
+        ("9999-12-31T23:59:59-05:00", None),
+    ]
+    for value, expected in cases:
+        assert clean_item(Item(external_id="x", posted_at=value), "src").posted_at == expected, value
+    for value, expected in [("12", 12.0), (3, 3.0), ("nan", None), (float("inf"), None), (10 ** 400, None),
+                            (True, None), ({"total": "4"}, 4.0), ({"up": 1}, None)]:
+        assert clean_item(Item(external_id="x", popularity=value), "src").popularity == expected, value
+    assert clean_item(Item(external_id="x", tags="a  b\tc"), "src").tags == ["a", "b", "c"]
+    assert clean_item(Item(external_id="x", title="t" * 5000), "src").title == "t" * 500
+    assert clean_item(Item(external_id="x", media_url="ftp://a/b.jpg"), "src").media_url is None
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        for bad in (None, True, 1.5, {"a": 1}, "", "  "):
+            assert clean_item(Item(external_id=bad, page_url="https://a.example/p/1"), "src") is None
+    assert len(caplog.records) == 6
+    assert all("source src: skipped post" in r.getMessage() for r in caplog.records)
+
+
+class _Raw(Source):
+    """A source kind as a newcomer might write it: raw values straight from the site."""
+    kind = "raw"
+    Options = dict
+
+    async def poll(self, cursor, limit):
+        return Poll(items=[Item(external_id=5, media_url="https://a.example/1.jpg", posted_at={"s": 1},
+                                popularity="9", tags="x y"),
+                           Item(external_id={"no": "id"}, media_url="https://a.example/2.jpg")],
+                    cursor={"n": 1})
+
+
+async def test_every_source_kind_gets_its_items_cleaned(caplog):
+    """The cleaning lives in the Source base class, so a new kind cannot forget it."""
+    with caplog.at_level(logging.WARNING):
+        poll = await _Raw("new", {}).poll({}, 10)
+    (item,) = poll.items
+    assert_clean(item)
+    assert (item.external_id, item.posted_at, item.popularity, item.tags) == (
+        "5", "1970-01-01T00:00:01+00:00", 9.0, ["x", "y"])
+    assert poll.cursor == {"n": 1}
+    assert [r.getMessage() for r in caplog.records] == ["source new: skipped post {'no': 'id'}: no readable id"]
+
+
+class FakeHttp:
+    """What sources need of :class:`sources.http.Http`: ``get`` answering one fixed body."""
+
+    def __init__(self, body, content_type: str = "application/json"):
+        import json
+        self.body = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.content_type = content_type
+        self.urls: list[str] = []
+
+    async def get(self, url, *, params=None, headers=None, **kw):
+        self.urls.append(url)
+        return Response(url, 200, CIMultiDictProxy(CIMultiDict({"Content-Type": self.content_type})), self.body)
+
+
+BASE = "https://booru.example"
+
+
+@pytest.mark.parametrize("api, payload, expected", [
+    ("danbooru", [DANBOORU_1X_POST],
+     {"external_id": "11", "media_url": f"{BASE}/data/ab.jpg", "page_url": f"{BASE}/post/show/11",
+      "tags": ["1girl", "solo", "smile"], "rating": "general", "popularity": 5.0,
+      "posted_at": "2023-03-16T14:34:09.042631+00:00", "site_md5": "d41d8cd98f00b204e9800998ecf8427e"}),
+    ("moebooru", [{"id": 12, "tags": "sky cloud", "created_at": "2023-03-16 13:54:09 -0400", "author": "me",
+                   "file_url": "/image/12.png", "rating": "s", "score": "3"}],        # MyImouto
+     {"external_id": "12", "media_url": f"{BASE}/image/12.png", "tags": ["sky", "cloud"], "author": "me",
+      "rating": "general", "popularity": 3.0, "posted_at": "2023-03-16T17:54:09+00:00"}),
+    ("moebooru", [{"id": 13, "tags": "sky", "created_at": 1678977249, "file_url": "https://x.example/13.jpg",
+                   "rating": "q"}],
+     {"external_id": "13", "rating": "questionable", "posted_at": "2023-03-16T14:34:09+00:00"}),
+    ("gelbooru", {"@attributes": {"limit": "100", "offset": "0", "count": "1"},
+                  "post": {"id": "14", "score": "7", "file_url": "https://img.example/14.jpg", "tags": "a b",
+                           "rating": "safe", "md5": "abc", "created_at": "Sat Nov 01 10:00:00 -0500 2026",
+                           "owner": "o"}},
+     {"external_id": "14", "media_url": "https://img.example/14.jpg", "popularity": 7.0, "rating": "general",
+      "tags": ["a", "b"], "posted_at": "2026-11-01T15:00:00+00:00", "author": "o"}),
+    ("danbooru", {"posts": [{"id": 15, "created_at": "2026-11-01T10:00:00.000-05:00",
+                             "file": {"url": "https://static.example/15.png", "md5": "f" * 32},
+                             "tags": {"general": ["a", "b"], "artist": ["painter"], "species": []},
+                             "score": {"up": 9, "down": -1, "total": 8}, "rating": "s"}]},     # e621
+     {"external_id": "15", "media_url": "https://static.example/15.png", "tags": ["a", "b", "painter"],
+      "author": "painter", "popularity": 8.0, "rating": "general", "site_md5": "f" * 32,
+      "page_url": f"{BASE}/posts/15"}),
+])
+async def test_older_and_other_booru_dialects_work(api, payload, expected):
+    src = make_source("b", "booru", {"api": api, "url": BASE, "ratings": []}, FakeHttp(payload))
+    poll = await src.poll({}, 10)
+    (item,) = poll.items
+    assert_clean(item)
+    assert {k: getattr(item, k) for k in expected} == expected
+    assert poll.cursor == {"last_id": int(expected["external_id"])}
+
+
+async def test_booru_unknown_answer_shape_is_one_clear_message():
+    src = make_source("b", "booru", {"url": BASE}, FakeHttp({"data": {"items": []}}))
+    with pytest.raises(BadPayload, match="unexpected Danbooru answer from https://booru.example"):
+        await src.poll({}, 10)
+
+
+async def test_one_bad_booru_post_is_skipped_with_one_line_and_the_page_goes_on(caplog):
+    good = [danbooru_post(i, BASE) for i in (1, 2, 3)]
+    bad = [dict(danbooru_post(4, BASE), file_url=5),                # .startswith on a number, before
+           dict(danbooru_post(5, BASE), file_url={"a": "b"}, large_file_url=["x"]),
+           {"id": float("inf"), "file_url": f"{BASE}/i.jpg"},        # int(inf): OverflowError, before
+           {"id": True, "file_url": f"{BASE}/t.jpg"},
+           {"id": "6x", "file_url": f"{BASE}/6.jpg"},
+           dict(danbooru_post(8, BASE), tag_string=None, score=[1], md5=7, rating={"r": 1},
+                created_at="not a date", tag_string_artist=9)]
+    for api, body in [("danbooru", good + bad), ("moebooru", good + bad),
+                      ("gelbooru", {"post": good + bad})]:
+        caplog.clear()
+        src = make_source("b", "booru", {"api": api, "url": BASE, "ratings": []}, FakeHttp(body))
+        with caplog.at_level(logging.WARNING):
+            poll = await src.poll({"last_id": 0}, 100)
+        for item in poll.items:
+            assert_clean(item)
+        assert [i.external_id for i in poll.items] == ["1", "2", "3", "8"], api
+        assert poll.cursor == {"last_id": 8}
+        assert len(caplog.records) == 5, [r.getMessage() for r in caplog.records]
+        assert all(r.getMessage().startswith("source b: skipped post") for r in caplog.records)
+
+
+@pytest.fixture
+async def http():
+    async with Http(timeout=5, allow_private=["127.0.0.1"]) as client:
+        yield client
+
+
+async def test_mastodon_statuses_with_odd_fields_are_cleaned_or_skipped(serve, http, caplog):
+    fake = FakeMastodon()
+    ok = fake.status(images=1)
+    odd = fake.status(images=1)
+    fake.statuses[odd].update(created_at={"json_class": "Time", "s": 1678977249}, content=5, account="junk",
+                              tags=[{"name": "art"}, 5, {"name": 7}], favourites_count="many", url="javascript:alert(1)")
+    broken = fake.status(images=1)
+    fake.statuses[broken]["media_attachments"][0]["url"] = ["not", "a", "url"]
+    weird = fake.status(images=1)
+    fake.statuses[weird]["id"] = float("inf")
+    base = await serve(fake.app())
+    src = make_source("m", "mastodon", {"url": base, "hashtag": "art"}, http)
+    with caplog.at_level(logging.WARNING):
+        poll = await src.poll({}, 50)
+    for item in poll.items:
+        assert_clean(item)
+    items = {i.external_id.split("/")[0]: i for i in poll.items}
+    assert set(items) == {str(ok), str(odd), str(broken)}
+    assert items[str(broken)].media_url is None      # no usable picture URL: the download reports it
+    o = items[str(odd)]
+    assert (o.author, o.title, o.tags, o.popularity, o.page_url, o.posted_at) == (
+        None, "5", ["art", "7"], None, f"https://example.social/users/artist/statuses/{odd}",
+        "2023-03-16T14:34:09+00:00")
+    assert poll.cursor["last_id"] == str(broken)
+    assert len(caplog.records) == 1 and "skipped" in caplog.records[0].getMessage()
+
+
+async def test_bluesky_posts_with_odd_fields_are_cleaned_or_skipped(serve, http, caplog):
+    fake = FakeBluesky()
+    fake.post()
+    odd = fake.post()
+    bad = fake.post()
+    for entry in fake.entries:
+        post = entry["post"]
+        if post["uri"] == odd:
+            post.update(author="junk", record={"text": 5, "createdAt": 1678977249}, likeCount={"n": 1})
+        if post["uri"] == bad:
+            post["embed"] = ["not", "an", "embed"]
+    fake.entries.append({"post": {"uri": "at://did:plc:x/app.bsky.feed.post/3z", "embed": "junk",
+                                  "author": {"handle": 5}}, "reason": "junk"})
+    fake.entries.append({"post": {"cid": "no uri"}})
+    base = await serve(fake.app())
+    src = make_source("b", "bluesky", {"actor": "artist.bsky.social", "url": base}, http)
+    with caplog.at_level(logging.WARNING):
+        poll = await src.poll({}, 50)
+    for item in poll.items:
+        assert_clean(item)
+    assert len(poll.items) == 2
+    o = next(i for i in poll.items if i.external_id.startswith(odd))
+    assert (o.author, o.title, o.popularity, o.posted_at, o.page_url) == (
+        None, "5", None, "2023-03-16T14:34:09+00:00", None)
+    assert len(poll.cursor["seen"]) == 4
+    assert len(caplog.records) == 1 and "skipped" in caplog.records[0].getMessage()
+
+
+async def test_x_posts_with_odd_fields_are_cleaned_or_skipped(serve, http, caplog):
+    from bot.config import parse_source
+    fake = FakeX()
+    ok = fake.tweet(photos=1)
+    odd = fake.tweet(photos=1)
+    fake.tweets[odd].update(created_at=1678977249, text=["x"], public_metrics={"like_count": "lots"},
+                            referenced_tweets=[{"type": ["unhashable"], "id": "1"}])
+    junk = fake.tweet(photos=1)
+    fake.media[f"3_{junk}"]["media_key"] = ["unhashable"]
+    fake.malformed = True                                   # and a post without an id
+    base = await serve(fake.app())
+    opts = parse_source({"name": "x", "kind": "x", "bearer_token": fake.token, "api_url": base,
+                         "user": "artist"}, "x").options
+    src = make_source("x", "x", opts, http)
+    with caplog.at_level(logging.WARNING):
+        poll = await src.poll({}, 50)
+    for item in poll.items:
+        assert_clean(item)
+    ids = {i.external_id.split("/")[0] for i in poll.items}
+    assert ids == {str(ok), str(odd)}
+    o = next(i for i in poll.items if i.external_id.startswith(str(odd)))
+    assert (o.title, o.popularity, o.posted_at) == (None, None, "2023-03-16T14:34:09+00:00")
+    assert poll.cursor["since_id"] == str(junk)
+    assert len(caplog.records) == 1 and "skipped" in caplog.records[0].getMessage()
