@@ -2,15 +2,18 @@
 that tries to forge log lines. Each test names the gap it closes (issue 12, items 1, 3 and 4)."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
+import re
 
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from bot.daemon import Daemon
+from bot.logs import setup_logging
 from sources import BadPayload, make_source
 from sources.base import Item, Poll, Source, clean_item
 from sources.http import Http, Response
@@ -336,3 +339,144 @@ async def test_x_posts_with_odd_fields_are_cleaned_or_skipped(serve, http, caplo
     assert (o.title, o.popularity, o.posted_at) == (None, None, "2023-03-16T14:34:09+00:00")
     assert poll.cursor["since_id"] == str(junk)
     assert len(caplog.records) == 1 and "skipped" in caplog.records[0].getMessage()
+
+
+# ---- item 3: malformed feeds are reported ------------------------------------------------------
+FEED_HEAD = '<?xml version="1.0"?><rss version="2.0"><channel><title>t</title>'
+
+
+async def test_not_well_formed_feed_that_yields_nothing_is_bad_payload():
+    """Before, a broken document whose entries had titles but no pictures passed as an empty feed."""
+    broken = FEED_HEAD + "<item><title>Post 1</title><link>https://a.example/1</link></item><item><ti"
+    src = make_source("f", "rss", {"url": "https://a.example/feed"}, FakeHttp(broken.encode(), "application/rss+xml"))
+    with pytest.raises(BadPayload, match=r"^malformed feed from https://a.example/feed: .*unclosed token"):
+        await src.poll({}, 10)
+
+
+@pytest.mark.parametrize("body, ctype", [(FEED_HEAD + "</channel></rss>", "application/rss+xml"),
+                                         (FEED_HEAD + "</channel></rss>", "text/html"),
+                                         (FEED_HEAD + "<item><title>text only</title></item></channel></rss>",
+                                          "application/rss+xml")])
+async def test_well_formed_feed_without_pictures_is_fine(body, ctype):
+    src = make_source("f", "rss", {"url": "https://a.example/feed"}, FakeHttp(body.encode(), ctype))
+    assert (await src.poll({}, 10)).items == []
+
+
+async def test_feed_entries_with_only_pictures_get_a_stable_identity():
+    """Before, an entry with pictures but no id, link or title was dropped without a word."""
+    doc = (FEED_HEAD + '<item><enclosure url="https://a.example/2.jpg" type="image/jpeg"/>'
+           '<description>&lt;img src="https://a.example/1.jpg"&gt;</description></item></channel></rss>')
+    src = make_source("f", "rss", {"url": "https://a.example/feed"}, FakeHttp(doc.encode(), "application/rss+xml"))
+    poll = await src.poll({}, 10)
+    assert [i.media_url for i in poll.items] == ["https://a.example/2.jpg", "https://a.example/1.jpg"]
+    ids = [i.external_id for i in poll.items]
+    assert all(i.startswith("img:") for i in ids) and len(set(ids)) == 2
+    assert [i.external_id for i in (await src.poll({}, 10)).items] == ids       # stable across polls
+    assert (await src.poll(poll.cursor, 10)).items == []                          # and remembered
+
+
+async def test_broken_feed_counts_toward_unhealthy_with_one_log_line(tmp_path, serve, caplog):
+    async def feed(request):
+        return web.Response(text=FEED_HEAD + "<item><title>a &amp b</title></item>", content_type="application/rss+xml")
+    app = web.Application()
+    app.router.add_get("/feed", feed)
+    base = await serve(app)
+    cfg = make_config(tmp_path, f'''
+[[sources]]
+name = "broken"
+kind = "rss"
+url = "{base}/feed"
+interval = 60
+''', unhealthy_after=1)
+    daemon = Daemon(cfg)
+    with caplog.at_level(logging.WARNING, logger="tastefeed.daemon"):
+        await daemon.start()
+        try:
+            async def unhealthy():
+                row = await daemon.store.get_source("broken")
+                return row if not row["healthy"] else None
+            row = await wait_for(unhealthy)
+        finally:
+            await daemon.stop()
+    assert row["last_error"].startswith(f"malformed feed from {base}/feed: ")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("source broken:")]
+    assert len(lines) == 1 and "malformed feed" in lines[0] and "\n" not in lines[0]
+
+
+# ---- item 4: logs cannot be forged ------------------------------------------------------------
+@pytest.fixture
+def log_stream():
+    """setup_logging writing to a buffer; the loggers it touched are restored afterwards."""
+    names = ["", "apscheduler", "discord", "PIL", "urllib3", "matplotlib"]
+    levels = {name: logging.getLogger(name).level for name in names}
+    handlers = list(logging.root.handlers)
+    stream = io.StringIO()
+    setup_logging("INFO", stream)
+    yield stream
+    for handler in logging.root.handlers[:]:
+        if handler not in handlers:
+            logging.root.removeHandler(handler)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+OURS = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: ")
+
+
+def forged(text: str) -> list[str]:
+    """Lines that neither start as ours do (time, level, logger) nor belong to a traceback."""
+    out, in_traceback = [], False
+    for line in text.splitlines():
+        if OURS.match(line):
+            in_traceback = False
+        elif line.startswith("Traceback (most recent call last):"):
+            in_traceback = True
+        elif not in_traceback:
+            out.append(line)
+    return out
+
+
+def test_log_messages_escape_control_characters_but_keep_tracebacks(log_stream):
+    log = logging.getLogger("tastefeed.test")
+    log.warning("title %s", "a\nERROR forged\r\x1b[31mred\x00\x85\u2028end\ttab")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("failed on %r", "x\ny")
+    out = log_stream.getvalue()
+    assert "title a\\nERROR forged\\r\\x1b[31mred\\x00\\x85\\u2028end\\ttab\n" in out
+    assert "failed on 'x\\ny'\nTraceback (most recent call last):\n" in out   # the traceback stays multi-line
+    assert forged(out) == []
+
+
+async def test_feed_title_cannot_forge_a_log_line_through_the_daemon(tmp_path, serve, log_stream):
+    async def feed(request):
+        return web.Response(content_type="application/rss+xml", text=(
+            FEED_HEAD + "<item><title>Post&#10;2026-01-01 00:00:00 ERROR forged: pwned&#13;</title><guid>1</guid>"
+            f'<enclosure url="{base}/img/1.jpg" type="image/jpeg"/></item></channel></rss>'))
+
+    async def image(request):
+        return web.Response(body=picture(1), content_type="image/jpeg")
+    app = web.Application()
+    app.router.add_get("/feed", feed)
+    app.router.add_get("/img/1.jpg", image)
+    base = await serve(app)
+    cfg = make_config(tmp_path, f'''
+[[sources]]
+name = "feed"
+kind = "rss"
+url = "{base}/feed"
+interval = 60
+''')
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        async def scored():
+            return "image 1 (Post" in log_stream.getvalue()
+        await wait_for(scored, timeout=20)
+    finally:
+        await daemon.stop()
+    out = log_stream.getvalue()
+    assert "Post\\n2026-01-01 00:00:00 ERROR forged: pwned" in out   # the title is logged, escaped
+    assert forged(out) == []
+    assert not any(line.startswith("2026-01-01 00:00:00 ERROR") for line in out.splitlines())
