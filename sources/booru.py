@@ -48,7 +48,10 @@ class BooruOptions:
             return "url", f"expected an http(s) URL, got {self.url!r}"
         if not 1 <= self.page_size <= 1000:
             return "page_size", f"expected 1 to 1000, got {self.page_size}"
-        host = urlsplit(self.url or DEFAULT_URLS[self.api]).hostname or ""
+        try:
+            host = urlsplit(self.url or DEFAULT_URLS[self.api]).hostname or ""
+        except ValueError:  # e.g. "http://[" (a broken IPv6 literal)
+            return "url", f"expected an http(s) URL, got {self.url!r}"
         if self.api == "gelbooru" and host.endswith("gelbooru.com") and not (self.api_key and self.user_id):
             return "api_key", ("Gelbooru needs api_key and user_id (from your account options page), "
                                "in the config or as GELBOORU_API_KEY and GELBOORU_USER_ID")

@@ -21,6 +21,7 @@ until ``x-rate-limit-reset``, never the others.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -147,6 +148,8 @@ class XSource(Source):
             raise SourceError(f"X answered {e.response.status}: {_detail(e)}") from None
         except (aiohttp.ClientError, TimeoutError) as e:
             raise TransientError(f"cannot reach X: {type(e).__name__}: {e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # tweepy parses the body as JSON
+            raise BadPayload(f"malformed JSON from X: {e}") from None
         finally:
             await session.close()
 
@@ -207,7 +210,8 @@ class XSource(Source):
             tweets += data
             token = meta.get("next_token") if isinstance(meta.get("next_token"), str) else None
             first = not seen if kind == "list" else not since
-            if not token or met_seen or first:  # the first poll reads the newest page only
+            if not token or not data or met_seen or first:  # the first poll reads the newest page only;
+                # a page without posts ends the round (a server that keeps sending its token must not loop)
                 token = None
                 break
             if budget < low or len(tweets) >= limit:

@@ -2,25 +2,23 @@
 that tries to forge log lines. Each test names the gap it closes (issue 12, items 1, 3 and 4)."""
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
-import math
 import re
 
 import pytest
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from bot.daemon import Daemon
 from bot.logs import setup_logging
 from sources import BadPayload, make_source
 from sources.base import Item, Poll, Source, clean_item
-from sources.http import Http, Response
+from sources.http import Http
 from tests.fake_social import FakeBluesky, FakeMastodon, FakeX
-from tests.helpers import make_config, picture, wait_for
-
-RATINGS = {None, "general", "sensitive", "questionable", "explicit"}
+from tests.fakes import FakeHttp
+from tests.helpers import assert_clean, make_config, picture, wait_for
 
 # A post as Danbooru 1.x (and sites still running it) answers: tags instead of tag_string, a
 # relative file_url, and Ruby's JSON form of a time (the one that stalled a source in the trial).
@@ -39,24 +37,6 @@ def danbooru_post(i: int, base: str) -> dict:
     return {"id": i, "created_at": "2026-11-01T10:00:00.000-05:00", "score": i, "md5": f"{i:032x}",
             "rating": "g", "tag_string": "1girl smile", "tag_string_artist": f"artist_{i}",
             "file_url": f"{base}/img/{i}.jpg"}
-
-
-def assert_clean(item: Item) -> None:
-    """Every field has its declared type (what the database write and the gallery rely on)."""
-    assert isinstance(item.external_id, str) and item.external_id
-    for name in ("media_url", "page_url", "local_path", "author", "title", "site_md5", "posted_at", "skip"):
-        value = getattr(item, name)
-        assert value is None or isinstance(value, str), (name, value)
-        if isinstance(value, str):
-            value.encode("utf-8")  # no lone surrogates: SQLite could not store them
-    for name in ("media_url", "page_url"):
-        value = getattr(item, name)
-        assert value is None or value.startswith(("http://", "https://")), (name, value)
-    assert isinstance(item.tags, list) and all(isinstance(t, str) and t for t in item.tags)
-    assert item.rating in RATINGS
-    assert item.popularity is None or (isinstance(item.popularity, float) and math.isfinite(item.popularity))
-    if item.posted_at is not None:
-        assert item.posted_at.endswith("+00:00")
 
 
 # ---- item 1: one malformed post never stalls a source -----------------------------------------
@@ -171,20 +151,6 @@ async def test_every_source_kind_gets_its_items_cleaned(caplog):
         "5", "1970-01-01T00:00:01+00:00", 9.0, ["x", "y"])
     assert poll.cursor == {"n": 1}
     assert [r.getMessage() for r in caplog.records] == ["source new: skipped post {'no': 'id'}: no readable id"]
-
-
-class FakeHttp:
-    """What sources need of :class:`sources.http.Http`: ``get`` answering one fixed body."""
-
-    def __init__(self, body, content_type: str = "application/json"):
-        import json
-        self.body = body if isinstance(body, bytes) else json.dumps(body).encode()
-        self.content_type = content_type
-        self.urls: list[str] = []
-
-    async def get(self, url, *, params=None, headers=None, **kw):
-        self.urls.append(url)
-        return Response(url, 200, CIMultiDictProxy(CIMultiDict({"Content-Type": self.content_type})), self.body)
 
 
 BASE = "https://booru.example"
@@ -480,3 +446,43 @@ interval = 60
     assert "Post\\n2026-01-01 00:00:00 ERROR forged: pwned" in out   # the title is logged, escaped
     assert forged(out) == []
     assert not any(line.startswith("2026-01-01 00:00:00 ERROR") for line in out.splitlines())
+
+
+# ---- item 8: what the property tests (tests/test_properties.py) found, each pinned down --------
+async def test_x_answer_that_is_not_json_is_bad_payload(serve, http):
+    """Before, tweepy's JSONDecodeError escaped the poll as an unexpected exception."""
+    async def truncated(request):
+        return web.Response(body=b'{"data": [', content_type="application/json")
+    app = web.Application()
+    app.router.add_get("/2/users/{id}/tweets", truncated)
+    base = await serve(app)
+    src = make_source("x", "x", {"bearer_token": "t" * 10, "user": "a", "api_url": base}, http)
+    with pytest.raises(BadPayload, match="malformed JSON from X"):
+        await src.poll({"user": "a", "user_id": "1"}, 10)
+
+
+async def test_x_pages_without_posts_but_with_a_next_token_end_the_round(serve, http):
+    """Before, a server answering an empty page with a next_token kept the poll looping for ever."""
+    hits = []
+
+    async def empty(request):
+        hits.append(request.query.get("pagination_token"))
+        return web.json_response({"meta": {"result_count": 0, "next_token": "again"}})
+    app = web.Application()
+    app.router.add_get("/2/users/{id}/tweets", empty)
+    base = await serve(app)
+    src = make_source("x", "x", {"bearer_token": "t" * 10, "user": "a", "api_url": base}, http)
+    poll = await asyncio.wait_for(src.poll({"user": "a", "user_id": "1", "since_id": "5"}, 10), 10)
+    assert poll.items == [] and len(hits) == 1 and poll.cursor["since_id"] == "5" and "round" not in poll.cursor
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'data_dir = "\x80"\n', "not valid TOML: not UTF-8 text (byte 12)"),
+    (b'[[sources]]\nname = "b"\nkind = "booru"\nurl = "http://["\n', "sources[0].url: expected an http(s) URL"),
+])
+def test_config_files_that_used_to_raise_other_errors(tmp_path, body, message):
+    from bot.config import ConfigError, load_config
+    path = tmp_path / "config.toml"
+    path.write_bytes(body)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path)
