@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import re
+import time
 
 import pytest
 from aiohttp import web
@@ -127,6 +128,29 @@ def test_clean_item_gives_every_field_its_declared_type(caplog):
             assert clean_item(Item(external_id=bad, page_url="https://a.example/p/1"), "src") is None
     assert len(caplog.records) == 6
     assert all("source src: skipped post" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_file_name_that_is_not_utf8_skips_that_file_not_the_folder(tmp_path, caplog):
+    """Before, its path (with surrogate escapes) made the database write fail for the whole poll."""
+    import os
+    from storage import Store
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "good.jpg").write_bytes(picture(1))
+    with open(os.path.join(os.fsencode(inbox), b"bad\xff.jpg"), "wb") as f:
+        f.write(picture(2))
+    old = time.time() - 10
+    for p in inbox.iterdir():
+        os.utime(p, (old, old))
+    src = make_source("in", "folder", {"path": str(inbox)})
+    with caplog.at_level(logging.WARNING):
+        poll = await src.poll({}, 10)
+    assert [i.title for i in poll.items] == ["good.jpg"]
+    assert len(caplog.records) == 1 and "not valid UTF-8" in caplog.records[0].getMessage()
+    with Store.open(tmp_path / "t.db") as store:
+        sid = store.upsert_source("in", "folder", {})
+        assert len(store.save_poll(sid, poll.items, poll.cursor)) == 1
+        assert (await src.poll(store.get_source("in")["cursor"], 10)).items == []  # and not tried again
 
 
 class _Raw(Source):
