@@ -35,6 +35,9 @@ from storage import Store
 from tests.fakes import FakeHttp
 from tests.helpers import assert_clean
 
+# feedparser warns about its own updated_parsed fallback whenever a generated entry has only <updated>.
+pytestmark = pytest.mark.filterwarnings("ignore:To avoid breaking existing software:DeprecationWarning")
+
 # PROPERTY_EXAMPLES=5000 pytest tests/test_properties.py searches longer (the suite's runs stay quick).
 QUICK = settings(max_examples=int(os.environ.get("PROPERTY_EXAMPLES", 400)), deadline=None, database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
