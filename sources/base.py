@@ -167,14 +167,14 @@ def tags(value) -> list[str]:
                  for t in (group if isinstance(group, list) else group.split() if isinstance(group, str) else [])]
     else:
         return []
-    out: list[str] = []
+    out: dict[str, None] = {}  # in order, without repeats
     for part in parts:
         tag = text(part, MAX_TAG)
-        if tag and tag not in out:
-            out.append(tag)
+        if tag:
+            out[tag] = None
             if len(out) >= MAX_TAGS:
                 break
-    return out
+    return list(out)
 
 
 def number(value) -> float | None:
