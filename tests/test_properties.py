@@ -302,7 +302,9 @@ header_values = (st.text(max_size=40) | st.integers().map(str) | st.floats().map
 
 
 def _delay_ok(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isfinite(value) and value >= 0)
+    """None, or a finite number of seconds, not negative (an int from a clamp is fine too)."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                             and math.isfinite(value) and value >= 0)
 
 
 @QUICK
