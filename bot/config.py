@@ -393,6 +393,8 @@ def load_config(path: str | os.PathLike | None = None, *, cwd: str | os.PathLike
             raise ConfigError(f"{label}: no such file") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{label}: not valid TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{label}: not valid TOML: not UTF-8 text (byte {e.start})") from None
         except OSError as e:
             raise ConfigError(f"{label}: cannot read: {e.strerror}") from None
     try:

@@ -10,12 +10,9 @@ at full size; reposts are skipped unless ``reposts = true`` (the original post's
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
-from sources.base import BadPayload, Item, Poll, Source, number, remember
-
-log = logging.getLogger(__name__)
+from sources.base import BadPayload, Item, Poll, Source, listing, mapping, number, remember, skip_post, text
 
 IMAGE_VIEWS = ("app.bsky.embed.images#view",)
 WITH_MEDIA = ("app.bsky.embed.recordWithMedia#view",)
@@ -45,16 +42,16 @@ class BlueskyOptions:
 
 
 def post_images(post: dict) -> list[dict]:
-    embed = post.get("embed") or {}
+    embed = mapping(post.get("embed"))
     if embed.get("$type") in WITH_MEDIA:
-        embed = embed.get("media") or {}
+        embed = mapping(embed.get("media"))
     if embed.get("$type") not in IMAGE_VIEWS:
         return []
-    return [im for im in embed.get("images") or [] if isinstance(im, dict) and im.get("fullsize")]
+    return [im for im in listing(embed.get("images")) if isinstance(im, dict) and im.get("fullsize")]
 
 
 def post_link(post: dict) -> str | None:
-    uri, handle = post.get("uri", ""), (post.get("author") or {}).get("handle")
+    uri, handle = post.get("uri", ""), text(mapping(post.get("author")).get("handle"))
     rkey = uri.rsplit("/", 1)[-1] if "/app.bsky.feed.post/" in uri else None
     return f"https://bsky.app/profile/{handle}/post/{rkey}" if handle and rkey else None
 
@@ -93,39 +90,46 @@ class BlueskySource(Source):
             for entry in payload["feed"]:
                 post = entry.get("post") if isinstance(entry, dict) else None
                 if not isinstance(post, dict) or not isinstance(post.get("uri"), str):
-                    log.warning("source %s: skipped a malformed feed entry", self.name)
+                    skip_post(self.name, mapping(post).get("cid") or entry, "no uri", what="a malformed feed entry")
                     continue
                 if post["uri"] in known:
                     met_known = True
                     continue
-                reason = (entry.get("reason") or {}).get("$type", "")
-                if reason.endswith("reasonRepost") and not self.options.reposts:
+                reason = mapping(entry.get("reason")).get("$type")
+                if isinstance(reason, str) and reason.endswith("reasonRepost") and not self.options.reposts:
                     continue
                 if all(p["uri"] != post["uri"] for p in fresh):
                     fresh.append(post)
-            page_cursor = payload.get("cursor")
+            page_cursor = payload.get("cursor") if isinstance(payload.get("cursor"), str) else None
             if first or not page_cursor:
                 break
         fresh.reverse()  # oldest first
         items, taken = [], []
         for post in fresh:
-            images = post_images(post)
-            if items and len(items) + len(images) > limit:
+            try:
+                post_items = _items(post)
+            except Exception as e:  # noqa: BLE001 - one post that cannot be read never stalls the page
+                skip_post(self.name, post["uri"], e, what="a malformed feed entry")
+                post_items = []
+            if items and len(items) + len(post_items) > limit:
                 break
             taken.append(post["uri"])
-            record = post.get("record") or {}
-            author = post.get("author") or {}
-            for i, im in enumerate(images):
-                items.append(Item(
-                    external_id=f"{post['uri']}#{i}", media_url=im["fullsize"], page_url=post_link(post),
-                    author=author.get("handle"), title=(record.get("text") or "")[:200] or None,
-                    popularity=number(post.get("likeCount")), posted_at=record.get("createdAt"),
-                    rating="questionable" if _adult(post) else None))
+            items += post_items
         more = len(taken) < len(fresh)
         return Poll(items=items, cursor=dict(cursor, seen=remember(seen, taken)), more=more)
 
 
+def _items(post: dict) -> list[Item]:
+    """One item per picture of a post, at full size."""
+    record = mapping(post.get("record"))
+    return [Item(external_id=f"{post['uri']}#{i}", media_url=im["fullsize"], page_url=post_link(post),
+                 author=mapping(post.get("author")).get("handle"), title=text(record.get("text"), 200),
+                 popularity=number(post.get("likeCount")), posted_at=record.get("createdAt"),
+                 rating="questionable" if _adult(post) else None)
+            for i, im in enumerate(post_images(post))]
+
+
 def _adult(post: dict) -> bool:
     return any(lb.get("val") in ("porn", "sexual", "nudity", "graphic-media")
-               for lb in post.get("labels") or [] if isinstance(lb, dict))
+               for lb in listing(post.get("labels")) if isinstance(lb, dict))
 

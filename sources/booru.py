@@ -5,17 +5,21 @@ The cursor is the highest post id handled. Each poll asks for the posts just aft
 first and at most the cap, so a restart neither re-fetches nor skips posts. The first poll starts
 from the newest posts (no back-fill of the site's history). The site's md5 and score are kept
 (the score is the popularity signal used before the model has learned anything).
+
+Older and related dialects are read too: Danbooru 1.x (``tags`` instead of ``tag_string``, Ruby
+time objects, relative ``file_url``), e621-style answers (``{"posts": [...]}``, ``file.url``, tag
+groups, ``score.total``), Moebooru variants such as MyImouto (times as epoch numbers or strings)
+and Gelbooru 0.2 (XML attributes as JSON, one post as a bare object, numbers as strings). A post
+that cannot be read is skipped with one log line; the rest of the page is taken and the cursor moves.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
-from sources.base import BadPayload, Item, Poll, Source, SourceError, normalize_rating, number
-
-log = logging.getLogger(__name__)
+from sources.base import (BadPayload, BadPost, Item, Poll, Source, SourceError, mapping, normalize_rating, number,
+                          skip_post, tags, whole_number)
 
 DEFAULT_URLS = {"danbooru": "https://danbooru.donmai.us", "gelbooru": "https://gelbooru.com",
                 "moebooru": "https://yande.re"}
@@ -44,17 +48,14 @@ class BooruOptions:
             return "url", f"expected an http(s) URL, got {self.url!r}"
         if not 1 <= self.page_size <= 1000:
             return "page_size", f"expected 1 to 1000, got {self.page_size}"
-        host = urlsplit(self.url or DEFAULT_URLS[self.api]).hostname or ""
+        try:
+            host = urlsplit(self.url or DEFAULT_URLS[self.api]).hostname or ""
+        except ValueError:  # e.g. "http://[" (a broken IPv6 literal)
+            return "url", f"expected an http(s) URL, got {self.url!r}"
         if self.api == "gelbooru" and host.endswith("gelbooru.com") and not (self.api_key and self.user_id):
             return "api_key", ("Gelbooru needs api_key and user_id (from your account options page), "
                                "in the config or as GELBOORU_API_KEY and GELBOORU_USER_ID")
         return None
-
-
-def _tags(value) -> list[str]:
-    if isinstance(value, list):
-        return [str(t) for t in value]
-    return [t for t in str(value or "").split() if t]
 
 
 class BooruSource(Source):
@@ -76,16 +77,20 @@ class BooruSource(Source):
         payload = resp.json()
         posts = getattr(self, f"_posts_{self.options.api}")(payload)
         items, ids = [], []
+        build = getattr(self, f"_item_{self.options.api}")
         for post in posts:
-            try:
-                pid = int(post["id"])
-            except (KeyError, TypeError, ValueError):
-                log.warning("source %s: skipped a post without a numeric id", self.name)
+            pid = whole_number(post.get("id"))
+            if pid is None:
+                skip_post(self.name, post.get("id"), "no numeric id")
                 continue
             if after is not None and pid <= after:
                 continue  # a site that ignored id:> must not make us go back
             ids.append(pid)
-            item = getattr(self, f"_item_{self.options.api}")(post, pid)
+            try:
+                item = build(post, pid)
+            except Exception as e:  # noqa: BLE001 - one post that cannot be read never stalls the page
+                skip_post(self.name, pid, e)
+                continue
             if item is None:
                 continue
             if self.options.ratings and item.rating not in self.options.ratings:
@@ -96,6 +101,22 @@ class BooruSource(Source):
         if ids:
             new_cursor["last_id"] = max(ids)
         return Poll(items=[item for _, item in items], cursor=new_cursor, more=len(posts) >= limit)
+
+    def _media(self, *candidates) -> str | None:
+        """The first picture address given, absolute (relative ones are on this site); None when
+        the post has none (deleted, banned or restricted)."""
+        value = next((c for c in candidates if c not in (None, "")), None)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise BadPost(f"its file_url is not a URL ({str(value)[:60]})")
+        value = value.strip()
+        if not value:
+            return None
+        media = "https:" + value if value.startswith("//") else urljoin(self.base + "/", value)
+        if urlsplit(media).scheme not in ("http", "https"):
+            raise BadPost(f"its file_url is not an http(s) URL ({value[:60]})")
+        return media
 
     # ---- Danbooru ------------------------------------------------------------------------
     def _request_danbooru(self, after, limit):
@@ -111,19 +132,31 @@ class BooruSource(Source):
     def _posts_danbooru(self, payload):
         if isinstance(payload, dict) and payload.get("success") is False:
             raise SourceError(f"Danbooru said: {payload.get('message') or payload.get('error')}")
+        if isinstance(payload, dict) and isinstance(payload.get("posts"), list):
+            payload = payload["posts"]  # e621-style
         if not isinstance(payload, list):
             raise BadPayload(f"unexpected Danbooru answer from {self.base} (expected a list of posts)")
         return [p for p in payload if isinstance(p, dict)]
 
     def _item_danbooru(self, post, pid):
-        media = post.get("file_url") or post.get("large_file_url")
+        file = mapping(post.get("file"))  # e621: {"url": ..., "md5": ...}
+        media = self._media(post.get("file_url"), post.get("large_file_url"), file.get("url"))
         if not media:
             return None  # deleted, banned or restricted post
+        if "tag_string" in post:  # Danbooru 2
+            author, page, s_means = post.get("tag_string_artist"), f"{self.base}/posts/{pid}", "sensitive"
+            post_tags = tags(post.get("tag_string"))
+        elif isinstance(post.get("tags"), dict):  # e621: tag groups; "s" is safe
+            artists = tags(post["tags"].get("artist"))
+            author, page, s_means = " ".join(artists) or None, f"{self.base}/posts/{pid}", "general"
+            post_tags = tags(post["tags"])
+        else:  # Danbooru 1.x: "tags" and the uploader; "s" is safe
+            author, page, s_means = post.get("author"), f"{self.base}/post/show/{pid}", "general"
+            post_tags = tags(post.get("tags"))
         return Item(
-            external_id=str(pid), media_url=media, page_url=f"{self.base}/posts/{pid}",
-            author=(post.get("tag_string_artist") or None), tags=_tags(post.get("tag_string")),
-            rating=normalize_rating(post.get("rating"), s_means="sensitive"),
-            popularity=number(post.get("score")), site_md5=post.get("md5"), posted_at=post.get("created_at"))
+            external_id=str(pid), media_url=media, page_url=page, author=author or None, tags=post_tags,
+            rating=normalize_rating(post.get("rating"), s_means=s_means), popularity=number(post.get("score")),
+            site_md5=post.get("md5") or file.get("md5"), posted_at=post.get("created_at"))
 
     # ---- Gelbooru dapi -------------------------------------------------------------------
     def _request_gelbooru(self, after, limit):
@@ -138,6 +171,8 @@ class BooruSource(Source):
         return f"{self.base}/index.php", params
 
     def _posts_gelbooru(self, payload):
+        if isinstance(payload, dict) and payload.get("success") is False:
+            raise SourceError(f"Gelbooru said: {payload.get('message') or payload.get('error')}")
         if isinstance(payload, dict):
             posts = payload.get("post", [])
             if isinstance(posts, dict):
@@ -154,13 +189,12 @@ class BooruSource(Source):
         media = post.get("file_url")
         if not media and post.get("directory") and post.get("image"):
             media = f"{self.base}/images/{post['directory']}/{post['image']}"
+        media = self._media(media)
         if not media:
             return None
-        if media.startswith("//"):
-            media = "https:" + media
         return Item(
             external_id=str(pid), media_url=media, page_url=f"{self.base}/index.php?page=post&s=view&id={pid}",
-            author=post.get("owner") or None, tags=_tags(post.get("tags")),
+            author=post.get("owner") or None, tags=tags(post.get("tags")),
             rating=normalize_rating(post.get("rating"), s_means="general"),
             popularity=number(post.get("score")), site_md5=post.get("md5") or post.get("hash"),
             posted_at=post.get("created_at"))
@@ -178,20 +212,18 @@ class BooruSource(Source):
         return f"{self.base}/post.json", params
 
     def _posts_moebooru(self, payload):
+        if isinstance(payload, dict) and isinstance(payload.get("posts"), list):
+            payload = payload["posts"]  # post.json with pools
         if not isinstance(payload, list):
             raise BadPayload(f"unexpected Moebooru answer from {self.base} (expected a list of posts)")
         return [p for p in payload if isinstance(p, dict)]
 
     def _item_moebooru(self, post, pid):
-        media = post.get("file_url") or post.get("jpeg_url") or post.get("sample_url")
+        media = self._media(post.get("file_url"), post.get("jpeg_url"), post.get("sample_url"))
         if not media:
             return None
-        created = post.get("created_at")
-        if isinstance(created, (int, float)):
-            from datetime import datetime, timezone
-            created = datetime.fromtimestamp(created, timezone.utc).isoformat()
-        return Item(
+        return Item(  # created_at: epoch seconds (yande.re) or a time string (MyImouto); read by clean_item
             external_id=str(pid), media_url=media, page_url=f"{self.base}/post/show/{pid}",
-            author=post.get("author") or None, tags=_tags(post.get("tags")),
+            author=post.get("author") or None, tags=tags(post.get("tags")),
             rating=normalize_rating(post.get("rating"), s_means="general"),
-            popularity=number(post.get("score")), site_md5=post.get("md5"), posted_at=created)
+            popularity=number(post.get("score")), site_md5=post.get("md5"), posted_at=post.get("created_at"))

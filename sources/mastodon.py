@@ -13,13 +13,11 @@ Servers that need it get ``access_token`` (or ``MASTODON_ACCESS_TOKEN``) as a be
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from sources.base import BadPayload, Item, Poll, Source, SourceError, number
-
-log = logging.getLogger(__name__)
+from sources.base import (BadPayload, Item, Poll, Source, SourceError, listing, mapping, number, skip_post, text, url,
+                          whole_number)
 
 
 @dataclass
@@ -85,46 +83,52 @@ class MastodonSource(Source):
         if not isinstance(statuses, list):
             raise BadPayload(f"unexpected answer from {self.base}{path} (expected a list of statuses)")
         statuses = [s for s in statuses if _valid(s, self.name)]
-        statuses.sort(key=lambda s: int(s["id"]))  # oldest first
+        statuses.sort(key=lambda s: whole_number(s["id"]))  # oldest first
         items, newest = [], last
         for status in statuses:
             original = status.get("reblog")
             if original is not None and not self.options.reblogs:
-                newest = status["id"]
+                newest = str(status["id"])
                 continue
             original = original if isinstance(original, dict) else status
-            media = [m for m in original.get("media_attachments") or []
-                     if isinstance(m, dict) and m.get("type") == "image" and m.get("url")]
-            if items and len(items) + len(media) > limit:
+            try:
+                status_items = self._items(original)
+            except Exception as e:  # noqa: BLE001 - one status that cannot be read never stalls the page
+                skip_post(self.name, status["id"], e, what="a malformed status")
+                status_items = []
+            if items and len(items) + len(status_items) > limit:
                 break
-            newest = status["id"]
-            account = original.get("account") or {}
-            for m in media:
-                items.append(Item(
-                    external_id=f"{original.get('id')}/{m.get('id')}", media_url=m["url"],
-                    page_url=original.get("url") or original.get("uri"), author=account.get("acct"),
-                    title=_text(original), tags=[t.get("name") for t in original.get("tags") or [] if t.get("name")],
-                    rating="questionable" if original.get("sensitive") else None,
-                    popularity=number(original.get("favourites_count")), posted_at=original.get("created_at")))
+            newest = str(status["id"])
+            items += status_items
         if newest:
             cursor["last_id"] = newest
-        stopped_early = bool(statuses) and newest != statuses[-1]["id"]
+        stopped_early = bool(statuses) and newest != str(statuses[-1]["id"])
         more = stopped_early or len(statuses) >= self.options.page_size
         return Poll(items=items, cursor=cursor, more=more)
 
+    @staticmethod
+    def _items(status: dict) -> list[Item]:
+        """One item per picture of a status."""
+        media = [m for m in listing(status.get("media_attachments"))
+                 if isinstance(m, dict) and m.get("type") == "image" and m.get("url")]
+        return [Item(
+            external_id=f"{status.get('id')}/{m.get('id')}", media_url=m["url"],
+            page_url=url(status.get("url")) or status.get("uri"), author=mapping(status.get("account")).get("acct"),
+            title=_text(status), tags=[t.get("name") for t in listing(status.get("tags"))
+                                       if isinstance(t, dict) and t.get("name")],
+            rating="questionable" if status.get("sensitive") else None,
+            popularity=number(status.get("favourites_count")), posted_at=status.get("created_at")) for m in media]
+
 
 def _valid(status, name: str) -> bool:
-    try:
-        int(status["id"])
+    if isinstance(status, dict) and whole_number(status.get("id")) is not None:
         return True
-    except (KeyError, TypeError, ValueError):
-        log.warning("source %s: skipped a malformed status", name)
-        return False
+    skip_post(name, status.get("id") if isinstance(status, dict) else status, "no numeric id", what="a malformed status")
+    return False
 
 
 def _text(status: dict) -> str | None:
     import re
-    text = re.sub(r"<[^>]+>", " ", status.get("content") or "")
-    text = " ".join(text.split())
-    return text[:200] or None
+    content = re.sub(r"<[^>]+>", " ", text(status.get("content"), None) or "")
+    return text(" ".join(content.split()), 200)
 

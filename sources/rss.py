@@ -4,17 +4,24 @@ Pictures come from image enclosures, ``media:content`` / ``media:thumbnail`` and
 the entry's HTML. Conditional requests (ETag, If-Modified-Since) make unchanged feeds cheap. The
 cursor remembers the ids of recent pictures; when a poll stops at its cap it does not save the
 ETag, so the next poll fetches the feed again and takes the rest.
+
+A document that is not well-formed XML and yields no pictures is a :class:`BadPayload` (the
+daemon logs it and counts it toward unhealthy); one that is broken but still yields entries with
+pictures is read for what it has. A well-formed feed with no pictures is simply empty. An entry
+with pictures but no id, link or title is named by its pictures ("img:" and a hash of their URLs).
 """
 from __future__ import annotations
 
 import calendar
+import hashlib
+import xml.sax
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from urllib.parse import urljoin
 
 import feedparser
 
-from sources.base import BadPayload, Item, Poll, Source
+from sources.base import BadPayload, Item, Poll, Source, timestamp
 
 SEEN_LIMIT = 2000
 
@@ -70,7 +77,10 @@ def entry_images(entry, base: str, thumbnails: bool = False) -> list[str]:
         urls.extend(_html_images(block or ""))
     out, seen = [], set()
     for url in urls:
-        full = urljoin(entry.get("link") or base, url)
+        try:
+            full = urljoin(entry.get("link") or base, url)
+        except ValueError:  # e.g. a broken IPv6 literal
+            continue
         if full.startswith(("http://", "https://")) and full not in seen:
             seen.add(full)
             out.append(full)
@@ -95,29 +105,28 @@ class RssSource(Source):
             return Poll(items=[], cursor=dict(cursor))
         feed = feedparser.parse(resp.body, response_headers={"content-location": resp.url,
                                                            "content-type": resp.headers.get("Content-Type", "")})
-        usable = [e for e in feed.entries if e.get("id") or e.get("link") or e.get("title")]
-        if feed.bozo and not usable:
-            raise BadPayload(f"malformed feed from {self.options.url}: {feed.get('bozo_exception')}")
-        if not feed.get("version") and not feed.entries:
-            raise BadPayload(f"{self.options.url} is not an RSS or Atom feed")
+        # feeds list newest first; we take oldest first
+        pictures = [(entry, entry_images(entry, resp.url, self.options.thumbnails)) for entry in reversed(feed.entries)]
+        if not any(urls for _, urls in pictures):
+            error = feed.get("bozo_exception")
+            if feed.bozo and isinstance(error, xml.sax.SAXException):
+                raise BadPayload(f"malformed feed from {self.options.url}: {error}")
+            if not feed.get("version") and not feed.entries:
+                raise BadPayload(f"{self.options.url} is not an RSS or Atom feed")
         seen = list(cursor.get("seen", []))
         seen_set = set(seen)
         fresh: list[Item] = []
-        for entry in reversed(feed.entries):  # feeds list newest first; we take oldest first
-            entry_id = entry.get("id") or entry.get("link") or entry.get("title")
-            if not entry_id:
-                continue
-            for url in entry_images(entry, resp.url, self.options.thumbnails):
+        for entry, urls in pictures:
+            entry_id = entry.get("id") or entry.get("link") or entry.get("title") or _picture_id(urls)
+            for url in urls:
                 ext_id = f"{entry_id}|{url}"
                 if ext_id in seen_set:
                     continue
-                published = entry.get("published_parsed") or entry.get("updated_parsed")
                 fresh.append(Item(
                     external_id=ext_id, media_url=url, page_url=entry.get("link"),
                     author=entry.get("author"), title=entry.get("title"),
                     tags=[t.get("term") for t in entry.get("tags", []) if t.get("term")],
-                    posted_at=(None if not published else
-                               _iso(calendar.timegm(published)))))
+                    posted_at=_published(entry)))
         taken = fresh[:limit]
         for item in taken:
             seen.append(item.external_id)
@@ -131,6 +140,14 @@ class RssSource(Source):
         return Poll(items=taken, cursor=new_cursor, more=more)
 
 
-def _iso(ts: float) -> str:
-    from datetime import datetime, timezone
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat()
+def _picture_id(urls: list[str]) -> str:
+    """A stable name for an entry that has pictures but no id, link or title."""
+    return "img:" + hashlib.sha1("\n".join(sorted(urls)).encode("utf-8", "replace")).hexdigest()
+
+
+def _published(entry) -> str | None:
+    published = entry.get("published_parsed") or entry.get("updated_parsed")
+    try:
+        return timestamp(calendar.timegm(published)) if published else None
+    except (TypeError, ValueError, OverflowError):
+        return None

@@ -23,6 +23,7 @@ daemon's backoff limits), never the others.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,7 +32,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sources.base import (AuthError, BadPayload, Item, Poll, RateLimited, Source, SourceError, TransientError,
-                          number, remember)
+                          listing, mapping, number, remember, skip_post, text, whole_number)
 from sources.http import parse_reset
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,8 @@ class XSource(Source):
             raise SourceError(f"X answered {e.response.status}: {_detail(e)}") from None
         except (aiohttp.ClientError, TimeoutError) as e:
             raise TransientError(f"cannot reach X: {type(e).__name__}: {e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # tweepy parses the body as JSON
+            raise BadPayload(f"malformed JSON from X: {e}") from None
         finally:
             await session.close()
 
@@ -178,7 +181,7 @@ class XSource(Source):
             found = await client.get_user(username=o.user.lstrip("@"))
             cursor["reads"] += 1
             budget -= 1
-            if not isinstance(found, dict) or not (found.get("data") or {}).get("id"):
+            if not isinstance(found, dict) or not mapping(found.get("data")).get("id"):
                 raise SourceError(f"X user @{o.user.lstrip('@')} not found: {_errors(found)}")
             cursor["user"], cursor["user_id"] = o.user.lstrip("@"), str(found["data"]["id"])
         common = {"expansions": EXPANSIONS, "media_fields": MEDIA_FIELDS, "tweet_fields": TWEET_FIELDS,
@@ -220,15 +223,16 @@ class XSource(Source):
             cursor["reads"] += len(data)
             budget -= len(data)
             for key in includes:
-                includes[key] += [x for x in (page.get("includes") or {}).get(key) or [] if isinstance(x, dict)]
-            meta = page.get("meta") or {}
-            if newest is None and meta.get("newest_id"):
-                newest = meta["newest_id"]
+                includes[key] += [x for x in listing(mapping(page.get("includes")).get(key)) if isinstance(x, dict)]
+            meta = mapping(page.get("meta"))
+            if newest is None and whole_number(meta.get("newest_id")) is not None:
+                newest = str(whole_number(meta["newest_id"]))
             met_seen = kind == "list" and any(str(t.get("id")) in seen for t in data if isinstance(t, dict))
             tweets += data
-            token = meta.get("next_token")
+            token = meta.get("next_token") if isinstance(meta.get("next_token"), str) else None
             first = not seen if kind == "list" else not since
-            if not token or met_seen or first:  # the first poll reads the newest page only
+            if not token or not data or met_seen or first:  # the first poll reads the newest page only;
+                # a page without posts ends the round (a server that keeps sending its token must not loop)
                 token = None
                 break
             if budget < low or len(tweets) >= limit:
@@ -240,61 +244,74 @@ class XSource(Source):
         elif finished or not token:
             cursor.pop("round", None)
             if newest:
-                cursor["since_id"] = str(max(int(newest), int(since or 0)))
+                cursor["since_id"] = str(max(int(newest), whole_number(since) or 0))
         else:
             cursor["round"] = {"token": token, "newest": newest}
         return Poll(items=items, cursor=cursor, more=not finished)
 
     def _items(self, tweets: list, includes: dict, seen: list) -> tuple[list[Item], list[str]]:
-        o = self.options
-        media = {m.get("media_key"): m for m in includes["media"]}
-        users = {u.get("id"): u for u in includes["users"]}
-        refs = {t.get("id"): t for t in includes["tweets"]}
+        media = _by_key(includes["media"], "media_key")
+        users = _by_key(includes["users"], "id")
+        refs = {t["id"]: t for t in includes["tweets"] if whole_number(t.get("id")) is not None}
         items, handled, done = [], [], set(seen)
-        for tweet in sorted((t for t in tweets if _valid(t, self.name)), key=lambda t: int(t["id"])):
+        for tweet in sorted((t for t in tweets if _valid(t, self.name)), key=lambda t: whole_number(t["id"])):
             handled.append(str(tweet["id"]))
-            source = tweet
-            kinds = {r.get("type"): r.get("id") for r in tweet.get("referenced_tweets") or [] if isinstance(r, dict)}
-            if "retweeted" in kinds:
-                if not o.retweets:
-                    continue
-                source = refs.get(kinds["retweeted"]) or tweet
-            keys = (source.get("attachments") or {}).get("media_keys") or []
-            if not keys and "quoted" in kinds and o.quotes and kinds["quoted"] in refs:
-                source = refs[kinds["quoted"]]
-                keys = (source.get("attachments") or {}).get("media_keys") or []
-            sid = str(source.get("id"))
-            if sid in done:
-                continue
-            done.add(sid)
-            user = (users.get(source.get("author_id")) or {}).get("username")
-            for key in keys:
-                m = media.get(key)
-                if not m:
-                    continue
-                video = m.get("type") in ("animated_gif", "video")
-                url = m.get("preview_image_url") if video else m.get("url")
-                if not url:
-                    continue
-                items.append(Item(
-                    external_id=f"{sid}/{key}", media_url=url,
-                    page_url=f"https://x.com/{user or 'i'}/status/{sid}", author=user,
-                    title=(source.get("text") or "")[:200] or None,
-                    rating="questionable" if source.get("possibly_sensitive") else None,
-                    popularity=number((source.get("public_metrics") or {}).get("like_count")),
-                    posted_at=source.get("created_at"),
-                    skip=f"{m.get('type')} (x videos = false): preview kept, not scored" if video and not o.videos
-                    else None))
+            try:
+                items += self._tweet_items(tweet, media, users, refs, done)
+            except Exception as e:  # noqa: BLE001 - one post that cannot be read never stalls the page
+                skip_post(self.name, tweet["id"], e, what="a malformed post")
         return items, handled
+
+    def _tweet_items(self, tweet: dict, media: dict, users: dict, refs: dict, done: set) -> list[Item]:
+        o = self.options
+        source = tweet
+        kinds = {r["type"]: r.get("id") for r in listing(tweet.get("referenced_tweets"))
+                 if isinstance(r, dict) and isinstance(r.get("type"), str) and isinstance(r.get("id"), (str, int))}
+        if "retweeted" in kinds:
+            if not o.retweets:
+                return []
+            source = refs.get(kinds["retweeted"]) or tweet
+        keys = listing(mapping(source.get("attachments")).get("media_keys"))
+        if not keys and "quoted" in kinds and o.quotes and kinds["quoted"] in refs:
+            source = refs[kinds["quoted"]]
+            keys = listing(mapping(source.get("attachments")).get("media_keys"))
+        sid = str(source.get("id"))
+        if sid in done:
+            return []
+        done.add(sid)
+        author = source.get("author_id")
+        user = text(mapping(users.get(author) if isinstance(author, (str, int)) else None).get("username"))
+        items = []
+        for key in keys:
+            m = media.get(key) if isinstance(key, str) else None
+            if not m:
+                continue
+            video = m.get("type") in ("animated_gif", "video")
+            url = m.get("preview_image_url") if video else m.get("url")
+            if not url:
+                continue
+            items.append(Item(
+                external_id=f"{sid}/{key}", media_url=url,
+                page_url=f"https://x.com/{user or 'i'}/status/{sid}", author=user,
+                title=text(source.get("text"), 200),
+                rating="questionable" if source.get("possibly_sensitive") else None,
+                popularity=number(mapping(source.get("public_metrics")).get("like_count")),
+                posted_at=source.get("created_at"),
+                skip=f"{m.get('type')} (x videos = false): preview kept, not scored" if video and not o.videos
+                else None))
+        return items
+
+
+def _by_key(objects: list[dict], key: str) -> dict:
+    """Included media or users by their key; those without a usable key are left out."""
+    return {o[key]: o for o in objects if isinstance(o.get(key), (str, int)) and not isinstance(o.get(key), bool)}
 
 
 def _valid(tweet, name: str) -> bool:
-    try:
-        int(tweet["id"])
+    if isinstance(tweet, dict) and whole_number(tweet.get("id")) is not None:
         return True
-    except (KeyError, TypeError, ValueError):
-        log.warning("source %s: skipped a malformed post", name)
-        return False
+    skip_post(name, tweet.get("id") if isinstance(tweet, dict) else tweet, "no numeric id", what="a malformed post")
+    return False
 
 
 def _detail(e) -> str:

@@ -1,11 +1,30 @@
-"""Local servers shaped like the real APIs (Danbooru, Gelbooru dapi, Moebooru, RSS/Atom)."""
+"""Local servers shaped like the real APIs (Danbooru, Gelbooru dapi, Moebooru, RSS/Atom), and
+an in-memory stand-in for the HTTP client."""
 from __future__ import annotations
 
+import json
 import re
 
 from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sources.http import Response
 
 from tests.helpers import picture
+
+
+class FakeHttp:
+    """What sources need of :class:`sources.http.Http`: ``get`` answering one fixed body (bytes,
+    or anything else as JSON; NaN and infinities as Python's json writes them)."""
+
+    def __init__(self, body, content_type: str = "application/json"):
+        self.body = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8", "surrogatepass")
+        self.content_type = content_type
+        self.urls: list[str] = []
+
+    async def get(self, url, *, params=None, headers=None, **kw):
+        self.urls.append(url)
+        return Response(url, 200, CIMultiDictProxy(CIMultiDict({"Content-Type": self.content_type})), self.body)
 
 
 class FakeBooru:

@@ -127,6 +127,30 @@ def seed(cfg, specs: list[dict], *, trained: bool = False, source: str = "booru-
     return ids
 
 
+RATINGS = {None, "general", "sensitive", "questionable", "explicit"}
+
+
+def assert_clean(item) -> None:
+    """Every field of a source's item has its declared type (what the database write, the
+    downloader and the gallery rely on)."""
+    import math
+    assert isinstance(item.external_id, str) and item.external_id.strip()
+    item.external_id.encode("utf-8")
+    for name in ("media_url", "page_url", "local_path", "author", "title", "site_md5", "posted_at", "skip"):
+        value = getattr(item, name)
+        assert value is None or isinstance(value, str), (name, value)
+        if isinstance(value, str):
+            value.encode("utf-8")  # no lone surrogates: SQLite could not store them
+    for name in ("media_url", "page_url"):
+        value = getattr(item, name)
+        assert value is None or value.startswith(("http://", "https://")), (name, value)
+    assert isinstance(item.tags, list) and all(isinstance(t, str) and t for t in item.tags)
+    assert item.rating in RATINGS
+    assert item.popularity is None or (isinstance(item.popularity, float) and math.isfinite(item.popularity))
+    if item.posted_at is not None:
+        assert item.posted_at.endswith("+00:00")
+
+
 # ---- the command line, in-process ------------------------------------------------------------
 @dataclass
 class Result:
