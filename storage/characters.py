@@ -94,7 +94,7 @@ class CharacterMethods:
     def named_faces(self, *, include_weak: bool = True) -> list[dict]:
         """Every named face with its box, picture and character: the identity training set."""
         return [dict(r) for r in self.db.query(
-            "SELECT faces.*, images.media_path, face_names.character_id, characters.name, face_names.origin, "
+            "SELECT faces.*, images.media_path, images.sha256, face_names.character_id, characters.name, face_names.origin, "
             "face_names.weak FROM face_names JOIN faces ON faces.id = face_names.face_id "
             "JOIN images ON images.id = faces.image_id JOIN characters ON characters.id = face_names.character_id "
             + ("" if include_weak else "WHERE face_names.weak = 0 ") + "ORDER BY faces.id")]
