@@ -9,7 +9,7 @@
     python main.py eval                     metrics and plots of the active (or --model) model
     python main.py models list|use VERSION  the model registry; use = switch / roll back
     python main.py rescore                  rescore unposted pictures with the active model
-    python main.py characters import|add|identify|train|list   who is in the faces
+    python main.py characters import|add|identify|train|list|models|use   who is in the faces
 
 Each command is a ``cmd_*`` function. Errors meant for the user (each package's base error:
 ``ConfigError``, ``StorageError``, ``BadImage``, ``DetectorError``, ``ModelError``,
@@ -469,7 +469,34 @@ def _characters_train(cfg, args, store) -> int:
     return 0
 
 
-_CHARACTER_ACTIONS = {"import": _characters_import, "add": _characters_add, "identify": _characters_identify,
+def _characters_models(cfg, args, store) -> int:
+    rows = store.list_identity_models()
+    if not rows:
+        print("no identity embedders yet: `characters import`, `add` or `identify` creates the first")
+    for r in rows:
+        m = json.loads(r["metrics"]) if r["metrics"] else {}
+        quality = (f"validation top-1 {m.get('val_top1')}  threshold {r['threshold']}  {m.get('characters')} characters"
+                   if m else "untrained")
+        print(f"{'*' if r['active'] else ' '} {r['version']}  {r['arch']}  {r['created_at'][:19]}  "
+              f"{r['data_size']} faces  {quality}")
+    return 0
+
+
+def _characters_use(cfg, args, store) -> int:
+    from scorer.characters import embed_named, load_embedder
+
+    row = store.get_identity_model(args.version)
+    if row is None:
+        known = ", ".join(r["version"] for r in store.list_identity_models()) or "none"
+        return _fail(f"no identity embedder {args.version!r} (known: {known})")
+    embedder = load_embedder(row, cfg.characters, cfg.models_path)
+    store.activate_identity_model(args.version)
+    embed_named(store, embedder, cfg.media_path, margin=cfg.detector.margin, max_pixels=cfg.download.max_pixels)
+    print(f"active identity embedder: {args.version}")
+    return 0
+
+
+_CHARACTER_ACTIONS = {"models": _characters_models, "use": _characters_use, "import": _characters_import, "add": _characters_add, "identify": _characters_identify,
                       "list": _characters_list, "train": _characters_train}
 
 
@@ -530,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--epochs", type=int, help="override characters.epochs")
     ct.add_argument("--no-promote", action="store_true", help="register the embedder but do not use it")
     ch_sub.add_parser("list", help="characters and their example counts")
+    ch_sub.add_parser("models", help="the identity embedders with their metrics; * marks the active one")
+    cu = ch_sub.add_parser("use", help="make VERSION the active identity embedder (rollback)")
+    cu.add_argument("version")
     return p
 
 

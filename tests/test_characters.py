@@ -231,6 +231,15 @@ def test_train_registers_promotes_and_reembeds(tmp_path):
     found = cli(tmp_path, "characters", "identify", faces / "Bob" / "101.jpg", "--crops", "--json")
     assert found.returncode == 0 and "untrained" not in found.stderr
     assert json.loads(found.stdout)[0]["faces"][0]["character"] in ("Bob", None)
+    models = cli(tmp_path, "characters", "models").stdout.splitlines()
+    assert len(models) == 2 and models[0].startswith("  identity-resnet18-random-init") and "untrained" in models[0]
+    assert models[1].startswith(f"* {row['version']}") and "validation top-1" in models[1]
+    back = cli(tmp_path, "characters", "use", "identity-resnet18-random-init")
+    assert back.returncode == 0, back.stderr
+    with Store.open(tmp_path / "data" / "tastefeed.db") as store:
+        assert store.active_identity_model()["version"] == "identity-resnet18-random-init"
+        assert len(store.enrolled("identity-resnet18-random-init")) == 24
+    assert cli(tmp_path, "characters", "use", "nope").returncode == 1
 
 
 def test_train_needs_two_characters(tmp_path):
