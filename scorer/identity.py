@@ -8,8 +8,10 @@ few examples: their embeddings are stored and recognition uses them at once.
 
 The :class:`Recognizer` holds the enrolled examples (face embeddings with character ids). A face
 gets the character whose prototype (mean embedding, normalised) is nearest, combined with votes of
-its ``k`` nearest examples; its similarity is the cosine to that prototype or to the character's
-nearest example, whichever is higher (so an enrolled picture itself is recognised at once). Below ``threshold`` it
+its ``k`` nearest examples; its similarity is the cosine to that prototype (with ``nearest``, the
+cosine to the character's nearest example when higher: an enrolled picture itself then scores 1,
+but so do impostors close to any one example; on animeface-10 prototypes alone gave the better
+open-set F1, see bench/RESULTS.md). Below ``threshold`` it
 is unknown. :func:`calibrate_threshold` picks the threshold reaching a target precision on
 held-out examples, counting as wrong both misidentified faces and impostors (a held-out face
 scored against the other characters only, as if its own were never enrolled); without held-out
@@ -145,7 +147,9 @@ def calibrate_threshold(similarities, correct, target_precision: float = 0.9,
 class Recognizer:
     """Enrolled examples -> (character id or None, similarity) for each embedding."""
 
-    def __init__(self, embeddings: np.ndarray, character_ids, *, k: int = 5, threshold: float | None = None):
+    def __init__(self, embeddings: np.ndarray, character_ids, *, k: int = 5, threshold: float | None = None,
+                 nearest: bool = False):
+        self.nearest = nearest        # a character's similarity may come from its nearest example
         self.labels = np.asarray(list(character_ids), dtype=np.int64)
         self.examples = np.asarray(embeddings, dtype=np.float32)
         if self.examples.ndim != 2:
@@ -157,11 +161,11 @@ class Recognizer:
         self.threshold = DEFAULT_THRESHOLD if threshold is None else threshold
 
     @classmethod
-    def from_store(cls, store, version: str, *, k: int = 5) -> "Recognizer":
+    def from_store(cls, store, version: str, *, k: int = 5, nearest: bool = False) -> "Recognizer":
         rows = store.enrolled(version)
         dim = len(rows[0][2]) if rows else 1
         return cls(np.stack([r[2] for r in rows]) if rows else np.zeros((0, dim), np.float32),
-                   [r[1] for r in rows], k=k)
+                   [r[1] for r in rows], k=k, nearest=nearest)
 
     @staticmethod
     def _normalise(v: np.ndarray) -> np.ndarray:
@@ -173,8 +177,8 @@ class Recognizer:
     def scores(self, embeddings: np.ndarray, *, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(best character index into ``characters``, similarity) per embedding.
 
-        A character's similarity is the higher of the cosine to its prototype and to its nearest
-        example; the choice adds a small share of the k nearest examples' votes (weighted towards
+        A character's similarity is the cosine to its prototype (with ``nearest``, or to its
+        nearest example when higher); the choice adds a small share of the k nearest examples' votes (weighted towards
         the nearest), which decides between near-equal characters. ``exclude_self`` leaves example
         i out for row i (leave-one-out over the enrolled examples themselves)."""
         e = np.asarray(embeddings, dtype=np.float32)
@@ -198,7 +202,8 @@ class Recognizer:
         # a character's similarity: to its prototype or to its nearest example, whichever is higher
         sim = proto.copy()
         for j, c in enumerate(self.characters):
-            sim[:, j] = np.maximum(sim[:, j], near[:, self.labels == c].max(1))
+            if self.nearest:
+                sim[:, j] = np.maximum(sim[:, j], near[:, self.labels == c].max(1))
         # k-NN votes, weighted towards the nearest: a share per character that breaks near-ties
         k = max(1, min(self.k, near.shape[1] - (1 if exclude_self else 0)))
         votes = np.zeros_like(proto)
@@ -211,8 +216,8 @@ class Recognizer:
         return best, sim[np.arange(len(e)), best]
 
     def impostor_similarities(self, embeddings: np.ndarray, character_ids) -> np.ndarray:
-        """For each embedding, its best similarity to a character other than its own (prototype or
-        nearest example): what it would score if its own character were not enrolled."""
+        """For each embedding, its best similarity to a character other than its own: what it
+        would score if its own character were not enrolled."""
         e = np.asarray(embeddings, dtype=np.float32)
         own = np.asarray(list(character_ids))
         best = np.full(len(e), -1.0, dtype=np.float32)
@@ -220,7 +225,9 @@ class Recognizer:
         for j, c in enumerate(self.characters):
             others = own != c
             if others.any():
-                sim = np.maximum(e[others] @ self.prototypes[j], near[np.ix_(others, self.labels == c)].max(1))
+                sim = e[others] @ self.prototypes[j]
+                if self.nearest:
+                    sim = np.maximum(sim, near[np.ix_(others, self.labels == c)].max(1))
                 best[others] = np.maximum(best[others], sim)
         return best
 

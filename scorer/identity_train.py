@@ -68,7 +68,7 @@ def blur(x: torch.Tensor, share: float) -> torch.Tensor:
     pick = torch.rand(len(x), device=x.device) < share
     if pick.any():
         x = x.clone()
-        x[pick] = gaussian_blur(x[pick], kernel_size=5, sigma=float(np.random.uniform(0.5, 1.5)))
+        x[pick] = gaussian_blur(x[pick], kernel_size=5, sigma=0.5 + float(torch.rand(1)))
     return x
 
 

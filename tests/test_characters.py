@@ -110,6 +110,9 @@ def test_recognizer_knows_enrolled_characters_and_rejects_unknown_ones():
     assert [c for c, _ in got[12:]] == [None] * 4                   # never enrolled: unknown
     assert all(s < threshold for _, s in got[12:])
     assert Recognizer(np.zeros((0, 32)), []).identify(queries[:2]) == [(None, 0.0), (None, 0.0)]
+    # with nearest examples counted, an enrolled example itself scores 1
+    near = Recognizer(enrolled, np.repeat([10, 20, 30], 5), nearest=True)
+    assert near.identify(enrolled[:1])[0] == (10, pytest.approx(1.0, abs=1e-5))
 
 
 def test_embedder_saves_loads_and_normalises(tmp_path):
@@ -178,7 +181,7 @@ def test_import_add_identify_list(tmp_path):
     [result] = json.loads(found.stdout)
     assert result["path"] == "new21.jpg"
     [face] = result["faces"]
-    assert face["character"] == "Carol" and face["similarity"] > 0.99 and len(face["box"]) == 4
+    assert face["character"] == "Carol" and face["similarity"] > 0.9 and len(face["box"]) == 4
     text = cli(tmp_path, "characters", "identify", faces / "Alice" / "1.jpg", "--crops")
     assert ": face 1 (0, 0, 160, 120): Alice (similarity " in text.stdout
     assert "Carol  2 example(s)" in cli(tmp_path, "characters", "list").stdout
