@@ -10,8 +10,8 @@ The :class:`Recognizer` holds the enrolled examples (face embeddings with charac
 gets the character whose prototype (mean embedding, normalised) is nearest, combined with votes of
 its ``k`` nearest examples; its similarity is the cosine to that prototype (with ``nearest``, the
 cosine to the character's nearest example when higher: an enrolled picture itself then scores 1,
-but so do impostors close to any one example; on animeface-10 prototypes alone gave the better
-open-set F1, see bench/RESULTS.md). Below ``threshold`` it
+but so do impostors close to any one example; which gives the better open-set F1 on
+animeface-10 depends on the margin, see bench/RESULTS.md). Below ``threshold`` it
 is unknown. :func:`calibrate_threshold` picks the threshold reaching a target precision on
 held-out examples, counting as wrong both misidentified faces and impostors (a held-out face
 scored against the other characters only, as if its own were never enrolled); without held-out
