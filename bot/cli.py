@@ -9,6 +9,7 @@
     python main.py eval                     metrics and plots of the active (or --model) model
     python main.py models list|use VERSION  the model registry; use = switch / roll back
     python main.py rescore                  rescore unposted pictures with the active model
+    python main.py characters import|add|identify|train|list|models|use   who is in the faces
 
 Each command is a ``cmd_*`` function. Errors meant for the user (each package's base error:
 ``ConfigError``, ``StorageError``, ``BadImage``, ``DetectorError``, ``ModelError``,
@@ -352,6 +353,153 @@ def cmd_rescore(cfg, args) -> int:
     return 0
 
 
+# ---- characters ------------------------------------------------------------------------------
+def cmd_characters(cfg, args) -> int:
+    from storage import Store
+    from storage.characters import CharacterNameError
+
+    with Store.open(cfg.db_path) as store:
+        try:
+            return _CHARACTER_ACTIONS[args.action](cfg, args, store)
+        except CharacterNameError as e:
+            return _fail(str(e))
+
+
+def _embedder(cfg, store):
+    """The active identity embedder (the untrained one is created, and said so, if none)."""
+    from scorer.characters import ensure_active_embedder, load_embedder, untrained
+
+    row = ensure_active_embedder(store, cfg.characters, cfg.models_path)
+    if untrained(row):
+        print(f"note: no trained identity embedder yet, using the untrained {row['version']}; "
+              "run `python main.py characters train` once faces are named", file=sys.stderr)
+    return row, load_embedder(row, cfg.characters, cfg.models_path)
+
+
+def _name_pictures(cfg, args, store, rows, origin) -> int:
+    from scorer.analyze import build_analyzer
+    from scorer.characters import name_pictures
+
+    try:
+        store.import_source_id()
+    except ValueError as e:
+        return _fail(str(e))
+    analyzer = build_analyzer(store, cfg.detector, cfg.scorer, cfg.paths)
+    _, embedder = _embedder(cfg, store)
+    report = name_pictures(store, analyzer, embedder, rows, cfg.media_path, origin=origin, crops=args.crops,
+                           max_pixels=cfg.download.max_pixels, batch_size=cfg.scorer.batch_size)
+    for message in report.problems:
+        print(f"skipped: {message}", file=sys.stderr)
+    print(report.summary())
+    if not report.named:
+        return _fail("no face was named" + (": " + report.problems[0] if len(report.problems) == 1 else ""))
+    return 0
+
+
+def _characters_import(cfg, args, store) -> int:
+    from scorer.characters import read_character_folder
+
+    try:
+        rows = read_character_folder(args.path)
+    except ValueError as e:
+        return _fail(str(e))
+    return _name_pictures(cfg, args, store, rows, "import")
+
+
+def _characters_add(cfg, args, store) -> int:
+    from storage.characters import check_name
+
+    name = check_name(args.name)
+    return _name_pictures(cfg, args, store, [(name, Path(p)) for p in args.pictures], "enrol")
+
+
+def _characters_identify(cfg, args, store) -> int:
+    from scorer.characters import build_recognizer, identify_pictures
+    from scorer.detect import make_detector
+
+    row, embedder = _embedder(cfg, store)
+    recognizer = build_recognizer(store, row, cfg.characters)
+    if not len(recognizer):
+        print("note: no character is enrolled yet: every face is unknown "
+              "(python main.py characters import DIR, or characters add NAME PICTURE...)", file=sys.stderr)
+    detector = None if args.crops else make_detector(cfg.detector, cfg.data_path)
+    results = identify_pictures([Path(p) for p in args.pictures], detector, embedder, recognizer,
+                                store.character_names(), margin=cfg.detector.margin, crops=args.crops,
+                                max_pixels=cfg.download.max_pixels)
+    if args.json:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+    else:
+        for r in results:
+            if "error" in r:
+                print(f"{r['path']}: error: {r['error']}")
+            elif not r["faces"]:
+                print(f"{r['path']}: no face found (use --crops if the picture is a face crop)")
+            for i, f in enumerate(r.get("faces", []), 1):
+                who = f["character"] if f["character"] is not None else "unknown"
+                print(f"{r['path']}: face {i} {tuple(f['box'])}: {who} (similarity {f['similarity']:.2f})")
+    failed = sum(1 for r in results if "error" in r)
+    return 1 if failed and failed == len(results) else 0
+
+
+def _characters_list(cfg, args, store) -> int:
+    rows = store.list_characters()
+    if not rows:
+        print("no characters yet: python main.py characters import DIR, or characters add NAME PICTURE...")
+    for r in rows:
+        weak = f" ({r['weak']} weak)" if r["weak"] else ""
+        print(f"{r['name']}  {r['examples']} example(s){weak}")
+    return 0
+
+
+def _characters_train(cfg, args, store) -> int:
+    from scorer.characters import ensure_active_embedder
+    from scorer.identity_train import train_identity
+    from scorer.train import train_lock
+
+    if args.epochs is not None and args.epochs <= 0:
+        return _fail("--epochs: expected a positive number")
+    with train_lock(cfg.data_path):
+        ensure_active_embedder(store, cfg.characters, cfg.models_path)
+        out = train_identity(store, cfg.paths, cfg.characters, margin=cfg.detector.margin,
+                             max_pixels=cfg.download.max_pixels, epochs=args.epochs, promote=not args.no_promote)
+    print(f"identity model {out.version}: {out.n_train} training and {out.n_val} validation faces of "
+          f"{out.n_characters} character(s), {out.seconds:.0f}s")
+    print(f"  validation top-1 {out.metrics['val_top1']:.3f}; unknown below similarity {out.threshold:.3f}")
+    print(f"  {out.reason}")
+    return 0
+
+
+def _characters_models(cfg, args, store) -> int:
+    rows = store.list_identity_models()
+    if not rows:
+        print("no identity embedders yet: `characters import`, `add` or `identify` creates the first")
+    for r in rows:
+        m = json.loads(r["metrics"]) if r["metrics"] else {}
+        quality = (f"validation top-1 {m.get('val_top1')}  threshold {r['threshold']}  {m.get('characters')} characters"
+                   if m else "untrained")
+        print(f"{'*' if r['active'] else ' '} {r['version']}  {r['arch']}  {r['created_at'][:19]}  "
+              f"{r['data_size']} faces  {quality}")
+    return 0
+
+
+def _characters_use(cfg, args, store) -> int:
+    from scorer.characters import embed_named, load_embedder
+
+    row = store.get_identity_model(args.version)
+    if row is None:
+        known = ", ".join(r["version"] for r in store.list_identity_models()) or "none"
+        return _fail(f"no identity embedder {args.version!r} (known: {known})")
+    embedder = load_embedder(row, cfg.characters, cfg.models_path)
+    store.activate_identity_model(args.version)
+    embed_named(store, embedder, cfg.media_path, margin=cfg.detector.margin, max_pixels=cfg.download.max_pixels)
+    print(f"active identity embedder: {args.version}")
+    return 0
+
+
+_CHARACTER_ACTIONS = {"models": _characters_models, "use": _characters_use, "import": _characters_import, "add": _characters_add, "identify": _characters_identify,
+                      "list": _characters_list, "train": _characters_train}
+
+
 # ---- entry point -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tastefeed", description="Personal image recommendation bot.")
@@ -392,12 +540,32 @@ def build_parser() -> argparse.ArgumentParser:
     use = mo_sub.add_parser("use", help="make VERSION the active model")
     use.add_argument("version")
     sub.add_parser("rescore", help="rescore unposted pictures with the active model")
+    ch = sub.add_parser("characters", help="name characters, train the identity embedder, identify faces")
+    ch_sub = ch.add_subparsers(dest="action", required=True)
+    ci = ch_sub.add_parser("import", help="name faces from DIR/<character name>/<pictures>")
+    ci.add_argument("path", metavar="DIR")
+    ca = ch_sub.add_parser("add", help="enrol examples of a character (no retraining needed)")
+    ca.add_argument("name")
+    ca.add_argument("pictures", nargs="+", metavar="PICTURE")
+    cid = ch_sub.add_parser("identify", help="who is in each face of the pictures")
+    cid.add_argument("pictures", nargs="+", metavar="PICTURE")
+    cid.add_argument("--json", action="store_true", help="print JSON")
+    for action in (ci, ca, cid):
+        action.add_argument("--crops", action="store_true",
+                            help="the pictures are face crops: skip detection, the whole picture is the face")
+    ct = ch_sub.add_parser("train", help="train the identity embedder on the named faces; promote if better")
+    ct.add_argument("--epochs", type=int, help="override characters.epochs")
+    ct.add_argument("--no-promote", action="store_true", help="register the embedder but do not use it")
+    ch_sub.add_parser("list", help="characters and their example counts")
+    ch_sub.add_parser("models", help="the identity embedders with their metrics; * marks the active one")
+    cu = ch_sub.add_parser("use", help="make VERSION the active identity embedder (rollback)")
+    cu.add_argument("version")
     return p
 
 
 COMMANDS = {"run": cmd_run, "score": cmd_score, "sources": cmd_sources, "doctor": cmd_doctor,
             "import-labels": cmd_import_labels, "train": cmd_train, "eval": cmd_eval, "models": cmd_models,
-            "rescore": cmd_rescore}
+            "rescore": cmd_rescore, "characters": cmd_characters}
 
 
 def main(argv: list[str] | None = None) -> int:

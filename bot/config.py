@@ -6,7 +6,7 @@ Every key is documented in ``config.example.toml``; an unknown key, a wrong type
 raises :class:`ConfigError` with one line naming the file, the key and what was expected.
 
 Each table's dataclass lives beside the code that uses it (``[download]`` in ``sources/http.py``,
-``[detector]`` in ``scorer/detect.py``, ``[scorer]`` and ``[train]`` in ``scorer/settings.py``,
+``[detector]`` in ``scorer/detect.py``, ``[scorer]``, ``[train]`` and ``[characters]`` in ``scorer/settings.py``,
 ``[ranking]`` in ``scorer/ranking.py``, a source kind's keys in its ``Options``); the bot's own
 tables are here. This module composes them into :class:`Config`, runs each one's ``check()``
 and resolves secrets in one place: a field whose metadata names an environment variable
@@ -27,7 +27,7 @@ from typing import Any, Literal
 from bot.logs import register_secret
 from scorer.detect import DetectorConfig
 from scorer.ranking import RankingConfig
-from scorer.settings import ScorerConfig, TrainConfig
+from scorer.settings import IdentityConfig, ScorerConfig, TrainConfig
 from sources import SOURCE_KINDS, make_options
 from sources.http import DownloadConfig
 from storage.paths import DataPaths
@@ -161,6 +161,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ranking: RankingConfig = field(default_factory=RankingConfig)
+    characters: IdentityConfig = field(default_factory=IdentityConfig)
     discord: DiscordConfig = field(default_factory=DiscordConfig)
     web: WebConfig = field(default_factory=WebConfig)
     sources: list[SourceConfig] = field(default_factory=list)

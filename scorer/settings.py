@@ -69,3 +69,46 @@ class TrainConfig:
         if not 0 <= self.ema <= 0.9999:
             return "ema", f"expected a number from 0 to 0.9999, got {self.ema!r}"
         return None
+
+
+@dataclass
+class IdentityConfig:
+    """The ``[characters]`` table: the identity embedder (who is in a face) and recognition."""
+    arch: Literal["resnet18", "resnet34", "resnet50", "alexnet"] = "resnet18"
+    pretrained: str = "none"              # none | imagenet | path to a torchvision weights file
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N | mps
+    image_size: int = 64                  # face crops are resized to this square
+    embedding_dim: int = 128              # length of the L2-normalised identity embedding
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.002                     # peak learning rate (one-cycle, AdamW)
+    margin: float = 0.4                   # ArcFace additive angular margin m (radians)
+    scale: float = 30.0                   # ArcFace logit scale s
+    mixup: float = 0.0                    # MixUp Beta(alpha, alpha) of crops and their two targets; 0 = off
+    rotation: float = 15.0                # augmentation: degrees of random rotation (plus flips, shifts)
+    color_jitter: float = 0.2             # brightness/contrast jitter
+    blur: float = 0.3                     # share of crops blurred (Gaussian) during training
+    val_share: float = 0.15               # share of named faces held out to validate and calibrate
+    patience: int = 8                     # early stopping: epochs without better validation accuracy
+    k: int = 5                            # k-nearest-neighbour votes over enrolled examples
+    threshold_precision: float = 0.9      # the unknown threshold is calibrated to this precision
+    seed: int = 0
+
+    def check(self):
+        for key in ("image_size", "embedding_dim", "epochs", "batch_size", "lr", "scale", "patience", "k"):
+            value = getattr(self, key)
+            if value <= 0:
+                return key, f"expected a positive number, got {value!r}"
+        for key in ("margin", "mixup", "rotation", "color_jitter"):
+            value = getattr(self, key)
+            if value < 0:
+                return key, f"expected 0 or more, got {value!r}"
+        if not 0 <= self.blur <= 1:
+            return "blur", f"expected a number from 0 to 1, got {self.blur!r}"
+        if not 0 < self.val_share <= 0.5:
+            return "val_share", f"expected a number above 0 and at most 0.5, got {self.val_share!r}"
+        if not 0 < self.threshold_precision <= 1:
+            return "threshold_precision", f"expected a number above 0 and at most 1, got {self.threshold_precision!r}"
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            return "device", f"expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}"
+        return None

@@ -158,6 +158,57 @@ def m003_discord(db: sqlite_utils.Database) -> None:
     )""")
 
 
+
+@migrations()
+def m004_characters(db: sqlite_utils.Database) -> None:
+    # Characters and the faces named as them (the labelled examples), identity embeddings per
+    # embedder version, recognition results, and the identity embedders' own registry.
+    db.execute("""
+    CREATE TABLE characters (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL
+    )""")
+    db.execute("""
+    CREATE TABLE face_names (
+        face_id INTEGER PRIMARY KEY REFERENCES faces(id) ON DELETE CASCADE,
+        character_id INTEGER NOT NULL REFERENCES characters(id) ON DELETE CASCADE,
+        origin TEXT NOT NULL,               -- import | enrol | booru | gallery | discord
+        weak INTEGER NOT NULL DEFAULT 0,    -- 1: inferred (e.g. one booru character tag), not given
+        created_at TEXT NOT NULL
+    )""")
+    db.execute("CREATE INDEX face_names_character ON face_names(character_id)")
+    db.execute("""
+    CREATE TABLE face_embeddings (
+        face_id INTEGER NOT NULL REFERENCES faces(id) ON DELETE CASCADE,
+        model_version TEXT NOT NULL,        -- identity_models.version
+        vector BLOB NOT NULL,               -- float16, L2-normalised
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (face_id, model_version)
+    )""")
+    db.execute("""
+    CREATE TABLE face_identity (
+        face_id INTEGER NOT NULL REFERENCES faces(id) ON DELETE CASCADE,
+        model_version TEXT NOT NULL,
+        character_id INTEGER REFERENCES characters(id) ON DELETE SET NULL,  -- NULL: unknown
+        similarity REAL NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (face_id, model_version)
+    )""")
+    db.execute("CREATE INDEX face_identity_character ON face_identity(character_id)")
+    db.execute("""
+    CREATE TABLE identity_models (
+        version TEXT PRIMARY KEY,
+        arch TEXT NOT NULL,
+        path TEXT NOT NULL,                 -- relative to the models folder
+        created_at TEXT NOT NULL,
+        data_size INTEGER NOT NULL DEFAULT 0,
+        metrics TEXT,                       -- JSON; NULL: untrained
+        threshold REAL,                     -- calibrated similarity below which a face is unknown
+        active INTEGER NOT NULL DEFAULT 0,
+        notes TEXT
+    )""")
+
 SCHEMA_VERSION = len(migrations._migrations)
 
 

@@ -1,0 +1,178 @@
+"""Characters in the database: names, the faces named as them, identity embeddings, recognition
+results and the identity embedders' registry (tables of migration ``m004_characters``).
+
+A character is a name. A face becomes a labelled example of it through ``face_names`` (with the
+origin of the name and whether it is weak, i.e. inferred rather than given). Identity embeddings
+are stored per face and embedder version as float16 bytes; recognition writes one row per face
+and version in ``face_identity`` (``character_id`` NULL: unknown).
+
+:class:`CharacterMethods` is mixed into :class:`storage.store.Store`; it uses only ``self.db``.
+"""
+from __future__ import annotations
+
+import json
+import unicodedata
+from datetime import datetime, timezone
+
+import numpy as np
+
+NAME_ORIGINS = ("import", "enrol", "booru", "gallery", "discord")
+MAX_NAME = 100
+
+
+class CharacterNameError(ValueError):
+    """A character name that cannot be stored; the message says why, in one line."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def check_name(name: str) -> str:
+    """The name, trimmed, or :class:`CharacterNameError`: non-empty, at most 100 characters, no
+    slashes or control characters (emoji and any script are fine)."""
+    clean = (name or "").strip()
+    if not clean:
+        raise CharacterNameError("a character name cannot be empty")
+    if len(clean) > MAX_NAME:
+        raise CharacterNameError(f"character name {clean[:20]!r}...: too long ({len(clean)} characters, "
+                                 f"at most {MAX_NAME})")
+    if "/" in clean or "\\" in clean:
+        raise CharacterNameError(f"character name {clean!r}: no slashes allowed")
+    if any(unicodedata.category(c) in ("Cc", "Cs") or c in "\u2028\u2029" for c in clean):
+        raise CharacterNameError(f"character name {clean!r}: no control characters allowed")
+    return clean
+
+
+def to_blob(vector) -> bytes:
+    return np.asarray(vector, dtype=np.float16).tobytes()
+
+
+def from_blob(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype=np.float16).astype(np.float32)
+
+
+class CharacterMethods:
+    db: object  # sqlite_utils.Database, set by Store
+
+    # ---- characters and names ----------------------------------------------------------------
+    def character_id(self, name: str, *, create: bool = False) -> int | None:
+        """The id of the character called ``name`` (validated); created if asked."""
+        name = check_name(name)
+        row = self.db.execute("SELECT id FROM characters WHERE name = ?", [name]).fetchone()
+        if row is not None or not create:
+            return row[0] if row else None
+        with self.db.conn:
+            return self.db.execute("INSERT INTO characters (name, created_at) VALUES (?, ?)",
+                                   [name, _now()]).lastrowid
+
+    def character_names(self) -> dict[int, str]:
+        return {r[0]: r[1] for r in self.db.execute("SELECT id, name FROM characters ORDER BY name")}
+
+    def list_characters(self) -> list[dict]:
+        """Every character with its number of named faces (examples), by name."""
+        return [dict(r) for r in self.db.query(
+            "SELECT characters.id, characters.name, COUNT(face_names.face_id) AS examples, "
+            "SUM(COALESCE(face_names.weak, 0)) AS weak FROM characters "
+            "LEFT JOIN face_names ON face_names.character_id = characters.id "
+            "GROUP BY characters.id ORDER BY characters.name")]
+
+    def name_face(self, face_id: int, character_id: int, *, origin: str, weak: bool = False) -> None:
+        """Name a face (replacing an earlier name of it)."""
+        if origin not in NAME_ORIGINS:
+            raise ValueError(f"unknown name origin {origin!r} (expected one of {', '.join(NAME_ORIGINS)})")
+        with self.db.conn:
+            self.db.execute("INSERT OR REPLACE INTO face_names (face_id, character_id, origin, weak, created_at) "
+                            "VALUES (?, ?, ?, ?, ?)", [face_id, character_id, origin, int(weak), _now()])
+
+    def face_name(self, face_id: int) -> dict | None:
+        rows = list(self.db.query(
+            "SELECT face_names.*, characters.name FROM face_names JOIN characters "
+            "ON characters.id = face_names.character_id WHERE face_id = ?", [face_id]))
+        return dict(rows[0]) if rows else None
+
+    def named_faces(self, *, include_weak: bool = True) -> list[dict]:
+        """Every named face with its box, picture and character: the identity training set."""
+        return [dict(r) for r in self.db.query(
+            "SELECT faces.*, images.media_path, images.sha256, face_names.character_id, characters.name, face_names.origin, "
+            "face_names.weak FROM face_names JOIN faces ON faces.id = face_names.face_id "
+            "JOIN images ON images.id = faces.image_id JOIN characters ON characters.id = face_names.character_id "
+            + ("" if include_weak else "WHERE face_names.weak = 0 ") + "ORDER BY faces.id")]
+
+    # ---- embeddings ----------------------------------------------------------------------------
+    def save_embeddings(self, model_version: str, vectors: dict[int, object]) -> None:
+        """Store face embeddings (face id -> vector) of one embedder version, as float16."""
+        stamp = _now()
+        with self.db.conn:
+            self.db.conn.executemany(
+                "INSERT OR REPLACE INTO face_embeddings (face_id, model_version, vector, created_at) "
+                "VALUES (?, ?, ?, ?)", [(fid, model_version, to_blob(v), stamp) for fid, v in vectors.items()])
+
+    def embeddings(self, model_version: str, face_ids=None) -> dict[int, np.ndarray]:
+        """Stored embeddings of one version (of ``face_ids``, or all) as float32 arrays."""
+        sql, params = "SELECT face_id, vector FROM face_embeddings WHERE model_version = ?", [model_version]
+        if face_ids is not None:
+            face_ids = list(face_ids)
+            if not face_ids:
+                return {}
+            sql += f" AND face_id IN ({','.join('?' * len(face_ids))})"
+            params += face_ids
+        return {r[0]: from_blob(r[1]) for r in self.db.execute(sql, params)}
+
+    def enrolled(self, model_version: str) -> list[tuple[int, int, np.ndarray]]:
+        """(face id, character id, embedding) of every named face embedded by this version."""
+        return [(r[0], r[1], from_blob(r[2])) for r in self.db.execute(
+            "SELECT face_names.face_id, face_names.character_id, face_embeddings.vector FROM face_names "
+            "JOIN face_embeddings ON face_embeddings.face_id = face_names.face_id "
+            "AND face_embeddings.model_version = ? ORDER BY face_names.face_id", [model_version])]
+
+    # ---- recognition results -------------------------------------------------------------------
+    def save_identities(self, model_version: str, results: dict[int, tuple[int | None, float]]) -> None:
+        """Recognition results: face id -> (character id or None for unknown, similarity)."""
+        stamp = _now()
+        with self.db.conn:
+            self.db.conn.executemany(
+                "INSERT OR REPLACE INTO face_identity (face_id, model_version, character_id, similarity, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(fid, model_version, cid, float(sim), stamp) for fid, (cid, sim) in results.items()])
+
+    def identities(self, model_version: str, face_ids) -> dict[int, tuple[str | None, float]]:
+        """face id -> (character name or None, similarity) of one embedder version."""
+        face_ids = list(face_ids)
+        if not face_ids:
+            return {}
+        return {r[0]: (r[1], r[2]) for r in self.db.execute(
+            "SELECT face_identity.face_id, characters.name, face_identity.similarity FROM face_identity "
+            "LEFT JOIN characters ON characters.id = face_identity.character_id WHERE model_version = ? "
+            f"AND face_id IN ({','.join('?' * len(face_ids))})", [model_version, *face_ids])}
+
+    # ---- identity embedders -------------------------------------------------------------------
+    def register_identity_model(self, version: str, arch: str, path: str, *, data_size: int = 0,
+                                metrics: dict | None = None, threshold: float | None = None,
+                                activate: bool = False, notes: str | None = None) -> None:
+        with self.db.conn:
+            self.db.execute(
+                "INSERT OR REPLACE INTO identity_models (version, arch, path, created_at, data_size, metrics, "
+                "threshold, active, notes) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
+                [version, arch, path, _now(), data_size, json.dumps(metrics) if metrics else None, threshold,
+                 notes])
+            if activate:
+                self.db.execute("UPDATE identity_models SET active = (version = ?)", [version])
+
+    def active_identity_model(self) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM identity_models WHERE active = 1 LIMIT 1"))
+        return dict(rows[0]) if rows else None
+
+    def get_identity_model(self, version: str) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM identity_models WHERE version = ?", [version]))
+        return dict(rows[0]) if rows else None
+
+    def activate_identity_model(self, version: str) -> bool:
+        with self.db.conn:
+            if self.get_identity_model(version) is None:
+                return False
+            self.db.execute("UPDATE identity_models SET active = (version = ?)", [version])
+        return True
+
+    def list_identity_models(self) -> list[dict]:
+        return [dict(r) for r in self.db.query("SELECT * FROM identity_models ORDER BY created_at")]

@@ -1,0 +1,255 @@
+"""Characters: names and examples in storage, the identity embedder and recognizer, and the
+``characters`` commands (import, add, identify, list)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from storage import Store
+from storage.characters import CharacterNameError, check_name
+from storage.media import inspect, store_media
+from storage.records import CROP, Face
+from tests.helpers import picture
+
+
+def _face(store, media, seed: int) -> int:
+    """A stored picture with one crop face; its face id."""
+    data = picture(seed)
+    info, _ = inspect(data)
+    image_id = store.add_imported_image(store.import_source_id(), f"p{seed}.jpg", info,
+                                        store_media(media, data, info))
+    store.record_analysis(image_id, [Face.whole(info.width, info.height, CROP).scored(3.0, None)], 3.0, None, "m")
+    return store.faces_of(image_id)[0]["id"]
+
+
+# ---- storage ---------------------------------------------------------------------------------
+def test_names_are_validated_with_one_line():
+    assert check_name("  Hatsune Miku ") == "Hatsune Miku"
+    assert check_name("ミク 🎤") == "ミク 🎤"
+    for bad, why in [("", "empty"), ("   ", "empty"), ("a/b", "slashes"), ("a\\b", "slashes"),
+                     ("a\nb", "control"), ("x" * 101, "too long")]:
+        with pytest.raises(CharacterNameError, match=why) as e:
+            check_name(bad)
+        assert "\n" not in str(e.value)
+        assert isinstance(e.value, ValueError)
+
+
+def test_characters_names_embeddings_identities_round_trip(tmp_path):
+    with Store.open(tmp_path / "t.db") as store:
+        store.register_model("m", "resnet18", "m.pt", activate=True)
+        f1, f2, f3 = (_face(store, tmp_path / "media", s) for s in (1, 2, 3))
+        miku = store.character_id("Miku", create=True)
+        assert store.character_id("Miku") == miku and store.character_id("Rin") is None
+        rin = store.character_id("Rin 🍊", create=True)
+        store.name_face(f1, miku, origin="import")
+        store.name_face(f2, miku, origin="booru", weak=True)
+        store.name_face(f3, rin, origin="enrol")
+        store.name_face(f3, rin, origin="gallery")       # renaming replaces
+        with pytest.raises(ValueError, match="origin"):
+            store.name_face(f1, miku, origin="guess")
+        assert store.face_name(f3)["origin"] == "gallery"
+        listed = {r["name"]: (r["examples"], r["weak"]) for r in store.list_characters()}
+        assert listed == {"Miku": (2, 1), "Rin 🍊": (1, 0)}
+        assert len(store.named_faces()) == 3 and len(store.named_faces(include_weak=False)) == 2
+
+        v = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+        store.save_embeddings("e1", {f1: v[0], f2: v[1], f3: v[2]})
+        got = store.embeddings("e1")
+        assert set(got) == {f1, f2, f3} and got[f1].dtype == np.float32
+        assert np.allclose(got[f1], v[0], atol=1e-2)
+        assert store.embeddings("e1", [f2]).keys() == {f2} and store.embeddings("e2") == {}
+        assert sorted((fid, cid) for fid, cid, _ in store.enrolled("e1")) == [(f1, miku), (f2, miku), (f3, rin)]
+
+        store.save_identities("e1", {f1: (miku, 0.91), f2: (None, 0.2)})
+        assert store.identities("e1", [f1, f2, f3]) == {f1: ("Miku", pytest.approx(0.91)),
+                                                         f2: (None, pytest.approx(0.2))}
+
+        store.register_identity_model("e0", "resnet18", "e0.pt", activate=True)
+        store.register_identity_model("e1", "resnet18", "e1.pt", metrics={"top1": 0.9}, threshold=0.5,
+                                      activate=True)
+        assert store.active_identity_model()["version"] == "e1"
+        assert store.activate_identity_model("e0") and not store.activate_identity_model("nope")
+        assert store.active_identity_model()["version"] == "e0"
+        assert [r["version"] for r in store.list_identity_models()] == ["e0", "e1"]
+        # the taste models are a separate registry
+        assert store.active_model()["version"] == "m"
+
+
+# ---- recognition -------------------------------------------------------------------------------
+def _clusters(rng, centres: np.ndarray, n: int, noise: float = 0.15) -> np.ndarray:
+    v = np.repeat(centres, n, axis=0) + rng.normal(scale=noise, size=(len(centres) * n, centres.shape[1]))
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_calibrate_threshold_reaches_the_target_precision():
+    from scorer.identity import calibrate_threshold
+
+    sims = [0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5]
+    correct = [True, True, True, True, False, True, False]
+    assert calibrate_threshold(sims, correct, 1.0) == pytest.approx(0.75)   # halfway below 0.8
+    assert calibrate_threshold(sims, correct, 0.8) == pytest.approx(0.55)   # 5 of 6 right at 0.6
+    assert calibrate_threshold([0.9, 0.8], [False, False], 0.9) > 0.9   # nothing reaches it: reject all
+    assert calibrate_threshold([], [], 0.9) == 0.5
+
+
+def test_recognizer_knows_enrolled_characters_and_rejects_unknown_ones():
+    from scorer.identity import Recognizer
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(4, 32))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    enrolled = _clusters(rng, centres[:3], 5)
+    rec = Recognizer(enrolled, np.repeat([10, 20, 30], 5), k=3)
+    threshold = rec.calibrate_self(0.9)
+    assert 0 < threshold < 1
+    queries = _clusters(rng, centres, 4)
+    got = rec.identify(queries)
+    assert [c for c, _ in got[:12]] == [10] * 4 + [20] * 4 + [30] * 4
+    assert [c for c, _ in got[12:]] == [None] * 4                   # never enrolled: unknown
+    assert all(s < threshold for _, s in got[12:])
+    assert Recognizer(np.zeros((0, 32)), []).identify(queries[:2]) == [(None, 0.0), (None, 0.0)]
+    # with nearest examples counted, an enrolled example itself scores 1
+    near = Recognizer(enrolled, np.repeat([10, 20, 30], 5), nearest=True)
+    assert near.identify(enrolled[:1])[0] == (10, pytest.approx(1.0, abs=1e-5))
+
+
+def test_embedder_saves_loads_and_normalises(tmp_path):
+    import torch
+
+    from scorer.identity import Embedder, build_embedder, save_embedder
+    from scorer.model import ModelError
+
+    torch.manual_seed(0)
+    net = build_embedder("resnet18", embedding_dim=16)
+    save_embedder(net, tmp_path / "e.pt", arch="resnet18", image_size=32, version="e")
+    emb = Embedder.load(tmp_path / "e.pt", device="cpu")
+    assert (emb.version, emb.image_size, emb.dim) == ("e", 32, 16)
+    from PIL import Image
+    import io
+    crops = [Image.open(io.BytesIO(picture(s))) for s in range(3)]
+    v = emb.embed(crops)
+    assert v.shape == (3, 16) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    (tmp_path / "bad.pt").write_bytes(b"nope")
+    with pytest.raises(ModelError, match="cannot load identity model"):
+        Embedder.load(tmp_path / "bad.pt")
+
+
+def test_characters_config_section(tmp_path):
+    from bot.config import ConfigError, load_config
+    from tests.helpers import write_config
+
+    assert load_config("config.example.toml").characters == load_config(cwd="/nonexistent").characters
+    with pytest.raises(ConfigError, match="characters.threshold_precision: expected a number above 0"):
+        load_config(write_config(tmp_path, "[characters]\nthreshold_precision = 1.5\n"))
+    with pytest.raises(ConfigError, match="characters.margin: expected 0 or more"):
+        load_config(write_config(tmp_path, "[characters]\nmargin = -0.1\n"))
+
+
+# ---- the command line --------------------------------------------------------------------------
+FAST = "[scorer]\nimage_size = 32\nbatch_size = 8\n[characters]\nimage_size = 32\nembedding_dim = 32\n"
+
+
+def _folder(root, name: str, seeds) -> None:
+    (root / name).mkdir(parents=True, exist_ok=True)
+    for s in seeds:
+        (root / name / f"{s}.jpg").write_bytes(picture(s))
+
+
+def test_import_add_identify_list(tmp_path):
+    from tests.helpers import cli
+
+    (tmp_path / "config.toml").write_text(FAST)
+    faces = tmp_path / "faces"
+    _folder(faces, "Alice", [1, 2, 3])
+    _folder(faces, "Bob 🎩", [11, 12, 13])
+    out = cli(tmp_path, "characters", "import", faces, "--crops")
+    assert out.returncode == 0, out.stderr
+    assert "6 face(s) named as 2 character(s)" in out.stdout
+    assert "untrained" in out.stderr
+    listed = cli(tmp_path, "characters", "list")
+    assert listed.stdout.splitlines() == ["Alice  3 example(s)", "Bob 🎩  3 example(s)"]
+
+    # a new character is recognised right after `add`, without training
+    for s in (21, 22):
+        (tmp_path / f"new{s}.jpg").write_bytes(picture(s))
+    added = cli(tmp_path, "characters", "add", "Carol", "new21.jpg", "new22.jpg", "--crops")
+    assert added.returncode == 0, added.stderr
+    found = cli(tmp_path, "characters", "identify", "new21.jpg", "--crops", "--json")
+    assert found.returncode == 0, found.stderr
+    [result] = json.loads(found.stdout)
+    assert result["path"] == "new21.jpg"
+    [face] = result["faces"]
+    assert face["character"] == "Carol" and face["similarity"] > 0.9 and len(face["box"]) == 4
+    text = cli(tmp_path, "characters", "identify", faces / "Alice" / "1.jpg", "--crops")
+    assert ": face 1 (0, 0, 160, 120): Alice (similarity " in text.stdout
+    assert "Carol  2 example(s)" in cli(tmp_path, "characters", "list").stdout
+
+
+def test_bad_input_gives_one_clear_line(tmp_path):
+    from tests.helpers import cli
+
+    (tmp_path / "config.toml").write_text(FAST)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a.jpg").write_bytes(picture(5))
+    cases = [
+        (("import", tmp_path / "empty"), "no pictures found"),
+        (("import", tmp_path / "missing"), "no such folder"),
+        (("add", "a/b", "a.jpg"), "no slashes allowed"),
+        (("add", "", "a.jpg"), "cannot be empty"),
+        (("add", "Dora", "a.jpg"), "no face found"),           # a generated picture has no face
+        (("add", "Dora", "nothing.jpg", "--crops"), "cannot read"),
+    ]
+    for args, message in cases:
+        out = cli(tmp_path, "characters", *args)
+        assert out.returncode == 1, (args, out.stdout, out.stderr)
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], (args, out.stderr)
+    ok = cli(tmp_path, "characters", "add", "ミク 🎤", "a.jpg", "--crops")
+    assert ok.returncode == 0, ok.stderr
+    assert "ミク 🎤  1 example(s)" in cli(tmp_path, "characters", "list").stdout
+    nothing = cli(tmp_path, "characters", "identify", "a.jpg")
+    assert nothing.returncode == 0 and "a.jpg: no face found" in nothing.stdout
+
+
+@pytest.mark.slow
+def test_train_registers_promotes_and_reembeds(tmp_path):
+    from storage import Store
+    from tests.helpers import cli
+
+    (tmp_path / "config.toml").write_text(FAST + "epochs = 3\nbatch_size = 16\nval_share = 0.3\n")
+    faces = tmp_path / "faces"
+    for c, name in enumerate(["Alice", "Bob", "Carol"]):
+        _folder(faces, name, range(100 * c, 100 * c + 8))
+    assert cli(tmp_path, "characters", "import", faces, "--crops").returncode == 0
+    out = cli(tmp_path, "characters", "train")
+    assert out.returncode == 0, out.stderr
+    assert "promoted: first trained identity embedder" in out.stdout and "validation top-1" in out.stdout
+    with Store.open(tmp_path / "data" / "tastefeed.db") as store:
+        row = store.active_identity_model()
+        assert row["metrics"] and row["threshold"] is not None and row["version"].startswith("identity-resnet18-")
+        assert len(store.enrolled(row["version"])) == 24          # named faces embedded by the new version
+        assert len(store.list_identity_models()) == 2             # the untrained one stays, for rollback
+    found = cli(tmp_path, "characters", "identify", faces / "Bob" / "101.jpg", "--crops", "--json")
+    assert found.returncode == 0 and "untrained" not in found.stderr
+    assert json.loads(found.stdout)[0]["faces"][0]["character"] in ("Bob", None)
+    models = cli(tmp_path, "characters", "models").stdout.splitlines()
+    assert len(models) == 2 and models[0].startswith("  identity-resnet18-random-init") and "untrained" in models[0]
+    assert models[1].startswith(f"* {row['version']}") and "validation top-1" in models[1]
+    back = cli(tmp_path, "characters", "use", "identity-resnet18-random-init")
+    assert back.returncode == 0, back.stderr
+    with Store.open(tmp_path / "data" / "tastefeed.db") as store:
+        assert store.active_identity_model()["version"] == "identity-resnet18-random-init"
+        assert len(store.enrolled("identity-resnet18-random-init")) == 24
+    assert cli(tmp_path, "characters", "use", "nope").returncode == 1
+
+
+def test_train_needs_two_characters(tmp_path):
+    from tests.helpers import cli
+
+    (tmp_path / "config.toml").write_text(FAST)
+    _folder(tmp_path / "faces", "Alice", [1, 2])
+    assert cli(tmp_path, "characters", "import", tmp_path / "faces", "--crops").returncode == 0
+    out = cli(tmp_path, "characters", "train")
+    assert out.returncode == 1 and "training needs 2 or more" in out.stderr
