@@ -207,8 +207,9 @@ class Pipeline:
         analyses = await asyncio.to_thread(analyzer.analyze, pictures)
         version = analyzer.scorer.version
         for row, res in zip(rows, analyses):
-            await self.store.record_analysis(row["id"], res.faces, res.score, res.uncertainty, version,
-                                             skipped=res.skipped)
+            if not await self.store.record_analysis(row["id"], res.faces, res.score, res.uncertainty, version,
+                                                    skipped=res.skipped, expect=DOWNLOADED):
+                continue  # an import took the picture meanwhile: its analysis stands
             self.stats["scored"] += 1
             name = row["title"] or row["external_id"]
             if res.skipped:

@@ -165,6 +165,8 @@ def name_pictures(store, analyzer, embedder: Embedder | None, rows: list[tuple[s
             known = store.image_by_sha256(info.sha256)
             if known is None or known["status"] not in ANALYSED:
                 rel = store_media(media_root, data, info)
+                if known is not None:
+                    store.claim_for_import(known["id"])   # the daemon's scorer now leaves it to us
                 image_id = known["id"] if known is not None else store.add_imported_image(
                     source_id, str(path), info, rel)
                 if image_id not in todo:

@@ -143,6 +143,8 @@ def import_labels(store, analyzer, rows: list[RatingRow], media_root: str | Path
                 labelled.append((row, known["id"]))
                 continue
             rel = store_media(media_root, data, info)
+            if known is not None:
+                store.claim_for_import(known["id"])   # the daemon's scorer now leaves it to us
             image_id = known["id"] if known is not None else store.add_imported_image(
                 source_id, str(row.path), info, rel)
             if image_id not in todo:

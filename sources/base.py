@@ -191,18 +191,20 @@ def number(value) -> float | None:
     return n if math.isfinite(n) else None
 
 
+MAX_ID = 2 ** 63 - 1   # larger "ids" are not believed (snowflake ids of X and Mastodon fit)
+
+
 def whole_number(value) -> int | None:
-    """A post id as sites send it (a number, or a string of digits), or None."""
+    """A post id as sites send it (a number, or a string of digits, at most ``MAX_ID``), or None."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value if value >= 0 else None
     if isinstance(value, float):
-        return int(value) if value.is_integer() and value >= 0 else None
-    if isinstance(value, str):
+        value = int(value) if value.is_integer() else None
+    elif isinstance(value, str):
         value = value.strip()
-        if value.isascii() and value.isdigit() and len(value) <= 30:
-            return int(value)
+        value = int(value) if value.isascii() and value.isdigit() and len(value) <= 30 else None
+    if isinstance(value, int) and 0 <= value <= MAX_ID:
+        return value
     return None
 
 

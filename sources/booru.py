@@ -21,6 +21,10 @@ from urllib.parse import urljoin, urlsplit
 from sources.base import (BadPayload, BadPost, Item, Poll, Source, SourceError, mapping, normalize_rating, number,
                           skip_post, tags, whole_number)
 
+# Booru post ids are counters (Danbooru is near 10 million); a larger one would move the cursor past
+# every real post to come, so that post is skipped instead.
+MAX_POST_ID = 2 ** 40
+
 DEFAULT_URLS = {"danbooru": "https://danbooru.donmai.us", "gelbooru": "https://gelbooru.com",
                 "moebooru": "https://yande.re"}
 
@@ -80,8 +84,8 @@ class BooruSource(Source):
         build = getattr(self, f"_item_{self.options.api}")
         for post in posts:
             pid = whole_number(post.get("id"))
-            if pid is None:
-                skip_post(self.name, post.get("id"), "no numeric id")
+            if pid is None or pid > MAX_POST_ID:
+                skip_post(self.name, post.get("id"), "no numeric id" if pid is None else "an id no booru has")
                 continue
             if after is not None and pid <= after:
                 continue  # a site that ignored id:> must not make us go back

@@ -25,6 +25,7 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 import aiohttp.abc
+import yarl
 from multidict import CIMultiDictProxy
 
 from sources.base import AuthError, RateLimited, SourceError, TransientError
@@ -159,6 +160,8 @@ def ipv4_literal(host: str) -> str | None:
     read it (``2130706433``, ``0x7f000001``, ``0177.0.0.1``, ``127.1`` are all 127.0.0.1); None
     for a host name. A host whose last label is a number but that is no address (``256.1.1.1``,
     ``1.2.3.4.5``) raises ValueError: browsers refuse such URLs too."""
+    if ":" in host:
+        return None  # IPv6, perhaps with an IPv4 tail (::ffff:8.8.8.8): judged as IPv6
     name = host[:-1] if host.endswith(".") else host
     labels = name.split(".")
     if not _NUMBER.match(labels[-1]):
@@ -211,6 +214,10 @@ class AddressPolicy:
         """Refuse non-http(s) URLs and refused IP literals; return the URL to fetch (an IPv4
         address spelled as numbers rewritten in dotted form). Host names are judged by
         :class:`GuardedResolver` when the connection is made (one lookup, no rebinding window)."""
+        try:  # the host as the client will connect to it: IDNA-encoded, Unicode digits and dots folded
+            url = str(yarl.URL(url))
+        except (TypeError, ValueError) as e:
+            raise BlockedAddress(f"refused {short_url(url)}: not a valid URL ({e})") from None
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
             raise BlockedAddress(f"refused {short_url(url)}: only http and https URLs are fetched")

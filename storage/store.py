@@ -25,7 +25,7 @@ from storage.records import (DOWNLOADED, DUPLICATE, FAILED, IMPORTING, NEAR_DUPL
 
 
 # stored pictures (the bytes are in the media folder), as an SQL list
-_STORED = f"('{DOWNLOADED}', '{IMPORTING}', '{SCORED}', '{SKIPPED}')"
+_STORED = f"('{DOWNLOADED}', '{SCORED}', '{SKIPPED}')"
 
 
 def now() -> str:
@@ -232,10 +232,18 @@ class Store(CharacterMethods):
 
     # ---- scoring stage -------------------------------------------------------------------
     def record_analysis(self, image_id: int, faces: list[Face], score: float | None,
-                        uncertainty: float | None, model_version: str, *, skipped: bool = False) -> None:
-        """Replace the picture's faces and store this model's predictions, in one transaction."""
+                        uncertainty: float | None, model_version: str, *, skipped: bool = False,
+                        expect: str | None = None) -> bool:
+        """Replace the picture's faces and store this model's predictions, in one transaction.
+        With ``expect``, only while the picture's status is still that (the daemon's scorer passes
+        ``downloaded``, so a picture an import claimed meanwhile keeps the import's analysis);
+        False when nothing was written."""
         stamp = now()
         with self.db.conn:
+            if expect is not None:
+                row = self.db.execute("SELECT status FROM images WHERE id = ?", [image_id]).fetchone()
+                if row is None or row[0] != expect:
+                    return False
             self.db.execute("DELETE FROM faces WHERE image_id = ?", [image_id])
             self.db.execute("DELETE FROM predictions WHERE image_id = ? AND model_version = ?",
                             [image_id, model_version])
@@ -255,6 +263,7 @@ class Store(CharacterMethods):
                 "UPDATE images SET status = ?, score = ?, uncertainty = ?, model_version = ?, scored_at = ? "
                 "WHERE id = ?",
                 [SKIPPED if skipped else SCORED, score, uncertainty, model_version, stamp, image_id])
+        return True
 
     def faces_of(self, image_id: int, model_version: str | None = None) -> list[dict]:
         return list(self.db.query(
@@ -345,8 +354,16 @@ class Store(CharacterMethods):
         one an import stored and did not analyse (status ``importing``, left by a crash)."""
         rows = list(self.db.query(
             "SELECT * FROM images WHERE sha256 = ? AND duplicate_of IS NULL "
-            f"AND status IN {_STORED} ORDER BY id LIMIT 1", [sha256]))
+            f"AND status IN ('{DOWNLOADED}', '{IMPORTING}', '{SCORED}', '{SKIPPED}') ORDER BY id LIMIT 1", [sha256]))
         return dict(rows[0]) if rows else None
+
+    def claim_for_import(self, image_id: int) -> bool:
+        """Take a stored, not yet analysed picture (e.g. one the daemon fetched with the same bytes)
+        for an import: status ``importing``, so the daemon's scorer leaves it to the import."""
+        with self.db.conn:
+            cur = self.db.execute(f"UPDATE images SET status = '{IMPORTING}' WHERE id = ? "
+                                  f"AND status IN ('{DOWNLOADED}', '{IMPORTING}')", [image_id])
+        return cur.rowcount > 0
 
     def add_imported_image(self, source_id: int, local_path: str, info: ImageInfo, media_path: str) -> int:
         """A picture read from disk by import-labels, stored with status ``importing``: no stage

@@ -204,9 +204,42 @@ def test_numeric_hosts_that_are_no_address_are_refused(host):
         AddressPolicy(["0.0.0.0/0"]).check(f"http://{host}/")
 
 
+UNICODE_LOOPBACK_SPELLINGS = ["\uff11\uff12\uff17.\uff10.\uff10.\uff11", "127\u30020\u30020\u30021",
+                              "127\uff0e0\uff0e0\uff0e1", "\uff10\uff58\uff17\uff46\uff10\uff10\uff10\uff10\uff10\uff11"]
+
+
+@pytest.mark.parametrize("host", UNICODE_LOOPBACK_SPELLINGS)
+def test_unicode_digits_and_dots_are_judged_as_the_address_the_client_connects_to(host):
+    # full-width digits, ideographic and full-width full stops: IDNA folds them to 127.0.0.1
+    with pytest.raises(BlockedAddress, match=r"^refused .*\(127\.0\.0\.1\)"):
+        AddressPolicy([]).check(f"http://{host}:8080/x")
+    assert AddressPolicy(["127.0.0.1"]).check(f"http://{host}:8080/x") == "http://127.0.0.1:8080/x"
+
+
+def test_ipv6_with_an_ipv4_tail_is_judged_as_ipv6():
+    assert AddressPolicy([]).check("http://[::ffff:8.8.8.8]/x") == "http://[::ffff:808:808]/x"
+    with pytest.raises(BlockedAddress, match=r"^refused .*private/loopback"):
+        AddressPolicy([]).check("http://[::ffff:127.0.0.1]/x")
+
+
+async def test_a_unicode_spelling_of_a_refused_address_never_connects(serve):
+    hits = []
+
+    async def ok(request):
+        hits.append(request.path)
+        return web.Response(body=b"reached")
+    base = await serve(app_with({"/x": ok}))
+    port = base.rsplit(":", 1)[1]
+    async with Http(timeout=5) as http:
+        for host in UNICODE_LOOPBACK_SPELLINGS:
+            with pytest.raises(BlockedAddress, match=r"^refused "):
+                await http.get(f"http://{host}:{port}/x")
+    assert hits == []
+
+
 def test_numeric_spellings_of_public_addresses_are_fetched_in_dotted_form():
     assert AddressPolicy([]).check("http://134744072/x") == "http://8.8.8.8/x"   # judged only, never fetched
-    assert AddressPolicy([]).check("https://user@0x8.0x8.0x8.0x8:443/") == "https://user@8.8.8.8:443/"
+    assert AddressPolicy([]).check("https://user@0x8.0x8.0x8.0x8:443/") == "https://user@8.8.8.8/"   # the default port dropped
     assert AddressPolicy([]).check("https://example.org/a") == "https://example.org/a"
 
 

@@ -228,6 +228,8 @@ async def test_one_bad_booru_post_is_skipped_with_one_line_and_the_page_goes_on(
            {"id": float("inf"), "file_url": f"{BASE}/i.jpg"},        # int(inf): OverflowError, before
            {"id": True, "file_url": f"{BASE}/t.jpg"},
            {"id": "6x", "file_url": f"{BASE}/6.jpg"},
+           {"id": "999999999999999999999999999999", "file_url": f"{BASE}/h.jpg"},  # would move the cursor
+           {"id": 1e29, "file_url": f"{BASE}/f.jpg"},                              # past every real post
            dict(danbooru_post(8, BASE), tag_string=None, score=[1], md5=7, rating={"r": 1},
                 created_at="not a date", tag_string_artist=9)]
     for api, body in [("danbooru", good + bad), ("moebooru", good + bad),
@@ -240,7 +242,7 @@ async def test_one_bad_booru_post_is_skipped_with_one_line_and_the_page_goes_on(
             assert_clean(item)
         assert [i.external_id for i in poll.items] == ["1", "2", "3", "8"], api
         assert poll.cursor == {"last_id": 8}
-        assert len(caplog.records) == 5, [r.getMessage() for r in caplog.records]
+        assert len(caplog.records) == 7, [r.getMessage() for r in caplog.records]
         assert all(r.getMessage().startswith("source b: skipped post") for r in caplog.records)
 
 

@@ -187,3 +187,22 @@ def test_transparent_and_palette_pictures_become_rgb():
     buf = io.BytesIO()
     Image.new("P", (20, 20)).save(buf, "GIF")
     assert decode_image(buf.getvalue()).mode == "RGB"
+
+
+def test_a_picture_claimed_by_an_import_keeps_the_imports_analysis(tmp_path):
+    """The daemon's scorer records only while the picture is still 'downloaded': once an import
+    claimed it (the same bytes, fetched by the daemon first), the import's crop face stands."""
+    from storage.records import CROP, DOWNLOADED, Face
+    store = Store.open(tmp_path / "t.db")
+    store.register_model("m1", "resnet18", "m1.pt", activate=True)
+    sid = store.upsert_source("s", "folder", {})
+    (image_id,) = store.save_poll(sid, [NewItem("a", local_path="/x.png")], {})
+    store.db.execute("UPDATE images SET status = 'downloaded' WHERE id = ?", [image_id])
+    assert store.claim_for_import(image_id)
+    store.record_analysis(image_id, [Face.whole(10, 10, CROP).scored(3.0, 0.1)], 3.0, 0.1, "m1")
+    detected = [Face(1, 1, 5, 5, 0.9, "animeface", 4.0, 0.2)]
+    assert not store.record_analysis(image_id, detected, 4.0, 0.2, "m1", expect=DOWNLOADED)
+    assert [f["detector"] for f in store.faces_of(image_id)] == [CROP]
+    assert store.get_image(image_id)["status"] == "scored"
+    assert not store.claim_for_import(image_id)   # analysed: nothing left to claim
+    store.close()
