@@ -22,10 +22,11 @@ import torch
 
 from scorer.analyze import face_crop
 from scorer.identity import Embedder, Recognizer, build_embedder, save_embedder
+from scorer.import_labels import analyse_imported, take_picture
 from scorer.model import ModelError
 from storage.characters import check_name
-from storage.media import BadImage, decode_image, inspect, load_media, store_media
-from storage.records import ANALYSED, CROP, WHOLE_PICTURE, Face
+from storage.media import BadImage, decode_image, load_media
+from storage.records import CROP, WHOLE_PICTURE, Face
 
 log = logging.getLogger(__name__)
 
@@ -154,33 +155,19 @@ def name_pictures(store, analyzer, embedder: Embedder | None, rows: list[tuple[s
         todo: dict[int, object] = {}
         for name, path in batch:
             try:
-                data = path.read_bytes()
-                info, im = inspect(data, max_pixels=max_pixels)
+                image_id, im = take_picture(store, source_id, path, media_root, max_pixels=max_pixels)
             except OSError as e:
                 report.problems.append(f"{path}: cannot read: {e.strerror or e}")
                 continue
             except BadImage as e:
                 report.problems.append(f"{path}: {e}")
                 continue
-            known = store.image_by_sha256(info.sha256)
-            if known is None or known["status"] not in ANALYSED:
-                rel = store_media(media_root, data, info)
-                if known is not None:
-                    store.claim_for_import(known["id"])   # the daemon's scorer now leaves it to us
-                image_id = known["id"] if known is not None else store.add_imported_image(
-                    source_id, str(path), info, rel)
+            if im is not None:
                 if image_id not in todo:
                     report.new_pictures += 1
                 todo[image_id] = im
-            else:
-                image_id = known["id"]
             stored.append((name, path, image_id))
-        if todo:
-            pics = list(todo.values())
-            found = [[Face.whole(im.width, im.height, CROP)] for im in pics] if crops else None
-            for image_id, res in zip(todo, analyzer.analyze(pics, found)):
-                store.record_analysis(image_id, res.faces, res.score, res.uncertainty, analyzer.scorer.version,
-                                      skipped=res.skipped)
+        analyse_imported(store, analyzer, todo, crops=crops)
         for name, path, image_id in stored:
             faces = store.faces_of(image_id)
             # with crops the whole picture is the face: also one stored earlier without --crops

@@ -18,6 +18,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from storage.records import ANALYSED, CROP, ORIGIN_IMPORT, Face
 from storage.media import BadImage, inspect, store_media
 
@@ -129,34 +131,21 @@ def import_labels(store, analyzer, rows: list[RatingRow], media_root: str | Path
         todo: dict[int, object] = {}          # image id -> decoded picture, to analyse
         for row in batch:
             try:
-                data = row.path.read_bytes()
-                info, im = inspect(data, max_pixels=max_pixels)
+                image_id, im = take_picture(store, source_id, row.path, media_root, max_pixels=max_pixels)
             except OSError as e:
                 report.errors.append(f"{row.where}: cannot read {row.path}: {e.strerror or e}")
                 continue
             except BadImage as e:
                 report.errors.append(f"{row.where}: {row.path.name}: {e}")
                 continue
-            known = store.image_by_sha256(info.sha256)
-            if known is not None and known["status"] in ANALYSED:
+            if im is None:
                 report.known_pictures += 1
-                labelled.append((row, known["id"]))
-                continue
-            rel = store_media(media_root, data, info)
-            if known is not None:
-                store.claim_for_import(known["id"])   # the daemon's scorer now leaves it to us
-            image_id = known["id"] if known is not None else store.add_imported_image(
-                source_id, str(row.path), info, rel)
-            if image_id not in todo:
-                report.new_pictures += 1
-            todo[image_id] = im
+            else:
+                if image_id not in todo:
+                    report.new_pictures += 1
+                todo[image_id] = im
             labelled.append((row, image_id))
-        if todo:
-            ids, pictures = list(todo), list(todo.values())
-            found = [[Face.whole(im.width, im.height, CROP)] for im in pictures] if crops else None
-            for image_id, res in zip(ids, analyzer.analyze(pictures, found)):
-                store.record_analysis(image_id, res.faces, res.score, res.uncertainty, analyzer.scorer.version,
-                                      skipped=res.skipped)
+        analyse_imported(store, analyzer, todo, crops=crops)
         for row, image_id in labelled:
             if store.add_label(image_id, row.rating, origin=origin, ref=row.ref):
                 report.labels_added += 1
@@ -165,3 +154,33 @@ def import_labels(store, analyzer, rows: list[RatingRow], media_root: str | Path
         bar.update(len(batch))
     bar.close()
     return report
+
+
+def take_picture(store, source_id: int, path: Path, media_root: str | Path, *,
+                 max_pixels: int = 90_000_000) -> tuple[int, Image.Image | None]:
+    """Store the picture at ``path`` for an import: (its image id, the decoded picture to analyse,
+    or None when it is analysed already). A new picture waits as ``importing``; one the daemon
+    fetched first with the same bytes is claimed, so the daemon's scorer leaves it to the import.
+    Raises OSError (unreadable file) or BadImage (not a picture)."""
+    data = path.read_bytes()
+    info, im = inspect(data, max_pixels=max_pixels)
+    known = store.image_by_sha256(info.sha256)
+    if known is not None and known["status"] in ANALYSED:
+        return known["id"], None
+    rel = store_media(media_root, data, info)
+    if known is not None:
+        store.claim_for_import(known["id"])
+        return known["id"], im
+    return store.add_imported_image(source_id, str(path), info, rel), im
+
+
+def analyse_imported(store, analyzer, todo: dict[int, Image.Image], *, crops: bool) -> None:
+    """Detect (or, with ``crops``, take each picture as one face) and score the pictures an import
+    took, and record their analysis."""
+    if not todo:
+        return
+    pictures = list(todo.values())
+    found = [[Face.whole(im.width, im.height, CROP)] for im in pictures] if crops else None
+    for image_id, res in zip(todo, analyzer.analyze(pictures, found)):
+        store.record_analysis(image_id, res.faces, res.score, res.uncertainty, analyzer.scorer.version,
+                              skipped=res.skipped)
