@@ -24,6 +24,7 @@ from scorer.analyze import face_crop
 from scorer.identity import Embedder, Recognizer, build_embedder, save_embedder
 from scorer.import_labels import analyse_imported, take_picture
 from scorer.model import ModelError
+from scorer.registry import initial_version
 from storage.characters import check_name
 from storage.media import BadImage, decode_image, load_media
 from storage.records import CROP, WHOLE_PICTURE, Face
@@ -32,17 +33,12 @@ log = logging.getLogger(__name__)
 
 
 # ---- the registry ----------------------------------------------------------------------------
-def initial_version(arch: str, pretrained: str) -> str:
-    init = "random" if pretrained in ("", "none") else ("imagenet" if pretrained == "imagenet" else "file")
-    return f"identity-{arch}-{init}-init"
-
-
 def ensure_active_embedder(store, icfg, models_dir: str | Path) -> dict:
     """The active identity embedder's row, creating and registering the untrained one if none."""
     row = store.active_identity_model()
     if row is not None:
         return row
-    version = initial_version(icfg.arch, icfg.pretrained)
+    version = initial_version(icfg.arch, icfg.pretrained, prefix="identity-")
     path = Path(models_dir) / f"{version}.pt"
     if store.get_identity_model(version) is None or not path.exists():
         torch.manual_seed(icfg.seed)

@@ -21,7 +21,6 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ from torch import nn
 from scorer.dataset import CropCache, Example, split_of
 from scorer.identity import Embedder, IdentityNet, Recognizer, build_embedder, calibrate_threshold, save_embedder
 from scorer.model import ModelError, pick_device, to_tensor
+from scorer.registry import new_version
 from scorer.train import TrainError, augment
 from storage.records import Face
 
@@ -201,15 +201,6 @@ class IdentityOutcome:
     history: list[dict] = field(default_factory=list)
 
 
-def _new_version(store, arch: str) -> str:
-    base = f"identity-{arch}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    version, n = base, 1
-    while store.get_identity_model(version) is not None:
-        n += 1
-        version = f"{base}-{n}"
-    return version
-
-
 def named_examples(store, val_share: float) -> list[Example]:
     """One example per named face; ``rating`` holds the character id. Each character with two or
     more faces keeps at least one for training."""
@@ -256,7 +247,7 @@ def train_identity(store, paths, icfg, *, margin: float, max_pixels: int = 90_00
     log.info("training the identity embedder %s (%dpx) on %s: %d faces of %d characters, validating on %d",
              icfg.arch, icfg.image_size, device, len(tr), len(chars), len(va))
     result = fit_identity(net, arrays[tr], y_tr, arrays[va], y_va, icfg, device, epochs=epochs, progress=progress)
-    version = _new_version(store, icfg.arch)
+    version = new_version(store.get_identity_model, icfg.arch, prefix="identity-")
     embedder = Embedder(result.net, arch=icfg.arch, version=version, image_size=icfg.image_size,
                         device=str(device), batch_size=icfg.batch_size)
     ids_tr = [int(kept[i].rating) for i in tr]

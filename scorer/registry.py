@@ -8,6 +8,8 @@ reproducible model version.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -17,9 +19,21 @@ from scorer.model import ModelError, Scorer, build_model, save_model
 log = logging.getLogger(__name__)
 
 
-def initial_version(arch: str, pretrained: str) -> str:
+def initial_version(arch: str, pretrained: str, prefix: str = "") -> str:
+    """The version name of an untrained network: ``resnet18-random-init``, ``…-imagenet-init``."""
     init = "random" if pretrained in ("", "none") else ("imagenet" if pretrained == "imagenet" else "file")
-    return f"{arch}-{init}-init"
+    return f"{prefix}{arch}-{init}-init"
+
+
+def new_version(exists: Callable[[str], object], arch: str, prefix: str = "") -> str:
+    """A fresh version name for a trained network (``resnet18-20261123-160400``, ``-2`` … when
+    ``exists(name)`` says the name is taken)."""
+    base = f"{prefix}{arch}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    version, n = base, 1
+    while exists(version) is not None:
+        n += 1
+        version = f"{base}-{n}"
+    return version
 
 
 def ensure_active_model(store, scorer_cfg, models_dir: str | Path) -> dict:

@@ -24,7 +24,6 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from scorer.dataset import CropCache, build_examples
 from scorer.evaluate import better, metrics, picture_predictions
 from scorer.model import (FORMAT, ModelError, RatingNet, Scorer, build_model, pick_device, save_model,
                           to_tensor)
+from scorer.registry import new_version
 from scorer.settings import ScorerConfig, TrainConfig
 from storage.paths import DataPaths
 
@@ -215,15 +215,6 @@ def _is_trained(row: dict | None) -> bool:
     return bool(row and row.get("metrics"))
 
 
-def _new_version(store, arch: str) -> str:
-    base = f"{arch}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    version, n = base, 1
-    while store.get_model(version) is not None:
-        n += 1
-        version = f"{base}-{n}"
-    return version
-
-
 def validation_metrics(scorer: Scorer, examples, cache_root, media_root, margin, how, max_pixels) -> dict:
     """Picture-level metrics of ``scorer`` on validation ``examples`` (crops at its own size)."""
     return metrics(*picture_predictions(scorer, examples, cache_root, media_root, margin, how, max_pixels))
@@ -288,7 +279,7 @@ def train_from_store(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainCon
              arch, size, device, len(ex_tr), n_train_pics, len(ex_val), n_val_pics)
     result = fit(net, x_tr, y_tr, x_val, y_val, tcfg, device,
                  freeze_epochs=tcfg.freeze_epochs if learned_start else 0, epochs=epochs, progress=progress)
-    version = _new_version(store, arch)
+    version = new_version(store.get_model, arch)
     scorer = Scorer(result.net, arch=arch, version=version, image_size=size, device=str(device),
                     batch_size=scfg.batch_size, tta=scfg.tta)
     how = scfg.aggregate
