@@ -292,7 +292,7 @@ def clean_item(item: Item, source: str, *, remote: bool = True) -> Item | None:
 
     external_id: a non-empty string (from a string or a whole number); media_url and page_url:
     http(s) URLs for remote sources; author, title: stripped text of at most 500 characters;
-    tags: a list of strings; rating: general/sensitive/questionable/explicit; popularity: a
+    tags, characters: lists of strings; rating: general/sensitive/questionable/explicit; popularity: a
     finite float; posted_at: ISO 8601 UTC. A field that cannot be read becomes None (or [])."""
     external_id = item.external_id
     if isinstance(external_id, int) and not isinstance(external_id, bool):
@@ -312,7 +312,7 @@ def clean_item(item: Item, source: str, *, remote: bool = True) -> Item | None:
     return Item(
         external_id=external_id, media_url=url(item.media_url, remote=remote), local_path=local_path,
         page_url=url(item.page_url, remote=remote), author=text(item.author), title=text(item.title),
-        tags=tags(item.tags), rating=normalize_rating(rating) if rating else None,
+        tags=tags(item.tags), characters=tags(item.characters), rating=normalize_rating(rating) if rating else None,
         popularity=number(item.popularity), site_md5=text(item.site_md5, 128),
         posted_at=timestamp(item.posted_at), skip=text(item.skip, 1000))
 

@@ -146,6 +146,35 @@ class CharacterMethods:
             "LEFT JOIN characters ON characters.id = face_identity.character_id WHERE model_version = ? "
             f"AND face_id IN ({','.join('?' * len(face_ids))})", [model_version, *face_ids])}
 
+    # ---- who is in a picture ---------------------------------------------------------------------
+    def face_characters(self, face_ids) -> dict[int, dict]:
+        """face id -> ``{"character", "similarity", "named_by", "weak"}`` of faces that have a
+        character (given name, else the active embedder's recognition; ``character`` None:
+        recognised as unknown). A face neither named nor recognised yet is absent."""
+        face_ids = list(face_ids)
+        if not face_ids:
+            return {}
+        return {r["face_id"]: {"character": r["name"], "similarity": r["similarity"], "named_by": r["named_by"],
+                               "weak": bool(r["weak"])} for r in self.db.query(
+            "SELECT face_characters.*, characters.name FROM face_characters "
+            "LEFT JOIN characters ON characters.id = face_characters.character_id "
+            f"WHERE face_characters.face_id IN ({','.join('?' * len(face_ids))}) "
+            "AND (face_characters.character_id IS NOT NULL OR face_characters.similarity IS NOT NULL)",
+            face_ids)}
+
+    def picture_characters(self, image_ids) -> dict[int, list[str]]:
+        """image id -> the distinct character names of its faces (named or recognised), by name."""
+        image_ids = list(image_ids)
+        out: dict[int, list[str]] = {i: [] for i in image_ids}
+        if image_ids:
+            for r in self.db.execute(
+                    "SELECT DISTINCT face_characters.image_id, characters.name FROM face_characters "
+                    "JOIN characters ON characters.id = face_characters.character_id "
+                    f"WHERE face_characters.image_id IN ({','.join('?' * len(image_ids))}) ORDER BY characters.name",
+                    image_ids):
+                out[r[0]].append(r[1])
+        return out
+
     # ---- identity embedders -------------------------------------------------------------------
     def register_identity_model(self, version: str, arch: str, path: str, *, data_size: int = 0,
                                 metrics: dict | None = None, threshold: float | None = None,

@@ -209,6 +209,25 @@ def m004_characters(db: sqlite_utils.Database) -> None:
         notes TEXT
     )""")
 
+@migrations()
+def m005_character_tags(db: sqlite_utils.Database) -> None:
+    # The characters a source's own tags name (booru character tags), and the character of every
+    # face: its given name (face_names) if any, else the active identity embedder's recognition.
+    db.execute("ALTER TABLE images ADD COLUMN characters TEXT NOT NULL DEFAULT '[]'")  # JSON list
+    db.execute("""
+    CREATE VIEW face_characters AS
+    SELECT faces.id AS face_id, faces.image_id,
+           COALESCE(face_names.character_id, face_identity.character_id) AS character_id,
+           CASE WHEN face_names.face_id IS NOT NULL THEN 1.0 ELSE face_identity.similarity END AS similarity,
+           face_names.origin AS named_by,             -- NULL: recognised, not named
+           COALESCE(face_names.weak, 0) AS weak
+    FROM faces
+    LEFT JOIN face_names ON face_names.face_id = faces.id
+    LEFT JOIN face_identity ON face_identity.face_id = faces.id
+         AND face_identity.model_version = (SELECT version FROM identity_models WHERE active = 1)
+    """)
+
+
 SCHEMA_VERSION = len(migrations._migrations)
 
 

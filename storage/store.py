@@ -42,6 +42,7 @@ class NewItem:
     author: str | None = None
     title: str | None = None
     tags: list[str] = field(default_factory=list)
+    characters: list[str] = field(default_factory=list)  # characters the site's tags name (booru)
     rating: str | None = None
     popularity: float | None = None
     site_md5: str | None = None
@@ -138,10 +139,11 @@ class Store(CharacterMethods):
                 d = asdict(item) if isinstance(item, NewItem) else dict(item)
                 cur = self.db.execute(
                     "INSERT OR IGNORE INTO images (source_id, external_id, page_url, media_url, local_path, "
-                    "author, title, tags, rating, popularity, site_md5, posted_at, status, error, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "author, title, tags, characters, rating, popularity, site_md5, posted_at, status, error, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [source_id, d["external_id"], d.get("page_url"), d.get("media_url"), d.get("local_path"),
-                     d.get("author"), d.get("title"), json.dumps(d.get("tags") or []), d.get("rating"),
+                     d.get("author"), d.get("title"), json.dumps(d.get("tags") or []),
+                     json.dumps(d.get("characters") or []), d.get("rating"),
                      d.get("popularity"), d.get("site_md5"), d.get("posted_at"),
                      SKIPPED if d.get("skip") else PENDING, d.get("skip"), stamp])
                 if cur.rowcount:
@@ -170,6 +172,8 @@ class Store(CharacterMethods):
         """A row of ``images`` as a dict, its JSON tags decoded."""
         row = dict(row)
         row["tags"] = json.loads(row["tags"] or "[]")
+        if "characters" in row:
+            row["characters"] = json.loads(row["characters"] or "[]")
         return row
 
     def mark_failed(self, image_id: int, error: str, *, retry: bool = False, max_attempts: int = 3) -> str:

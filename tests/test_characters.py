@@ -83,6 +83,30 @@ def _clusters(rng, centres: np.ndarray, n: int, noise: float = 0.15) -> np.ndarr
     return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
 
 
+def test_the_character_of_a_face_is_its_name_else_the_active_embedders_recognition(tmp_path):
+    with Store.open(tmp_path / "t.db") as store:
+        store.register_model("m", "resnet18", "m.pt", activate=True)
+        f1, f2, f3, f4 = (_face(store, tmp_path / "media", s) for s in (1, 2, 3, 4))
+        image_of = {f: store.execute("SELECT image_id FROM faces WHERE id = ?", [f])[0]["image_id"]
+                    for f in (f1, f2, f3, f4)}
+        miku, rin = (store.character_id(n, create=True) for n in ("Miku", "Rin"))
+        store.register_identity_model("e1", "resnet18", "e1.pt", activate=True)
+        store.register_identity_model("e2", "resnet18", "e2.pt")
+        store.save_identities("e1", {f1: (rin, 0.7), f2: (miku, 0.8), f3: (None, 0.2)})
+        store.save_identities("e2", {f2: (rin, 0.9), f4: (rin, 0.9)})
+        store.name_face(f1, miku, origin="gallery")       # a given name beats recognition
+        got = store.face_characters([f1, f2, f3, f4])
+        assert got[f1] == {"character": "Miku", "similarity": 1.0, "named_by": "gallery", "weak": False}
+        assert got[f2]["character"] == "Miku" and got[f2]["named_by"] is None and got[f2]["similarity"] == 0.8
+        assert got[f3]["character"] is None                # recognised as unknown
+        assert f4 not in got                               # only the inactive embedder saw it
+        assert store.picture_characters(image_of.values()) == {
+            image_of[f1]: ["Miku"], image_of[f2]: ["Miku"], image_of[f3]: [], image_of[f4]: []}
+        store.activate_identity_model("e2")               # the active embedder's results count
+        assert store.face_characters([f2, f4])[f2]["character"] == "Rin"
+        assert store.picture_characters([image_of[f4]]) == {image_of[f4]: ["Rin"]}
+
+
 def test_calibrate_threshold_reaches_the_target_precision():
     from scorer.identity import calibrate_threshold
 
