@@ -483,15 +483,14 @@ def _characters_models(cfg, args, store) -> int:
 
 
 def _characters_use(cfg, args, store) -> int:
-    from scorer.characters import embed_named, load_embedder
+    from scorer.characters import use_embedder
+    from scorer.model import ModelError
 
-    row = store.get_identity_model(args.version)
-    if row is None:
-        known = ", ".join(r["version"] for r in store.list_identity_models()) or "none"
-        return _fail(f"no identity embedder {args.version!r} (known: {known})")
-    embedder = load_embedder(row, cfg.characters, cfg.models_path)
-    store.activate_identity_model(args.version)
-    embed_named(store, embedder, cfg.media_path, margin=cfg.detector.margin, max_pixels=cfg.download.max_pixels)
+    try:
+        use_embedder(store, cfg.characters, cfg.models_path, cfg.media_path, args.version,
+                     margin=cfg.detector.margin, max_pixels=cfg.download.max_pixels)
+    except ModelError as e:
+        return _fail(str(e))
     print(f"active identity embedder: {args.version}")
     return 0
 

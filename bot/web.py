@@ -2,13 +2,15 @@
 
 An aiohttp app served by the daemon (``[web]``: 127.0.0.1:8080 by default). Pages: *For you*
 (unrated pictures, best first, exploration picks marked, rate with a click or the keys 1-5),
-*Picture* (face boxes and scores, labels), *Rated* (with undo), *Model* (metrics, plots,
-rollback) and *Sources* (health, add, remove, pause).
+*Picture* (face boxes with scores and characters, name a face by clicking it, labels), *Rated*
+(with undo), *Model* (metrics, plots, rollback; the identity embedder's too) and *Sources*
+(health, add, remove, pause). For you and Rated filter by character (``?character=NAME``), and
+each card shows its characters as chips.
 
 This module is the app, its pages and its files; who may use it (token, Host check, same-origin
-POSTs) is ``bot.web_guard``, and what the buttons do (rate, undo, switch model, sources) is
-``bot.web_actions``. A click is stored exactly like a Discord reaction: a label in the same
-table, origin ``web``.
+POSTs) is ``bot.web_guard``, and what the buttons do (rate, undo, name a face, switch model,
+sources) is ``bot.web_actions``. A click is stored exactly like a Discord reaction: a label in
+the same table, origin ``web``.
 """
 from __future__ import annotations
 
@@ -39,34 +41,54 @@ MAX_PAGE = 10 ** 9                # a page beyond is empty (and its offset still
 
 
 # ---- page data (plain functions on a sync Store, run on the daemon's writer thread) -----------
-def for_you(store, cfg: Config, page: int, size: int) -> dict:
-    """One page of unrated pictures: best first (popularity while cold), with the exploration
-    share of each page taken from the least certain (cold: a fixed shuffle) and marked."""
+def for_you(store, cfg: Config, page: int, size: int, character: str | None = None) -> dict:
+    """One page of unrated pictures (of one character, if given): best first (popularity while
+    cold), with the exploration share of each page taken from the least certain (cold: a fixed
+    shuffle) and marked."""
     cold = is_cold(store, cfg.train.min_labels)
     share = cfg.ranking.cold_exploration if cold else cfg.ranking.exploration
     n_explore = round(size * share)
     explore = store.ranked_candidates(CHANNEL, "shuffled" if cold else "uncertain", n_explore,
-                                      offset=page * n_explore) if n_explore else []
+                                      offset=page * n_explore, character=character) if n_explore else []
     main = store.ranked_candidates(CHANNEL, "popularity" if cold else "score", size - len(explore),
-                                   exclude=[r["id"] for r in explore], offset=page * (size - n_explore))
+                                   exclude=[r["id"] for r in explore], offset=page * (size - n_explore),
+                                   character=character)
     for r in explore:
         r["exploration"] = True
     cards = list(main)
     step = max(1, size // max(1, len(explore)))
     for i, r in enumerate(explore):  # spread exploration picks through the page
         cards.insert(min(len(cards), i * step + step - 1), r)
-    total = store.count_candidates(CHANNEL)
+    total = store.count_candidates(CHANNEL, character)
     return {"cards": _cards(store, cards), "cold": cold, "total": total, "page": page,
-            "pages": max(1, math.ceil(total / size))}
+            "pages": max(1, math.ceil(total / size)), **character_choices(store, character)}
 
 
 def _cards(store, rows: list[dict]) -> list[dict]:
     names = {r["id"]: r["name"] for r in store.list_sources()}
+    characters = store.picture_characters([r["id"] for r in rows])
     out = []
     for r in rows:
         out.append(dict(r, source_name=r.get("source_name") or names.get(r.get("source_id"), "?"),
-                        exploration=bool(r.get("exploration"))))
+                        exploration=bool(r.get("exploration")), characters=characters.get(r["id"], [])))
     return out
+
+
+def character_choices(store, character: str | None) -> dict:
+    """The character filter's value and the known names (for the pages' datalist)."""
+    return {"character": character or "", "character_names": list(store.character_names().values())}
+
+
+def picture_page(store, image_id: int) -> dict | None:
+    """``picture_data`` with each face's character (``face["who"]``: ``{"character",
+    "similarity", "named_by", "weak"}`` or None) and the picture's character names."""
+    data = picture_data(store, image_id)
+    if data is None:
+        return None
+    who = store.face_characters(f["id"] for f in data["faces"])
+    data["faces"] = [dict(f, who=who.get(f["id"])) for f in data["faces"]]
+    data["characters"] = store.picture_characters([image_id])[image_id]
+    return dict(data, **character_choices(store, None))
 
 
 def model_data(store, cfg: Config) -> dict:
@@ -76,7 +98,39 @@ def model_data(store, cfg: Config) -> dict:
         plots = sorted(p.name for p in (cfg.eval_path / r["version"]).glob("*.png"))
         models.append(dict(r, val=m.get("val") or {}, trained=bool(m), plots=plots))
     active = next((m for m in models if m["active"]), None)
-    return {"models": models, "active": active, "labels": store.label_count()}
+    return {"models": models, "active": active, "labels": store.label_count(), **identity_data(store, cfg)}
+
+
+def identity_data(store, cfg: Config) -> dict:
+    """The identity embedders (newest first; ``metric_rows`` of each one's metrics) and how many
+    characters and named faces (examples, weak ones among them) there are."""
+    models = []
+    for r in reversed(store.list_identity_models()):
+        m = json.loads(r["metrics"]) if r["metrics"] else {}
+        plots = sorted(p.name for p in (cfg.eval_path / r["version"]).glob("*.png"))
+        models.append(dict(r, trained=bool(m), top1=m.get("val_top1", m.get("top1")), metrics=metric_rows(m),
+                           plots=plots))
+    characters = store.list_characters()
+    return {"identity_models": models, "identity_active": next((m for m in models if m["active"]), None),
+            "n_characters": len(characters), "n_examples": sum(c["examples"] for c in characters),
+            "n_weak": sum(c["weak"] or 0 for c in characters)}
+
+
+def metric_rows(metrics: dict, prefix: str = "", depth: int = 0) -> list[tuple[str, str]]:
+    """(key, shown value) of every number or word in the metrics, nested tables as ``a.b``
+    (two levels deep); lists (e.g. the training history) are left out."""
+    rows = []
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and depth < 2:
+            rows += metric_rows(value, f"{name}.", depth + 1)
+        elif isinstance(value, bool) or value is None:
+            continue
+        elif isinstance(value, float):
+            rows.append((name, f"{value:.3f}"))
+        elif isinstance(value, (int, str)):
+            rows.append((name, str(value)))
+    return rows
 
 
 def sources_data(store) -> dict:
@@ -88,13 +142,15 @@ def sources_data(store) -> dict:
 
 # ---- the app --------------------------------------------------------------------------------
 class Gallery:
-    """The gallery; ``model_changed`` and ``sources_changed`` tell a running daemon at once."""
+    """The gallery; ``model_changed``, ``sources_changed`` and ``characters_changed`` (a face
+    named, a name taken back, the identity embedder switched) tell a running daemon at once."""
 
     def __init__(self, cfg: Config, store, model_changed: Callable[[], Awaitable[None]] | None = None,
-                 sources_changed: Callable[[], Awaitable[None]] | None = None):
+                 sources_changed: Callable[[], Awaitable[None]] | None = None,
+                 characters_changed: Callable[[], Awaitable[None]] | None = None):
         self.cfg = cfg
         self.store = store            # storage.writer.AsyncStore
-        self.actions = GalleryActions(cfg, store, model_changed, sources_changed)
+        self.actions = GalleryActions(cfg, store, model_changed, sources_changed, characters_changed)
         self.runner: web.AppRunner | None = None
         self.url: str | None = None
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
@@ -120,6 +176,9 @@ class Gallery:
         r.add_post("/undo/{label:\\d{1,18}}", a.undo)
         r.add_post("/model/use", a.use_model)
         r.add_post("/model/evaluate", a.evaluate)
+        r.add_post("/model/identity/use", a.use_identity_model)
+        r.add_post("/faces/{id:\\d{1,18}}/name", a.name_face)
+        r.add_post("/faces/{id:\\d{1,18}}/unname", a.unname_face)
         r.add_post("/sources/add", a.source_add)
         r.add_post("/sources/{name}/remove", a.source_remove)
         r.add_post("/sources/{name}/pause", a.source_pause)
@@ -164,11 +223,12 @@ class Gallery:
 
     async def page_for_you(self, request):
         page = self._page(request)
-        data = await self.store.call(for_you, self.cfg, page, self.cfg.web.page_size)
+        data = await self.store.call(for_you, self.cfg, page, self.cfg.web.page_size,
+                                     request.query.get("character") or None)
         return self.render("for_you.html", request, **data)
 
     async def page_picture(self, request):
-        data = await self.store.call(picture_data, int(request.match_info["id"]))
+        data = await self.store.call(picture_page, int(request.match_info["id"]))
         if data is None:
             raise web.HTTPNotFound(text="No such picture.\n")
         return self.render("picture.html", request, **data)
@@ -179,13 +239,15 @@ class Gallery:
         if value is not None and value not in "12345":
             raise web.HTTPBadRequest(text="rating: expected 1 to 5\n")
         source = request.query.get("source") or None
+        character = request.query.get("character") or None
         size = self.cfg.web.page_size
-        rows, total = await self.store.rated(value=int(value) if value else None, source=source, limit=size,
-                                             offset=page * size)
+        rows, total = await self.store.rated(value=int(value) if value else None, source=source,
+                                             character=character, limit=size, offset=page * size)
         sources = [r["name"] for r in await self.store.list_sources()]
         return self.render("rated.html", request, cards=await self.store.call(_cards, rows), total=total,
                            page=page, pages=max(1, math.ceil(total / size)), rating=value or "",
-                           source=source or "", sources=sources)
+                           source=source or "", sources=sources,
+                           **await self.store.call(character_choices, character))
 
     async def page_model(self, request):
         data = await self.store.call(model_data, self.cfg)

@@ -1,16 +1,23 @@
 """The web gallery's actions: the POST handlers that change something.
 
 Rate a picture and undo a rating (a click is stored exactly like a Discord reaction: a label in
-the same table, origin ``web``), switch the active model or evaluate one, add, remove, pause and
-resume sources. Each answers JSON to the page's script (``Accept: application/json``) and
-otherwise redirects back with a message. Only POSTs reach these, and only from the gallery's own
+the same table, origin ``web``), name a face as a character or take its name back, switch the
+active model or evaluate one, switch the identity embedder, add, remove, pause and resume
+sources. Each answers JSON to the page's script (``Accept: application/json``) and otherwise
+redirects back with a message. Only POSTs reach these, and only from the gallery's own
 pages (``bot.web_guard``). A running daemon hears of a model switch (``model_changed``) and of
-source changes (``sources_changed``) at once instead of within its next check.
+source changes (``sources_changed``) at once instead of within its next check, and of named faces
+or a switched identity embedder (``characters_changed``).
+
+A named face is embedded at once with the active identity embedder (loaded once per version and
+kept), so recognition counts it as an example right away; the torch work runs on a worker
+thread with its own database connection, never on the event loop or the daemon's writer thread.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
@@ -18,22 +25,28 @@ from aiohttp import web
 
 from bot.config import Config
 from bot.manage import ManageError, add_source, parse_pairs, pause_source, remove_source
+from storage.characters import CharacterNameError, check_name
 from storage.records import ORIGIN_WEB
 
 log = logging.getLogger("tastefeed.web")
 
 USER = "owner"
+NAME_ORIGIN = "gallery"           # face_names.origin of a face named in the gallery
 
 
 class GalleryActions:
     """The handlers of the gallery's POSTs (``Gallery.app`` routes them)."""
 
     def __init__(self, cfg: Config, store, model_changed: Callable[[], Awaitable[None]] | None = None,
-                 sources_changed: Callable[[], Awaitable[None]] | None = None):
+                 sources_changed: Callable[[], Awaitable[None]] | None = None,
+                 characters_changed: Callable[[], Awaitable[None]] | None = None):
         self.cfg = cfg
         self.store = store            # storage.writer.AsyncStore
         self.model_changed = model_changed
         self.sources_changed = sources_changed
+        self.characters_changed = characters_changed
+        self._embedders: dict = {}    # identity model version -> scorer.identity.Embedder
+        self._embed_lock = threading.Lock()
 
     async def _form(self, request) -> dict:
         if request.content_type == "application/json":
@@ -92,6 +105,84 @@ class GalleryActions:
         current = await self.store.current_label(label["image_id"])
         return self._done(request, {"ok": True, "image_id": label["image_id"], "current": current},
                           self._back(request, "/rated"))
+
+    # ---- characters --------------------------------------------------------------------------
+    def _embedder(self, row: dict, icfg, models_dir):
+        """The identity embedder of ``row``, loaded once (the last version used is kept);
+        called with ``_embed_lock`` held."""
+        from scorer.characters import load_embedder
+        if row["version"] not in self._embedders:
+            self._embedders = {row["version"]: load_embedder(row, icfg, models_dir)}
+        return self._embedders[row["version"]]
+
+    def _embed_face(self, face: dict) -> str:
+        """Embed a named face with the active identity embedder (created if none); its version.
+        Runs on a worker thread with its own connection."""
+        from scorer.characters import embed_faces, ensure_active_embedder
+        from storage import Store
+        with Store.open(self.cfg.db_path) as store, self._embed_lock:
+            row = ensure_active_embedder(store, self.cfg.characters, self.cfg.models_path)
+            embed_faces(store, self._embedder(row, self.cfg.characters, self.cfg.models_path), [face],
+                        self.cfg.media_path, margin=self.cfg.detector.margin, max_pixels=self.cfg.download.max_pixels)
+            return row["version"]
+
+    async def name_face(self, request):
+        face_id = int(request.match_info["id"])
+        name = (await self._form(request)).get("name")
+        try:
+            if not isinstance(name, str):
+                raise CharacterNameError("name: expected the character's name")
+            name = check_name(name)
+        except CharacterNameError as e:
+            raise web.HTTPBadRequest(text=f"{e}\n") from None
+        face = await self.store.face_with_media(face_id)
+        if face is None:
+            raise web.HTTPNotFound(text="No such face.\n")
+        await self.store.call(lambda s: s.name_face(face_id, s.character_id(name, create=True), origin=NAME_ORIGIN))
+        log.info("characters: face %d of picture %d named in the gallery", face_id, face["image_id"])
+        message = f"face named {name}"
+        try:
+            version = await asyncio.to_thread(self._embed_face, face)
+        except Exception as e:  # noqa: BLE001 - the name is stored; the next embedding pass takes it
+            log.warning("characters: face %d named but not embedded: %s", face_id, e)
+            version, message = None, f"face named {name}; not embedded yet: {e}"
+        if self.characters_changed is not None:
+            await self.characters_changed()
+        return self._done(request, {"ok": True, "face_id": face_id, "image_id": face["image_id"], "character": name,
+                                    "embedded_by": version, "message": message},
+                          self._back(request, f"/picture/{face['image_id']}"))
+
+    async def unname_face(self, request):
+        face_id = int(request.match_info["id"])
+        face = await self.store.face_with_media(face_id)
+        if face is None or not await self.store.unname_face(face_id):
+            raise web.HTTPNotFound(text="No such named face.\n")
+        log.info("characters: the name of face %d taken back in the gallery", face_id)
+        if self.characters_changed is not None:
+            await self.characters_changed()
+        return self._done(request, {"ok": True, "face_id": face_id, "image_id": face["image_id"]},
+                          self._back(request, f"/picture/{face['image_id']}"))
+
+    async def use_identity_model(self, request):
+        from scorer.characters import use_embedder
+        from scorer.model import ModelError
+        from storage import Store
+        version = str((await self._form(request)).get("version", ""))
+        cfg = self.cfg
+
+        def run():
+            with Store.open(cfg.db_path) as store, self._embed_lock:
+                use_embedder(store, cfg.characters, cfg.models_path, cfg.media_path, version,
+                             margin=cfg.detector.margin, max_pixels=cfg.download.max_pixels, loader=self._embedder)
+        try:
+            await asyncio.to_thread(run)
+        except ModelError as e:
+            return self._done(request, {"ok": False, "error": str(e)}, "/model?" + urlencode({"message": str(e)}))
+        if self.characters_changed is not None:
+            await self.characters_changed()
+        message = f"identity embedder now {version}"
+        return self._done(request, {"ok": True, "version": version, "message": message},
+                          "/model?" + urlencode({"message": message}))
 
     async def use_model(self, request):
         from scorer.model import ModelError

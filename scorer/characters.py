@@ -60,6 +60,22 @@ def load_embedder(row: dict, icfg, models_dir: str | Path) -> Embedder:
     return Embedder.load(path, device=icfg.device, batch_size=icfg.batch_size)
 
 
+def use_embedder(store, icfg, models_dir: str | Path, media_root: str | Path, version: str, *, margin: float,
+                 max_pixels: int = 90_000_000, loader=load_embedder) -> dict:
+    """Make ``version`` the active identity embedder (rollback), after checking that its file
+    loads (``loader(row, icfg, models_dir)``), and embed the named faces it has not embedded yet,
+    so recognition uses them at once. ModelError (one line) for an unknown version or a bad file."""
+    row = store.get_identity_model(version)
+    if row is None:
+        known = ", ".join(r["version"] for r in store.list_identity_models()) or "none"
+        raise ModelError(f"no identity embedder {version!r} (known: {known})")
+    embedder = loader(row, icfg, models_dir)
+    store.activate_identity_model(version)
+    embed_named(store, embedder, media_root, margin=margin, max_pixels=max_pixels)
+    log.info("active identity embedder is now %s", version)
+    return store.get_identity_model(version)
+
+
 def build_recognizer(store, row: dict, icfg) -> Recognizer:
     """The enrolled examples of the embedder ``row``; its calibrated threshold, or one calibrated
     now on the examples themselves (leave-one-out). With the untrained embedder, whose random

@@ -19,6 +19,11 @@ import numpy as np
 NAME_ORIGINS = ("import", "enrol", "booru", "gallery", "discord")
 MAX_NAME = 100
 
+# The pictures with a face of the character named by the parameter (given name, else the active
+# embedder's recognition: the ``face_characters`` view), for ``images.id IN (...)`` filters.
+PICTURES_OF_CHARACTER = ("SELECT face_characters.image_id FROM face_characters JOIN characters "
+                         "ON characters.id = face_characters.character_id WHERE characters.name = ?")
+
 
 class CharacterNameError(ValueError):
     """A character name that cannot be stored; the message says why, in one line."""
@@ -84,6 +89,17 @@ class CharacterMethods:
         with self.db.conn:
             self.db.execute("INSERT OR REPLACE INTO face_names (face_id, character_id, origin, weak, created_at) "
                             "VALUES (?, ?, ?, ?, ?)", [face_id, character_id, origin, int(weak), _now()])
+
+    def unname_face(self, face_id: int) -> bool:
+        """Take a face's given name away (recognition speaks for it again); False if it had none."""
+        with self.db.conn:
+            return self.db.execute("DELETE FROM face_names WHERE face_id = ?", [face_id]).rowcount > 0
+
+    def face_with_media(self, face_id: int) -> dict | None:
+        """A stored face (box, detector, ``image_id``) with its picture's ``media_path``."""
+        rows = list(self.db.query("SELECT faces.*, images.media_path FROM faces JOIN images "
+                                  "ON images.id = faces.image_id WHERE faces.id = ?", [face_id]))
+        return dict(rows[0]) if rows else None
 
     def face_name(self, face_id: int) -> dict | None:
         rows = list(self.db.query(

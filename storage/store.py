@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import sqlite_utils
 
-from storage.characters import CharacterMethods
+from storage.characters import PICTURES_OF_CHARACTER, CharacterMethods
 from storage.db import open_db
 from storage.media import ImageInfo
 from storage.records import (DOWNLOADED, DUPLICATE, FAILED, IMPORTING, NEAR_DUPLICATE, PENDING, SCORED,
@@ -320,12 +320,15 @@ class Store(CharacterMethods):
                    "AND id NOT IN (SELECT image_id FROM labels WHERE removed_at IS NULL)")
 
     def ranked_candidates(self, channel: str, order: str, limit: int, exclude: Iterable[int] = (),
-                          offset: int = 0) -> list[dict]:
+                          offset: int = 0, character: str | None = None) -> list[dict]:
         """Unposted, unlabelled scored pictures, best first by ``order``: score | popularity
         (percentile within its source) | recent | random | shuffled (a fixed pseudo-random order)
-        | uncertain."""
-        exclude = list(exclude)
-        skip = f"AND id NOT IN ({','.join('?' * len(exclude))})" if exclude else ""
+        | uncertain; with ``character``, only pictures with a face of that character."""
+        params = list(exclude)
+        skip = f"AND id NOT IN ({','.join('?' * len(params))})" if params else ""
+        if character:
+            skip += f" AND id IN ({PICTURES_OF_CHARACTER})"
+            params.append(character)
         if order == "popularity":
             sql = (f"SELECT * FROM (SELECT *, CASE WHEN popularity IS NULL THEN NULL ELSE "
                    f"PERCENT_RANK() OVER (PARTITION BY source_id, popularity IS NULL ORDER BY popularity) END "
@@ -336,9 +339,12 @@ class Store(CharacterMethods):
                    "uncertain": "uncertainty IS NULL, uncertainty DESC, id DESC",
                    "shuffled": "(id * 2654435761) % 4294967291, id"}[order]
             sql = f"SELECT * {self._CANDIDATES} {skip} ORDER BY {key} LIMIT ? OFFSET ?"
-        return [self._image_row(r) for r in self.db.query(sql, [channel, *exclude, limit, offset])]
+        return [self._image_row(r) for r in self.db.query(sql, [channel, *params, limit, offset])]
 
-    def count_candidates(self, channel: str) -> int:
+    def count_candidates(self, channel: str, character: str | None = None) -> int:
+        if character:
+            return self.db.execute(f"SELECT COUNT(*) {self._CANDIDATES} AND id IN ({PICTURES_OF_CHARACTER})",
+                                   [channel, character]).fetchone()[0]
         return self.db.execute(f"SELECT COUNT(*) {self._CANDIDATES}", [channel]).fetchone()[0]
 
     # ---- imports and labels --------------------------------------------------------------
@@ -445,11 +451,14 @@ class Store(CharacterMethods):
     _CURRENT = ("FROM labels JOIN images ON images.id = labels.image_id "
                 "LEFT JOIN sources ON sources.id = images.source_id WHERE " + _LATEST)
 
-    def rated(self, *, value: int | None = None, source: str | None = None, limit: int = 30,
-              offset: int = 0) -> tuple[list[dict], int]:
-        """Pictures with their current label, newest label first, optionally of one rating or
-        source; returns (rows, total)."""
+    def rated(self, *, value: int | None = None, source: str | None = None, character: str | None = None,
+              limit: int = 30, offset: int = 0) -> tuple[list[dict], int]:
+        """Pictures with their current label, newest label first, optionally of one rating,
+        source or character (a face of it); returns (rows, total)."""
         where, params = "", []
+        if character:
+            where += f" AND images.id IN ({PICTURES_OF_CHARACTER})"
+            params.append(character)
         if value is not None:
             where += " AND labels.value = ?"
             params.append(value)

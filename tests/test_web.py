@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -26,8 +27,11 @@ BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-r
                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def web_config(tmp_path, web: str = "", ranking: str = "cold_exploration = 0.0\nexploration = 0.0"):
-    return make_config(tmp_path, f"\n[web]\nport = 0\npage_size = 10\n{web}\n[ranking]\n{ranking}\n")
+def web_config(tmp_path, web: str = "", ranking: str = "cold_exploration = 0.0\nexploration = 0.0", more: str = ""):
+    return make_config(tmp_path, f"\n[web]\nport = 0\npage_size = 10\n{web}\n[ranking]\n{ranking}\n{more}")
+
+
+IDENTITY = "[characters]\nimage_size = 32\nembedding_dim = 16\n"   # a small, quick identity embedder
 
 
 @pytest.fixture
@@ -209,7 +213,7 @@ async def test_ids_too_large_for_sqlite_are_404_on_every_route(tmp_path, gallery
     routes = [(r.method, r.resource.canonical) for r in app.router.routes()
               if r.method != "HEAD" and r.resource is not None
               and re.search(r"\{(id|label)\b", r.resource.canonical)]
-    assert len(routes) == 5, routes               # /picture, /media, /thumb, /rate, /undo
+    assert len(routes) == 7, routes               # /picture, /media, /thumb, /rate, /undo, /faces/…/(un)name
     for huge in ("99999999999999999999", str(2 ** 63), str(2 ** 64 + 1), "0" * 30 + "1"):
         for method, pattern in routes:
             path = re.sub(r"\{(id|label)[^}]*\}", huge, pattern)
@@ -219,6 +223,180 @@ async def test_ids_too_large_for_sqlite_are_404_on_every_route(tmp_path, gallery
         assert (await client.get(query)).status in (200, 400), query
     assert "Traceback" not in caplog.text and "Error handling request" not in caplog.text
     assert (await client.get(f"/picture/{image_id}")).status == 200     # real ids still work
+
+
+# ---- characters ---------------------------------------------------------------------------------
+async def test_naming_a_face_stores_it_from_the_gallery_and_recognition_uses_it_at_once(tmp_path, gallery):
+    from scorer.analyze import face_crop
+    from scorer.characters import build_recognizer, load_embedder
+    from storage.media import load_media
+    from storage.records import Face
+    cfg = web_config(tmp_path, more=IDENTITY)
+    [image_id] = seed(cfg, [{"popularity": 1, "faces": 2}])
+    store = Store.open(cfg.db_path)
+    f1, f2 = (f["id"] for f in store.faces_of(image_id))
+    client = await gallery(cfg)
+    html = await (await client.get(f"/picture/{image_id}")).text()
+    assert f'action="/faces/{f1}/name"' in html and f'href="#face-{f2}"' in html
+    assert html.count("not recognised yet") == 2
+
+    resp = await client.post(f"/faces/{f1}/name", json={"name": "  Hatsune Miku "}, headers=same_origin(client))
+    assert resp.status == 200, await resp.text()
+    answer = await resp.json()
+    row = store.active_identity_model()             # the first naming creates the untrained embedder
+    assert answer["character"] == "Hatsune Miku" and answer["embedded_by"] == row["version"]
+    named = store.face_name(f1)
+    assert (named["name"], named["origin"], named["weak"]) == ("Hatsune Miku", "gallery", 0)
+    [vector] = store.embeddings(row["version"], [f1]).values()
+    assert vector.shape == (16,) and abs(float(np.linalg.norm(vector)) - 1) < 0.01
+    # recognition counts the named face as an example at once: that face, embedded afresh, is her
+    recognizer = build_recognizer(store, row, cfg.characters)
+    assert len(recognizer) == 1
+    crop = face_crop(load_media(cfg.media_path, store.face_with_media(f1)["media_path"]),
+                     Face.from_row(store.face_with_media(f1)), cfg.detector.margin)
+    [(cid, sim)] = recognizer.identify(load_embedder(row, cfg.characters, cfg.models_path).embed([crop]))
+    assert cid == store.character_id("Hatsune Miku") and sim > 0.99
+
+    html = await (await client.get(f"/picture/{image_id}")).text()
+    assert re.search(r'<text class="who"[^>]*>Hatsune Miku</text>', html)             # on its box
+    assert re.search(r'<span class="who named">Hatsune Miku</span> <span class="hint">named \(gallery\)', html)
+    assert 'class="chip" href="/?character=Hatsune+Miku"' in html
+    assert '<option value="Hatsune Miku">' in html                                    # the datalist
+
+    # a plain form (no script) names the other face and goes back to the picture
+    resp = await client.post(f"/faces/{f2}/name", data={"name": "Rin 🍊"}, headers=same_origin(client),
+                             allow_redirects=False)
+    assert resp.status == 303 and resp.headers["Location"] == f"/picture/{image_id}"
+    assert store.face_name(f2)["name"] == "Rin 🍊" and store.embeddings(row["version"], [f2])
+    # renaming replaces; clearing a name takes it back ("not this one")
+    await client.post(f"/faces/{f1}/name", json={"name": "Rin 🍊"}, headers=same_origin(client))
+    assert {r["name"]: r["examples"] for r in store.list_characters()} == {"Hatsune Miku": 0, "Rin 🍊": 2}
+    resp = await client.post(f"/faces/{f1}/unname", headers=same_origin(client) | {"Accept": "application/json"})
+    assert resp.status == 200 and store.face_name(f1) is None and store.face_name(f2) is not None
+    assert (await client.post(f"/faces/{f1}/unname", headers=same_origin(client))).status == 404
+
+
+async def test_bad_names_foreign_faces_and_cross_site_posts_name_nothing(tmp_path, gallery):
+    cfg = web_config(tmp_path, more=IDENTITY)
+    [image_id] = seed(cfg, [{"popularity": 1}])
+    store = Store.open(cfg.db_path)
+    [face] = store.faces_of(image_id)
+    client = await gallery(cfg)
+    for bad, message in [("", "a character name cannot be empty"), ("   ", "cannot be empty"),
+                         ("Miku/Rin", "character name 'Miku/Rin': no slashes allowed"),
+                         ("a\\b", "no slashes allowed"), ("a\nb", "no control characters allowed"),
+                         ("x" * 101, "too long (101 characters, at most 100)"), (5, "expected the character's name"),
+                         (None, "expected the character's name")]:
+        resp = await client.post(f"/faces/{face['id']}/name", json={"name": bad}, headers=same_origin(client))
+        text = await resp.text()
+        assert resp.status == 400 and message in text and text.count("\n") == 1, (bad, text)
+    resp = await client.post(f"/faces/{face['id']}/name", data={"name": "a/b"}, headers=same_origin(client))
+    assert resp.status == 400 and "no slashes allowed" in await resp.text()
+    assert (await client.post("/faces/999999/name", json={"name": "Miku"}, headers=same_origin(client))).status == 404
+    for headers in ({"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"}, {}):
+        resp = await client.post(f"/faces/{face['id']}/name", data={"name": "Miku"}, headers=headers)
+        assert resp.status == 403, headers
+    assert (await client.get(f"/faces/{face['id']}/name")).status == 405
+    store.name_face(face["id"], store.character_id("Miku", create=True), origin="import")
+    assert (await client.post(f"/faces/{face['id']}/unname", headers={"Origin": "http://evil.example"})).status == 403
+    assert store.face_name(face["id"])["origin"] == "import"
+    assert [r["name"] for r in store.list_characters()] == ["Miku"]
+    assert store.list_identity_models() == []          # nothing was embedded either
+
+
+async def test_for_you_and_rated_filter_by_character_with_paging_and_cards_show_chips(tmp_path, gallery):
+    cfg = web_config(tmp_path)
+    ids = seed(cfg, [{"popularity": p} for p in range(25)])
+    store = Store.open(cfg.db_path)
+    face = {i: store.faces_of(i)[0]["id"] for i in ids}
+    miku_ids = ids[::2]                                # 13 named
+    miku = store.character_id("Miku", create=True)
+    for i in miku_ids:
+        store.name_face(face[i], miku, origin="import")
+    # recognised by the active identity embedder (not named): Rin; one face recognised as unknown
+    rin = store.character_id("Rin", create=True)
+    store.register_identity_model("e1", "resnet18", "e1.pt", activate=True)
+    store.save_identities("e1", {face[ids[1]]: (rin, 0.8), face[ids[3]]: (rin, 0.7), face[ids[5]]: (None, 0.2)})
+    store.save_identities("e0", {face[ids[7]]: (rin, 0.9)})          # not the active embedder: ignored
+    client = await gallery(cfg)
+
+    pages = [card_ids(await (await client.get(f"/?character=Miku&page={n}")).text()) for n in (1, 2, 3)]
+    assert pages == [list(reversed(miku_ids))[:10], list(reversed(miku_ids))[10:], []]  # most popular first
+    html = await (await client.get("/?character=Miku")).text()
+    assert "13 unrated picture(s) of Miku" in html and "page 1 of 2" in html
+    assert 'href="?page=2&amp;character=Miku"' in html                              # paging keeps the filter
+    assert 'name="character" list="character-names" value="Miku"' in html
+    assert card_ids(await (await client.get("/?character=Rin")).text()) == [ids[3], ids[1]]
+    assert card_ids(await (await client.get("/?character=Nobody")).text()) == []
+    everything = await (await client.get("/")).text()
+    assert len(card_ids(everything)) == 10 and "page 1 of 3" in everything
+    chips = dict(re.findall(r'data-id="(\d+)".*?(?:<p class="chips">(.*?)</p>|</article>)', everything, re.S))
+    assert 'class="chip" href="?character=Miku"' in chips[str(ids[24])]
+    assert not chips[str(ids[23])]
+    assert 'class="chip" href="?character=Rin"' in await (await client.get("/?character=Rin")).text()
+
+    for n, i in enumerate(ids[:15]):                                       # 8 of them Miku
+        await client.post(f"/rate/{i}", json={"value": 5 if n % 3 else 2}, headers=same_origin(client))
+    rated_miku = [i for i in reversed(ids[:15]) if i in miku_ids]
+    assert card_ids(await (await client.get("/rated?character=Miku")).text()) == rated_miku
+    assert card_ids(await (await client.get("/rated?character=Miku&rating=2")).text()) == \
+        [i for n, i in reversed(list(enumerate(ids[:15]))) if i in miku_ids and not n % 3]
+    assert card_ids(await (await client.get("/rated?character=Rin&source=booru-test")).text()) == [ids[3], ids[1]]
+    assert card_ids(await (await client.get("/rated?character=Rin&source=other")).text()) == []
+    rated = await (await client.get("/rated?rating=5")).text()
+    assert 'class="chip" href="?character=Miku&amp;rating=5"' in rated
+    assert "5 unrated picture(s) of Miku" in await (await client.get("/?character=Miku")).text()
+    # paging of Rated with the filter: 13 Miku pictures rated, 10 a page
+    for i in miku_ids:
+        await client.post(f"/rate/{i}", json={"value": 4}, headers=same_origin(client))
+    first, second = [await (await client.get(f"/rated?character=Miku&page={n}")).text() for n in (1, 2)]
+    assert len(card_ids(first)) == 10 and len(card_ids(second)) == 3
+    assert set(card_ids(first) + card_ids(second)) == set(miku_ids)
+    assert 'href="?page=2&amp;character=Miku"' in first
+
+
+async def test_model_page_shows_the_identity_embedder_and_rolls_it_back(tmp_path, gallery):
+    from scorer.characters import ensure_active_embedder
+    from scorer.identity import build_embedder, save_embedder
+    cfg = web_config(tmp_path, more=IDENTITY)
+    ids = seed(cfg, [{"popularity": 1}, {"popularity": 2}])
+    store = Store.open(cfg.db_path)
+    first = ensure_active_embedder(store, cfg.characters, cfg.models_path)
+    faces = [store.faces_of(i)[0]["id"] for i in ids]
+    for f, name in zip(faces, ("Miku", "Rin")):
+        store.name_face(f, store.character_id(name, create=True), origin="import")
+    save_embedder(build_embedder("resnet18", embedding_dim=16), cfg.models_path / "identity-v2.pt", arch="resnet18",
+                  image_size=32, version="identity-v2")
+    metrics = {"val_top1": 0.9312, "val": {"top1": 0.9312, "threshold": 0.52, "n": 40},
+               "open_set": {"precision": 0.87, "recall": 0.51, "f1": 0.643},
+               "per_character": {"Miku": 1.0, "Rin": 0.5}, "history": [{"epoch": 1}], "characters": 2}
+    store.register_identity_model("identity-v2", "resnet18", "identity-v2.pt", data_size=2, metrics=metrics,
+                                  threshold=0.52, activate=True)
+    client = await gallery(cfg)
+    html = await (await client.get("/model")).text()
+    section = html[html.index('<h2 id="identity">'):]
+    assert '<strong class="identity-active">identity-v2</strong>' in section
+    assert "2 character(s), 2 named face(s)" in section
+    for key, value in [("val_top1", "0.931"), ("val.threshold", "0.520"), ("open_set.f1", "0.643"),
+                       ("open_set.precision", "0.870"), ("per_character.Rin", "0.500"), ("characters", "2")]:
+        assert f"<tr><th>{key}</th><td>{value}</td></tr>" in section, key
+    assert "<th>history" not in section and "epoch" not in section
+    assert section.count("Use this one") == 1 and f'value="{first["version"]}"' in section
+
+    resp = await client.post("/model/identity/use", data={"version": first["version"]}, headers=same_origin(client))
+    assert resp.status == 200 and f"identity embedder now {first['version']}" in await resp.text()
+    assert store.active_identity_model()["version"] == first["version"]
+    assert set(store.embeddings(first["version"], faces)) == set(faces)   # the named faces, embedded by it
+    resp = await client.post("/model/identity/use", data={"version": "nope"}, headers=same_origin(client))
+    assert "no identity embedder &#39;nope&#39;" in await resp.text()
+    assert store.active_identity_model()["version"] == first["version"]
+    (cfg.models_path / "identity-v2.pt").write_bytes(b"not a model")
+    resp = await client.post("/model/identity/use", data={"version": "identity-v2"}, headers=same_origin(client))
+    assert "cannot load identity model file" in await resp.text()
+    assert store.active_identity_model()["version"] == first["version"]
+    resp = await client.post("/model/identity/use", data={"version": "identity-v2"},
+                             headers={"Origin": "http://evil.example"})
+    assert resp.status == 403
 
 
 @pytest.mark.parametrize("referer, back", [
@@ -364,3 +542,71 @@ async def test_in_a_browser_pictures_in_the_inbox_are_rated_by_click_and_key_and
     [model] = [m for m in Store.open(tmp_path / "data" / "tastefeed.db").list_models() if m["metrics"]]
     assert model["data_size"] == 14 and json.loads(model["metrics"])["val"]["n"] > 0
     shutil.rmtree(tmp_path / "data" / "cache", ignore_errors=True)
+
+
+@pytest.mark.slow
+async def test_in_a_browser_a_face_is_named_by_clicking_its_box_and_typing(tmp_path):
+    pw = _browser()
+    cfg = web_config(tmp_path, more=IDENTITY)
+    [image_id] = seed(cfg, [{"popularity": 1, "faces": 2}])
+    store = Store.open(cfg.db_path)
+    f1, f2 = (f["id"] for f in store.faces_of(image_id))
+    store.character_id("Hatsune Miku", create=True)           # known already: offered in the datalist
+    astore = await AsyncStore(cfg.db_path).open()
+    gallery = Gallery(cfg, astore)
+    url = await gallery.start()
+    try:
+        async with pw.async_playwright() as p:
+            browser = await p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+            page = await browser.new_page(viewport={"width": 1200, "height": 800})
+            await page.goto(url + f"picture/{image_id}")
+            assert await page.locator("#character-names option").count() == 1
+            # From the keyboard: a box takes the focus, Enter opens its form, Escape closes it.
+            await page.locator("svg.faces a").nth(0).focus()
+            await page.keyboard.press("Enter")
+            assert await page.evaluate("document.activeElement.getAttribute('aria-label')") == "character of face 1"
+            await page.keyboard.press("Escape")
+            assert not await page.locator(f"#face-{f1} form.name-face").is_visible()
+            # A click on the second face's box opens its form with the focus in the name field.
+            await page.locator("svg.faces rect.face").nth(1).click()
+            form = page.locator(f"#face-{f2} form.name-face")
+            assert await form.is_visible()
+            assert await page.evaluate("document.activeElement.getAttribute('aria-label')") == "character of face 2"
+            await page.keyboard.type("Miku/Rin")                 # a bad name: the message, no reload
+            await page.keyboard.press("Enter")
+            await page.wait_for_selector(f"#face-{f2} .name-state:has-text('no slashes allowed')")
+            await page.fill(f"#face-{f2} input[name=name]", "Kagamine Rin")
+            await page.screenshot(path=str(tmp_path / "picture-naming.png"))
+            await page.keyboard.press("Enter")
+            await page.wait_for_selector("svg.faces text.who:has-text('Kagamine Rin')")
+            named = store.face_name(f2)
+            assert (named["name"], named["origin"]) == ("Kagamine Rin", "gallery")
+            assert store.embeddings(store.active_identity_model()["version"], [f2])
+            assert "named (gallery)" in await page.locator(f"#face-{f2}").inner_text()
+            # The list entry opens the first face's form too; a known name is picked by typing it.
+            await page.locator(f"#face-{f1}").click()
+            await page.keyboard.type("Hatsune Miku")
+            await page.keyboard.press("Enter")
+            await page.wait_for_selector(f"#face-{f1} .who.named:has-text('Hatsune Miku')")
+            assert store.face_name(f1)["origin"] == "gallery"
+            assert await page.locator("p.chips a.chip").all_inner_texts() == ["Hatsune Miku", "Kagamine Rin"]
+            await page.screenshot(path=str(tmp_path / "picture-named.png"))
+            # "Not this one": the name is taken back.
+            await page.locator(f"#face-{f1} summary").click()
+            await page.locator(f"#face-{f1} form.unname-face button").click()
+            await page.wait_for_selector(f"#face-{f1} .who.none")
+            assert store.face_name(f1) is None
+            # For you filtered by a character (typed or picked in the filter field): its cards, with chips.
+            await page.goto(url)
+            await page.fill("form.filters input[name=character]", "Kagamine Rin")
+            await page.keyboard.press("Enter")
+            await page.wait_for_url("**/?character=Kagamine+Rin")
+            assert await page.locator("article.card a.chip").all_inner_texts() == ["Kagamine Rin"]
+            await page.screenshot(path=str(tmp_path / "for-you-character.png"))
+            await page.goto(url + "model")
+            await page.screenshot(path=str(tmp_path / "model.png"), full_page=True)
+            await browser.close()
+        assert (tmp_path / "picture-naming.png").stat().st_size > 5000
+    finally:
+        await gallery.stop()
+        await astore.close()

@@ -63,6 +63,51 @@
     });
   });
 
+  // Picture page: a click on a face box (or its entry in the list) opens that face's naming form;
+  // the forms post as JSON and the page reloads to show the name (without JS they post plainly).
+  function openFace(id) {
+    const entry = document.getElementById(`face-${id}`);
+    if (!entry) return;
+    document.querySelectorAll("svg.faces rect.face, ol.facelist li").forEach((el) =>
+      el.classList.toggle("selected", el.dataset.face === String(id)));
+    const details = entry.querySelector("details.name-face");
+    details.open = true;
+    const input = details.querySelector("input[name=name]");
+    input.focus();
+    input.select();
+  }
+
+  document.querySelectorAll("svg.faces a[data-face]").forEach((a) => {
+    a.addEventListener("click", (e) => {
+      e.preventDefault();
+      openFace(a.dataset.face);
+    });
+  });
+
+  document.querySelectorAll("ol.facelist li[data-face]").forEach((li) => {
+    li.addEventListener("click", (e) => {
+      if (!e.target.closest("form, summary")) openFace(li.dataset.face);
+    });
+    li.addEventListener("keydown", (e) => {
+      if (e.key === "Escape") li.querySelector("details.name-face").open = false;
+    });
+  });
+
+  document.querySelectorAll("form.name-face, form.unname-face").forEach((form) => {
+    form.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      const input = form.querySelector("input[name=name]");
+      const state = form.closest("li").querySelector(".name-state");
+      try {
+        await post(form.action, input ? { name: input.value } : {});
+      } catch (err) {
+        if (state) state.textContent = err.message.replace(/^\d+ /, "");
+        return;
+      }
+      window.location.reload();
+    });
+  });
+
   document.addEventListener("keydown", (e) => {
     if (e.target.closest && e.target.closest("input, textarea, select")) return;
     if (e.altKey || e.ctrlKey || e.metaKey) return;
