@@ -445,7 +445,7 @@ async def test_page_links_from_sources_are_links_only_for_http_and_https(tmp_pat
     html = await (await client.get(f"/picture/{image_id}")).text()
     assert ("original page</a>" in html) is linked
     hrefs = re.findall(r'href="([^"]*)"', html)
-    assert all(h.startswith(("/", "?", "http://", "https://")) for h in hrefs), hrefs
+    assert all(h.startswith(("/", "?", "#", "http://", "https://")) for h in hrefs), hrefs
     embed = build_embed(image, faces=1, source="feed", exploration=False, reason="top", filename="p.jpg")
     assert (embed.url == page_url) if linked else embed.url is None
     assert any(f.name == "Original" for f in embed.fields) is linked
