@@ -58,7 +58,8 @@ class Recognition:
 
     # ---- keeping the recognizer current ----------------------------------------------------
     async def current(self) -> bool:
-        """Bring the embedder and recognizer up to date; False while no face is named (off)."""
+        """Bring the embedder and recognizer up to date; False while no named face is enrolled
+        (recognition is off)."""
         stamp = await self.store.enrolment_stamp()
         if not stamp[0]:
             self.recognizer, self.key = None, None
@@ -66,10 +67,10 @@ class Recognition:
         row = await self.store.call(ensure_active_embedder, self.icfg, self.cfg.models_path)
         key = (row["version"], row["threshold"], tuple(stamp))
         if key == self.key:
-            return True
+            return len(self.recognizer) > 0
         async with self._refresh:
             if key == self.key:
-                return True
+                return len(self.recognizer) > 0
             if self.embedder is None or self.embedder.version != row["version"]:
                 self.embedder = await asyncio.to_thread(load_embedder, row, self.icfg, self.cfg.models_path)
                 log.info("characters: recognising with identity embedder %s", row["version"])
@@ -80,6 +81,8 @@ class Recognition:
             self.key = key
             log.info("characters: %d named face(s) of %d character(s) enrolled; unknown below similarity %.3f",
                      len(rec), len(rec.characters), self.recognizer.threshold)
+        if not len(self.recognizer):
+            return False
         self._start_catch_up()
         return True
 
@@ -133,7 +136,7 @@ class Recognition:
         """Identify every stored face left to do with the current recognizer, in batches, until
         none is left; a newer recognizer ends the run and starts the next."""
         total = 0
-        while not self.stopping.is_set() and self.recognizer is not None:
+        while not self.stopping.is_set() and self.recognizer is not None and len(self.recognizer):
             key = self.key
             try:
                 total += await self._identify_stored(key, self.embedder, self.recognizer)

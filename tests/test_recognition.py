@@ -185,3 +185,34 @@ def test_character_summary_and_face_numbering():
     assert blocked_character(["Miku", "Rin"], ["rin"]) == "rin" and blocked_character(["Miku"], ["Rin"]) is None
     faces = [{"id": 1, "score": 2.0}, {"id": 2, "score": None}, {"id": 3, "score": 4.5}]
     assert [f["id"] for f in numbered_faces(faces)] == [3, 1, 2]
+
+
+def test_characters_recognize_identifies_stored_faces_from_the_command_line(tmp_path):
+    from bot.manage import ManageError, name_picture_face
+
+    cfg = make_config(tmp_path, CHARS)
+    assert "no face is named yet" in cli(tmp_path, "characters", "recognize").stderr
+    (tmp_path / "alice.jpg").write_bytes(picture(1))
+    assert cli(tmp_path, "characters", "add", "Alice", "alice.jpg", "--crops").returncode == 0
+    with Store.open(cfg.db_path) as store:
+        store.register_model("m", "resnet18", "m.pt")
+        near = Image.open(tmp_path / "alice.jpg")
+        near.save(tmp_path / "near.jpg", "JPEG", quality=80)             # other bytes, the same face
+        data = (tmp_path / "near.jpg").read_bytes()
+        info, _ = inspect(data)
+        image_id = store.add_imported_image(store.import_source_id(), "near.jpg", info,
+                                            store_media(cfg.media_path, data, info))
+        store.record_analysis(image_id, [Face.whole(info.width, info.height, CROP).scored(3.0, None)], 3.0, None, "m")
+        others = [_crop_face(store, cfg.media_path, s) for s in (5, 6)]
+        whole = _crop_face(store, cfg.media_path, 7)
+        store.db.execute("UPDATE faces SET detector = 'whole' WHERE id = ?", [whole])  # no face found in it
+        with pytest.raises(ManageError, match="has no face"):
+            name_picture_face(store, store.execute("SELECT image_id FROM faces WHERE id = ?", [whole])[0]["image_id"],
+                              "Bob", None, origin="discord")
+    out = cli(tmp_path, "characters", "recognize")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "identified 3 stored face(s) with identity-resnet18-random-init"
+    with Store.open(cfg.db_path) as store:
+        assert store.picture_characters([image_id]) == {image_id: ["Alice"]}
+        assert set(store.face_characters(others)) == set(others) and store.face_characters([whole]) == {}
+    assert cli(tmp_path, "characters", "recognize").stdout.strip().startswith("identified 0 stored face(s)")
