@@ -9,7 +9,7 @@
     python main.py eval                     metrics and plots of the active (or --model) model
     python main.py models list|use VERSION  the model registry; use = switch / roll back
     python main.py rescore                  rescore unposted pictures with the active model
-    python main.py characters import|add|identify|train|list|models|use   who is in the faces
+    python main.py characters import|add|identify|train|list|models|use|recognize   who is in the faces
 
 Each command is a ``cmd_*`` function. Errors meant for the user (each package's base error:
 ``ConfigError``, ``StorageError``, ``BadImage``, ``DetectorError``, ``ModelError``,
@@ -491,12 +491,39 @@ def _characters_use(cfg, args, store) -> int:
                      margin=cfg.detector.margin, max_pixels=cfg.download.max_pixels)
     except ModelError as e:
         return _fail(str(e))
-    print(f"active identity embedder: {args.version}")
+    print(f"active identity embedder: {args.version}; a running daemon identifies the stored faces with it "
+          "in the background (or run: python main.py characters recognize)")
     return 0
 
 
-_CHARACTER_ACTIONS = {"models": _characters_models, "use": _characters_use, "import": _characters_import, "add": _characters_add, "identify": _characters_identify,
-                      "list": _characters_list, "train": _characters_train}
+def _characters_recognize(cfg, args, store) -> int:
+    from bot.recognition import Recognition
+    from storage import AsyncStore
+
+    if not store.enrolment_stamp()[0]:
+        return _fail("no face is named yet, so there is no one to recognise "
+                     "(python main.py characters import DIR, or characters add NAME PICTURE...)")
+
+    async def run():
+        astore = AsyncStore(cfg.db_path)
+        try:
+            await astore.open()
+            recognition = Recognition(cfg, astore, asyncio.Event(), {"identified": 0})
+            await recognition.current()        # as the daemon: named faces first, then the rest
+            for task in recognition.running():
+                await task
+            return recognition.stats["identified"], recognition.embedder.version
+        finally:
+            await astore.close()
+
+    n, version = asyncio.run(run())
+    print(f"identified {n} stored face(s) with {version}")
+    return 0
+
+
+_CHARACTER_ACTIONS = {"import": _characters_import, "add": _characters_add, "identify": _characters_identify,
+                      "list": _characters_list, "train": _characters_train, "models": _characters_models,
+                      "use": _characters_use, "recognize": _characters_recognize}
 
 
 # ---- entry point -----------------------------------------------------------------------------
@@ -559,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch_sub.add_parser("models", help="the identity embedders with their metrics; * marks the active one")
     cu = ch_sub.add_parser("use", help="make VERSION the active identity embedder (rollback)")
     cu.add_argument("version")
+    ch_sub.add_parser("recognize", help="identify every stored face now (a running daemon does it in the background)")
     return p
 
 

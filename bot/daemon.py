@@ -13,7 +13,8 @@ write rows), and after a crash or stop the work simply resumes from the rows' st
 :class:`Daemon` owns the life cycle and the wiring; each job is its own class:
 :class:`bot.polling.SourcePoller` (poll jobs and backoff), :class:`bot.pipeline.Pipeline`
 (download and scoring workers), :class:`bot.model_watch.ModelWatcher` (model switches,
-rescoring, retraining). The Discord bot and the web gallery get only the callables they need.
+rescoring, retraining), :class:`bot.recognition.Recognition` (who is in the faces: recognition
+of each scored batch, stored faces identified again when the identity embedder or names change). The Discord bot and the web gallery get only the callables they need.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from bot.manage import sync_config_sources
 from bot.model_watch import ModelWatcher
 from bot.pipeline import Pipeline
 from bot.polling import SourcePoller
+from bot.recognition import Recognition
 from scorer.analyze import Analyzer, build_analyzer
 from sources.http import Http
 from storage.writer import AsyncStore
@@ -46,8 +48,10 @@ class Daemon:
         self.analyzer: Analyzer | None = None
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
-        self.stats = {"polls": 0, "downloaded": 0, "scored": 0, "failed": 0, "rescored": 0}
-        self.pipeline = Pipeline(cfg, self.store, self.http, self.stopping, self.stats)
+        self.stats = {"polls": 0, "downloaded": 0, "scored": 0, "failed": 0, "rescored": 0, "identified": 0}
+        self.recognition = Recognition(cfg, self.store, self.stopping, self.stats)
+        self.pipeline = Pipeline(cfg, self.store, self.http, self.stopping, self.stats,
+                                 recognition=self.recognition)
         self.poller = SourcePoller(cfg, self.store, self.http, self.scheduler, self.stopping, self.stats,
                                    on_new_items=self.pipeline.wake_downloads)
         self.models = ModelWatcher(cfg, self.store, self.scheduler, self.stopping, self.stats)
@@ -69,6 +73,7 @@ class Daemon:
         self.scheduler.start()
         await self.poller.start()
         await self.models.start(self.analyzer)
+        await self.recognition.start(self.scheduler)
         self.pipeline.start(self.analyzer)
         self.start_discord()
         await self.start_gallery()
@@ -82,7 +87,8 @@ class Daemon:
         from bot.web import Gallery
 
         gallery = Gallery(self.cfg, self.store, model_changed=self.models.check_model,
-                          sources_changed=self.poller.refresh_sources)
+                          sources_changed=self.poller.refresh_sources,
+                          characters_changed=self.recognition.check)
         try:
             self.gallery_url = await gallery.start()
         except OSError as e:
@@ -98,7 +104,8 @@ class Daemon:
             return
         from bot.discord_bot import DiscordBot  # discord.py is imported only when it is used
 
-        self.discord = DiscordBot(self.cfg, self.store, request_retrain=self.models.retrain)
+        self.discord = DiscordBot(self.cfg, self.store, request_retrain=self.models.retrain,
+                                  names_changed=self.recognition.names_changed)
         self._discord_task = asyncio.create_task(self.discord.run(), name="discord")
 
     def request_stop(self) -> None:
@@ -121,7 +128,7 @@ class Daemon:
         if self._discord_task is not None and not self._discord_task.done():
             self._discord_task.cancel()
             await asyncio.wait([self._discord_task], timeout=5)
-        work = self.pipeline.running() + self.poller.running() + self.models.running()
+        work = self.pipeline.running() + self.poller.running() + self.models.running() + self.recognition.running()
         pending = [t for t in work if not t.done()]
         if pending:
             done, still = await asyncio.wait(pending, timeout=self.cfg.daemon.stop_timeout)

@@ -55,7 +55,8 @@ class _Client(discord.Client):
 class DiscordBot:
     RETRY_FIRST = 5.0                 # seconds before retrying a failed login; doubles up to 10 minutes
 
-    def __init__(self, cfg: Config, store, request_retrain: Callable[[str], Awaitable[bool]] | None = None):
+    def __init__(self, cfg: Config, store, request_retrain: Callable[[str], Awaitable[bool]] | None = None,
+                 names_changed: Callable[[], Awaitable[object]] | None = None):
         self.cfg = cfg
         self.d = cfg.discord
         self.store = store            # storage.writer.AsyncStore
@@ -68,7 +69,7 @@ class DiscordBot:
         emoji = Reactions(self.d.reactions)   # which emoji is which rating
         self.posts = Poster(cfg, store, emoji, client=lambda: self.client, ready=self.ready)
         self.reactions = ReactionLabels(self.d, store, self.owners, emoji, client=lambda: self.client)
-        self.commands = OwnerCommands(cfg, store, self.posts.post_cycle, request_retrain)
+        self.commands = OwnerCommands(cfg, store, self.posts.post_cycle, request_retrain, names_changed)
 
     # ---- connection ------------------------------------------------------------------------
     async def run(self) -> None:

@@ -3,7 +3,7 @@
 The bot's commands live here, apart from the connection (``bot.discord_bot``), as discord.py's
 examples keep commands in an extension: :class:`OwnerTree` refuses anyone but an owner (an
 ephemeral "Sorry"), :class:`OwnerCommands` adds ``/top``, ``/stats``, ``/pause``, ``/resume``,
-``/source list|add|remove``, ``/why`` and ``/train`` to a tree, and :func:`sync_commands`
+``/source list|add|remove``, ``/why``, ``/name`` and ``/train`` to a tree, and :func:`sync_commands`
 registers them with Discord only when they changed. Every answer is ephemeral.
 """
 from __future__ import annotations
@@ -21,9 +21,10 @@ from discord import app_commands
 
 from bot.config import Config
 from bot.discord_posts import CHANNEL, SETTING_PAUSED
-from bot.manage import (ManageError, add_source, format_stats, parse_pairs, picture_data, remove_source,
-                        source_lines, stats)
-from bot.posting import face_sheet
+from bot.manage import (ManageError, add_source, format_stats, name_picture_face, parse_pairs, picture_data,
+                        remove_source, source_lines, stats)
+from bot.posting import describe_character, face_sheet, numbered_faces
+from storage.characters import CharacterNameError
 
 log = logging.getLogger("tastefeed.discord")
 
@@ -83,15 +84,19 @@ async def sync_commands(tree: app_commands.CommandTree, store, guild_id: int | N
 
 class OwnerCommands:
     """The slash commands. ``post_cycle(n, reason=...)`` posts now (``bot.discord_posts``);
-    ``request_retrain(reason)`` starts a training run (None: /train says it is not available)."""
+    ``request_retrain(reason)`` starts a training run (None: /train says it is not available);
+    ``names_changed()`` makes recognition use a face named by /name at once (the daemon's
+    ``bot.recognition.Recognition.names_changed``; None: recognition picks it up on its own)."""
 
     def __init__(self, cfg: Config, store, post_cycle: Callable[..., Awaitable[list[int]]],
-                 request_retrain: Callable[[str], Awaitable[bool]] | None = None):
+                 request_retrain: Callable[[str], Awaitable[bool]] | None = None,
+                 names_changed: Callable[[], Awaitable[object]] | None = None):
         self.cfg = cfg
         self.d = cfg.discord
         self.store = store            # storage.writer.AsyncStore
         self.post_cycle = post_cycle
         self.request_retrain = request_retrain
+        self.names_changed = names_changed
 
     def register(self, tree: app_commands.CommandTree) -> None:
         """Add the commands to ``tree``."""
@@ -169,6 +174,34 @@ class OwnerCommands:
             files = [discord.File(io.BytesIO(sheet), f"faces-{image_id}.png")] if sheet else []
             await interaction.followup.send(text, files=files, ephemeral=True)
 
+        @tree.command(name="name", description="Name the character of a face in a picture")
+        @app_commands.describe(picture="a message link, a message id, or a picture id like #12",
+                               character="the character's name (new or known)",
+                               face="which face, numbered as /why numbers them (needed when there are several)")
+        async def name_(interaction: discord.Interaction, picture: str, character: str,
+                        face: app_commands.Range[int, 1, 1000] | None = None):
+            image_id = await self.resolve_picture(picture)
+            if image_id is None:
+                await interaction.response.send_message(f"No picture found for {picture!r}.", ephemeral=True)
+                return
+            try:
+                row, created = await self.store.call(name_picture_face, image_id, character, face, origin="discord")
+            except (ManageError, CharacterNameError) as e:
+                await interaction.response.send_message(f"Not named: {e}", ephemeral=True)
+                return
+            await interaction.response.defer(thinking=True, ephemeral=True)
+            name = (await self.store.face_name(row["id"]))["name"]
+            log.info("Discord: face %d of picture %d named %r by %s", row["id"], image_id, name, interaction.user.id)
+            note = ""
+            if self.names_changed is not None:
+                try:
+                    await self.names_changed()   # embedded with the active embedder: recognised from now on
+                except Exception as e:  # noqa: BLE001 - the name is stored; recognition catches up later
+                    note = f" (recognition will use it later: {e})"
+            await interaction.followup.send(
+                f"Named the face of picture #{image_id} at ({row['x1']}, {row['y1']})-({row['x2']}, {row['y2']}) "
+                f"as {name}" + (" (a new character)" if created else "") + "." + note, ephemeral=True)
+
         @tree.command(name="train", description="Start a training run on all labels now")
         async def train(interaction: discord.Interaction):
             if self.request_retrain is None:
@@ -196,15 +229,16 @@ class OwnerCommands:
 
     async def explain(self, image_id: int) -> tuple[str, bytes | None]:
         data = await self.store.call(picture_data, image_id)
-        image, faces, current = data["image"], data["faces"], data["current"]
+        image, faces, current, who = data["image"], data["faces"], data["current"], data["characters"]
         score = "n/a" if image.get("score") is None else f"{image['score']:.2f}"
         lines = [f"Picture #{image_id}: score {score} by model {image.get('model_version')} "
                  f"({self.cfg.scorer.aggregate} of {len(faces)} face(s))"]
-        ordered = sorted(faces, key=lambda f: -(f["score"] if f["score"] is not None else -1))
+        ordered = numbered_faces(faces)
         for i, f in enumerate(ordered, 1):
             kind = "whole picture" if f["detector"] in ("whole", "crop") else f"{f['detector']} face"
             s = "n/a" if f["score"] is None else f"{f['score']:.2f}"
-            lines.append(f"face {i}: {kind} at ({f['x1']}, {f['y1']})-({f['x2']}, {f['y2']}), score {s}")
+            character = f", {describe_character(who[f['id']])}" if f["id"] in who else ""
+            lines.append(f"face {i}: {kind} at ({f['x1']}, {f['y1']})-({f['x2']}, {f['y2']}), score {s}{character}")
         if current is not None:
             lines.append(f"your rating: {current}")
         if image.get("page_url"):

@@ -1,9 +1,10 @@
 """Posting to Discord: the posting cycle, one post, and settling posts left unconfirmed.
 
-A cycle asks the ranking (``scorer.ranking.pick``) for the best unposted pictures this channel
-accepts (``bot.posting.route``: NSFW only to the NSFW channel, blocked tags nowhere) and posts
-each as an embed with the picture attached (shrunk below the upload limit) and the rating
-reactions added as buttons.
+A cycle asks the ranking (``scorer.ranking.pick``, followed characters boosted) for the best
+unposted pictures this channel accepts (``bot.posting.route``: NSFW only to the NSFW channel,
+blocked tags nowhere; ``blocked_character``: blocked characters nowhere, checked again just
+before sending) and posts each as an embed with the picture attached (shrunk below the upload
+limit), the characters in it, and the rating reactions added as buttons.
 
 Posting never posts a picture twice: a ``posts`` row with status ``intent`` is written before
 the message is sent, and the message id after. An intent left by a crash or an unanswered send is
@@ -26,7 +27,7 @@ import discord
 
 from bot.config import Config
 from bot.manage import web_link
-from bot.posting import Reactions, emoji_key, fit_upload, route
+from bot.posting import Reactions, blocked_character, character_summary, emoji_key, fit_upload, route
 from scorer.ranking import Pick, pick
 
 log = logging.getLogger("tastefeed.discord")
@@ -53,7 +54,7 @@ def score_colour(score: float | None) -> discord.Colour:
 
 
 def build_embed(image: dict, *, faces: int, source: str, exploration: bool, reason: str,
-                filename: str) -> discord.Embed:
+                filename: str, characters: str = "") -> discord.Embed:
     score = image.get("score")
     title = image.get("title") or f"Picture #{image['id']}"
     desc = ("🔍 **Exploration**: the model is unsure about this one; your rating teaches it the most."
@@ -63,6 +64,8 @@ def build_embed(image: dict, *, faces: int, source: str, exploration: bool, reas
     embed.add_field(name="Score", value="n/a" if score is None else f"{score:.2f} / 5"
                     + (f" (± {image['uncertainty']:.2f})" if image.get("uncertainty") else ""))
     embed.add_field(name="Faces", value=str(faces))
+    if characters:
+        embed.add_field(name="Characters", value=characters[:1024])
     embed.add_field(name="Source", value=source or "?")
     if image.get("author"):
         embed.add_field(name="Author", value=str(image["author"])[:1024])
@@ -91,6 +94,19 @@ class Poster:
     def _accept(self, row: dict) -> bool:
         return route(row, self.d.channel_id, self.d.nsfw_channel_id, self.d.blocklist) is not None
 
+    def _pick(self, store, n: int) -> list[Pick]:
+        """``pick`` on the writer thread's store: this channel's routes, no blocked character,
+        followed characters boosted."""
+        chars = self.cfg.characters
+
+        def accept(row: dict) -> bool:
+            return self._accept(row) and not (
+                chars.block and blocked_character(store.picture_characters([row["id"]])[row["id"]], chars.block))
+
+        return pick(store, self.cfg.ranking, self.cfg.train.min_labels, n, channel=CHANNEL, rng=self.rng,
+                    accept=accept, near_distance=self.d.near_duplicate_distance, follow=chars.follow,
+                    follow_boost=chars.follow_boost)
+
     async def post_cycle(self, n: int | None = None, *, reason: str = "schedule") -> list[int]:
         """Post up to ``n`` (default ``posts_per_cycle``) pictures; returns the message ids sent."""
         async with self._cycle_lock:
@@ -106,9 +122,7 @@ class Poster:
                 log.warning("Discord: earlier posts are still unconfirmed; posting cycle skipped")
                 return []
             n = n or self.d.posts_per_cycle
-            picks: list[Pick] = await self.store.call(
-                lambda s: pick(s, self.cfg.ranking, self.cfg.train.min_labels, n, channel=CHANNEL, rng=self.rng, accept=self._accept,
-                               near_distance=self.d.near_duplicate_distance))
+            picks: list[Pick] = await self.store.call(self._pick, n)
             sent = []
             for p in picks:
                 if p.reason == "score" and (p.image.get("score") or 0) < self.d.min_score:
@@ -128,6 +142,12 @@ class Poster:
         channel_id = route(image, self.d.channel_id, self.d.nsfw_channel_id, self.d.blocklist)
         if channel_id is None:
             return None
+        faces = await self.store.faces_of(image["id"])
+        who = list((await self.store.face_characters([f["id"] for f in faces])).values())
+        blocked = blocked_character([e["character"] for e in who if e["character"]], self.cfg.characters.block)
+        if blocked:
+            log.info("Discord: picture %d not posted: %s is blocked (characters.block)", image["id"], blocked)
+            return None
         try:
             channel = await self._channel(channel_id)
         except (discord.HTTPException, discord.InvalidData) as e:
@@ -144,10 +164,9 @@ class Poster:
             await self.store.post_failed(post_id, f"cannot prepare the picture: {e}")
             log.warning("Discord: picture %d cannot be prepared: %s", image["id"], e)
             return None
-        faces = await self.store.faces_of(image["id"])
         source = await self.store.source_name(image["source_id"]) if image.get("source_id") else None
         embed = build_embed(image, faces=len(faces), source=source or "?", exploration=p.exploration,
-                            reason=p.reason, filename=upload.filename)
+                            reason=p.reason, filename=upload.filename, characters=character_summary(who))
         post_id = await self.store.post_intent(image["id"], CHANNEL, str(channel_id), exploration=p.exploration,
                                                reason=p.reason if reason == "schedule" else f"{p.reason} ({reason})")
         try:

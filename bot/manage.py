@@ -144,8 +144,35 @@ def picture_data(store, image_id: int) -> dict | None:
     if image is None:
         return None
     source = store.source_name(image["source_id"]) if image.get("source_id") else None
-    return {"image": image, "faces": store.faces_of(image_id), "labels": store.labels_of(image_id),
-            "current": store.current_label(image_id), "source": source}
+    faces = store.faces_of(image_id)
+    return {"image": image, "faces": faces, "labels": store.labels_of(image_id),
+            "current": store.current_label(image_id), "source": source,
+            "characters": store.face_characters([f["id"] for f in faces])}
+
+
+def name_picture_face(store, image_id: int, name: str, number: int | None, *, origin: str) -> tuple[dict, bool]:
+    """Name face ``number`` of a picture (numbered as ``/why`` numbers them, best score first;
+    None: the picture's only face) as the character ``name``, created if new. Returns (the face,
+    whether the character is new); :class:`ManageError` (or ``CharacterNameError``) says why not."""
+    from bot.posting import numbered_faces
+    from storage.characters import check_name
+    from storage.records import WHOLE_PICTURE
+
+    name = check_name(name)
+    faces = numbered_faces(store.faces_of(image_id))
+    if not faces or all(f["detector"] == WHOLE_PICTURE for f in faces):
+        raise ManageError(f"picture #{image_id} has no face (no face was found in it), nothing to name")
+    if number is None:
+        if len(faces) > 1:
+            raise ManageError(f"picture #{image_id} has {len(faces)} faces: say which with face "
+                              f"(1-{len(faces)}, numbered as /why numbers them)")
+        number = 1
+    if not 1 <= number <= len(faces):
+        raise ManageError(f"picture #{image_id} has {len(faces)} face(s): face {number} does not exist")
+    face = faces[number - 1]
+    created = store.character_id(name) is None
+    store.name_face(face["id"], store.character_id(name, create=True), origin=origin)
+    return face, created
 
 
 def stats(store, channel: str | None = None) -> dict:
@@ -164,10 +191,39 @@ def stats(store, channel: str | None = None) -> dict:
                    "scored": counts.get("scored", 0), "failed": counts.get("failed", 0)},
         "sources": {"total": len(sources), "unhealthy": sorted(r["name"] for r in sources if not r["healthy"])},
     }
+    out["characters"] = character_stats(store)
     if channel is not None:
         out["unposted"] = store.count_candidates(channel)
         out["posts"] = store.post_counts(channel)
     return out
+
+
+def character_stats(store) -> dict:
+    """The named characters and the active identity embedder with its metrics (top-1 on held-out
+    faces, and the open-set F1 where its metrics hold one)."""
+    chars = store.list_characters()
+    row = store.active_identity_model() or {}
+    metrics = json.loads(row["metrics"]) if row.get("metrics") else {}
+    open_set = metrics.get("open_set") or {}
+    return {"characters": len(chars), "examples": sum(c["examples"] for c in chars),
+            "weak": sum(c["weak"] or 0 for c in chars), "embedder": row.get("version"),
+            "trained": bool(metrics), "top1": metrics.get("val_top1"),
+            "f1": open_set.get("f1", metrics.get("open_set_f1")), "threshold": row.get("threshold")}
+
+
+def format_characters(c: dict) -> str:
+    if c["embedder"] is None:
+        return f"characters: {c['characters']} named, no identity embedder yet"
+    if not c["trained"]:
+        quality = "untrained (python main.py characters train)"
+    else:
+        quality = ", ".join(part for part in (
+            f"validation top-1 {c['top1']:.3f}" if c["top1"] is not None else "",
+            f"open-set F1 {c['f1']:.3f}" if c["f1"] is not None else "",
+            f"unknown below {c['threshold']:.3f}" if c["threshold"] is not None else "") if part)
+    weak = f", {c['weak']} weak" if c["weak"] else ""
+    return (f"characters: {c['characters']} ({c['examples']} example(s){weak}); "
+            f"identity embedder {c['embedder']} — {quality}")
 
 
 def format_stats(s: dict) -> list[str]:
@@ -179,6 +235,8 @@ def format_stats(s: dict) -> list[str]:
     lines = [f"labels: {s['labelled_pictures']} picture(s) rated ({s['label_rows']} label(s))",
              f"model: {s['model'] or 'none'} — {quality}",
              "queues: " + ", ".join(f"{k} {v}" for k, v in q.items())]
+    if "characters" in s:
+        lines.append(format_characters(s["characters"]))
     if "unposted" in s:
         lines.append(f"unposted candidates: {s['unposted']}; posts: "
                      + (", ".join(f"{k} {v}" for k, v in sorted(s["posts"].items())) or "none"))

@@ -7,7 +7,9 @@ Bounded asyncio queues hold only image ids and are refilled from the database by
 memory stays bounded, a slow model never blocks polling, and after a crash or stop the work
 resumes from the rows' status. Downloading and decoding run in worker threads; the scoring
 worker takes the ids waiting in its queue as one batch (up to ``scorer.batch_size``) and runs
-detection and scoring in a worker thread. Every write goes through the single writer thread.
+detection and scoring in a worker thread; then the faces of the batch are identified
+(``bot.recognition.Recognition.recognize_pictures``: who is in them, when characters are
+named). Every write goes through the single writer thread.
 """
 from __future__ import annotations
 
@@ -30,8 +32,10 @@ ACCEPTED_CONTENT_TYPES = ("image/", "application/octet-stream", "binary/octet-st
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, store, http: Http, stopping: asyncio.Event, stats: dict):
+    def __init__(self, cfg: Config, store, http: Http, stopping: asyncio.Event, stats: dict, *,
+                 recognition=None):
         self.cfg = cfg
+        self.recognition = recognition  # bot.recognition.Recognition (None: faces are not identified)
         self.store = store            # storage.writer.AsyncStore
         self.http = http
         self.stopping = stopping
@@ -217,3 +221,5 @@ class Pipeline:
             else:
                 log.info("image %d (%s): %d face(s), score %.2f", row["id"], name,
                          0 if res.whole else len(res.faces), res.score)
+        if self.recognition is not None:  # who is in the faces (never raises)
+            await self.recognition.recognize_pictures([row["id"] for row in rows])

@@ -1,7 +1,9 @@
 """What may be posted where, and the files that go with a post: plain functions, no Discord.
 
 - :func:`route`: the channel a picture goes to by its source's content rating and tags
-  (questionable/explicit only to the NSFW channel, blocked tags nowhere).
+  (questionable/explicit only to the NSFW channel, blocked tags nowhere); :func:`blocked_character`:
+  a picture with a character of ``characters.block`` goes nowhere.
+- :func:`character_summary`: who is in a picture, as posts and ``/why`` say it.
 - :class:`Reactions`: the emoji -> rating mapping (``discord.reactions``).
 - :func:`fit_upload`: the picture's bytes, recompressed/downscaled below an upload limit.
 - :func:`face_sheet`: the face crops of a picture side by side with their scores (``/why``).
@@ -54,6 +56,41 @@ def blocked_tag(image: dict, blocklist: list[str]) -> str | None:
     return next((t for t in blocklist if t.lower() in tags), None)
 
 
+def blocked_character(names: list[str], block: list[str]) -> str | None:
+    """The first of ``block`` among a picture's characters (``names``), case-insensitively."""
+    have = {n.casefold() for n in names}
+    return next((b for b in block if b.casefold() in have), None)
+
+
+def describe_character(entry: dict) -> str:
+    """One face's character (an entry of ``Store.face_characters``): ``Miku (named)``, ``Miku
+    (0.83)`` for a recognised face with its similarity, or ``unknown (0.41)``."""
+    if entry["named_by"]:
+        return f"{entry['character']} (named{', weak' if entry['weak'] else ''})"
+    return f"{entry['character'] or 'unknown'} ({entry['similarity']:.2f})"
+
+
+def character_summary(entries: list[dict]) -> str:
+    """The known characters of a picture's faces (entries of ``Store.face_characters``), each once:
+    ``Miku (named), Rin (0.83)``; named beats recognised, else the best similarity. "" if none."""
+    best: dict[str, dict] = {}
+    for e in entries:
+        name = e["character"]
+        if name is None:
+            continue
+        old = best.get(name)
+        if old is None or (e["named_by"] and not old["named_by"]) or (
+                not old["named_by"] and (e["similarity"] or 0) > (old["similarity"] or 0)):
+            best[name] = e
+    return ", ".join(describe_character(best[n]) for n in sorted(best, key=str.casefold))
+
+
+def numbered_faces(faces: list[dict]) -> list[dict]:
+    """A picture's faces in the order ``/why``, its face sheet and ``/name`` number them (face 1,
+    2, ...): best score first."""
+    return sorted(faces, key=lambda f: -(f.get("score") if f.get("score") is not None else -1))
+
+
 def route(image: dict, channel_id: int, nsfw_channel_id: int, blocklist: list[str]) -> int | None:
     """The channel id ``image`` may be posted to, or None (blocked tag, or NSFW with no NSFW channel)."""
     if blocked_tag(image, blocklist):
@@ -100,7 +137,7 @@ def face_sheet(media_root: str | Path, rel: str, faces: list[dict], *, margin: f
                max_pixels: int = 90_000_000) -> bytes:
     """PNG: each face crop (as the model saw it) with its score below, left to right, best first."""
     im = load_media(media_root, rel, max_pixels=max_pixels).convert("RGB")
-    faces = sorted(faces, key=lambda f: -(f.get("score") if f.get("score") is not None else -1))[:10]
+    faces = numbered_faces(faces)[:10]
     sheet = Image.new("RGB", (max(1, len(faces)) * (size + 8) + 8, size + 36), "white")
     draw = ImageDraw.Draw(sheet)
     for i, f in enumerate(faces):

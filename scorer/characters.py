@@ -9,15 +9,21 @@ them: the :class:`~scorer.identity.Recognizer` built from the store uses them at
 
 Pictures are stored as ``import-labels`` stores them (media by hash, status ``importing`` until the
 analyzer has detected and scored their faces); a picture with exactly one face names that face
-(with ``crops``, the whole picture is the face). ``store`` is a sync Store throughout.
+(with ``crops``, the whole picture is the face). ``store`` is a sync Store, except in the last
+section: recognising stored faces (:func:`recognize_faces`, :func:`identify_stored`) takes an
+async store (``storage.writer.AsyncStore``), as ``scorer/rescore.py`` does, so the daemon's
+writes stay on its writer thread while crops are embedded in a worker thread.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from scorer.analyze import face_crop
@@ -81,7 +87,12 @@ def build_recognizer(store, row: dict, icfg) -> Recognizer:
     now on the examples themselves (leave-one-out). With the untrained embedder, whose random
     features tell little apart, a face also counts its similarity to a character's nearest
     example, so an enrolled picture (or a near copy) is recognised at once."""
-    rec = Recognizer.from_store(store, row["version"], k=icfg.k, nearest=untrained(row))
+    return with_threshold(Recognizer.from_store(store, row["version"], k=icfg.k, nearest=untrained(row)), row, icfg)
+
+
+def with_threshold(rec: Recognizer, row: dict, icfg) -> Recognizer:
+    """``rec`` with the embedder ``row``'s calibrated threshold, else one calibrated now on the
+    enrolled examples (see :func:`build_recognizer`)."""
     if row.get("threshold") is not None:
         rec.threshold = row["threshold"]
     else:
@@ -90,17 +101,15 @@ def build_recognizer(store, row: dict, icfg) -> Recognizer:
 
 
 # ---- embedding stored faces ------------------------------------------------------------------
-def embed_faces(store, embedder: Embedder, faces: list[dict], media_root: str | Path, *, margin: float,
-                max_pixels: int = 90_000_000) -> int:
-    """Embed stored faces (rows with ``id``, ``image_id``, box, ``detector``, ``media_path``) that
-    have no embedding of this version yet; return how many were embedded."""
-    have = store.embeddings(embedder.version, [f["id"] for f in faces])
-    todo: dict[str, list[dict]] = {}
+def embed_crops(embedder: Embedder, faces: list[dict], media_root: str | Path, *, margin: float,
+                max_pixels: int = 90_000_000) -> dict[int, np.ndarray]:
+    """face id -> embedding of stored faces (rows with ``id``, box, ``detector``, ``media_path``);
+    the faces of a picture that cannot be read are left out (one warning)."""
+    by_picture: dict[str, list[dict]] = {}
     for f in faces:
-        if f["id"] not in have:
-            todo.setdefault(f["media_path"], []).append(f)
+        by_picture.setdefault(f["media_path"], []).append(f)
     ids, crops = [], []
-    for media_path, rows in todo.items():
+    for media_path, rows in by_picture.items():
         try:
             im = load_media(media_root, media_path, max_pixels=max_pixels)
         except (OSError, BadImage) as e:
@@ -109,9 +118,19 @@ def embed_faces(store, embedder: Embedder, faces: list[dict], media_root: str | 
         for f in rows:
             ids.append(f["id"])
             crops.append(face_crop(im, Face.from_row(f), margin))
-    if crops:
-        store.save_embeddings(embedder.version, dict(zip(ids, embedder.embed(crops))))
-    return len(ids)
+    return dict(zip(ids, embedder.embed(crops))) if crops else {}
+
+
+def embed_faces(store, embedder: Embedder, faces: list[dict], media_root: str | Path, *, margin: float,
+                max_pixels: int = 90_000_000) -> int:
+    """Embed stored faces (rows with ``id``, ``image_id``, box, ``detector``, ``media_path``) that
+    have no embedding of this version yet; return how many were embedded."""
+    have = store.embeddings(embedder.version, [f["id"] for f in faces])
+    vectors = embed_crops(embedder, [f for f in faces if f["id"] not in have], media_root, margin=margin,
+                          max_pixels=max_pixels)
+    if vectors:
+        store.save_embeddings(embedder.version, vectors)
+    return len(vectors)
 
 
 def embed_named(store, embedder: Embedder, media_root, *, margin: float, max_pixels: int = 90_000_000) -> int:
@@ -226,3 +245,57 @@ def identify_pictures(paths: list[Path], detector, embedder: Embedder, recognize
         out.append(entry)
     return out
 
+
+# ---- recognising stored faces (async store) --------------------------------------------------
+async def embed_stored(store, embedder: Embedder, faces: list[dict], media_root: str | Path, *, margin: float,
+                       max_pixels: int = 90_000_000) -> dict[int, np.ndarray]:
+    """face id -> this embedder's embedding of stored faces (rows as for :func:`embed_faces`),
+    embedding in a worker thread, and storing, those it has not embedded yet. ``store`` is an
+    async store."""
+    if not faces:
+        return {}
+    vectors = await store.embeddings(embedder.version, [f["id"] for f in faces])
+    todo = [f for f in faces if f["id"] not in vectors]
+    if todo:
+        new = await asyncio.to_thread(embed_crops, embedder, todo, media_root, margin=margin, max_pixels=max_pixels)
+        if new:
+            await store.save_embeddings(embedder.version, new)
+        vectors.update(new)
+    return vectors
+
+
+async def recognize_faces(store, embedder: Embedder, recognizer: Recognizer, faces: list[dict],
+                          media_root: str | Path, *, margin: float,
+                          max_pixels: int = 90_000_000) -> dict[int, tuple[int | None, float]]:
+    """Embed (:func:`embed_stored`) and identify stored faces, storing the results; returns face
+    id -> (character id or None for unknown, similarity). ``store`` is an async store."""
+    vectors = await embed_stored(store, embedder, faces, media_root, margin=margin, max_pixels=max_pixels)
+    if not vectors:
+        return {}
+    ids = list(vectors)
+    found = await asyncio.to_thread(recognizer.identify, np.stack([vectors[i] for i in ids]))
+    results = dict(zip(ids, found))
+    await store.save_identities(embedder.version, results)
+    return results
+
+
+async def identify_stored(store, embedder: Embedder, recognizer: Recognizer, *, since: str | None,
+                          media_root: str | Path, margin: float, max_pixels: int = 90_000_000,
+                          batch_size: int = 64, should_stop: Callable[[], bool] = lambda: False,
+                          on_batch: Callable[[int], None] | None = None) -> int:
+    """Identify every stored, unnamed face that has no result of this embedder made at or after
+    ``since`` (the newest name's time), in batches by face id, embedding those it has not
+    embedded (after a promotion, all of them); returns how many were identified. Everything it
+    did is stored per batch, so an interrupted run resumes where it stopped."""
+    done, after = 0, 0
+    while not should_stop():
+        faces = await store.faces_to_identify(embedder.version, since, batch_size, after)
+        if not faces:
+            break
+        after = faces[-1]["id"]
+        results = await recognize_faces(store, embedder, recognizer, faces, media_root, margin=margin,
+                                        max_pixels=max_pixels)
+        done += len(results)
+        if on_batch is not None:
+            on_batch(len(results))
+    return done

@@ -12,8 +12,10 @@ at random, so 0.2 of 1 pick explores one time in five). With a trained model the
 model is least sure about (the largest spread between a face and its mirror image, one of the ten
 most uncertain at random); while cold, uniform random candidates. They are marked ``exploration``
 so posts can say so. Candidates are scored, unposted (on that channel), unlabelled and not
-duplicates; ``accept`` filters them further (content rating, tag blocklist) and ``near_distance``
-skips pictures whose perceptual hash is that close to one already posted on the channel.
+duplicates; ``accept`` filters them further (content rating, tag blocklist, blocked characters)
+and ``near_distance`` skips pictures whose perceptual hash is that close to one already posted on
+the channel. Pictures of followed characters (``characters.follow``) rank as if their score were
+``characters.follow_boost`` higher (see ``Store.ranked_candidates``).
 """
 from __future__ import annotations
 
@@ -61,9 +63,10 @@ def exploration_count(n: int, share: float, rng: random.Random) -> int:
 
 def pick(store, ranking: RankingConfig, min_labels: int, n: int = 1, *, channel: str = "discord",
          rng: random.Random | None = None, accept: Callable[[dict], bool] | None = None,
-         near_distance: int = -1) -> list[Pick]:
+         near_distance: int = -1, follow: list[str] = (), follow_boost: float = 0.0) -> list[Pick]:
     """Up to ``n`` pictures to show next on ``channel`` (``store`` is a sync Store); cold while
-    fewer than ``min_labels`` pictures are labelled (see :func:`is_cold`)."""
+    fewer than ``min_labels`` pictures are labelled (see :func:`is_cold`); pictures of the
+    characters in ``follow`` are boosted by ``follow_boost``."""
     rng = rng or random.Random()
     cold = is_cold(store, min_labels)
     share = ranking.cold_exploration if cold else ranking.exploration
@@ -73,15 +76,16 @@ def pick(store, ranking: RankingConfig, min_labels: int, n: int = 1, *, channel:
     seen = [int(h) for h in store.posted_phashes(channel)] if near_distance >= 0 else []
     picks: list[Pick] = []
     passed: set[int] = set()  # chosen or filtered out
+    boost = {"follow": list(follow), "follow_boost": follow_boost}
     for explore in slots:
         if explore:
             order = "random" if cold else "uncertain"
         else:
             order = "popularity" if cold else "score"
-        row = _next(store, channel, order, passed, accept, seen, near_distance, rng if explore else None)
+        row = _next(store, channel, order, passed, accept, seen, near_distance, rng if explore else None, boost)
         if row is None and explore:  # nothing to explore: fill the slot by rank
             explore, order = False, "popularity" if cold else "score"
-            row = _next(store, channel, order, passed, accept, seen, near_distance, None)
+            row = _next(store, channel, order, passed, accept, seen, near_distance, None, boost)
         if row is None:
             break
         if explore:
@@ -96,10 +100,10 @@ def pick(store, ranking: RankingConfig, min_labels: int, n: int = 1, *, channel:
     return picks
 
 
-def _next(store, channel, order, passed, accept, seen, near_distance, rng) -> dict | None:
+def _next(store, channel, order, passed, accept, seen, near_distance, rng, boost) -> dict | None:
     scanned = 0
     while scanned < MAX_SCANNED:
-        rows = store.ranked_candidates(channel, order, BATCH, exclude=passed)
+        rows = store.ranked_candidates(channel, order, BATCH, exclude=passed, **boost)
         if not rows:
             return None
         if rng is not None and order == "uncertain":

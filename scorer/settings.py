@@ -9,7 +9,7 @@ The other scorer tables live beside their code: ``DetectorConfig`` in ``scorer/d
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 
@@ -93,6 +93,9 @@ class IdentityConfig:
     k: int = 5                            # k-nearest-neighbour votes over enrolled examples
     threshold_precision: float = 0.9      # the unknown threshold is calibrated to this precision
     seed: int = 0
+    follow: list[str] = field(default_factory=list)  # characters whose pictures are boosted in posting
+    follow_boost: float = 0.5             # added to a followed picture's predicted score (1-5) when ranking
+    block: list[str] = field(default_factory=list)   # a picture with any of these characters is never posted
 
     def check(self):
         for key in ("image_size", "embedding_dim", "epochs", "batch_size", "lr", "scale", "patience", "k"):
@@ -111,4 +114,16 @@ class IdentityConfig:
             return "threshold_precision", f"expected a number above 0 and at most 1, got {self.threshold_precision!r}"
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             return "device", f"expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}"
+        if self.follow_boost < 0:
+            return "follow_boost", f"expected 0 or more, got {self.follow_boost!r}"
+        from storage.characters import CharacterNameError, check_name
+
+        for key in ("follow", "block"):
+            try:
+                setattr(self, key, [check_name(name) for name in getattr(self, key)])
+            except CharacterNameError as e:
+                return key, str(e)
+        both = {n.casefold() for n in self.follow} & {n.casefold() for n in self.block}
+        if both:
+            return "block", f"{sorted(both)[0]!r} is both followed and blocked"
         return None

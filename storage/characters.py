@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from storage.records import WHOLE_PICTURE
+
 NAME_ORIGINS = ("import", "enrol", "booru", "gallery", "discord")
 MAX_NAME = 100
 
@@ -161,6 +163,37 @@ class CharacterMethods:
             "SELECT face_identity.face_id, characters.name, face_identity.similarity FROM face_identity "
             "LEFT JOIN characters ON characters.id = face_identity.character_id WHERE model_version = ? "
             f"AND face_id IN ({','.join('?' * len(face_ids))})", [model_version, *face_ids])}
+
+    def enrolment_stamp(self) -> tuple[int, str | None]:
+        """(number of named faces, time of the newest name): it changes whenever a face is named or
+        renamed (the CLI, the gallery, Discord, booru tags), so a recognizer built from the names
+        knows cheaply when it is stale."""
+        n, newest = self.db.execute("SELECT COUNT(*), MAX(created_at) FROM face_names").fetchone()
+        return n, newest
+
+    def faces_to_identify(self, model_version: str, since: str | None, limit: int, after_id: int = 0) -> list[dict]:
+        """Unnamed faces of stored pictures (detected boxes and imported crops, not whole pictures
+        in which no face was found) with no recognition result of ``model_version`` made at or after
+        ``since`` (the newest name's time: older results are stale), by id, after ``after_id``;
+        each row has the picture's ``media_path``."""
+        return [dict(r) for r in self.db.query(
+            "SELECT faces.*, images.media_path FROM faces JOIN images ON images.id = faces.image_id "
+            "LEFT JOIN face_identity ON face_identity.face_id = faces.id AND face_identity.model_version = ? "
+            "WHERE faces.id > ? AND faces.detector != ? AND images.media_path IS NOT NULL "
+            "AND faces.id NOT IN (SELECT face_id FROM face_names) "
+            "AND (face_identity.face_id IS NULL OR face_identity.created_at < ?) ORDER BY faces.id LIMIT ?",
+            [model_version, after_id, WHOLE_PICTURE, since or "", limit])]
+
+    def faces_of_pictures(self, image_ids) -> list[dict]:
+        """The unnamed faces (not whole pictures) of these pictures with their ``media_path``, by id."""
+        image_ids = list(image_ids)
+        if not image_ids:
+            return []
+        return [dict(r) for r in self.db.query(
+            "SELECT faces.*, images.media_path FROM faces JOIN images ON images.id = faces.image_id "
+            f"WHERE faces.image_id IN ({','.join('?' * len(image_ids))}) AND faces.detector != ? "
+            "AND images.media_path IS NOT NULL AND faces.id NOT IN (SELECT face_id FROM face_names) "
+            "ORDER BY faces.id", [*image_ids, WHOLE_PICTURE])]
 
     # ---- who is in a picture ---------------------------------------------------------------------
     def face_characters(self, face_ids) -> dict[int, dict]:

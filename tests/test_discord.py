@@ -60,7 +60,7 @@ cold_exploration = {opts["cold_exploration"]}
 exploration = 0.0
 [train]
 min_labels = 0
-'''
+''' + opts.get("extra", "")
     return make_config(tmp_path, extra)
 
 
@@ -383,3 +383,113 @@ async def test_a_refused_token_turns_discord_off_with_one_message(tmp_path, fake
         await daemon.stop()
     assert "Discord: the token was refused" in caplog.text
     assert "another-token.x.y" not in caplog.text
+
+
+# ---- characters --------------------------------------------------------------------------------
+def text_of(reply: dict) -> str:
+    """The text of an interaction reply (an immediate answer or a follow-up)."""
+    return reply.get("content") or reply.get("data", {}).get("content") or ""
+
+
+async def answer(fake, name: str, uid: int, options: list[dict] | None = None, n: int = 1) -> str:
+    """The text of the ``n``-th reply to a slash command (2 when it is deferred first)."""
+    iid = await fake.command(name, uid, options)
+    replies = await wait_for(lambda: _async(len(fake.replies_to(iid)) >= n and fake.replies_to(iid)))
+    return text_of(replies[n - 1])
+
+
+def name_options(picture: str, character: str, face: int | None = None) -> list[dict]:
+    options = [{"name": "picture", "type": 3, "value": picture}, {"name": "character", "type": 3, "value": character}]
+    return options + ([{"name": "face", "type": 4, "value": face}] if face is not None else [])
+
+
+def give_characters(cfg, names: dict[int, str], seen: dict[int, tuple[str | None, float]]) -> str:
+    """Name the first face of some pictures and store recognition results for others, as the
+    daemon's recognition would (named first, so none of it is stale); the active embedder's version."""
+    from scorer.characters import ensure_active_embedder
+
+    with Store.open(cfg.db_path) as store:
+        version = ensure_active_embedder(store, cfg.characters, cfg.models_path)["version"]
+        first = {i: store.faces_of(i)[0]["id"] for i in [*names, *seen]}
+        for image_id, name in names.items():
+            store.name_face(first[image_id], store.character_id(name, create=True), origin="gallery")
+        store.save_identities(version, {first[i]: (None if n is None else store.character_id(n, create=True), sim)
+                                        for i, (n, sim) in seen.items()})
+    return version
+
+
+CHARACTERS = "\n[characters]\nimage_size = 32\nembedding_dim = 32\n"
+
+
+async def test_followed_characters_are_boosted_blocked_ones_never_posted_and_posts_say_who(tmp_path, fake):
+    cfg = discord_config(tmp_path, fake, posts_per_cycle=3, extra=CHARACTERS + 'follow = ["miku"]\n'
+                         'follow_boost = 0.5\nblock = ["Rin"]\n')
+    ids = seed(cfg, [{"popularity": 1, "score": s} for s in (4.0, 3.3, 3.5, 3.6, 2.0, 3.0)], trained=True)
+    blocked, followed, unknown, plain, seen, seen_rin = ids
+    give_characters(cfg, {blocked: "Rin", followed: "Miku"},
+                    {unknown: (None, 0.31), plain: (None, 0.2), seen: ("Miku", 0.8), seen_rin: ("Rin", 0.9)})
+    daemon = await started(cfg)
+    try:
+        first = await messages(fake, fake.channel_id, 3)
+        # Miku's 3.3 ranks as 3.8: above 3.6 and 3.5; Rin's 4.0 is never posted
+        assert [footer_id(m) for m in first] == [followed, plain, unknown]
+        fields = [{f["name"]: f["value"] for f in m["embeds"][0]["fields"]} for m in first]
+        assert fields[0]["Characters"] == "Miku (named)"
+        assert "Characters" not in fields[1] and "Characters" not in fields[2]     # unknown faces only
+        assert await daemon.discord.posts.post_cycle(5, reason="command")
+        later = fake.messages_in(fake.channel_id)
+        assert [footer_id(m) for m in later[3:]] == [seen]                          # 2.0 (+0.5), not Rin
+        assert {f["name"]: f["value"] for f in later[3]["embeds"][0]["fields"]}["Characters"] == "Miku (0.80)"
+        store = open_store(cfg)
+        assert not store.execute("SELECT * FROM posts WHERE image_id IN (?, ?)", [blocked, seen_rin])
+
+        why = await answer(fake, "why", fake.owner_id, [{"name": "picture", "type": 3, "value": f"#{seen}"}], n=2)
+        assert "face 1: animeface face at (20, 20)-(90, 100), score 2.00, Miku (0.80)" in why
+        why = await answer(fake, "why", fake.owner_id, [{"name": "picture", "type": 3, "value": f"#{followed}"}], n=2)
+        assert "score 3.30, Miku (named)" in why
+    finally:
+        await daemon.stop()
+
+
+async def test_name_names_a_face_for_the_owner_only_and_recognition_uses_it_at_once(tmp_path, fake):
+    cfg = discord_config(tmp_path, fake, posts_per_cycle=1, extra=CHARACTERS)
+    one, two = seed(cfg, [{"popularity": 10, "faces": 1}, {"popularity": 5, "faces": 2}])
+    daemon = await started(cfg)
+    store = open_store(cfg)
+    try:
+        [msg] = await messages(fake, fake.channel_id, 1)
+        assert footer_id(msg) == one
+        refused = await answer(fake, "name", fake.stranger_id, name_options(f"#{one}", "Alice"))
+        assert "only this bot's owner" in refused and store.list_characters() == []
+
+        link = f"https://discord.com/channels/{fake.guild_id}/{fake.channel_id}/{msg['id']}"
+        done = await answer(fake, "name", fake.owner_id, name_options(link, "Alice 🎀"), n=2)
+        assert done == f"Named the face of picture #{one} at (20, 20)-(90, 100) as Alice 🎀 (a new character)."
+        [face] = store.faces_of(one)
+        assert store.face_name(face["id"])["name"] == "Alice 🎀" and store.face_name(face["id"])["origin"] == "discord"
+        version = store.active_identity_model()["version"]
+        assert set(store.embeddings(version, [face["id"]])) == {face["id"]}    # embedded: recognised from now on
+        assert daemon.recognition.recognizer is not None and len(daemon.recognition.recognizer) == 1
+
+        several = await answer(fake, "name", fake.owner_id, name_options(f"#{two}", "Bob"))
+        assert several == (f"Not named: picture #{two} has 2 faces: say which with face "
+                           "(1-2, numbered as /why numbers them)")
+        second = await answer(fake, "name", fake.owner_id, name_options(f"#{two}", "Bob", face=2), n=2)
+        assert "as Bob (a new character)" in second and "(110, 20)-(180, 100)" in second
+        faces = store.faces_of(two)                      # face 2 in /why: the lower score
+        assert store.face_name(faces[1]["id"])["name"] == "Bob" and store.face_name(faces[0]["id"]) is None
+        again = await answer(fake, "name", fake.owner_id, name_options(f"#{two}", "Alice 🎀", face=1), n=2)
+        assert again.endswith("as Alice 🎀.")
+
+        for options, message in [(name_options(f"#{one}", "a/b"), "Not named: character name 'a/b': no slashes allowed"),
+                                 (name_options(f"#{one}", "  "), "Not named: a character name cannot be empty"),
+                                 (name_options(f"#{two}", "Bob", face=3), f"picture #{two} has 2 face(s): face 3 does not exist"),
+                                 (name_options("#9999", "Bob"), "No picture found for '#9999'.")]:
+            assert message in await answer(fake, "name", fake.owner_id, options)
+        assert sorted(r["name"] for r in store.list_characters()) == ["Alice 🎀", "Bob"]
+
+        stats = await answer(fake, "stats", fake.owner_id)
+        assert f"characters: 2 (3 example(s)); identity embedder {version} — untrained" in stats
+    finally:
+        await daemon.stop()
+    assert not fake.unknown
