@@ -277,3 +277,52 @@ def test_train_needs_two_characters(tmp_path):
     assert cli(tmp_path, "characters", "import", tmp_path / "faces", "--crops").returncode == 0
     out = cli(tmp_path, "characters", "train")
     assert out.returncode == 1 and "training needs 2 or more" in out.stderr
+
+
+# ---- weak names from booru character tags --------------------------------------------------------
+def _booru_picture(store, media, seed: int, characters, boxes) -> int:
+    """A scored booru picture whose tags name ``characters``, with a face per box (none: the
+    whole picture); its image id."""
+    from storage.records import WHOLE_PICTURE
+
+    sid = store.upsert_source("booru", "booru", {"enabled": False, "interval": 60, "options": {}}, origin="cli")
+    data = picture(seed, size=(300, 200))
+    info, _ = inspect(data)
+    [image_id] = store.save_poll(sid, [{"external_id": f"post{seed}", "page_url": f"https://b.example/{seed}",
+                                        "tags": ["solo", *characters], "characters": characters}], {})
+    store.record_download(image_id, info, store_media(media, data, info), near_distance=-1)
+    faces = [Face(*box, 0.9, "animeface").scored(3.0, None) for box in boxes] or \
+        [Face.whole(info.width, info.height, WHOLE_PICTURE).scored(3.0, None)]
+    store.record_analysis(image_id, faces, 3.0, None, "m")
+    return image_id
+
+
+def test_one_character_tag_and_one_face_give_a_weak_name(tmp_path, caplog):
+    import logging
+
+    one, two = [(10, 10, 90, 90)], [(10, 10, 90, 90), (150, 10, 230, 90)]
+    with Store.open(tmp_path / "t.db") as store:
+        store.register_model("m", "resnet18", "m.pt", activate=True)
+        media = tmp_path / "media"
+        named = _booru_picture(store, media, 1, ["hatsune_miku"], one)
+        cases = {_booru_picture(store, media, 2, ["hatsune_miku", "kagamine_rin"], one): "two characters",
+                 _booru_picture(store, media, 3, ["hatsune_miku"], two): "two faces",
+                 _booru_picture(store, media, 4, ["hatsune_miku"], []): "no face (whole picture)",
+                 _booru_picture(store, media, 5, [], one): "no character tag",
+                 _booru_picture(store, media, 6, ["saber_(fate/stay_night)"], one): "a tag with a slash"}
+        assert store.name_from_tags(named) == "hatsune_miku"
+        [face] = store.faces_of(named)
+        assert store.face_name(face["id"])["origin"] == "booru" and store.face_name(face["id"])["weak"] == 1
+        with caplog.at_level(logging.DEBUG, logger="tastefeed.characters"):
+            for image_id, why in cases.items():
+                assert store.name_from_tags(image_id) is None, why
+                assert all(store.face_name(f["id"]) is None for f in store.faces_of(image_id)), why
+        assert "no slashes allowed" in caplog.text
+        assert [(r["name"], r["examples"], r["weak"]) for r in store.list_characters()] == [("hatsune_miku", 1, 1)]
+        # a face named already keeps its name
+        rin = store.character_id("Rin", create=True)
+        other = _booru_picture(store, media, 7, ["hatsune_miku"], one)
+        store.name_face(store.faces_of(other)[0]["id"], rin, origin="gallery")
+        assert store.name_from_tags(other) is None
+        assert store.face_name(store.faces_of(other)[0]["id"])["name"] == "Rin"
+        assert store.name_from_tags(10_000) is None                     # no such picture
