@@ -220,6 +220,17 @@ class CharacterMethods:
             if activate:
                 self.db.execute("UPDATE identity_models SET active = (version = ?)", [version])
 
+    def update_identity_metrics(self, version: str, metrics: dict) -> bool:
+        """Merge ``metrics`` into the stored metrics of an embedder version (its keys replace
+        those of the same name); False when there is no such version."""
+        with self.db.conn:
+            row = self.db.execute("SELECT metrics FROM identity_models WHERE version = ?", [version]).fetchone()
+            if row is None:
+                return False
+            merged = {**(json.loads(row[0]) if row[0] else {}), **metrics}
+            self.db.execute("UPDATE identity_models SET metrics = ? WHERE version = ?", [json.dumps(merged), version])
+        return True
+
     def active_identity_model(self) -> dict | None:
         rows = list(self.db.query("SELECT * FROM identity_models WHERE active = 1 LIMIT 1"))
         return dict(rows[0]) if rows else None
