@@ -9,7 +9,7 @@
     python main.py eval                     metrics and plots of the active (or --model) model
     python main.py models list|use VERSION  the model registry; use = switch / roll back
     python main.py rescore                  rescore unposted pictures with the active model
-    python main.py characters import|add|identify|train|list|models|use|recognize   who is in the faces
+    python main.py characters import|add|identify|train|eval|list|models|use|recognize   who is in the faces
 
 Each command is a ``cmd_*`` function. Errors meant for the user (each package's base error:
 ``ConfigError``, ``StorageError``, ``BadImage``, ``DetectorError``, ``ModelError``,
@@ -445,9 +445,44 @@ def _characters_list(cfg, args, store) -> int:
     rows = store.list_characters()
     if not rows:
         print("no characters yet: python main.py characters import DIR, or characters add NAME PICTURE...")
+        return 0
+    active = store.active_identity_model()
+    per = (json.loads(active["metrics"]) if active and active["metrics"] else {}).get("per_character") or {}
     for r in rows:
         weak = f" ({r['weak']} weak)" if r["weak"] else ""
-        print(f"{r['name']}  {r['examples']} example(s){weak}")
+        acc = per.get(r["name"])
+        accuracy = f"{acc['accuracy']:.2f} of {acc['n']}" if acc else "-"
+        print(f"{r['name']}  {r['examples']} example(s){weak}  validation accuracy {accuracy}")
+    return 0
+
+
+def _characters_eval(cfg, args, store) -> int:
+    from scorer.identity_eval import EvalError, evaluate_identity
+
+    try:
+        ev = evaluate_identity(store, cfg.paths, cfg.characters, margin=cfg.detector.margin,
+                               max_pixels=cfg.download.max_pixels, version=args.model, out_dir=args.out)
+    except EvalError as e:
+        return _fail(str(e))
+    m, closed, op = ev.metrics, ev.metrics["closed_set"], ev.metrics["open_set"]
+    print(f"identity embedder {ev.version}: {m['n_val']} validation faces of {m['characters']} characters, "
+          f"{m['n_enrolled']} enrolled")
+    print(f"  closed set: top-1 {closed['top1']:.3f} (n={closed['n']})")
+    rejected = "n/a" if op["unknown_rejected"] is None else f"{op['unknown_rejected']:.3f}"
+    print(f"  open set, characters held out as unknown in {op['folds']} folds (threshold {op['threshold']:.3f} "
+          f"from the {op['threshold_from']}):")
+    print(f"    precision {op['precision']:.3f}  recall {op['recall']:.3f}  F1 {op['f1']:.3f}  "
+          f"unknown rejected {rejected}")
+    width = max(len("character"), *(len(n) for n in m["per_character"]))
+    print(f"  {'character'.ljust(width)}  faces  accuracy")
+    for name, v in sorted(m["per_character"].items(), key=lambda kv: (-kv[1]["n"], kv[0])):
+        print(f"  {name.ljust(width)}  {v['n']:5d}  {v['accuracy']:.3f}")
+    for path in ev.plots:
+        print(f"  plot: {path}")
+    print(f"  metrics: {ev.metrics_path}")
+    if not ev.stored:
+        print("note: the untrained embedder's figures are not stored (train one: python main.py characters train)",
+              file=sys.stderr)
     return 0
 
 
@@ -523,7 +558,8 @@ def _characters_recognize(cfg, args, store) -> int:
 
 _CHARACTER_ACTIONS = {"import": _characters_import, "add": _characters_add, "identify": _characters_identify,
                       "list": _characters_list, "train": _characters_train, "models": _characters_models,
-                      "use": _characters_use, "recognize": _characters_recognize}
+                      "use": _characters_use, "recognize": _characters_recognize,
+                      "eval": _characters_eval}
 
 
 # ---- entry point -----------------------------------------------------------------------------
@@ -582,7 +618,10 @@ def build_parser() -> argparse.ArgumentParser:
     ct = ch_sub.add_parser("train", help="train the identity embedder on the named faces; promote if better")
     ct.add_argument("--epochs", type=int, help="override characters.epochs")
     ct.add_argument("--no-promote", action="store_true", help="register the embedder but do not use it")
-    ch_sub.add_parser("list", help="characters and their example counts")
+    ch_sub.add_parser("list", help="characters, their example counts and validation accuracy")
+    ce = ch_sub.add_parser("eval", help="closed- and open-set metrics and plots of the identity embedder")
+    ce.add_argument("--model", metavar="VERSION", help="default: the active identity embedder")
+    ce.add_argument("--out", metavar="DIR", help="plot folder (default: <data>/eval/<version>)")
     ch_sub.add_parser("models", help="the identity embedders with their metrics; * marks the active one")
     cu = ch_sub.add_parser("use", help="make VERSION the active identity embedder (rollback)")
     cu.add_argument("version")

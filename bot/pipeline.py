@@ -214,6 +214,7 @@ class Pipeline:
             if not await self.store.record_analysis(row["id"], res.faces, res.score, res.uncertainty, version,
                                                     skipped=res.skipped, expect=DOWNLOADED):
                 continue  # an import took the picture meanwhile: its analysis stands
+            await self.store.name_from_tags(row["id"])  # booru: one character tag, one face -> a weak name
             self.stats["scored"] += 1
             name = row["title"] or row["external_id"]
             if res.skipped:

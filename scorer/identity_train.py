@@ -183,7 +183,15 @@ def evaluate_embedder(embedder: Embedder, x_enrol: np.ndarray, y_enrol, x_query:
     accepted = sims >= threshold
     return {"top1": round(float(correct.mean()), 4) if len(correct) else 0.0,
             "threshold": round(threshold, 4), "n": int(len(correct)),
-            "recall_at_threshold": round(float((accepted & correct).mean()), 4) if len(correct) else 0.0}
+            "recall_at_threshold": round(float((accepted & correct).mean()), 4) if len(correct) else 0.0,
+            "per_character": per_character(y_query, correct)}
+
+
+def per_character(labels, correct) -> dict:
+    """label -> ``{"n", "accuracy"}``: how many of its faces were queried, and the share right."""
+    labels, correct = np.asarray(labels), np.asarray(correct, dtype=bool)
+    return {c.item(): {"n": int((labels == c).sum()), "accuracy": round(float(correct[labels == c].mean()), 4)}
+            for c in np.unique(labels)}
 
 
 # ---- from the named faces to a registered embedder -------------------------------------------
@@ -275,7 +283,12 @@ def train_identity(store, paths, icfg, *, margin: float, max_pixels: int = 90_00
     else:
         reason = f"kept, not used: validation top-1 {new['top1']} is below {baseline['top1']} of {active['version']}"
     seconds = time.monotonic() - started
-    record = {"val_top1": new["top1"], "val": new, "baseline": baseline,
+    names = store.character_names()
+    new["per_character"] = {names.get(c, str(c)): v for c, v in new["per_character"].items()}
+    if baseline is not None:
+        baseline.pop("per_character", None)
+    record = {"val_top1": new["top1"], "val": new, "per_character": new["per_character"],
+              "val_share": icfg.val_share, "baseline": baseline,
               "baseline_version": active["version"] if active else None, "history": result.history,
               "best_epoch": result.best_epoch, "image_size": icfg.image_size, "n_train": len(tr), "n_val": len(va),
               "characters": len(chars), "seconds": round(seconds, 1), "device": str(device)}

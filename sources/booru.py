@@ -11,6 +11,14 @@ time objects, relative ``file_url``), e621-style answers (``{"posts": [...]}``, 
 groups, ``score.total``), Moebooru variants such as MyImouto (times as epoch numbers or strings)
 and Gelbooru 0.2 (XML attributes as JSON, one post as a bare object, numbers as strings). A post
 that cannot be read is skipped with one log line; the rest of the page is taken and the cursor moves.
+
+Character tags (``Item.characters``, weak labels for naming faces) come from each dialect's tag
+types, never from an extra request: Danbooru 2's ``tag_string_character``; e621's
+``tags.character`` group; Gelbooru's ``fields=tag_info`` (per post, or for the page, a list of
+``{"tag", "type"}``; sites that ignore the parameter, such as older Gelbooru 0.2 and Safebooru,
+give no characters); Moebooru's ``api_version=2&include_tags=1`` (``{"posts": [...], "tags":
+{name: type}}``; variants that ignore it answer a bare list and give no characters). Danbooru 1.x
+posts carry no tag types: no characters.
 """
 from __future__ import annotations
 
@@ -18,12 +26,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urljoin, urlsplit
 
-from sources.base import (BadPayload, BadPost, Item, Poll, Source, SourceError, mapping, normalize_rating, number,
-                          skip_post, tags, whole_number)
+from sources.base import (BadPayload, BadPost, Item, Poll, Source, SourceError, listing, mapping, normalize_rating,
+                          number, skip_post, tags, whole_number)
 
 # Booru post ids are counters (Danbooru is near 10 million); a larger one would move the cursor past
 # every real post to come, so that post is skipped instead.
 MAX_POST_ID = 2 ** 40
+
+# A character tag's type: Moebooru and Gelbooru name it, or number it (0 general, 1 artist,
+# 3 copyright, 4 character).
+CHARACTER_TYPES = ("character", 4, "4")
 
 DEFAULT_URLS = {"danbooru": "https://danbooru.donmai.us", "gelbooru": "https://gelbooru.com",
                 "moebooru": "https://yande.re"}
@@ -79,7 +91,7 @@ class BooruSource(Source):
         url, params = getattr(self, f"_request_{self.options.api}")(after, limit)
         resp = await self.http.get(url, params=params, headers={"Accept": "application/json"})
         payload = resp.json()
-        posts = getattr(self, f"_posts_{self.options.api}")(payload)
+        posts, types = getattr(self, f"_posts_{self.options.api}")(payload)
         items, ids = [], []
         build = getattr(self, f"_item_{self.options.api}")
         for post in posts:
@@ -91,7 +103,7 @@ class BooruSource(Source):
                 continue  # a site that ignored id:> must not make us go back
             ids.append(pid)
             try:
-                item = build(post, pid)
+                item = build(post, pid, types)
             except Exception as e:  # noqa: BLE001 - one post that cannot be read never stalls the page
                 skip_post(self.name, pid, e)
                 continue
@@ -140,25 +152,26 @@ class BooruSource(Source):
             payload = payload["posts"]  # e621-style
         if not isinstance(payload, list):
             raise BadPayload(f"unexpected Danbooru answer from {self.base} (expected a list of posts)")
-        return [p for p in payload if isinstance(p, dict)]
+        return [p for p in payload if isinstance(p, dict)], {}
 
-    def _item_danbooru(self, post, pid):
+    def _item_danbooru(self, post, pid, types):
         file = mapping(post.get("file"))  # e621: {"url": ..., "md5": ...}
         media = self._media(post.get("file_url"), post.get("large_file_url"), file.get("url"))
         if not media:
             return None  # deleted, banned or restricted post
         if "tag_string" in post:  # Danbooru 2
             author, page, s_means = post.get("tag_string_artist"), f"{self.base}/posts/{pid}", "sensitive"
-            post_tags = tags(post.get("tag_string"))
+            post_tags, characters = tags(post.get("tag_string")), tags(post.get("tag_string_character"))
         elif isinstance(post.get("tags"), dict):  # e621: tag groups; "s" is safe
             artists = tags(post["tags"].get("artist"))
             author, page, s_means = " ".join(artists) or None, f"{self.base}/posts/{pid}", "general"
-            post_tags = tags(post["tags"])
-        else:  # Danbooru 1.x: "tags" and the uploader; "s" is safe
+            post_tags, characters = tags(post["tags"]), tags(post["tags"].get("character"))
+        else:  # Danbooru 1.x: "tags" and the uploader; "s" is safe; no tag types
             author, page, s_means = post.get("author"), f"{self.base}/post/show/{pid}", "general"
-            post_tags = tags(post.get("tags"))
+            post_tags, characters = tags(post.get("tags")), []
         return Item(
             external_id=str(pid), media_url=media, page_url=page, author=author or None, tags=post_tags,
+            characters=characters,
             rating=normalize_rating(post.get("rating"), s_means=s_means), popularity=number(post.get("score")),
             site_md5=post.get("md5") or file.get("md5"), posted_at=post.get("created_at"))
 
@@ -167,7 +180,7 @@ class BooruSource(Source):
         tags = self.options.tags
         if after is not None:
             tags = f"{tags} id:>{after} sort:id:asc".strip()
-        params = {"page": "dapi", "s": "post", "q": "index", "json": "1", "limit": str(limit)}
+        params = {"page": "dapi", "s": "post", "q": "index", "json": "1", "limit": str(limit), "fields": "tag_info"}
         if tags:
             params["tags"] = tags
         if self.options.api_key and self.options.user_id:
@@ -177,28 +190,32 @@ class BooruSource(Source):
     def _posts_gelbooru(self, payload):
         if isinstance(payload, dict) and payload.get("success") is False:
             raise SourceError(f"Gelbooru said: {payload.get('message') or payload.get('error')}")
+        types = {}
         if isinstance(payload, dict):
             posts = payload.get("post", [])
             if isinstance(posts, dict):
                 posts = [posts]
+            types = tag_types(payload.get("tag_info"))  # fields=tag_info for the whole page
         else:
             posts = payload
         if payload in ("", None):
             posts = []
         if not isinstance(posts, list):
             raise BadPayload(f"unexpected dapi answer from {self.base} (expected posts)")
-        return [p for p in posts if isinstance(p, dict)]
+        return [p for p in posts if isinstance(p, dict)], types
 
-    def _item_gelbooru(self, post, pid):
+    def _item_gelbooru(self, post, pid, types):
         media = post.get("file_url")
         if not media and post.get("directory") and post.get("image"):
             media = f"{self.base}/images/{post['directory']}/{post['image']}"
         media = self._media(media)
         if not media:
             return None
+        post_tags = tags(post.get("tags"))
         return Item(
             external_id=str(pid), media_url=media, page_url=f"{self.base}/index.php?page=post&s=view&id={pid}",
-            author=post.get("owner") or None, tags=tags(post.get("tags")),
+            author=post.get("owner") or None, tags=post_tags,
+            characters=character_tags(post_tags, {**types, **tag_types(post.get("tag_info"))}),
             rating=normalize_rating(post.get("rating"), s_means="general"),
             popularity=number(post.get("score")), site_md5=post.get("md5") or post.get("hash"),
             posted_at=post.get("created_at"))
@@ -208,7 +225,7 @@ class BooruSource(Source):
         tags = self.options.tags
         if after is not None:
             tags = f"{tags} id:>{after} order:id".strip()
-        params = {"limit": str(limit)}
+        params = {"limit": str(limit), "api_version": "2", "include_tags": "1"}  # tag types for characters
         if tags:
             params["tags"] = tags
         if self.options.login and self.options.api_key:
@@ -216,18 +233,41 @@ class BooruSource(Source):
         return f"{self.base}/post.json", params
 
     def _posts_moebooru(self, payload):
+        types = {}
         if isinstance(payload, dict) and isinstance(payload.get("posts"), list):
-            payload = payload["posts"]  # post.json with pools
+            types = tag_types(payload.get("tags"))  # api_version=2: {"posts", "pools", "tags": {name: type}}
+            payload = payload["posts"]
         if not isinstance(payload, list):
             raise BadPayload(f"unexpected Moebooru answer from {self.base} (expected a list of posts)")
-        return [p for p in payload if isinstance(p, dict)]
+        return [p for p in payload if isinstance(p, dict)], types
 
-    def _item_moebooru(self, post, pid):
+    def _item_moebooru(self, post, pid, types):
         media = self._media(post.get("file_url"), post.get("jpeg_url"), post.get("sample_url"))
         if not media:
             return None
+        post_tags = tags(post.get("tags"))
         return Item(  # created_at: epoch seconds (yande.re) or a time string (MyImouto); read by clean_item
             external_id=str(pid), media_url=media, page_url=f"{self.base}/post/show/{pid}",
-            author=post.get("author") or None, tags=tags(post.get("tags")),
+            author=post.get("author") or None, tags=post_tags, characters=character_tags(post_tags, types),
             rating=normalize_rating(post.get("rating"), s_means="general"),
             popularity=number(post.get("score")), site_md5=post.get("md5"), posted_at=post.get("created_at"))
+
+
+# ---- tag types -----------------------------------------------------------------------------
+def tag_types(value) -> dict[str, object]:
+    """tag -> its type, from a Moebooru ``tags`` map (``{name: type}``) or a Gelbooru ``tag_info``
+    list (``[{"tag" or "name": ..., "type": ...}]``); anything else gives none."""
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if isinstance(k, str)}
+    out = {}
+    for entry in listing(value):
+        entry = mapping(entry)
+        name = entry.get("tag", entry.get("name"))
+        if isinstance(name, str):
+            out[name] = entry.get("type")
+    return out
+
+
+def character_tags(post_tags: list[str], types: dict[str, object]) -> list[str]:
+    """The post's tags whose type is character."""
+    return [t for t in post_tags if not isinstance(types.get(t), bool) and types.get(t) in CHARACTER_TYPES]

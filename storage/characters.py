@@ -11,12 +11,15 @@ and version in ``face_identity`` (``character_id`` NULL: unknown).
 from __future__ import annotations
 
 import json
+import logging
 import unicodedata
 from datetime import datetime, timezone
 
 import numpy as np
 
-from storage.records import WHOLE_PICTURE
+from storage.records import WHOLE, WHOLE_PICTURE
+
+log = logging.getLogger("tastefeed.characters")
 
 NAME_ORIGINS = ("import", "enrol", "booru", "gallery", "discord")
 MAX_NAME = 100
@@ -102,6 +105,33 @@ class CharacterMethods:
         rows = list(self.db.query("SELECT faces.*, images.media_path FROM faces JOIN images "
                                   "ON images.id = faces.image_id WHERE faces.id = ?", [face_id]))
         return dict(rows[0]) if rows else None
+
+    def name_from_tags(self, image_id: int) -> str | None:
+        """A weak name from the source's character tags (booru): a picture whose tags name exactly
+        one character and which has exactly one real face (not the whole picture or a crop) gets
+        that face named as the character (origin ``booru``, weak), unless the face is named
+        already. Returns the name given, or None. A tag that cannot be a name (a slash, ...) is
+        skipped, logged at debug level."""
+        row = self.db.execute("SELECT characters FROM images WHERE id = ?", [image_id]).fetchone()
+        try:
+            names = json.loads(row[0] or "[]") if row else []
+        except ValueError:
+            return None
+        if not isinstance(names, list) or len(names) != 1 or not isinstance(names[0], str):
+            return None
+        faces = [r[0] for r in self.db.execute(
+            f"SELECT id FROM faces WHERE image_id = ? AND detector NOT IN ({','.join('?' * len(WHOLE))})",
+            [image_id, *WHOLE])]
+        if len(faces) != 1 or self.face_name(faces[0]) is not None:
+            return None
+        try:
+            name = check_name(names[0])
+        except CharacterNameError as e:
+            log.debug("image %d: character tag not used as a name: %s", image_id, e)
+            return None
+        self.name_face(faces[0], self.character_id(name, create=True), origin="booru", weak=True)
+        log.info("image %d: its face named %s from the source's character tag (weak)", image_id, name)
+        return name
 
     def face_name(self, face_id: int) -> dict | None:
         rows = list(self.db.query(
@@ -236,6 +266,17 @@ class CharacterMethods:
                  notes])
             if activate:
                 self.db.execute("UPDATE identity_models SET active = (version = ?)", [version])
+
+    def update_identity_metrics(self, version: str, metrics: dict) -> bool:
+        """Merge ``metrics`` into the stored metrics of an embedder version (its keys replace
+        those of the same name); False when there is no such version."""
+        with self.db.conn:
+            row = self.db.execute("SELECT metrics FROM identity_models WHERE version = ?", [version]).fetchone()
+            if row is None:
+                return False
+            merged = {**(json.loads(row[0]) if row[0] else {}), **metrics}
+            self.db.execute("UPDATE identity_models SET metrics = ? WHERE version = ?", [json.dumps(merged), version])
+        return True
 
     def active_identity_model(self) -> dict | None:
         rows = list(self.db.query("SELECT * FROM identity_models WHERE active = 1 LIMIT 1"))

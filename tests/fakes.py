@@ -28,12 +28,25 @@ class FakeHttp:
 
 
 class FakeBooru:
-    """Posts 1..n; each API's list endpoint with its own paging rules; pictures under /img/."""
+    """Posts 1..n; each API's list endpoint with its own paging rules and tag types (Danbooru's
+    ``tag_string_character``, Gelbooru's ``fields=tag_info``, Moebooru's ``api_version=2`` with
+    ``include_tags=1``, each only when asked, as the sites do); pictures under /img/ (``images``
+    overrides a post's picture bytes)."""
 
     def __init__(self, n: int = 10):
         self.posts = list(range(1, n + 1))
         self.requests: list[dict] = []
-        self.ratings = {}   # id -> site rating letter/word
+        self.ratings = {}      # id -> site rating letter/word
+        self.characters = {}   # id -> the post's character tags
+        self.images = {}       # id -> picture bytes (default: a synthetic picture)
+
+    def _tags(self, i: int, general: str) -> str:
+        return " ".join([*general.split(), *self.characters.get(i, [])])
+
+    def _types(self, ids, general: str) -> dict[str, str]:
+        """Each tag of these posts -> its Moebooru/Gelbooru type name."""
+        return {t: "character" if t in self.characters.get(i, []) else "general"
+                for i in ids for t in self._tags(i, general).split()}
 
     def add(self, count: int) -> None:
         start = self.posts[-1] + 1 if self.posts else 1
@@ -61,8 +74,9 @@ class FakeBooru:
             return web.json_response([{
                 "id": i, "created_at": "2026-11-01T10:00:00.000-05:00", "score": i * 3, "fav_count": i,
                 "md5": f"{i:032x}", "file_ext": "jpg", "rating": self.ratings.get(i, "g"),
-                "image_width": 160, "image_height": 120, "tag_string": "1girl solo smile",
-                "tag_string_artist": f"artist_{i}", "file_url": f"{base_ref[0]}/img/{i}.jpg",
+                "image_width": 160, "image_height": 120, "tag_string": self._tags(i, "1girl solo smile"),
+                "tag_string_artist": f"artist_{i}", "tag_string_character": " ".join(self.characters.get(i, [])),
+                "tag_string_general": "1girl solo smile", "file_url": f"{base_ref[0]}/img/{i}.jpg",
                 "large_file_url": f"{base_ref[0]}/img/{i}.jpg", "preview_file_url": f"{base_ref[0]}/img/{i}.jpg",
             } for i in ids])
 
@@ -74,8 +88,12 @@ class FakeBooru:
             ids = self._select(tags, int(q.get("limit", 100)), None, ascending="sort:id:asc" in tags)
             posts = [{"id": i, "created_at": "Sat Nov 01 10:00:00 -0500 2026", "score": i, "width": 160,
                       "height": 120, "md5": f"{i:032x}", "directory": "ab/cd", "image": f"{i}.jpg",
-                      "rating": self.ratings.get(i, "general"), "source": "", "tags": "1girl smile",
+                      "rating": self.ratings.get(i, "general"), "source": "", "tags": self._tags(i, "1girl smile"),
                       "file_url": f"{base_ref[0]}/img/{i}.jpg", "owner": f"owner{i}"} for i in ids]
+            if q.get("fields") == "tag_info":
+                for post in posts:
+                    post["tag_info"] = [{"tag": t, "count": 100, "type": kind}
+                                        for t, kind in self._types([post["id"]], "1girl smile").items()]
             return web.json_response({"@attributes": {"limit": 100, "offset": 0, "count": len(self.posts)},
                                       **({"post": posts} if posts else {})})
 
@@ -84,15 +102,19 @@ class FakeBooru:
             self.requests.append(dict(q))
             tags = q.get("tags", "")
             ids = self._select(tags, int(q.get("limit", 40)), None, ascending="order:id" in tags)
-            return web.json_response([{
-                "id": i, "tags": "landscape sky", "created_at": 1761980000 + i, "author": f"user{i}",
+            posts = [{
+                "id": i, "tags": self._tags(i, "landscape sky"), "created_at": 1761980000 + i, "author": f"user{i}",
                 "source": "", "score": i * 2, "md5": f"{i:032x}", "file_size": 1000,
                 "file_url": f"{base_ref[0]}/img/{i}.jpg", "sample_url": f"{base_ref[0]}/img/{i}.jpg",
-                "rating": self.ratings.get(i, "s"), "width": 160, "height": 120} for i in ids])
+                "rating": self.ratings.get(i, "s"), "width": 160, "height": 120} for i in ids]
+            if q.get("api_version") == "2" and q.get("include_tags") == "1":
+                types = self._types(ids, "landscape sky")
+                return web.json_response({"posts": posts, "pools": [], "pool_posts": [], "tags": types})
+            return web.json_response(posts)
 
         async def image(request):
             i = int(request.match_info["id"])
-            return web.Response(body=picture(i), content_type="image/jpeg")
+            return web.Response(body=self.images.get(i) or picture(i), content_type="image/jpeg")
 
         app.router.add_get("/posts.json", danbooru)
         app.router.add_get("/index.php", gelbooru)

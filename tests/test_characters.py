@@ -193,7 +193,8 @@ def test_import_add_identify_list(tmp_path):
     assert "6 face(s) named as 2 character(s)" in out.stdout
     assert "untrained" in out.stderr
     listed = cli(tmp_path, "characters", "list")
-    assert listed.stdout.splitlines() == ["Alice  3 example(s)", "Bob 🎩  3 example(s)"]
+    assert listed.stdout.splitlines() == ["Alice  3 example(s)  validation accuracy -",
+                                          "Bob 🎩  3 example(s)  validation accuracy -"]
 
     # a new character is recognised right after `add`, without training
     for s in (21, 22):
@@ -208,7 +209,7 @@ def test_import_add_identify_list(tmp_path):
     assert face["character"] == "Carol" and face["similarity"] > 0.9 and len(face["box"]) == 4
     text = cli(tmp_path, "characters", "identify", faces / "Alice" / "1.jpg", "--crops")
     assert ": face 1 (0, 0, 160, 120): Alice (similarity " in text.stdout
-    assert "Carol  2 example(s)" in cli(tmp_path, "characters", "list").stdout
+    assert "Carol  2 example(s)  validation accuracy -" in cli(tmp_path, "characters", "list").stdout
 
 
 def test_bad_input_gives_one_clear_line(tmp_path):
@@ -261,12 +262,31 @@ def test_train_registers_promotes_and_reembeds(tmp_path):
     models = cli(tmp_path, "characters", "models").stdout.splitlines()
     assert len(models) == 2 and models[0].startswith("  identity-resnet18-random-init") and "untrained" in models[0]
     assert models[1].startswith(f"* {row['version']}") and "validation top-1" in models[1]
+    # training records per-character validation accuracy; `list` shows it
+    per = json.loads(row["metrics"])["per_character"]
+    assert set(per) <= {"Alice", "Bob", "Carol"} and sum(v["n"] for v in per.values()) == row_val(row)
+    listed = cli(tmp_path, "characters", "list").stdout.splitlines()
+    for name, v in per.items():
+        assert f"{name}  8 example(s)  validation accuracy {v['accuracy']:.2f} of {v['n']}" in listed
+    # eval of the trained embedder: its threshold, and the figures merged into its stored metrics
+    ev = cli(tmp_path, "characters", "eval")
+    assert ev.returncode == 0, ev.stderr
+    assert "threshold" in ev.stdout and "from the embedder" in ev.stdout and "not stored" not in ev.stderr
+    with Store.open(tmp_path / "data" / "tastefeed.db") as store:
+        stored = json.loads(store.get_identity_model(row["version"])["metrics"])
+    assert stored["val_top1"] == json.loads(row["metrics"])["val_top1"]          # training's keys kept
+    assert set(stored["open_set"]) >= {"precision", "recall", "f1"} and stored["closed_set"]["n"] == row_val(row)
+    assert (tmp_path / "data" / "eval" / row["version"] / "confusion.png").exists()
     back = cli(tmp_path, "characters", "use", "identity-resnet18-random-init")
     assert back.returncode == 0, back.stderr
     with Store.open(tmp_path / "data" / "tastefeed.db") as store:
         assert store.active_identity_model()["version"] == "identity-resnet18-random-init"
         assert len(store.enrolled("identity-resnet18-random-init")) == 24
     assert cli(tmp_path, "characters", "use", "nope").returncode == 1
+
+
+def row_val(row) -> int:
+    return json.loads(row["metrics"])["n_val"]
 
 
 def test_train_needs_two_characters(tmp_path):
@@ -277,3 +297,131 @@ def test_train_needs_two_characters(tmp_path):
     assert cli(tmp_path, "characters", "import", tmp_path / "faces", "--crops").returncode == 0
     out = cli(tmp_path, "characters", "train")
     assert out.returncode == 1 and "training needs 2 or more" in out.stderr
+
+
+# ---- weak names from booru character tags --------------------------------------------------------
+def _booru_picture(store, media, seed: int, characters, boxes) -> int:
+    """A scored booru picture whose tags name ``characters``, with a face per box (none: the
+    whole picture); its image id."""
+    from storage.records import WHOLE_PICTURE
+
+    sid = store.upsert_source("booru", "booru", {"enabled": False, "interval": 60, "options": {}}, origin="cli")
+    data = picture(seed, size=(300, 200))
+    info, _ = inspect(data)
+    [image_id] = store.save_poll(sid, [{"external_id": f"post{seed}", "page_url": f"https://b.example/{seed}",
+                                        "tags": ["solo", *characters], "characters": characters}], {})
+    store.record_download(image_id, info, store_media(media, data, info), near_distance=-1)
+    faces = [Face(*box, 0.9, "animeface").scored(3.0, None) for box in boxes] or \
+        [Face.whole(info.width, info.height, WHOLE_PICTURE).scored(3.0, None)]
+    store.record_analysis(image_id, faces, 3.0, None, "m")
+    return image_id
+
+
+def test_one_character_tag_and_one_face_give_a_weak_name(tmp_path, caplog):
+    import logging
+
+    one, two = [(10, 10, 90, 90)], [(10, 10, 90, 90), (150, 10, 230, 90)]
+    with Store.open(tmp_path / "t.db") as store:
+        store.register_model("m", "resnet18", "m.pt", activate=True)
+        media = tmp_path / "media"
+        named = _booru_picture(store, media, 1, ["hatsune_miku"], one)
+        cases = {_booru_picture(store, media, 2, ["hatsune_miku", "kagamine_rin"], one): "two characters",
+                 _booru_picture(store, media, 3, ["hatsune_miku"], two): "two faces",
+                 _booru_picture(store, media, 4, ["hatsune_miku"], []): "no face (whole picture)",
+                 _booru_picture(store, media, 5, [], one): "no character tag",
+                 _booru_picture(store, media, 6, ["saber_(fate/stay_night)"], one): "a tag with a slash"}
+        assert store.name_from_tags(named) == "hatsune_miku"
+        [face] = store.faces_of(named)
+        assert store.face_name(face["id"])["origin"] == "booru" and store.face_name(face["id"])["weak"] == 1
+        with caplog.at_level(logging.DEBUG, logger="tastefeed.characters"):
+            for image_id, why in cases.items():
+                assert store.name_from_tags(image_id) is None, why
+                assert all(store.face_name(f["id"]) is None for f in store.faces_of(image_id)), why
+        assert "no slashes allowed" in caplog.text
+        assert [(r["name"], r["examples"], r["weak"]) for r in store.list_characters()] == [("hatsune_miku", 1, 1)]
+        # a face named already keeps its name
+        rin = store.character_id("Rin", create=True)
+        other = _booru_picture(store, media, 7, ["hatsune_miku"], one)
+        store.name_face(store.faces_of(other)[0]["id"], rin, origin="gallery")
+        assert store.name_from_tags(other) is None
+        assert store.face_name(store.faces_of(other)[0]["id"])["name"] == "Rin"
+        assert store.name_from_tags(10_000) is None                     # no such picture
+
+
+# ---- characters eval and list ------------------------------------------------------------------
+def _near_copies(root, name: str, seed: int, n: int) -> None:
+    """``n`` pictures of one character: one synthetic picture with a different dot in each (so
+    each is its own file and hash, yet its own character's examples are its nearest)."""
+    import io
+
+    from PIL import Image
+
+    (root / name).mkdir(parents=True, exist_ok=True)
+    base = Image.open(io.BytesIO(picture(seed))).convert("RGB")
+    for i in range(n):
+        im = base.copy()
+        im.putpixel((i % 160, i // 160), (255, 255, 255))
+        im.save(root / name / f"{i}.png")
+
+
+def test_eval_writes_metrics_and_plots_and_bad_input_is_one_line(tmp_path):
+    from tests.helpers import cli
+
+    (tmp_path / "config.toml").write_text(FAST + "val_share = 0.4\n")
+    none = cli(tmp_path, "characters", "eval")
+    assert none.returncode == 1 and none.stderr.count("error:") == 1
+    assert "error: no named faces to evaluate on" in none.stderr
+    faces = tmp_path / "faces"
+    _near_copies(faces, "Alice", 1, 8)
+    assert cli(tmp_path, "characters", "import", faces, "--crops").returncode == 0
+    one = cli(tmp_path, "characters", "eval")
+    assert one.returncode == 1 and one.stderr.count("error:") == 1
+    assert "named faces of 1 character only (Alice): evaluation needs 2 or more" in one.stderr
+    for name, seed in [("Bob", 2), ("Carol", 3), ("Dan", 4)]:
+        _near_copies(faces, name, seed, 8)
+    assert cli(tmp_path, "characters", "import", faces, "--crops").returncode == 0
+
+    out = cli(tmp_path, "characters", "eval", "--out", tmp_path / "ev")
+    assert out.returncode == 0, out.stderr
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["version"] == "identity-resnet18-random-init" and m["characters"] == 4
+    assert m["n_enrolled"] + m["n_val"] == 32 and m["n_val"] >= 4
+    # each validation face's nearest example is a near copy of it: the closed set is all right
+    assert m["closed_set"] == {"top1": 1.0, "n": m["n_val"]}
+    assert sum(v["n"] for v in m["per_character"].values()) == m["n_val"]
+    assert all(v["accuracy"] == 1.0 for v in m["per_character"].values())
+    op = m["open_set"]
+    # each character is unknown in one fold (all its faces), known in the other two (its validation faces)
+    assert op["folds"] == 3 and op["n_unknown"] == 32 and op["n_known"] == 2 * m["n_val"]
+    assert op["threshold_from"] == "enrolled examples (leave-one-out)"
+    assert 0 <= op["precision"] <= 1 and 0 <= op["recall"] <= 1 and op["unknown_rejected"] is not None
+    for png in ("confusion.png", "similarity.png"):
+        assert (tmp_path / "ev" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"closed set: top-1 1.000 (n={m['n_val']})" in out.stdout
+    assert f"precision {op['precision']:.3f}  recall {op['recall']:.3f}  F1 {op['f1']:.3f}" in out.stdout
+    assert any(line.split()[:1] == ["Alice"] for line in out.stdout.splitlines())
+    assert "not stored" in out.stderr                         # the untrained embedder keeps no metrics
+    # default folder: <data>/eval/<version>
+    assert cli(tmp_path, "characters", "eval").returncode == 0
+    assert (tmp_path / "data" / "eval" / "identity-resnet18-random-init" / "metrics.json").exists()
+    assert cli(tmp_path, "characters", "eval", "--model", "nope").returncode == 1
+
+
+def test_list_shows_validation_accuracy_of_the_active_embedder(tmp_path):
+    from tests.helpers import cli
+
+    (tmp_path / "config.toml").write_text(FAST)
+    faces = tmp_path / "faces"
+    _folder(faces, "Alice", [1, 2])
+    _folder(faces, "Bob", [3])
+    assert cli(tmp_path, "characters", "import", faces, "--crops").returncode == 0
+    assert cli(tmp_path, "characters", "list").stdout.splitlines() == [
+        "Alice  2 example(s)  validation accuracy -", "Bob  1 example(s)  validation accuracy -"]
+    with Store.open(tmp_path / "data" / "tastefeed.db") as store:
+        store.register_identity_model("identity-x", "resnet18", "x.pt", activate=True,
+                                      metrics={"val_top1": 0.5, "per_character": {"Alice": {"n": 4, "accuracy": 0.75}}})
+        assert store.update_identity_metrics("identity-x", {"per_character": {"Alice": {"n": 3, "accuracy": 2 / 3}}})
+        assert json.loads(store.get_identity_model("identity-x")["metrics"])["val_top1"] == 0.5   # merged
+        assert not store.update_identity_metrics("nope", {})
+    assert cli(tmp_path, "characters", "list").stdout.splitlines() == [
+        "Alice  2 example(s)  validation accuracy 0.67 of 3", "Bob  1 example(s)  validation accuracy -"]

@@ -374,3 +374,53 @@ async def test_an_import_beside_a_running_daemon_keeps_its_crops(tmp_path):
         assert labels[0]["n"] == 14     # 4 from the first import, then one per file of the last
     finally:
         await daemon.stop()
+
+
+def _canvas(crops) -> bytes:
+    """A JPEG with each face crop pasted side by side (the detector finds one face per crop)."""
+    import io
+
+    from PIL import Image
+
+    im = Image.new("RGB", (400, 300), "white")
+    for k, path in enumerate(crops):
+        im.paste(Image.open(path).convert("RGB").resize((160, 160)), (20 + 200 * k, 60))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+async def test_booru_character_tag_names_the_lone_face_weakly(tmp_path, serve):
+    from tests.helpers import shared
+
+    crops = sorted(shared("animeface-10", "train", "000_hatsune_miku").glob("*.png"))[:5]
+    fake = FakeBooru(5)
+    fake.characters = {1: ["hatsune_miku"], 2: ["hatsune_miku", "kagamine_rin"], 3: ["hatsune_miku"],
+                       4: ["saber_(fate/stay_night)"]}
+    fake.images = {1: _canvas(crops[:1]), 2: _canvas(crops[1:2]), 3: _canvas(crops[2:4]), 4: _canvas(crops[3:4])}
+    base_ref = [""]
+    base_ref[0] = base = await serve(fake.app(base_ref))
+    cfg = make_config(tmp_path, f'''
+[[sources]]
+name = "booru"
+kind = "booru"
+url = "{base}"
+ratings = []
+interval = 60
+''')
+    (tmp_path / "inbox").mkdir(exist_ok=True)
+    (tmp_path / "inbox" / "local.jpg").write_bytes(_canvas(crops[4:5]))  # a folder picture: no tags
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        await wait_for(lambda: _count(daemon, "scored", 6), timeout=40)
+        rows = await daemon.store.execute("SELECT id, external_id FROM images")
+        faces = {r["external_id"]: await daemon.store.faces_of(r["id"]) for r in rows}
+        assert [len(faces[p]) for p in ("1", "2", "3", "4")] == [1, 1, 2, 1]   # what the detector found
+        names = {p: [await daemon.store.face_name(f["id"]) for f in fs] for p, fs in faces.items()}
+        [given] = names.pop("1")
+        assert (given["name"], given["origin"], given["weak"]) == ("hatsune_miku", "booru", 1)
+        assert all(n is None for ns in names.values() for n in ns), names   # two characters, two faces,
+        # a tag that cannot be a name, post 5 without character tags, the folder picture
+    finally:
+        await daemon.stop()

@@ -182,7 +182,7 @@ BASE = "https://booru.example"
 
 @pytest.mark.parametrize("api, payload, expected", [
     ("danbooru", [DANBOORU_1X_POST],
-     {"external_id": "11", "media_url": f"{BASE}/data/ab.jpg", "page_url": f"{BASE}/post/show/11",
+     {"external_id": "11", "media_url": f"{BASE}/data/ab.jpg", "page_url": f"{BASE}/post/show/11", "characters": [],
       "tags": ["1girl", "solo", "smile"], "rating": "general", "popularity": 5.0,
       "posted_at": "2023-03-16T14:34:09.042631+00:00", "site_md5": "d41d8cd98f00b204e9800998ecf8427e"}),
     ("moebooru", [{"id": 12, "tags": "sky cloud", "created_at": "2023-03-16 13:54:09 -0400", "author": "me",
@@ -200,11 +200,21 @@ BASE = "https://booru.example"
       "tags": ["a", "b"], "posted_at": "2026-11-01T15:00:00+00:00", "author": "o"}),
     ("danbooru", {"posts": [{"id": 15, "created_at": "2026-11-01T10:00:00.000-05:00",
                              "file": {"url": "https://static.example/15.png", "md5": "f" * 32},
-                             "tags": {"general": ["a", "b"], "artist": ["painter"], "species": []},
+                             "tags": {"general": ["a", "b"], "artist": ["painter"], "species": [],
+                                      "character": ["renamon"]},
                              "score": {"up": 9, "down": -1, "total": 8}, "rating": "s"}]},     # e621
-     {"external_id": "15", "media_url": "https://static.example/15.png", "tags": ["a", "b", "painter"],
+     {"external_id": "15", "media_url": "https://static.example/15.png", "tags": ["a", "b", "painter", "renamon"],
       "author": "painter", "popularity": 8.0, "rating": "general", "site_md5": "f" * 32,
-      "page_url": f"{BASE}/posts/15"}),
+      "page_url": f"{BASE}/posts/15", "characters": ["renamon"]}),
+    ("gelbooru", {"@attributes": {"count": 1},                      # fields=tag_info for the page, types by number
+                  "post": [{"id": 16, "file_url": "https://img.example/16.jpg", "tags": "solo reimu"}],
+                  "tag_info": [{"name": "solo", "type": 0}, {"name": "reimu", "type": 4}, "junk"]},
+     {"external_id": "16", "tags": ["solo", "reimu"], "characters": ["reimu"]}),
+    ("moebooru", {"posts": [{"id": 17, "tags": "sky marisa", "file_url": "https://x.example/17.jpg"}],
+                  "pools": [], "tags": {"sky": "general", "marisa": "character"}},    # api_version=2
+     {"external_id": "17", "characters": ["marisa"]}),
+    ("moebooru", [{"id": 18, "tags": "sky marisa", "file_url": "https://x.example/18.jpg"}],  # no types: none
+     {"external_id": "18", "characters": []}),
 ])
 async def test_older_and_other_booru_dialects_work(api, payload, expected):
     src = make_source("b", "booru", {"api": api, "url": BASE, "ratings": []}, FakeHttp(payload))

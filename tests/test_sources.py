@@ -169,6 +169,24 @@ async def test_danbooru_item_fields_auth_and_rating_filter(serve, http, monkeypa
     assert poll.cursor == {"last_id": 4}  # filtered posts still move the cursor
 
 
+@pytest.mark.parametrize("api", ["danbooru", "gelbooru", "moebooru"])
+async def test_booru_character_tags_per_dialect(serve, http, api):
+    fake = FakeBooru(3)
+    fake.characters = {1: ["hatsune_miku"], 2: ["hatsune_miku", "kagamine_rin"]}
+    base_ref = [""]
+    base_ref[0] = base = await serve(fake.app(base_ref))
+    poll = await make_source("b", "booru", {"api": api, "url": base, "ratings": []}, http).poll({}, 10)
+    got = {i.external_id: (i.characters, i.tags) for i in poll.items}
+    assert {k: v[0] for k, v in got.items()} == {"1": ["hatsune_miku"], "2": ["hatsune_miku", "kagamine_rin"],
+                                                 "3": []}
+    assert "hatsune_miku" in got["1"][1]                  # still a tag too
+    asked = fake.requests[-1]
+    if api == "gelbooru":
+        assert asked["fields"] == "tag_info"
+    if api == "moebooru":
+        assert asked["api_version"] == "2" and asked["include_tags"] == "1"
+
+
 async def test_gelbooru_sends_key_and_user_id_and_handles_empty_answer(serve, http):
     fake = FakeBooru(0)
     base_ref = [""]
