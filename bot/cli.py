@@ -325,6 +325,9 @@ def cmd_models(cfg, args) -> int:
                 val = m.get("val") or {}
                 quality = ("untrained" if not m else
                            f"Pearson {val.get('pearson')}  MAE {val.get('mae')}  top-k {val.get('topk_precision')}")
+                ident = m.get("identity") or {}
+                if ident.get("used"):
+                    quality += f"  identity head (blend {ident['blend']}, embedder {ident['embedder']})"
                 print(f"{'*' if r['active'] else ' '} {r['version']}  {r['arch']}  {r['created_at'][:19]}  "
                       f"{r['data_size']} labels  {quality}")
                 if r["notes"]:

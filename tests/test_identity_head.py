@@ -269,3 +269,5 @@ device = "cpu"
     assert shown.returncode == 0, shown.stderr
     assert f"identity head on embedder {embedder_row['version']} (blend " in shown.stdout, shown.stdout
     assert "the network alone: Pearson" in shown.stdout
+    listed = cli(tmp_path, "models", "list").stdout
+    assert f"{out.version}  resnet18" in listed and f"identity head (blend {out.identity['blend']}, embedder " in listed
