@@ -14,7 +14,9 @@ to the rating, fitted in closed form with numpy in about a second:
 on all of them, at most ``MAX_EXAMPLES``, the most recent kept). A face far from every rated face gets the mean rating, so a
 character never rated leaves the network's score to decide. The taste score is the blend
 ``(1 - blend) * network + blend * head``; ``blend`` is chosen on the validation split by
-``choose_blend`` (0 when the head does not help).
+``choose_blend`` (0 when the head does not help). The uncertainty is blended the same way: the
+network's flip spread with the head's *novelty* (how unlike every rated face a face is), so the
+exploration picks still go to the faces the model knows least, even when the head decides.
 
 The head is stored in the taste model's ``.pt`` file (key ``identity``, tensors only) with the
 version and file name of the embedder it was fitted on; the training faces' features are part of
@@ -57,12 +59,19 @@ class IdentityHead:
 
     def predict(self, embeddings: np.ndarray, stats: np.ndarray) -> np.ndarray:
         """Ratings (1-5) for faces' identity embeddings and colour statistics."""
-        f = self.features(embeddings, stats)
-        k = _kernel(f, self.examples, self.gamma)
-        return np.clip(self.mean + k @ self.alpha, 1.0, 5.0).astype(np.float32)
+        return self.predict_with_novelty(embeddings, stats)[0]
+
+    def predict_with_novelty(self, embeddings: np.ndarray, stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ratings, novelty): novelty is how unlike every rated face a face is, ``1 - the
+        largest kernel value``, in units of the head's leave-one-out error: 0 for a copy of a
+        rated face, that error for a face unlike all of them (the faces worth asking about)."""
+        k = _kernel(self.features(embeddings, stats), self.examples, self.gamma)
+        ratings = np.clip(self.mean + k @ self.alpha, 1.0, 5.0).astype(np.float32)
+        novelty = (1.0 - k.max(1, initial=0.0)) * (self.loo_rmse or 0.0)
+        return ratings, novelty.astype(np.float32)
 
     def combine(self, network: np.ndarray, head: np.ndarray) -> np.ndarray:
-        """The taste score: the network's and the head's predictions blended."""
+        """The taste score (or its uncertainty): the network's and the head's blended."""
         return ((1 - self.blend) * np.asarray(network, np.float32) + self.blend * np.asarray(head, np.float32))
 
     # ---- in the model file ------------------------------------------------------------------

@@ -193,8 +193,8 @@ class Scorer:
 
     With an identity head (``identity``, and ``embedder``: the identity embedder it was fitted
     on), a face's score is the network's blended with the head's prediction from the face's
-    identity embedding and colour statistics; its uncertainty is the network's flip spread
-    weighted by the network's share (the head's inputs do not change when the crop is mirrored).
+    identity embedding and colour statistics; its uncertainty (None without flip TTA) is the
+    network's flip spread blended with the head's novelty (how unlike every rated face it is).
     """
 
     def __init__(self, net: RatingNet, *, arch: str, version: str, image_size: int = 64,
@@ -241,10 +241,11 @@ class Scorer:
             size = self.embedder.image_size
             identity_arrays = arrays if size == self.image_size else \
                 [np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR)) for a in arrays]
-        head = self.identity.predict(self.embedder.embed_arrays(list(identity_arrays)), colour_stats_arrays(arrays))
-        share = 1.0 - self.identity.blend
+        head, novelty = self.identity.predict_with_novelty(self.embedder.embed_arrays(list(identity_arrays)),
+                                                           colour_stats_arrays(arrays))
+        blended = self.identity.combine([0.0 if u is None else u for u in spreads], novelty)
         return ([float(v) for v in self.identity.combine(scores, head)],
-                [None if u is None else u * share for u in spreads])
+                [None if u is None else float(b) for u, b in zip(spreads, blended)])
 
     @torch.inference_mode()
     def network_arrays(self, arrays) -> tuple[list[float], list[float | None]]:

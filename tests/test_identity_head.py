@@ -43,8 +43,12 @@ def test_head_carries_a_characters_ratings_to_its_new_faces():
     # knowing nothing of identity (the training mean) is far worse
     assert m["mae"] < 0.6 * np.abs(y[test] - y[~test].mean()).mean()
     # a face unlike every rated one gets the mean rating: the network decides for it
-    far = head.predict(_far_from(e, rng), s[:1])
+    far, far_novelty = head.predict_with_novelty(_far_from(e, rng), s[:1])
     assert abs(float(far[0]) - head.mean) < 0.5
+    # and is what the head knows least: its novelty is near the head's typical error, a rated face's 0
+    _, known = head.predict_with_novelty(e[~test][:5], s[~test][:5])
+    assert np.allclose(known, 0, atol=1e-4) and far_novelty[0] > 0.8 * head.loo_rmse
+    assert (head.predict_with_novelty(e[test], s[test])[1] < far_novelty[0]).all()
 
 
 def _far_from(e: np.ndarray, rng) -> np.ndarray:
@@ -112,7 +116,8 @@ def test_model_with_identity_head_saves_loads_and_scores_the_blend(tmp_path, cap
     network, network_spreads = scorer.network_arrays(arrays)
     expected = 0.5 * np.array(network) + 0.5 * head.predict(embedder.embed(crops), colour_stats_arrays(arrays))
     assert np.allclose(scores, expected, atol=1e-4)
-    assert np.allclose(spreads, 0.5 * np.array(network_spreads), atol=1e-6)
+    _, novelty = head.predict_with_novelty(embedder.embed(crops), colour_stats_arrays(arrays))
+    assert np.allclose(spreads, 0.5 * np.array(network_spreads) + 0.5 * novelty, atol=1e-5)
     assert not np.allclose(scores, network, atol=1e-3)     # the head changed the scores
 
     # the embedder's file gone: the network scores alone, with a warning
