@@ -275,10 +275,16 @@ def cmd_train(cfg, args) -> int:
         ensure_active_model(store, cfg.scorer, cfg.models_path)
         out = train_from_store(store, cfg.paths, cfg.scorer, cfg.train, margin=cfg.detector.margin,
                                    max_pixels=cfg.download.max_pixels, epochs=args.epochs,
-                                   promote=not args.no_promote)
+                                   promote=not args.no_promote, icfg=cfg.characters)
     print(f"model {out.version}: {out.n_train} training and {out.n_val} validation pictures, "
           f"{out.seconds:.0f}s")
     print(f"  validation: {format_metrics(out.metrics)}")
+    ident = out.identity or {}
+    if ident.get("used"):
+        print(f"  identity head on embedder {ident['embedder']} (blend {ident['blend']}); the network alone: "
+              f"{format_metrics(out.network)}")
+    else:
+        print(f"  no identity head: {ident.get('reason', 'off')}")
     if out.baseline is not None:
         print(f"  active model {out.baseline_version}: {format_metrics(out.baseline)}")
     print(f"  {out.reason}")
@@ -319,6 +325,9 @@ def cmd_models(cfg, args) -> int:
                 val = m.get("val") or {}
                 quality = ("untrained" if not m else
                            f"Pearson {val.get('pearson')}  MAE {val.get('mae')}  top-k {val.get('topk_precision')}")
+                ident = m.get("identity") or {}
+                if ident.get("used"):
+                    quality += f"  identity head (blend {ident['blend']}, embedder {ident['embedder']})"
                 print(f"{'*' if r['active'] else ' '} {r['version']}  {r['arch']}  {r['created_at'][:19]}  "
                       f"{r['data_size']} labels  {quality}")
                 if r["notes"]:

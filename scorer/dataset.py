@@ -35,6 +35,7 @@ class Example:
     face: Face
     rating: float
     split: str          # train | val
+    face_id: int | None = None   # the stored face's id
 
 
 def split_of(sha256: str, val_share: float) -> str:
@@ -56,7 +57,7 @@ def build_examples(rows: list[dict], *, faces: str = "all", val_share: float = 0
         for f in chosen:
             face = Face.from_row(f)
             out.append(Example(row["image_id"], row["sha256"], row["media_path"], face,
-                               float(row["value"]), split))
+                               float(row["value"]), split, f.get("id")))
     return out
 
 

@@ -1,7 +1,9 @@
 """The rating model: a torchvision backbone with a one-output head predicting 1-5.
 
 The head's output ``z`` is mapped to ``1 + 4 * sigmoid(z)``, so predictions always lie in 1-5.
-A model file (``.pt``) holds ``{"arch", "image_size", "version", "format", "state_dict"}``.
+A model file (``.pt``) holds ``{"arch", "image_size", "version", "format", "state_dict"}``, and
+``identity`` when the model has an identity head (``scorer/identity_head.py``): the face's identity
+embedding then sharpens the network's score, see :class:`Scorer`.
 """
 from __future__ import annotations
 
@@ -38,6 +40,14 @@ def colour_stats(x: torch.Tensor) -> torch.Tensor:
 
 
 N_STATS = 5
+
+
+def colour_stats_arrays(arrays) -> np.ndarray:
+    """:func:`colour_stats` of uint8 HWC crops, as an (N, N_STATS) float32 array."""
+    if not len(arrays):
+        return np.zeros((0, N_STATS), np.float32)
+    with torch.inference_mode():
+        return colour_stats(to_tensor(np.stack(list(arrays)))).numpy().astype(np.float32)
 
 
 class RatingNet(nn.Module):
@@ -141,24 +151,60 @@ def to_tensor(arrays: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def save_model(net: RatingNet, path: str | Path, *, arch: str, image_size: int, version: str) -> None:
+def save_model(net: RatingNet, path: str | Path, *, arch: str, image_size: int, version: str,
+               identity=None) -> None:
+    """Write the model file (under a temporary name, then renamed); ``identity``: its identity
+    head (:class:`scorer.identity_head.IdentityHead`), if any."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"arch": arch, "image_size": image_size, "version": version, "format": FORMAT,
-                "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}, tmp)
+    ckpt = {"arch": arch, "image_size": image_size, "version": version, "format": FORMAT,
+            "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
+    if identity is not None:
+        ckpt["identity"] = identity.to_state()
+    torch.save(ckpt, tmp)
     tmp.replace(path)
 
 
+def load_identity(ckpt: dict, models_dir: Path, *, device: str, batch_size: int):
+    """(identity head, its embedder) of a model file's checkpoint, or (None, None) when it has no
+    head, or when the embedder it was fitted on cannot be loaded (then the network scores alone)."""
+    from scorer.identity import Embedder
+    from scorer.identity_head import IdentityHead
+
+    if not ckpt.get("identity"):
+        return None, None
+    head = IdentityHead.from_state(ckpt["identity"])
+    path = models_dir / head.embedder_file
+    if not path.exists():
+        log.warning("model %s: identity embedder file %s is missing; scoring with the network alone",
+                    ckpt.get("version"), path)
+        return None, None
+    try:
+        embedder = Embedder.load(path, device=device, batch_size=batch_size)
+    except ModelError as e:
+        log.warning("model %s: %s; scoring with the network alone", ckpt.get("version"), e)
+        return None, None
+    return head, embedder
+
+
 class Scorer:
-    """A loaded model ready for batched inference."""
+    """A loaded model ready for batched inference.
+
+    With an identity head (``identity``, and ``embedder``: the identity embedder it was fitted
+    on), a face's score is the network's blended with the head's prediction from the face's
+    identity embedding and colour statistics; its uncertainty (None without flip TTA) is the
+    network's flip spread blended with the head's novelty (how unlike every rated face it is).
+    """
 
     def __init__(self, net: RatingNet, *, arch: str, version: str, image_size: int = 64,
-                 device: str = "auto", batch_size: int = 32, tta: bool = True):
+                 device: str = "auto", batch_size: int = 32, tta: bool = True, identity=None, embedder=None):
         self.device = pick_device(device)
         self.net = net.to(self.device).eval()
         self.arch, self.version, self.image_size = arch, version, image_size
         self.batch_size, self.tta = batch_size, tta
+        self.identity, self.embedder = (identity, embedder) if identity is not None and embedder is not None \
+            else (None, None)
 
     @classmethod
     def load(cls, path: str | Path, **kw) -> "Scorer":
@@ -174,15 +220,36 @@ class Scorer:
         except Exception as e:  # noqa: BLE001 - missing, truncated or foreign files
             raise ModelError(f"cannot load model file {path}: {e}") from None
         kw.setdefault("image_size", ckpt.get("image_size", 64))
-        return cls(net, arch=ckpt["arch"], version=ckpt["version"], **kw)
+        head, embedder = load_identity(ckpt, Path(path).parent, device=kw.get("device", "auto"),
+                                       batch_size=kw.get("batch_size", 32))
+        return cls(net, arch=ckpt["arch"], version=ckpt["version"], identity=head, embedder=embedder, **kw)
 
     def predict(self, crops: list[Image.Image]) -> tuple[list[float], list[float | None]]:
         """Scores (1-5) and uncertainties for face crops (PIL), in batches of ``batch_size``."""
-        return self.predict_arrays([resize_crop(c, self.image_size) for c in crops])
+        arrays = [resize_crop(c, self.image_size) for c in crops]
+        if self.identity is None or self.embedder.image_size == self.image_size:
+            return self.predict_arrays(arrays)
+        return self.predict_arrays(arrays, [resize_crop(c, self.embedder.image_size) for c in crops])
+
+    def predict_arrays(self, arrays, identity_arrays=None) -> tuple[list[float], list[float | None]]:
+        """Like :meth:`predict` for crops already resized to ``image_size`` (uint8 HWC arrays);
+        ``identity_arrays``: the same crops at the embedder's size, when it differs."""
+        scores, spreads = self.network_arrays(arrays)
+        if self.identity is None or not len(arrays):
+            return scores, spreads
+        if identity_arrays is None:
+            size = self.embedder.image_size
+            identity_arrays = arrays if size == self.image_size else \
+                [np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR)) for a in arrays]
+        head, novelty = self.identity.predict_with_novelty(self.embedder.embed_arrays(list(identity_arrays)),
+                                                           colour_stats_arrays(arrays))
+        blended = self.identity.combine([0.0 if u is None else u for u in spreads], novelty)
+        return ([float(v) for v in self.identity.combine(scores, head)],
+                [None if u is None else float(b) for u, b in zip(spreads, blended)])
 
     @torch.inference_mode()
-    def predict_arrays(self, arrays) -> tuple[list[float], list[float | None]]:
-        """Like :meth:`predict` for crops already resized to ``image_size`` (uint8 HWC arrays)."""
+    def network_arrays(self, arrays) -> tuple[list[float], list[float | None]]:
+        """The network's own scores and flip spreads (no identity head) for resized crops."""
         scores: list[float] = []
         spreads: list[float | None] = []
         for start in range(0, len(arrays), self.batch_size):

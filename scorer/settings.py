@@ -52,6 +52,7 @@ class TrainConfig:
     promote_margin: float = 0.0           # the new model must beat the active one's Pearson by more
     schedule: str = ""                    # daemon: cron "min hour day month weekday"; "" = off
     after_new_labels: int = 0             # daemon: also retrain after this many new labels; 0 = off
+    identity: bool = True                 # fit an identity head when an identity embedder exists
     seed: int = 0
 
     def check(self):

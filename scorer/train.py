@@ -6,6 +6,9 @@ reference scripts.
     fit(): AdamW, one-cycle learning rate, flips, small rotations and shifts, brightness/contrast
            jitter, MixUp for regression, weight averaging (EMA), early stopping on validation loss
            (counted from the start, acted on only in the second half of the schedule)
+    identity head (when an identity embedder exists, ``train.identity``): a kernel ridge from the
+           faces' identity embeddings (stored per face and embedder version) and colour statistics
+           to the rating, fitted in seconds; its blend with the network chosen on validation
     compare with the active model on the same validation pictures -> promote only if better
 
 A run writes nothing until it has finished: the model file is written under a temporary name and
@@ -16,6 +19,7 @@ the active model, the labels and the registry as they were. ``train_lock`` makes
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fcntl
 import logging
 import math
@@ -32,10 +36,11 @@ import torch.nn.functional as F
 
 from scorer.dataset import CropCache, build_examples
 from scorer.evaluate import better, metrics, picture_predictions
-from scorer.model import (FORMAT, ModelError, RatingNet, Scorer, build_model, pick_device, save_model,
-                          to_tensor)
+from scorer.identity_head import fit_blended
+from scorer.model import (FORMAT, ModelError, RatingNet, Scorer, build_model, colour_stats_arrays, pick_device,
+                          save_model, to_tensor)
 from scorer.registry import new_version
-from scorer.settings import ScorerConfig, TrainConfig
+from scorer.settings import IdentityConfig, ScorerConfig, TrainConfig
 from storage.paths import DataPaths
 
 log = logging.getLogger("tastefeed.train")
@@ -209,6 +214,8 @@ class TrainOutcome:
     seconds: float
     reason: str
     history: list[dict] = field(default_factory=list)
+    identity: dict | None = None          # the identity head, or why there is none
+    network: dict | None = None           # validation metrics of the network alone
 
 
 def _is_trained(row: dict | None) -> bool:
@@ -244,13 +251,68 @@ def load_training_data(store, tcfg: TrainConfig, paths: DataPaths, image_size: i
             cache)
 
 
+# ---- the identity head -----------------------------------------------------------------------
+def identity_features(store, embedder, examples, arrays: np.ndarray, media_root, *, margin: float,
+                      max_pixels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(identity embeddings, colour statistics, indices into ``examples``) of the examples whose
+    face has an embedding: stored ones are read (``face_embeddings``, per embedder version), the
+    others computed once with :func:`scorer.characters.embed_faces` and stored."""
+    from scorer.characters import embed_faces
+
+    rows = [{"id": e.face_id, "image_id": e.image_id, "media_path": e.media_path, **dataclasses.asdict(e.face)}
+            for e in examples if e.face_id is not None]
+    embed_faces(store, embedder, rows, media_root, margin=margin, max_pixels=max_pixels)
+    stored = store.embeddings(embedder.version, [r["id"] for r in rows])
+    keep = np.array([i for i, e in enumerate(examples) if e.face_id in stored], dtype=np.int64)
+    vectors = (np.stack([stored[examples[i].face_id] for i in keep]) if len(keep)
+               else np.zeros((0, embedder.dim), np.float32))
+    return vectors, colour_stats_arrays(arrays[keep]), keep
+
+
+def fit_identity_head(store, paths: DataPaths, icfg: IdentityConfig, net: RatingNet, device, scfg: ScorerConfig,
+                      train: tuple, val: tuple, *, margin: float, max_pixels: int):
+    """(head and its embedder, report): the identity head on the training faces, its blend with
+    ``net`` chosen on the validation faces; (None, report saying why) without an identity
+    embedder, or when the head does not help (blend 0). ``train`` and ``val``: (arrays, examples,
+    ratings)."""
+    from scorer.characters import load_embedder
+
+    row = store.active_identity_model()
+    if row is None:
+        return None, {"used": False, "reason": "no identity embedder (see `main.py characters train`)"}
+    try:
+        embedder = load_embedder(row, icfg, paths.models)
+    except ModelError as e:
+        log.warning("identity head left out: %s", e)
+        return None, {"used": False, "reason": str(e)}
+    started = time.monotonic()
+    (x_tr, ex_tr, y_tr), (x_val, ex_val, y_val) = train, val
+    e_tr, s_tr, k_tr = identity_features(store, embedder, ex_tr, x_tr, paths.media, margin=margin,
+                                         max_pixels=max_pixels)
+    e_val, s_val, k_val = identity_features(store, embedder, ex_val, x_val, paths.media, margin=margin,
+                                            max_pixels=max_pixels)
+    if len(k_tr) < 2 or len(k_val) < 2:
+        return None, {"used": False, "reason": "too few faces with an identity embedding"}
+    head = fit_blended((e_tr, s_tr, y_tr[k_tr]), (e_val, s_val, y_val[k_val]),
+                       predict(net, x_val[k_val], device, tta=scfg.tta), embedder=row["version"],
+                       embedder_file=row["path"])
+    report = {"used": head.blend > 0, **head.describe(), "untrained_embedder": not row["metrics"],
+              "seconds": round(time.monotonic() - started, 1)}
+    if head.blend == 0:
+        report["reason"] = "the head did not improve the validation error (blend 0)"
+    log.info("identity head on %s: blend %.2f, kernel gamma %s, colour weight %s, lambda %s (%d faces, %.1fs)",
+             row["version"], head.blend, head.gamma, head.stats_weight, head.lam, len(k_tr), report["seconds"])
+    return ((head, embedder) if head.blend > 0 else None), report
+
+
 def train_from_store(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainConfig, *, margin: float,
                      max_pixels: int, epochs: int | None = None, promote: bool = True,
-                     progress: bool | None = None) -> TrainOutcome:
+                     progress: bool | None = None, icfg: IdentityConfig | None = None) -> TrainOutcome:
     """Train on all labels, compare with the active model, register, promote if better.
 
     ``margin`` is the crop margin (``detector.margin``), ``max_pixels`` the decoding guard
-    (``download.max_pixels``)."""
+    (``download.max_pixels``), ``icfg`` the ``[characters]`` settings (the identity embedder's
+    device and batch size)."""
     from scorer.registry import load_scorer
 
     started = time.monotonic()
@@ -283,7 +345,17 @@ def train_from_store(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainCon
     scorer = Scorer(result.net, arch=arch, version=version, image_size=size, device=str(device),
                     batch_size=scfg.batch_size, tta=scfg.tta)
     how = scfg.aggregate
-    new = validation_metrics(scorer, ex_val, paths.cache, paths.media, margin, how, max_pixels)
+    network = new = validation_metrics(scorer, ex_val, paths.cache, paths.media, margin, how, max_pixels)
+    identity, head = {"used": False, "reason": "off (train.identity = false)"}, None
+    if tcfg.identity:
+        fitted, identity = fit_identity_head(store, paths, icfg or IdentityConfig(), result.net, device, scfg,
+                                             (x_tr, ex_tr, y_tr), (x_val, ex_val, y_val), margin=margin,
+                                             max_pixels=max_pixels)
+        if fitted is not None:
+            head, embedder = fitted
+            scorer = Scorer(result.net, arch=arch, version=version, image_size=size, device=str(device),
+                            batch_size=scfg.batch_size, tta=scfg.tta, identity=head, embedder=embedder)
+            new = validation_metrics(scorer, ex_val, paths.cache, paths.media, margin, how, max_pixels)
     baseline = None
     if active is not None:
         try:
@@ -306,11 +378,12 @@ def train_from_store(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainCon
               "history": result.history, "best_epoch": result.best_epoch, "image_size": size,
               "n_train": n_train_pics, "n_val": n_val_pics, "crops_train": len(ex_tr), "crops_val": len(ex_val),
               "train_seconds": round(result.seconds, 1), "seconds": round(seconds, 1), "device": str(device),
-              "warm_start": warm, "val_share": tcfg.val_share, "format": FORMAT}
+              "warm_start": warm, "val_share": tcfg.val_share, "format": FORMAT,
+              "identity": identity, "val_network": network}
     path = paths.models / f"{version}.pt"
-    save_model(result.net, path, arch=arch, image_size=size, version=version)
+    save_model(result.net, path, arch=arch, image_size=size, version=version, identity=head)
     store.register_model(version, arch, path.name, data_size=n_train_pics + n_val_pics, metrics=record,
                          activate=promoted, notes=reason)
     log.info("model %s: %s", version, reason)
     return TrainOutcome(version, promoted, new, record["baseline_version"], baseline, n_train_pics, n_val_pics,
-                        seconds, reason, result.history)
+                        seconds, reason, result.history, identity, network)
