@@ -12,13 +12,18 @@ knows every name, then starts the background run (:func:`scorer.characters.ident
 every stored, unnamed face without a result of this embedder newer than the newest name is
 embedded where needed (after a promotion, all of them) and identified, in batches, named faces
 first. Each batch is stored as it is done, so a stop or crash only pauses it; a later change
-ends the run and starts the next. Embedding and identifying run in worker threads, every write
+ends the run and starts the next. New names (booru weak labels can bring one per scored post)
+make the stored results stale at most once every ``NAMES_REFRESH_SECONDS`` (10 minutes) for one
+embedder: in between, new faces are identified with the newest names and the stored ones wait
+for the next refresh, so a stream of names never rewrites every stored result again and again.
+A new embedder is used on every stored face at once. Embedding and identifying run in worker threads, every write
 on the daemon's writer thread; a failure logs one line and never stops scoring.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -32,6 +37,7 @@ log = logging.getLogger("tastefeed.daemon")
 
 class Recognition:
     CHECK_SECONDS = 30
+    NAMES_REFRESH_SECONDS = 600   # stored faces are identified again for new names at most this often
 
     def __init__(self, cfg: Config, store, stopping: asyncio.Event, stats: dict):
         self.cfg = cfg
@@ -45,6 +51,7 @@ class Recognition:
         self._refresh = asyncio.Lock()
         self._task: asyncio.Task | None = None
         self._last_error: str | None = None
+        self._refreshed: tuple[str, str, float] | None = None  # (embedder version, names stamp, when)
 
     async def start(self, scheduler: AsyncIOScheduler) -> None:
         """Check every 30 s, and once now (a run left unfinished by a stop resumes)."""
@@ -149,11 +156,21 @@ class Recognition:
                 break
         return total
 
+    def _stale_before(self, key: tuple) -> str:
+        """The names stamp before which stored results count as stale: the current one when the
+        embedder changed or the last refresh is ``NAMES_REFRESH_SECONDS`` old, else the last one."""
+        version, stamp, now = key[0], key[2][1], time.monotonic()
+        last = self._refreshed
+        if last is None or last[0] != version or (last[1] != stamp and now - last[2] >= self.NAMES_REFRESH_SECONDS):
+            self._refreshed = last = (version, stamp, now)
+        return last[1]
+
     async def _identify_stored(self, key: tuple, embedder: Embedder, recognizer: Recognizer) -> int:
         def saved(n: int) -> None:
             self.stats["identified"] = self.stats.get("identified", 0) + n
 
-        done = await identify_stored(self.store, embedder, recognizer, since=key[2][1], media_root=self.cfg.media_path,
+        since = self._stale_before(key)
+        done = await identify_stored(self.store, embedder, recognizer, since=since, media_root=self.cfg.media_path,
                                      margin=self.cfg.detector.margin, max_pixels=self.cfg.download.max_pixels,
                                      batch_size=self.icfg.batch_size, on_batch=saved,
                                      should_stop=lambda: self.stopping.is_set() or self.key != key)

@@ -216,3 +216,19 @@ def test_characters_recognize_identifies_stored_faces_from_the_command_line(tmp_
         assert store.picture_characters([image_id]) == {image_id: ["Alice"]}
         assert set(store.face_characters(others)) == set(others) and store.face_characters([whole]) == {}
     assert cli(tmp_path, "characters", "recognize").stdout.strip().startswith("identified 0 stored face(s)")
+
+
+def test_a_stream_of_new_names_refreshes_stored_results_at_most_every_ten_minutes(tmp_path, monkeypatch):
+    import bot.recognition
+
+    clock = [1000.0]
+    monkeypatch.setattr(bot.recognition.time, "monotonic", lambda: clock[0])
+    rec = bot.recognition.Recognition(make_config(tmp_path), None, asyncio.Event(), {})
+    assert rec._stale_before(("e1", None, (1, "t1"))) == "t1"
+    clock[0] += 60                                   # a weak name a minute later: stored results wait
+    assert rec._stale_before(("e1", None, (2, "t2"))) == "t1"
+    clock[0] += rec.NAMES_REFRESH_SECONDS            # ten minutes on: they are redone for the new names
+    assert rec._stale_before(("e1", None, (3, "t3"))) == "t3"
+    clock[0] += 1                                    # a new embedder is used on every stored face at once
+    assert rec._stale_before(("e2", None, (3, "t3"))) == "t3"
+    assert rec._stale_before(("e2", None, (4, "t4"))) == "t3"
