@@ -88,7 +88,7 @@ class Daemon:
 
         gallery = Gallery(self.cfg, self.store, model_changed=self.models.check_model,
                           sources_changed=self.poller.refresh_sources,
-                          characters_changed=self.recognition.check)
+                          characters_changed=self.recognition.owner_changed_names)
         try:
             self.gallery_url = await gallery.start()
         except OSError as e:

@@ -33,6 +33,9 @@ SETTING_COMMANDS = "discord.commands_hash"
 TOP_MAX = 10
 
 
+MESSAGE_LIMIT = 2000   # characters in one Discord message
+
+
 class OwnerTree(app_commands.CommandTree):
     """Slash commands answer only the owners; anyone else gets an ephemeral refusal."""
 
@@ -184,12 +187,12 @@ class OwnerCommands:
             if image_id is None:
                 await interaction.response.send_message(f"No picture found for {picture!r}.", ephemeral=True)
                 return
+            await interaction.response.defer(thinking=True, ephemeral=True)   # the store may be busy: answer first
             try:
                 row, created = await self.store.call(name_picture_face, image_id, character, face, origin="discord")
             except (ManageError, CharacterNameError) as e:
-                await interaction.response.send_message(f"Not named: {e}", ephemeral=True)
+                await interaction.followup.send(f"Not named: {e}", ephemeral=True)
                 return
-            await interaction.response.defer(thinking=True, ephemeral=True)
             name = (await self.store.face_name(row["id"]))["name"]
             log.info("Discord: face %d of picture %d named %r by %s", row["id"], image_id, name, interaction.user.id)
             note = ""
@@ -239,10 +242,13 @@ class OwnerCommands:
             s = "n/a" if f["score"] is None else f"{f['score']:.2f}"
             character = f", {describe_character(who[f['id']])}" if f["id"] in who else ""
             lines.append(f"face {i}: {kind} at ({f['x1']}, {f['y1']})-({f['x2']}, {f['y2']}), score {s}{character}")
-        if current is not None:
-            lines.append(f"your rating: {current}")
-        if image.get("page_url"):
-            lines.append(image["page_url"])
+        tail = ([f"your rating: {current}"] if current is not None else []) + (
+            [image["page_url"]] if image.get("page_url") else [])
+        while len(lines) > 1 and len("\n".join(lines + tail)) > MESSAGE_LIMIT - 40:
+            lines.pop()           # many faces with long names: the message stays within Discord's limit
+        if len(lines) - 1 < len(ordered):
+            lines.append(f"... and {len(ordered) - len(lines) + 1} more face(s)")
+        lines += tail
         sheet = None
         if faces and image.get("media_path"):
             try:

@@ -2,7 +2,8 @@
 
 A cycle asks the ranking (``scorer.ranking.pick``, followed characters boosted) for the best
 unposted pictures this channel accepts (``bot.posting.route``: NSFW only to the NSFW channel,
-blocked tags nowhere; ``blocked_character``: blocked characters nowhere, checked again just
+blocked tags nowhere; ``block_reason``: blocked characters nowhere, by recognition or the
+source's character tags, and a picture with a face not identified yet waits; checked again just
 before sending) and posts each as an embed with the picture attached (shrunk below the upload
 limit), the characters in it, and the rating reactions added as buttons.
 
@@ -27,7 +28,7 @@ import discord
 
 from bot.config import Config
 from bot.manage import web_link
-from bot.posting import Reactions, blocked_character, character_summary, emoji_key, fit_upload, route
+from bot.posting import Reactions, block_reason, character_summary, emoji_key, fit_upload, route
 from scorer.ranking import Pick, pick
 
 log = logging.getLogger("tastefeed.discord")
@@ -100,8 +101,7 @@ class Poster:
         chars = self.cfg.characters
 
         def accept(row: dict) -> bool:
-            return self._accept(row) and not (
-                chars.block and blocked_character(store.picture_characters([row["id"]])[row["id"]], chars.block))
+            return self._accept(row) and block_reason(store, row, chars.block) is None
 
         return pick(store, self.cfg.ranking, self.cfg.train.min_labels, n, channel=CHANNEL, rng=self.rng,
                     accept=accept, near_distance=self.d.near_duplicate_distance, follow=chars.follow,
@@ -142,12 +142,12 @@ class Poster:
         channel_id = route(image, self.d.channel_id, self.d.nsfw_channel_id, self.d.blocklist)
         if channel_id is None:
             return None
+        blocked = await self.store.call(block_reason, image, self.cfg.characters.block)
+        if blocked:
+            log.info("Discord: picture %d not posted: %s", image["id"], blocked)
+            return None
         faces = await self.store.faces_of(image["id"])
         who = list((await self.store.face_characters([f["id"] for f in faces])).values())
-        blocked = blocked_character([e["character"] for e in who if e["character"]], self.cfg.characters.block)
-        if blocked:
-            log.info("Discord: picture %d not posted: %s is blocked (characters.block)", image["id"], blocked)
-            return None
         try:
             channel = await self._channel(channel_id)
         except (discord.HTTPException, discord.InvalidData) as e:

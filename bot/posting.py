@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from scorer.analyze import face_crop
+from storage.characters import name_key
 from storage.records import Face
 from storage.media import load_media
 
@@ -57,9 +58,27 @@ def blocked_tag(image: dict, blocklist: list[str]) -> str | None:
 
 
 def blocked_character(names: list[str], block: list[str]) -> str | None:
-    """The first of ``block`` among a picture's characters (``names``), case-insensitively."""
-    have = {n.casefold() for n in names}
-    return next((b for b in block if b.casefold() in have), None)
+    """The first of ``block`` among a picture's characters (``names``), whatever the case,
+    underscores or spacing (``storage.characters.name_key``)."""
+    have = {name_key(n) for n in names}
+    return next((b for b in block if name_key(b) in have), None)
+
+
+def block_reason(store, image: dict, block: list[str]) -> str | None:
+    """Why ``characters.block`` keeps the picture (a row of ``images``) from being posted, or
+    None: a blocked character among its faces (named or recognised) or among the source's own
+    character tags; or, while some face is named (so recognition is on), a face the active
+    embedder has not identified yet (just scored, or after a promotion until the background run
+    reaches it): it waits. ``store`` is a sync Store."""
+    if not block:
+        return None
+    names = store.picture_characters([image["id"]])[image["id"]] + list(image.get("characters") or [])
+    hit = blocked_character(names, block)
+    if hit is not None:
+        return f"{hit} is blocked (characters.block)"
+    if store.enrolment_stamp()[0] and store.unrecognised_faces(image["id"]):
+        return "a face is not identified yet and characters.block is set"
+    return None
 
 
 def describe_character(entry: dict) -> str:

@@ -4,7 +4,8 @@ identified again in the background whenever the active identity embedder or the 
 :class:`Recognition` keeps the active identity embedder (``scorer.characters``) and a recognizer
 built from the enrolled (named) faces. It is off, costing nothing, until some face is named. Its
 recognizer is rebuilt when it is stale, a cheap check made for every scored batch, every 30 s and
-right after ``/name``: the active embedder changed (``characters train`` promoted one,
+right after ``/name`` or naming in the gallery (names from tags and imports are taken in within
+``REBUILD_SECONDS``, so a stream of them does not rebuild it for every batch): the active embedder changed (``characters train`` promoted one,
 ``characters use`` rolled back) or the names did (``characters add``/``import``, the gallery,
 Discord's ``/name``, booru weak labels: their count or newest time, ``Store.enrolment_stamp``).
 A rebuild first embeds the named faces the embedder has not embedded yet, so the recognizer
@@ -14,7 +15,7 @@ embedded where needed (after a promotion, all of them) and identified, in batche
 first. Each batch is stored as it is done, so a stop or crash only pauses it; a later change
 ends the run and starts the next. New names (booru weak labels can bring one per scored post)
 make the stored results stale at most once every ``NAMES_REFRESH_SECONDS`` (10 minutes) for one
-embedder: in between, new faces are identified with the newest names and the stored ones wait
+embedder, unless the owner named or unnamed a face: in between, new faces are identified with the newest names and the stored ones wait
 for the next refresh, so a stream of names never rewrites every stored result again and again.
 A new embedder is used on every stored face at once. Embedding and identifying run in worker threads, every write
 on the daemon's writer thread; a failure logs one line and never stops scoring.
@@ -38,6 +39,7 @@ log = logging.getLogger("tastefeed.daemon")
 class Recognition:
     CHECK_SECONDS = 30
     NAMES_REFRESH_SECONDS = 600   # stored faces are identified again for new names at most this often
+    REBUILD_SECONDS = 60          # the recognizer takes in names from tags and imports at most this often
 
     def __init__(self, cfg: Config, store, stopping: asyncio.Event, stats: dict):
         self.cfg = cfg
@@ -52,6 +54,8 @@ class Recognition:
         self._task: asyncio.Task | None = None
         self._last_error: str | None = None
         self._refreshed: tuple[str, str, float] | None = None  # (embedder version, names stamp, when)
+        self._built_at = 0.0          # time.monotonic() of the last rebuild
+        self._force = False           # the owner named or unnamed a face: use it now
 
     async def start(self, scheduler: AsyncIOScheduler) -> None:
         """Check every 30 s, and once now (a run left unfinished by a stop resumes)."""
@@ -73,11 +77,14 @@ class Recognition:
             return False
         row = await self.store.call(ensure_active_embedder, self.icfg, self.cfg.models_path)
         key = (row["version"], row["threshold"], tuple(stamp))
-        if key == self.key:
-            return len(self.recognizer) > 0
+        if key == self.key or (not self._force and self.key is not None and key[:2] == self.key[:2]
+                               and time.monotonic() - self._built_at < self.REBUILD_SECONDS):
+            return len(self.recognizer) > 0   # new names only (booru tags): taken in within a minute
         async with self._refresh:
             if key == self.key:
                 return len(self.recognizer) > 0
+            if self._force:
+                self._force, self._refreshed = False, None   # the owner's change: stored faces at once
             if self.embedder is None or self.embedder.version != row["version"]:
                 self.embedder = await asyncio.to_thread(load_embedder, row, self.icfg, self.cfg.models_path)
                 log.info("characters: recognising with identity embedder %s", row["version"])
@@ -85,7 +92,7 @@ class Recognition:
                                margin=self.cfg.detector.margin, max_pixels=self.cfg.download.max_pixels)
             rec = await self.store.call(Recognizer.from_store, row["version"], k=self.icfg.k, nearest=untrained(row))
             self.recognizer = await asyncio.to_thread(with_threshold, rec, row, self.icfg)
-            self.key = key
+            self.key, self._built_at = key, time.monotonic()
             log.info("characters: %d named face(s) of %d character(s) enrolled; unknown below similarity %.3f",
                      len(rec), len(rec.characters), self.recognizer.threshold)
         if not len(self.recognizer):
@@ -105,8 +112,16 @@ class Recognition:
             self._failed("checking the identity embedder", e)
 
     async def names_changed(self) -> None:
-        """A face was just named (``/name``): embed it and use it now; raises what went wrong."""
+        """The owner just named a face (``/name``): embed it and use it now, for stored faces
+        too; raises what went wrong."""
+        self._force = True
         await self.current()
+
+    async def owner_changed_names(self) -> None:
+        """The owner named or unnamed a face in the gallery: as :meth:`names_changed`, but a
+        failure is logged (once), never raised."""
+        self._force = True
+        await self.check()
 
     # ---- the scoring stage -------------------------------------------------------------------
     async def recognize_pictures(self, image_ids: list[int]) -> dict[int, tuple[int | None, float]]:

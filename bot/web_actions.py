@@ -26,7 +26,7 @@ from aiohttp import web
 from bot.config import Config
 from bot.manage import ManageError, add_source, parse_pairs, pause_source, remove_source
 from storage.characters import CharacterNameError, check_name
-from storage.records import ORIGIN_WEB
+from storage.records import ORIGIN_WEB, WHOLE_PICTURE
 
 log = logging.getLogger("tastefeed.web")
 
@@ -138,6 +138,8 @@ class GalleryActions:
         face = await self.store.face_with_media(face_id)
         if face is None:
             raise web.HTTPNotFound(text="No such face.\n")
+        if face["detector"] == WHOLE_PICTURE:
+            raise web.HTTPBadRequest(text="No face was found in this picture: the whole picture cannot be named.\n")
         await self.store.call(lambda s: s.name_face(face_id, s.character_id(name, create=True), origin=NAME_ORIGIN))
         log.info("characters: face %d of picture %d named in the gallery", face_id, face["image_id"])
         message = f"face named {name}"

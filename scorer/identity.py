@@ -23,6 +23,8 @@ A model file (``.pt``) holds ``{"kind": "identity", "arch", "image_size", "embed
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +73,8 @@ def build_embedder(arch: str = "resnet18", pretrained: str = "none", embedding_d
 def save_embedder(net: IdentityNet, path: str | Path, *, arch: str, image_size: int, version: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    # a name of its own: the daemon and the gallery may create the first embedder at the same time
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     torch.save({"kind": KIND, "arch": arch, "image_size": image_size,
                 "embedding_dim": net.project[1].out_features, "version": version, "format": FORMAT,
                 "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}, tmp)

@@ -139,6 +139,7 @@ def plot_confusion(pred, true, names: dict[int, str], path: Path, *, title: str 
     in the cells). The ``top_n`` characters with the most faces; the rest pooled as "other"."""
     import matplotlib
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False   # names are text: "$x$" is not a formula   # names are text: "$x$" is not a formula
     import matplotlib.pyplot as plt
 
     pred, true = np.asarray(pred), np.asarray(true)
@@ -182,6 +183,7 @@ def plot_similarities(op: dict, path: Path, *, title: str = "") -> Path:
     unknown faces (their character not enrolled), with the threshold."""
     import matplotlib
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False   # names are text: "$x$" is not a formula   # names are text: "$x$" is not a formula
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))

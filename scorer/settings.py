@@ -117,14 +117,14 @@ class IdentityConfig:
             return "device", f"expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}"
         if self.follow_boost < 0:
             return "follow_boost", f"expected 0 or more, got {self.follow_boost!r}"
-        from storage.characters import CharacterNameError, check_name
+        from storage.characters import CharacterNameError, check_name, name_key
 
         for key in ("follow", "block"):
             try:
                 setattr(self, key, [check_name(name) for name in getattr(self, key)])
             except CharacterNameError as e:
                 return key, str(e)
-        both = {n.casefold() for n in self.follow} & {n.casefold() for n in self.block}
+        both = {name_key(n) for n in self.follow} & {name_key(n) for n in self.block}
         if both:
             return "block", f"{sorted(both)[0]!r} is both followed and blocked"
         return None

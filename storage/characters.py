@@ -21,6 +21,7 @@ from storage.records import WHOLE, WHOLE_PICTURE
 
 log = logging.getLogger("tastefeed.characters")
 
+NAMES_CHANGED = "names_changed_at"   # settings key: when a name was last taken back
 NAME_ORIGINS = ("import", "enrol", "booru", "gallery", "discord")
 MAX_NAME = 100
 
@@ -38,9 +39,16 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+def name_key(name: str) -> str:
+    """What makes two names the same character: Unicode-compatible forms, case, underscores and
+    runs of spaces aside (``Hatsune Miku``, ``hatsune_miku`` and ``HATSUNE  MIKU`` are one)."""
+    return " ".join(unicodedata.normalize("NFKC", name).casefold().replace("_", " ").split())
+
+
 def check_name(name: str) -> str:
     """The name, trimmed, or :class:`CharacterNameError`: non-empty, at most 100 characters, no
-    slashes or control characters (emoji and any script are fine)."""
+    slashes, control or invisible format characters (emoji and any script are fine; the joiner
+    inside emoji sequences too)."""
     clean = (name or "").strip()
     if not clean:
         raise CharacterNameError("a character name cannot be empty")
@@ -51,6 +59,9 @@ def check_name(name: str) -> str:
         raise CharacterNameError(f"character name {clean!r}: no slashes allowed")
     if any(unicodedata.category(c) in ("Cc", "Cs") or c in "\u2028\u2029" for c in clean):
         raise CharacterNameError(f"character name {clean!r}: no control characters allowed")
+    if any(unicodedata.category(c) == "Cf" and c != "\u200d" for c in clean):
+        raise CharacterNameError(f"character name {clean!r}: no invisible format characters (such as "
+                                 "zero-width spaces or direction marks) allowed")
     return clean
 
 
@@ -67,9 +78,13 @@ class CharacterMethods:
 
     # ---- characters and names ----------------------------------------------------------------
     def character_id(self, name: str, *, create: bool = False) -> int | None:
-        """The id of the character called ``name`` (validated); created if asked."""
+        """The id of the character called ``name`` (validated; the same character whatever the
+        case, underscores or spacing: :func:`name_key`); created if asked."""
         name = check_name(name)
         row = self.db.execute("SELECT id FROM characters WHERE name = ?", [name]).fetchone()
+        if row is None:
+            key = name_key(name)
+            row = next(((cid,) for cid, known in self.character_names().items() if name_key(known) == key), None)
         if row is not None or not create:
             return row[0] if row else None
         with self.db.conn:
@@ -98,7 +113,12 @@ class CharacterMethods:
     def unname_face(self, face_id: int) -> bool:
         """Take a face's given name away (recognition speaks for it again); False if it had none."""
         with self.db.conn:
-            return self.db.execute("DELETE FROM face_names WHERE face_id = ?", [face_id]).rowcount > 0
+            if not self.db.execute("DELETE FROM face_names WHERE face_id = ?", [face_id]).rowcount:
+                return False
+            # a name taken back makes the results it led to stale too (see enrolment_stamp)
+            self.db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)",
+                            [NAMES_CHANGED, json.dumps(_now())])
+        return True
 
     def face_with_media(self, face_id: int) -> dict | None:
         """A stored face (box, detector, ``image_id``) with its picture's ``media_path``."""
@@ -195,11 +215,13 @@ class CharacterMethods:
             f"AND face_id IN ({','.join('?' * len(face_ids))})", [model_version, *face_ids])}
 
     def enrolment_stamp(self) -> tuple[int, str | None]:
-        """(number of named faces, time of the newest name): it changes whenever a face is named or
-        renamed (the CLI, the gallery, Discord, booru tags), so a recognizer built from the names
-        knows cheaply when it is stale."""
+        """(number of named faces, time of the newest name or of the last name taken back): it
+        changes whenever a face is named, renamed or unnamed (the CLI, the gallery, Discord, booru
+        tags), so a recognizer built from the names knows cheaply when it is stale."""
         n, newest = self.db.execute("SELECT COUNT(*), MAX(created_at) FROM face_names").fetchone()
-        return n, newest
+        row = self.db.execute("SELECT value FROM settings WHERE key = ?", [NAMES_CHANGED]).fetchone()
+        taken_back = json.loads(row[0]) if row else None
+        return n, max(t for t in (newest, taken_back, "") if t is not None) or None
 
     def faces_to_identify(self, model_version: str, since: str | None, limit: int, after_id: int = 0) -> list[dict]:
         """Unnamed faces of stored pictures (detected boxes and imported crops, not whole pictures
@@ -240,6 +262,14 @@ class CharacterMethods:
             f"WHERE face_characters.face_id IN ({','.join('?' * len(face_ids))}) "
             "AND (face_characters.character_id IS NOT NULL OR face_characters.similarity IS NOT NULL)",
             face_ids)}
+
+    def unrecognised_faces(self, image_id: int) -> int:
+        """How many real faces of the picture (not a whole picture) have neither a name nor a
+        result of the active embedder yet (say, after a promotion, until the background run)."""
+        return self.db.execute(
+            "SELECT COUNT(*) FROM face_characters JOIN faces ON faces.id = face_characters.face_id "
+            "WHERE face_characters.image_id = ? AND faces.detector != ? AND face_characters.character_id IS NULL "
+            "AND face_characters.similarity IS NULL", [image_id, WHOLE_PICTURE]).fetchone()[0]
 
     def picture_characters(self, image_ids) -> dict[int, list[str]]:
         """image id -> the distinct character names of its faces (named or recognised), by name."""

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import sqlite_utils
 
-from storage.characters import PICTURES_OF_CHARACTER, CharacterMethods
+from storage.characters import PICTURES_OF_CHARACTER, CharacterMethods, name_key
 from storage.db import open_db
 from storage.media import ImageInfo
 from storage.records import (DOWNLOADED, DUPLICATE, FAILED, IMPORTING, NEAR_DUPLICATE, PENDING, SCORED,
@@ -333,8 +333,8 @@ class Store(CharacterMethods):
             skip += f" AND id IN ({PICTURES_OF_CHARACTER})"
             params.append(character)
         bonus, bonus_params = "", []
-        wanted = {n.casefold() for n in follow} if follow_boost and order in ("score", "popularity") else set()
-        followed = [cid for cid, name in self.character_names().items() if name.casefold() in wanted]
+        wanted = {name_key(n) for n in follow} if follow_boost and order in ("score", "popularity") else set()
+        followed = [cid for cid, name in self.character_names().items() if name_key(name) in wanted]
         if followed:
             bonus = (" + CASE WHEN id IN (SELECT image_id FROM face_characters WHERE character_id IN "
                      f"({','.join('?' * len(followed))})) THEN ? ELSE 0 END")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -105,6 +106,55 @@ def test_the_character_of_a_face_is_its_name_else_the_active_embedders_recogniti
         store.activate_identity_model("e2")               # the active embedder's results count
         assert store.face_characters([f2, f4])[f2]["character"] == "Rin"
         assert store.picture_characters([image_of[f4]]) == {image_of[f4]: ["Rin"]}
+
+
+def test_one_character_whatever_the_case_underscores_or_spacing_and_no_invisible_characters(tmp_path):
+    from storage.characters import name_key
+
+    assert name_key("Hatsune Miku") == name_key("hatsune_miku") == name_key(" HATSUNE   miku ") == "hatsune miku"
+    assert check_name("👩‍🎤 Miku") == "👩‍🎤 Miku"          # the joiner inside an emoji sequence
+    for invisible in ("Mi​ku", "‮ukiM", "Miku⁠"):
+        with pytest.raises(CharacterNameError, match="invisible"):
+            check_name(invisible)
+    with Store.open(tmp_path / "t.db") as store:
+        miku = store.character_id("Hatsune Miku", create=True)
+        assert store.character_id("hatsune_miku", create=True) == miku       # a booru tag: the same one
+        assert store.character_id("HATSUNE MIKU") == miku and [r["name"] for r in store.list_characters()] == [
+            "Hatsune Miku"]
+
+
+def test_taking_a_name_back_makes_recognition_results_stale(tmp_path):
+    with Store.open(tmp_path / "t.db") as store:
+        store.register_model("m", "resnet18", "m.pt", activate=True)
+        f1, f2 = (_face(store, tmp_path / "media", s) for s in (1, 2))
+        store.name_face(f1, store.character_id("Rin", create=True), origin="gallery")
+        n, named_at = store.enrolment_stamp()
+        assert n == 1 and named_at
+        time.sleep(0.01)
+        assert store.unname_face(f1) and not store.unname_face(f1)
+        n, changed_at = store.enrolment_stamp()
+        assert n == 0 and changed_at > named_at      # results made before this are stale now
+
+
+def test_blocked_characters_by_recognition_or_source_tags_and_unidentified_faces_wait(tmp_path):
+    from bot.posting import block_reason
+
+    with Store.open(tmp_path / "t.db") as store:
+        store.register_model("m", "resnet18", "m.pt", activate=True)
+        store.register_identity_model("e1", "resnet18", "e1.pt", activate=True)
+        f1, f2, f3 = (_face(store, tmp_path / "media", s) for s in (1, 2, 3))
+        img = {f: store.get_image(store.execute("SELECT image_id FROM faces WHERE id = ?", [f])[0]["image_id"])
+               for f in (f1, f2, f3)}
+        assert block_reason(store, img[f2], ["Rin"]) is None          # nobody named yet: nothing to wait for
+        img[f3]["characters"] = ["kagamine_rin"]                      # the booru's own character tag
+        assert block_reason(store, img[f3], ["Kagamine Rin"]) == "Kagamine Rin is blocked (characters.block)"
+        rin = store.character_id("Kagamine Rin", create=True)
+        store.name_face(f1, rin, origin="gallery")
+        assert "blocked" in block_reason(store, img[f1], ["kagamine rin"])
+        assert "not identified yet" in block_reason(store, img[f2], ["Kagamine Rin"])  # recognition is on
+        store.save_identities("e1", {f2: (None, 0.3)})
+        assert block_reason(store, img[f2], ["Kagamine Rin"]) is None  # identified: nobody blocked
+        assert block_reason(store, img[f1], []) is None                 # no block list: no check
 
 
 def test_calibrate_threshold_reaches_the_target_precision():
@@ -425,3 +475,11 @@ def test_list_shows_validation_accuracy_of_the_active_embedder(tmp_path):
         assert not store.update_identity_metrics("nope", {})
     assert cli(tmp_path, "characters", "list").stdout.splitlines() == [
         "Alice  2 example(s)  validation accuracy 0.67 of 3", "Bob  1 example(s)  validation accuracy -"]
+
+
+def test_confusion_plot_takes_names_that_look_like_formulas(tmp_path):
+    from scorer.identity_eval import plot_confusion
+
+    names = {1: "$\\foo$", 2: "a$b$^c", 3: "ミク 🎤"}
+    path = plot_confusion(np.array([1, 2, 3, 1]), np.array([1, 2, 3, 2]), names, tmp_path / "confusion.png")
+    assert path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

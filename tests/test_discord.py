@@ -471,7 +471,7 @@ async def test_name_names_a_face_for_the_owner_only_and_recognition_uses_it_at_o
         assert set(store.embeddings(version, [face["id"]])) == {face["id"]}    # embedded: recognised from now on
         assert daemon.recognition.recognizer is not None and len(daemon.recognition.recognizer) == 1
 
-        several = await answer(fake, "name", fake.owner_id, name_options(f"#{two}", "Bob"))
+        several = await answer(fake, "name", fake.owner_id, name_options(f"#{two}", "Bob"), n=2)
         assert several == (f"Not named: picture #{two} has 2 faces: say which with face "
                            "(1-2, numbered as /why numbers them)")
         second = await answer(fake, "name", fake.owner_id, name_options(f"#{two}", "Bob", face=2), n=2)
@@ -485,7 +485,7 @@ async def test_name_names_a_face_for_the_owner_only_and_recognition_uses_it_at_o
                                  (name_options(f"#{one}", "  "), "Not named: a character name cannot be empty"),
                                  (name_options(f"#{two}", "Bob", face=3), f"picture #{two} has 2 face(s): face 3 does not exist"),
                                  (name_options("#9999", "Bob"), "No picture found for '#9999'.")]:
-            assert message in await answer(fake, "name", fake.owner_id, options)
+            assert message in await answer(fake, "name", fake.owner_id, options, n=1 if "No picture" in message else 2)
         assert sorted(r["name"] for r in store.list_characters()) == ["Alice 🎀", "Bob"]
 
         stats = await answer(fake, "stats", fake.owner_id)
@@ -493,3 +493,23 @@ async def test_name_names_a_face_for_the_owner_only_and_recognition_uses_it_at_o
     finally:
         await daemon.stop()
     assert not fake.unknown
+
+
+async def test_why_stays_within_discords_message_limit_with_many_long_named_faces(tmp_path):
+    from bot.discord_commands import MESSAGE_LIMIT, OwnerCommands
+    from storage.writer import AsyncStore
+
+    cfg = make_config(tmp_path, CHARACTERS)
+    [image_id] = seed(cfg, [{"popularity": 1, "faces": 30}])
+    with Store.open(cfg.db_path) as store:
+        for k, face in enumerate(store.faces_of(image_id)):
+            store.name_face(face["id"], store.character_id(f"{k:02d} " + "ä" * 97, create=True), origin="gallery")
+    astore = await AsyncStore(cfg.db_path).open()
+    try:
+        text, _ = await OwnerCommands(cfg, astore, post_cycle=None).explain(image_id)
+    finally:
+        await astore.close()
+    shown = text.count("\nface ")
+    assert len(text) <= MESSAGE_LIMIT and 5 < shown < 30
+    assert f"... and {30 - shown} more face(s)" in text
+    assert text.startswith(f"Picture #{image_id}: score") and "https://booru.example/posts/" in text

@@ -232,3 +232,34 @@ def test_a_stream_of_new_names_refreshes_stored_results_at_most_every_ten_minute
     clock[0] += 1                                    # a new embedder is used on every stored face at once
     assert rec._stale_before(("e2", None, (3, "t3"))) == "t3"
     assert rec._stale_before(("e2", None, (4, "t4"))) == "t3"
+
+
+async def test_names_from_tags_are_taken_in_within_a_minute_the_owners_at_once(tmp_path):
+    import bot.recognition
+
+    cfg = make_config(tmp_path, CHARS)
+    with Store.open(cfg.db_path) as store:
+        store.register_model("m", "resnet18", "m.pt", activate=True)
+        f1, f2, f3 = (_crop_face(store, cfg.media_path, s) for s in (1, 2, 3))
+        store.name_face(f1, store.character_id("Miku", create=True), origin="import")
+    astore = await AsyncStore(cfg.db_path).open()
+    rec = bot.recognition.Recognition(cfg, astore, asyncio.Event(), {})
+    try:
+        assert await rec.current() and len(rec.recognizer) == 1
+        with Store.open(cfg.db_path) as store:             # a booru tag names another face
+            store.name_face(f2, store.character_id("Rin", create=True), origin="booru", weak=True)
+        assert await rec.current() and len(rec.recognizer) == 1   # not rebuilt for it at once
+        rec._built_at -= rec.REBUILD_SECONDS
+        assert await rec.current() and len(rec.recognizer) == 2   # a minute later it is in
+        with Store.open(cfg.db_path) as store:             # the owner names one (/name, the gallery)
+            store.name_face(f3, store.character_id("Len", create=True), origin="discord")
+        await rec.names_changed()
+        assert len(rec.recognizer) == 3 and set(rec.recognizer.characters) == set(
+            (await astore.character_names()).keys())
+        for task in rec.running():
+            await task
+    finally:
+        rec.stopping.set()
+        for task in rec.running():
+            await task
+        await astore.close()

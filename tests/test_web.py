@@ -302,6 +302,11 @@ async def test_bad_names_foreign_faces_and_cross_site_posts_name_nothing(tmp_pat
     assert store.face_name(face["id"])["origin"] == "import"
     assert [r["name"] for r in store.list_characters()] == ["Miku"]
     assert store.list_identity_models() == []          # nothing was embedded either
+    with store.db.conn:                                # a picture in which no face was found
+        store.db.execute("UPDATE faces SET detector = 'whole' WHERE id = ?", [face["id"]])
+    resp = await client.post(f"/faces/{face['id']}/name", json={"name": "Rin"}, headers=same_origin(client))
+    assert resp.status == 400 and "the whole picture cannot be named" in await resp.text()
+    assert "name-face" not in await (await client.get(f"/picture/{image_id}")).text()
 
 
 async def test_for_you_and_rated_filter_by_character_with_paging_and_cards_show_chips(tmp_path, gallery):
