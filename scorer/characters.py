@@ -268,8 +268,13 @@ async def recognize_faces(store, embedder: Embedder, recognizer: Recognizer, fac
                           media_root: str | Path, *, margin: float,
                           max_pixels: int = 90_000_000) -> dict[int, tuple[int | None, float]]:
     """Embed (:func:`embed_stored`) and identify stored faces, storing the results; returns face
-    id -> (character id or None for unknown, similarity). ``store`` is an async store."""
+    id -> (character id or None for unknown, similarity). A face whose picture cannot be read is
+    stored as unknown with similarity 0 (not returned), so it is not read again and again (one
+    warning), only when the stored results are next redone. ``store`` is an async store."""
     vectors = await embed_stored(store, embedder, faces, media_root, margin=margin, max_pixels=max_pixels)
+    unreadable = {f["id"]: (None, 0.0) for f in faces if f["id"] not in vectors}
+    if unreadable:
+        await store.save_identities(embedder.version, unreadable)
     if not vectors:
         return {}
     ids = list(vectors)

@@ -263,3 +263,33 @@ async def test_names_from_tags_are_taken_in_within_a_minute_the_owners_at_once(t
         for task in rec.running():
             await task
         await astore.close()
+
+
+async def test_a_face_whose_picture_is_gone_is_unknown_and_not_read_again_and_again(tmp_path, caplog):
+    cfg = make_config(tmp_path, CHARS)
+    with Store.open(cfg.db_path) as store:
+        store.register_model("m", "resnet18", "m.pt", activate=True)
+        named, lost = (_crop_face(store, cfg.media_path, s) for s in (1, 2))
+        store.name_face(named, store.character_id("Miku", create=True), origin="enrol")
+        row = ensure_active_embedder(store, cfg.characters, cfg.models_path)
+        embedder = load_embedder(row, cfg.characters, cfg.models_path)
+        embed_named(store, embedder, cfg.media_path, margin=0.2)
+        recognizer = build_recognizer(store, row, cfg.characters)
+        media = store.execute("SELECT media_path FROM images JOIN faces ON faces.image_id = images.id "
+                              "WHERE faces.id = ?", [lost])[0]["media_path"]
+        (cfg.media_path / media).unlink()
+        since = store.enrolment_stamp()[1]
+    astore = await AsyncStore(cfg.db_path).open()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert await identify_stored(astore, embedder, recognizer, since=since, media_root=cfg.media_path,
+                                         margin=0.2) == 0
+            assert await identify_stored(astore, embedder, recognizer, since=since, media_root=cfg.media_path,
+                                         margin=0.2) == 0
+    finally:
+        await astore.close()
+    assert sum("unreadable" in r.getMessage() for r in caplog.records) == 1
+    with Store.open(cfg.db_path) as store:
+        assert store.face_characters([lost])[lost] == {"character": None, "similarity": 0.0, "named_by": None,
+                                                       "weak": False}
+        assert store.faces_to_identify(embedder.version, since, 10) == []
