@@ -376,6 +376,8 @@ settle = 0.2
         await wait_for(lambda: _true(daemon.stats["scored"] >= 1), timeout=30)
         assert daemon.models.retrainer.running
         await wait_for(lambda: _true(daemon.analyzer.scorer.version != first), timeout=120)
+        # the child promotes the model, then prints its summary and exits: the daemon may switch first
+        await wait_for(lambda: _true(daemon.models.retrainer.last_exit is not None), timeout=60)
         assert daemon.models.retrainer.last_exit == 0 and daemon.models.retrainer.runs == 1
         new = daemon.analyzer.scorer.version
         assert (await daemon.store.active_model())["version"] == new
