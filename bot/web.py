@@ -27,7 +27,7 @@ import jinja2
 from aiohttp import web
 
 from bot.config import Config
-from bot.manage import PAUSED_SOURCES, picture_data, source_state, stats, web_link
+from bot.manage import PAUSED_SOURCES, character_stats, picture_data, source_state, stats, web_link
 from bot.web_actions import GalleryActions
 from bot.web_guard import guard
 from scorer.ranking import is_cold
@@ -85,7 +85,7 @@ def picture_page(store, image_id: int) -> dict | None:
     data = picture_data(store, image_id)
     if data is None:
         return None
-    who = store.face_characters(f["id"] for f in data["faces"])
+    who = data["characters"]          # picture_data's face id -> character entry
     data["faces"] = [dict(f, who=who.get(f["id"])) for f in data["faces"]]
     data["characters"] = store.picture_characters([image_id])[image_id]
     return dict(data, **character_choices(store, None))
@@ -110,10 +110,9 @@ def identity_data(store, cfg: Config) -> dict:
         plots = sorted(p.name for p in (cfg.eval_path / r["version"]).glob("*.png"))
         models.append(dict(r, trained=bool(m), top1=m.get("val_top1", m.get("top1")), metrics=metric_rows(m),
                            plots=plots))
-    characters = store.list_characters()
+    counts = character_stats(store)
     return {"identity_models": models, "identity_active": next((m for m in models if m["active"]), None),
-            "n_characters": len(characters), "n_examples": sum(c["examples"] for c in characters),
-            "n_weak": sum(c["weak"] or 0 for c in characters)}
+            "n_characters": counts["characters"], "n_examples": counts["examples"], "n_weak": counts["weak"]}
 
 
 def metric_rows(metrics: dict, prefix: str = "", depth: int = 0) -> list[tuple[str, str]]:
