@@ -271,20 +271,25 @@ def cmd_train(cfg, args) -> int:
 
     if args.epochs is not None and args.epochs <= 0:
         return _fail("--epochs: expected a positive number")
+    if args.epochs is not None and not args.full:
+        return _fail("--epochs applies to the network: use it with --full")
     with Store.open(cfg.db_path) as store, train_lock(cfg.data_path):
         ensure_active_model(store, cfg.scorer, cfg.models_path)
         out = train_from_store(store, cfg.paths, cfg.scorer, cfg.train, margin=cfg.detector.margin,
-                                   max_pixels=cfg.download.max_pixels, epochs=args.epochs,
-                                   promote=not args.no_promote, icfg=cfg.characters)
+                               max_pixels=cfg.download.max_pixels, epochs=args.epochs,
+                               promote=not args.no_promote, icfg=cfg.characters, full=args.full)
     print(f"model {out.version}: {out.n_train} training and {out.n_val} validation pictures, "
           f"{out.seconds:.0f}s")
     print(f"  validation: {format_metrics(out.metrics)}")
-    ident = out.identity or {}
-    if ident.get("used"):
-        print(f"  identity head on embedder {ident['embedder']} (blend {ident['blend']}); the network alone: "
-              f"{format_metrics(out.network)}")
+    head = out.head or {}
+    if head.get("used"):
+        ident = head.get("identity") or {}
+        blocks = ", ".join(head.get("blocks", []))
+        print(f"  taste head on {blocks} (blend {head['blend']} with the network, {head.get('pairs', 0)} comparisons"
+              + (f", identity embedder {ident['embedder']}" if ident.get("used") else "") + ")")
+        print(f"  the network alone: {format_metrics(out.network)}")
     else:
-        print(f"  no identity head: {ident.get('reason', 'off')}")
+        print(f"  no taste head: {head.get('reason', 'off')}")
     if out.baseline is not None:
         print(f"  active model {out.baseline_version}: {format_metrics(out.baseline)}")
     print(f"  {out.reason}")
@@ -325,9 +330,11 @@ def cmd_models(cfg, args) -> int:
                 val = m.get("val") or {}
                 quality = ("untrained" if not m else
                            f"Pearson {val.get('pearson')}  MAE {val.get('mae')}  top-k {val.get('topk_precision')}")
-                ident = m.get("identity") or {}
-                if ident.get("used"):
-                    quality += f"  identity head (blend {ident['blend']}, embedder {ident['embedder']})"
+                head = m.get("head") or {}
+                if head.get("used"):
+                    quality += f"  head on {'+'.join(head.get('blocks', []))} (blend {head['blend']})"
+                if m.get("kind") == "head":
+                    quality += f"  network of {m.get('network_version')}"
                 print(f"{'*' if r['active'] else ' '} {r['version']}  {r['arch']}  {r['created_at'][:19]}  "
                       f"{r['data_size']} labels  {quality}")
                 if r["notes"]:
@@ -598,8 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
     il.add_argument("path", metavar="DIR_OR_CSV")
     il.add_argument("--crops", action="store_true",
                     help="the pictures are face crops: skip detection, the whole picture is the face")
-    tr = sub.add_parser("train", help="train on all labels; the new model is used only if it is better")
-    tr.add_argument("--epochs", type=int, help="override train.epochs")
+    tr = sub.add_parser("train", help="fit the taste head on all labels (seconds; --full: train the network "
+                        "too, minutes); the new model is used only if it is better")
+    tr.add_argument("--full", action="store_true", help="also train the network on the labelled crops (slow; "
+                    "what train.schedule runs)")
+    tr.add_argument("--epochs", type=int, help="override train.epochs (with --full)")
     tr.add_argument("--no-promote", action="store_true", help="register the model but do not use it")
     ev = sub.add_parser("eval", help="metrics and plots of a model on the validation split")
     ev.add_argument("--model", metavar="VERSION", help="default: the active model")

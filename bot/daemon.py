@@ -13,8 +13,10 @@ write rows), and after a crash or stop the work simply resumes from the rows' st
 :class:`Daemon` owns the life cycle and the wiring; each job is its own class:
 :class:`bot.polling.SourcePoller` (poll jobs and backoff), :class:`bot.pipeline.Pipeline`
 (download and scoring workers), :class:`bot.model_watch.ModelWatcher` (model switches,
-rescoring, retraining), :class:`bot.recognition.Recognition` (who is in the faces: recognition
-of each scored batch, stored faces identified again when the identity embedder or names change). The Discord bot and the web gallery get only the callables they need.
+rescoring, full retraining in a child process), :class:`bot.learning.Learner` (the taste head
+refitted in seconds after new labels), :class:`bot.recognition.Recognition` (who is in the
+faces: recognition of each scored batch, stored faces identified again when the identity
+embedder or names change). The Discord bot and the web gallery get only the callables they need.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from bot.config import Config
 from bot.manage import sync_config_sources
+from bot.learning import Learner
 from bot.model_watch import ModelWatcher
 from bot.pipeline import Pipeline
 from bot.polling import SourcePoller
@@ -55,6 +58,7 @@ class Daemon:
         self.poller = SourcePoller(cfg, self.store, self.http, self.scheduler, self.stopping, self.stats,
                                    on_new_items=self.pipeline.wake_downloads)
         self.models = ModelWatcher(cfg, self.store, self.scheduler, self.stopping, self.stats)
+        self.learner = Learner(cfg, self.store, self.models, self.stopping, self.stats)
         self.discord = None           # bot.discord_bot.DiscordBot when a token is configured
         self.gallery = None           # bot.web.Gallery when the web gallery is on
         self.gallery_url: str | None = None
@@ -73,6 +77,7 @@ class Daemon:
         self.scheduler.start()
         await self.poller.start()
         await self.models.start(self.analyzer)
+        await self.learner.start(self.scheduler)
         await self.recognition.start(self.scheduler)
         self.pipeline.start(self.analyzer)
         self.start_discord()
@@ -128,7 +133,8 @@ class Daemon:
         if self._discord_task is not None and not self._discord_task.done():
             self._discord_task.cancel()
             await asyncio.wait([self._discord_task], timeout=5)
-        work = self.pipeline.running() + self.poller.running() + self.models.running() + self.recognition.running()
+        work = self.pipeline.running() + self.poller.running() + self.models.running() + self.recognition.running() \
+            + self.learner.running()
         pending = [t for t in work if not t.done()]
         if pending:
             done, still = await asyncio.wait(pending, timeout=self.cfg.daemon.stop_timeout)

@@ -212,7 +212,8 @@ class Pipeline:
         version = analyzer.scorer.version
         for row, res in zip(rows, analyses):
             if not await self.store.record_analysis(row["id"], res.faces, res.score, res.uncertainty, version,
-                                                    skipped=res.skipped, expect=DOWNLOADED):
+                                                    skipped=res.skipped, expect=DOWNLOADED,
+                                                    features=res.features):
                 continue  # an import took the picture meanwhile: its analysis stands
             await self.store.name_from_tags(row["id"])  # booru: one character tag, one face -> a weak name
             self.stats["scored"] += 1

@@ -1,4 +1,4 @@
-"""Retraining from the daemon: `main.py train` in a child process, one run at a time.
+"""Full retraining from the daemon: `main.py train --full` in a child process, one run at a time.
 
 A separate process keeps polling, posting and reactions responsive (training holds the CPU and
 the GIL for minutes) and makes a crash in training harmless: the child writes nothing until its
@@ -38,7 +38,7 @@ class Retrainer:
         cmd = [sys.executable, "-P", "-m", "bot.cli"]
         if self.cfg.path:
             cmd += ["--config", str(Path(self.cfg.path).resolve())]
-        return cmd + ["train"]
+        return cmd + ["train", "--full"]
 
     def start(self, reason: str, on_done=None) -> bool:
         """Start a run unless one is going; ``on_done(exit_code)`` is awaited after it ends."""

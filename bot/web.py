@@ -30,7 +30,7 @@ from bot.config import Config
 from bot.manage import PAUSED_SOURCES, character_stats, picture_data, source_state, stats, web_link
 from bot.web_actions import GalleryActions
 from bot.web_guard import guard
-from scorer.ranking import is_cold
+from scorer.ranking import exploration_share, is_cold
 from storage.media import thumbnail
 
 log = logging.getLogger("tastefeed.web")
@@ -46,7 +46,7 @@ def for_you(store, cfg: Config, page: int, size: int, character: str | None = No
     cold), with the exploration share of each page taken from the least certain (cold: a fixed
     shuffle) and marked."""
     cold = is_cold(store, cfg.train.min_labels)
-    share = cfg.ranking.cold_exploration if cold else cfg.ranking.exploration
+    share = exploration_share(store, cfg.ranking, cold)
     n_explore = round(size * share)
     explore = store.ranked_candidates(CHANNEL, "shuffled" if cold else "uncertain", n_explore,
                                       offset=page * n_explore, character=character) if n_explore else []

@@ -28,6 +28,7 @@ class Analysis:
     uncertainty: float | None = None
     skipped: bool = False       # no face and no_face = "skip"
     whole: bool = False         # scored on the whole picture
+    features: list[dict] = field(default_factory=list)  # each face's cached features (source -> vector)
 
     def as_dict(self) -> dict:
         return {
@@ -60,12 +61,15 @@ class Analyzer:
         """
         found = [self.detect(im) for im in pictures] if found is None else found
         crops = [face_crop(im, face, self.margin) for im, faces in zip(pictures, found) for face in faces]
-        scores, spreads = self.scorer.predict(crops) if crops else ([], [])
+        wholes = [im for im, faces in zip(pictures, found) for _ in faces]
+        features = self.scorer.features(crops, wholes) if crops else []
+        scores, spreads = self.scorer.predict_features(features)
         results = [Analysis() for _ in pictures]
         k = 0
         for i, faces in enumerate(found):
             for face in faces:
                 results[i].faces.append(face.scored(scores[k], spreads[k]))
+                results[i].features.append(features[k])
                 k += 1
         for res in results:
             if not res.faces:

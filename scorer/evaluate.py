@@ -56,20 +56,6 @@ def per_picture(image_ids, face_preds, ratings, how: str = "max") -> tuple[list[
     return ids, np.array([agg(preds[i]) for i in ids]), np.array([rating[i] for i in ids])
 
 
-def picture_predictions(scorer, examples, cache_root, media_root, margin: float, how: str = "max",
-                        max_pixels: int = 90_000_000, progress: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(picture predictions, picture ratings) of ``scorer`` on ``examples``, crops at its own size."""
-    from scorer.dataset import CropCache
-
-    cache = CropCache(cache_root, scorer.image_size, margin)
-    arrays, kept = cache.arrays(examples, media_root, max_pixels=max_pixels, progress=progress)
-    if not kept:
-        return np.zeros(0), np.zeros(0)
-    scores, _ = scorer.predict_arrays(list(arrays))
-    _, pred, true = per_picture([e.image_id for e in kept], scores, [e.rating for e in kept], how)
-    return pred, true
-
-
 def better(new: dict, old: dict | None, margin: float = 0.0) -> bool:
     """Whether ``new`` beats ``old`` on validation Pearson (by more than ``margin``)."""
     if new.get("pearson") is None:
@@ -175,8 +161,10 @@ def evaluate_version(store, paths, scfg, tcfg, version: str | None = None, out_d
     val_share = recorded.get("val_share", tcfg.val_share)
     examples = [e for e in build_examples(store.training_rows(), faces=tcfg.faces, val_share=val_share)
                 if e.split == "val"]
-    pred, true = picture_predictions(scorer, examples, paths.cache, paths.media, margin,
-                                     scfg.aggregate, max_pixels, progress)
+    from scorer.train import feature_predictions
+
+    pred, true = feature_predictions(scorer, store, examples, paths, margin=margin, max_pixels=max_pixels,
+                                     how=scfg.aggregate, progress=progress)
     m = metrics(pred, true)
     out = Path(out_dir) if out_dir else paths.eval / row["version"]
     plots = plot_evaluation(pred, true, recorded.get("history"), out, title=row["version"]) if len(pred) else []

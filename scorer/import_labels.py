@@ -183,4 +183,4 @@ def analyse_imported(store, analyzer, todo: dict[int, Image.Image], *, crops: bo
     found = [[Face.whole(im.width, im.height, CROP)] for im in pictures] if crops else None
     for image_id, res in zip(todo, analyzer.analyze(pictures, found)):
         store.record_analysis(image_id, res.faces, res.score, res.uncertainty, analyzer.scorer.version,
-                              skipped=res.skipped)
+                              skipped=res.skipped, features=res.features)

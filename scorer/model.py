@@ -1,13 +1,18 @@
-"""The rating model: a torchvision backbone with a one-output head predicting 1-5.
+"""The taste model: a network predicting 1-5 from a face crop, and the taste head on cached
+features (``scorer/head.py``, ``scorer/features.py``) that refits in seconds.
 
-The head's output ``z`` is mapped to ``1 + 4 * sigmoid(z)``, so predictions always lie in 1-5.
-A model file (``.pt``) holds ``{"arch", "image_size", "version", "format", "state_dict"}``, and
-``identity`` when the model has an identity head (``scorer/identity_head.py``): the face's identity
-embedding then sharpens the network's score, see :class:`Scorer`.
+The network (a torchvision backbone with a one-output head) maps its output ``z`` to
+``1 + 4 * sigmoid(z)``, so predictions always lie in 1-5; it is trained by ``train --full``.
+A model file (``.pt``) holds ``{"arch", "image_size", "version", "format"}`` and either the
+network's ``state_dict`` or, for a head refitted on another model's network, ``network_file``
+and ``network_version`` naming that model's file; and ``head`` once a taste head is fitted:
+:class:`Scorer` then blends the network's score with the head's.
 """
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +23,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: backbone + colour statistics head
+FORMAT = 3  # 2: network (+ identity head); 3: network or a reference to one, + taste head
 ARCHS = ("resnet18", "resnet34", "resnet50", "alexnet")
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -151,105 +156,182 @@ def to_tensor(arrays: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def save_model(net: RatingNet, path: str | Path, *, arch: str, image_size: int, version: str,
-               identity=None) -> None:
-    """Write the model file (under a temporary name, then renamed); ``identity``: its identity
-    head (:class:`scorer.identity_head.IdentityHead`), if any."""
+def save_model(net: RatingNet | None, path: str | Path, *, arch: str, image_size: int, version: str,
+               head: "AppliedHead | None" = None, network: tuple[str, str] | None = None) -> None:
+    """Write the model file (under a temporary name, then renamed). ``net``: the network's
+    weights, or None with ``network`` = (its model file name, its version) for a head refitted on
+    another model's network (a small file that names the network's); ``head``: the taste head."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    ckpt = {"arch": arch, "image_size": image_size, "version": version, "format": FORMAT,
-            "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
-    if identity is not None:
-        ckpt["identity"] = identity.to_state()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    ckpt = {"arch": arch, "image_size": image_size, "version": version, "format": FORMAT}
+    if net is not None:
+        ckpt["state_dict"] = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    else:
+        ckpt["network_file"], ckpt["network_version"] = network
+    if head is not None:
+        ckpt["head"] = head.to_state()
     torch.save(ckpt, tmp)
     tmp.replace(path)
 
 
-def load_identity(ckpt: dict, models_dir: Path, *, device: str, batch_size: int):
-    """(identity head, its embedder) of a model file's checkpoint, or (None, None) when it has no
-    head, or when the embedder it was fitted on cannot be loaded (then the network scores alone)."""
-    from scorer.identity import Embedder
-    from scorer.identity_head import IdentityHead
+@dataclass
+class AppliedHead:
+    """The taste head (:class:`scorer.head.TasteHead`) as a model uses it: ``sources`` maps each
+    block it was fitted on to the cached source (``scorer/features.py``); the taste score is
+    ``(1 - blend) * network + blend * head``; ``embedder_file``: the identity embedder's file
+    (beside the model's) when the head uses the identity block."""
+    head: object
+    sources: dict[str, str]
+    blend: float = 1.0
+    embedder_file: str | None = None
+    backbone: dict | None = None       # scorer.backbones.describe() of the backbone it was fitted on
 
-    if not ckpt.get("identity"):
-        return None, None
-    head = IdentityHead.from_state(ckpt["identity"])
-    path = models_dir / head.embedder_file
-    if not path.exists():
-        log.warning("model %s: identity embedder file %s is missing; scoring with the network alone",
-                    ckpt.get("version"), path)
-        return None, None
-    try:
-        embedder = Embedder.load(path, device=device, batch_size=batch_size)
-    except ModelError as e:
-        log.warning("model %s: %s; scoring with the network alone", ckpt.get("version"), e)
-        return None, None
-    return head, embedder
+    def to_state(self) -> dict:
+        return {"state": self.head.to_state(), "sources": dict(self.sources), "blend": float(self.blend),
+                "embedder_file": self.embedder_file, "backbone": self.backbone}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "AppliedHead":
+        from scorer.head import TasteHead
+
+        return cls(TasteHead.from_state(state["state"]), dict(state["sources"]), float(state["blend"]),
+                   state.get("embedder_file"), state.get("backbone"))
+
+    def describe(self) -> dict:
+        return {**self.head.describe(), "blend": round(self.blend, 3), "blocks": sorted(self.sources)}
+
+
+_NETWORKS: dict[tuple, dict] = {}      # (file, mtime) -> state dict: many head versions share one network
+
+
+def _network_state(path: Path) -> dict:
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in _NETWORKS:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if "state_dict" not in ckpt:
+            raise ModelError(f"model file {path} holds no network weights")
+        _NETWORKS.clear()
+        _NETWORKS[key] = ckpt["state_dict"]
+    return _NETWORKS[key]
 
 
 class Scorer:
-    """A loaded model ready for batched inference.
+    """A loaded taste model ready for batched inference: the network (``net``) and, once one is
+    fitted, the taste head on cached features (``head``, an :class:`AppliedHead`).
 
-    With an identity head (``identity``, and ``embedder``: the identity embedder it was fitted
-    on), a face's score is the network's blended with the head's prediction from the face's
-    identity embedding and colour statistics; its uncertainty (None without flip TTA) is the
-    network's flip spread blended with the head's novelty (how unlike every rated face it is).
+    A face's score is the network's blended with the head's; its uncertainty is the network's
+    flip spread (None without flip TTA) blended with the head's predictive uncertainty. The
+    :attr:`extractor` computes every block the daemon caches for a face (``scorer/features.py``),
+    whether or not the head uses it yet, so the next refit needs no picture decoded.
     """
 
     def __init__(self, net: RatingNet, *, arch: str, version: str, image_size: int = 64,
-                 device: str = "auto", batch_size: int = 32, tta: bool = True, identity=None, embedder=None):
+                 device: str = "auto", batch_size: int = 32, tta: bool = True, head: AppliedHead | None = None,
+                 backbone=None, whole: bool = True, embedder=None, network_version: str | None = None):
+        from scorer.features import FeatureExtractor
+
         self.device = pick_device(device)
         self.net = net.to(self.device).eval()
         self.arch, self.version, self.image_size = arch, version, image_size
         self.batch_size, self.tta = batch_size, tta
-        self.identity, self.embedder = (identity, embedder) if identity is not None and embedder is not None \
-            else (None, None)
+        self.network_version = network_version or version
+        self.network_file: str | None = None     # the model file holding the network's weights
+        self.head = head
+        self.extractor = FeatureExtractor(backbone, whole, self.network_crops, self.network_version,
+                                          embedder if head is not None and "identity" in head.sources else None)
+        if head is not None:
+            missing = {b: s for b, s in head.sources.items() if self.extractor.sources.get(b) != s}
+            if missing:
+                log.warning("model %s: its taste head was fitted on %s, which this configuration does not "
+                            "compute; scoring with the network alone until the head is refitted", version,
+                            ", ".join(sorted(missing.values())))
+                self.head = None
 
     @classmethod
-    def load(cls, path: str | Path, **kw) -> "Scorer":
+    def load(cls, path: str | Path, *, backbone=None, whole: bool = True, **kw) -> "Scorer":
+        """The model in file ``path``; ``backbone``: the configured feature backbone (its head
+        is used only when it was fitted on that backbone's features)."""
+        path = Path(path)
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            if ckpt.get("format") != FORMAT:
+            if ckpt.get("format") not in (2, FORMAT):
                 raise ModelError(f"model file {path} is from an older tastefeed (format "
                                  f"{ckpt.get('format', 1)}); train a new model")
             net = build_model(ckpt["arch"])
-            net.load_state_dict(ckpt["state_dict"])
+            if "network_file" in ckpt:
+                net.load_state_dict(_network_state(path.parent / ckpt["network_file"]))
+            else:
+                net.load_state_dict(ckpt["state_dict"])
         except ModelError:
             raise
         except Exception as e:  # noqa: BLE001 - missing, truncated or foreign files
             raise ModelError(f"cannot load model file {path}: {e}") from None
         kw.setdefault("image_size", ckpt.get("image_size", 64))
-        head, embedder = load_identity(ckpt, Path(path).parent, device=kw.get("device", "auto"),
-                                       batch_size=kw.get("batch_size", 32))
-        return cls(net, arch=ckpt["arch"], version=ckpt["version"], identity=head, embedder=embedder, **kw)
+        head = embedder = None
+        if ckpt.get("head"):
+            head = AppliedHead.from_state(ckpt["head"])
+            if "identity" in head.sources:
+                embedder = _head_embedder(head, path.parent, ckpt["version"], kw)
+                if embedder is None:
+                    head = None
+        elif ckpt.get("identity"):
+            log.warning("model %s: its identity head is from an older tastefeed; the taste head replaces it "
+                        "at the next refit", ckpt["version"])
+        scorer = cls(net, arch=ckpt["arch"], version=ckpt["version"], head=head, backbone=backbone, whole=whole,
+                     embedder=embedder, network_version=ckpt.get("network_version"), **kw)
+        scorer.network_file = ckpt.get("network_file", path.name)
+        return scorer
 
-    def predict(self, crops: list[Image.Image]) -> tuple[list[float], list[float | None]]:
-        """Scores (1-5) and uncertainties for face crops (PIL), in batches of ``batch_size``."""
-        arrays = [resize_crop(c, self.image_size) for c in crops]
-        if self.identity is None or self.embedder.image_size == self.image_size:
-            return self.predict_arrays(arrays)
-        return self.predict_arrays(arrays, [resize_crop(c, self.embedder.image_size) for c in crops])
+    # ---- features ---------------------------------------------------------------------------
+    def needed_sources(self) -> set[str]:
+        """The cached sources :meth:`predict_features` reads."""
+        need = set(self.head.sources.values()) if self.head is not None else set()
+        if self.head is None or self.head.blend < 1:
+            need.add(self.extractor.sources["net"])
+        return need
 
-    def predict_arrays(self, arrays, identity_arrays=None) -> tuple[list[float], list[float | None]]:
-        """Like :meth:`predict` for crops already resized to ``image_size`` (uint8 HWC arrays);
-        ``identity_arrays``: the same crops at the embedder's size, when it differs."""
-        scores, spreads = self.network_arrays(arrays)
-        if self.identity is None or not len(arrays):
-            return scores, spreads
-        if identity_arrays is None:
-            size = self.embedder.image_size
-            identity_arrays = arrays if size == self.image_size else \
-                [np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR)) for a in arrays]
-        head, novelty = self.identity.predict_with_novelty(self.embedder.embed_arrays(list(identity_arrays)),
-                                                           colour_stats_arrays(arrays))
-        blended = self.identity.combine([0.0 if u is None else u for u in spreads], novelty)
-        return ([float(v) for v in self.identity.combine(scores, head)],
-                [None if u is None else float(b) for u, b in zip(spreads, blended)])
+    def features(self, crops: list[Image.Image], pictures: list[Image.Image] | None = None
+                 ) -> list[dict[str, np.ndarray]]:
+        """Every block the daemon caches for these crops ({source: vector} per crop)."""
+        return self.extractor.compute(crops, pictures)
+
+    def predict(self, crops: list[Image.Image], pictures: list[Image.Image] | None = None
+                ) -> tuple[list[float], list[float | None]]:
+        """Scores (1-5) and uncertainties of face crops (PIL); ``pictures``: the whole picture of
+        each crop (for the head's whole-picture block; the crop stands in without it)."""
+        if not crops:
+            return [], []
+        pictures = pictures if pictures is not None else crops
+        return self.predict_features(self.extractor.compute(crops, pictures, only=self.needed_sources()))
+
+    def predict_features(self, vectors: list[dict[str, np.ndarray]]) -> tuple[list[float], list[float | None]]:
+        """Scores and uncertainties from cached vectors ({source: vector} per face, holding
+        :meth:`needed_sources`): no picture is decoded."""
+        from scorer.features import blocks_of
+
+        if not vectors:
+            return [], []
+        net = self.extractor.sources["net"]
+        if self.head is None:
+            return ([float(v[net][0]) for v in vectors],
+                    [float(v[net][1]) if self.tta else None for v in vectors])
+        head, spread = self.head.head.predict(blocks_of(vectors, self.head.sources))
+        b = self.head.blend
+        if b >= 1:
+            return [float(x) for x in head], [float(u) for u in spread]
+        nets = np.array([v[net] for v in vectors], np.float32)
+        return ([float(x) for x in (1 - b) * nets[:, 0] + b * head],
+                [float(x) for x in (1 - b) * nets[:, 1] + b * spread])
+
+    # ---- the network ------------------------------------------------------------------------
+    def network_crops(self, crops: list[Image.Image]) -> tuple[list[float], list[float | None]]:
+        """The network's own scores and flip spreads of face crops (PIL)."""
+        return self.network_arrays([resize_crop(c, self.image_size) for c in crops])
 
     @torch.inference_mode()
     def network_arrays(self, arrays) -> tuple[list[float], list[float | None]]:
-        """The network's own scores and flip spreads (no identity head) for resized crops."""
+        """The network's own scores and flip spreads (no head) for crops resized to image_size."""
         scores: list[float] = []
         spreads: list[float | None] = []
         for start in range(0, len(arrays), self.batch_size):
@@ -263,3 +345,18 @@ class Scorer:
                 scores.extend(y.float().cpu().tolist())
                 spreads.extend([None] * len(y))
         return scores, spreads
+
+
+def _head_embedder(head: AppliedHead, models_dir: Path, version: str, kw: dict):
+    """The identity embedder a head was fitted with, or None (then the head is not used)."""
+    from scorer.identity import Embedder
+
+    path = models_dir / (head.embedder_file or "")
+    if not head.embedder_file or not path.exists():
+        log.warning("model %s: identity embedder file %s is missing; scoring with the network alone", version, path)
+        return None
+    try:
+        return Embedder.load(path, device=kw.get("device", "auto"), batch_size=kw.get("batch_size", 32))
+    except ModelError as e:
+        log.warning("model %s: %s; scoring with the network alone", version, e)
+        return None

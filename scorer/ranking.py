@@ -9,8 +9,9 @@ exploration share is ``ranking.cold_exploration`` (default 0.5) instead of ``ran
 
 Exploration: of ``n`` picks, ``n * share`` are exploration picks (a fraction is rounded up or down
 at random, so 0.2 of 1 pick explores one time in five). With a trained model they are pictures the
-model is least sure about (the largest spread between a face and its mirror image, one of the ten
-most uncertain at random); while cold, uniform random candidates. They are marked ``exploration``
+model is least sure about (the taste head's uncertainty blended with the network's mirror-image
+spread; one of the ten most uncertain at random), and their share falls as the model gets sure
+(:func:`exploration_share`); while cold, uniform random candidates. They are marked ``exploration``
 so posts can say so. Candidates are scored, unposted (on that channel), unlabelled and not
 duplicates; ``accept`` filters them further (content rating, tag blocklist, blocked characters)
 and ``near_distance`` skips pictures whose perceptual hash is that close to one already posted on
@@ -56,6 +57,29 @@ def is_cold(store, min_labels: int) -> bool:
     return not (active and active.get("metrics")) or store.label_count() < min_labels
 
 
+def exploration_share(store, ranking: RankingConfig, cold: bool) -> float:
+    """The share of picks that explore: ``ranking.cold_exploration`` while cold; then
+    ``ranking.exploration`` scaled by how unsure the model still is, its validation RMSE over the
+    spread of your ratings (1: no better than always guessing your average; 0.25 at least), so
+    exploration falls as the model gets sure."""
+    if cold:
+        return ranking.cold_exploration
+    import json
+
+    active = store.active_model() or {}
+    try:
+        rmse = (json.loads(active.get("metrics") or "{}").get("val") or {}).get("rmse")
+    except ValueError:
+        rmse = None
+    spread = store.rating_spread()
+    if not rmse or not spread:
+        return ranking.exploration
+    return ranking.exploration * min(1.0, max(MIN_EXPLORATION_FACTOR, rmse / spread))
+
+
+MIN_EXPLORATION_FACTOR = 0.25
+
+
 def exploration_count(n: int, share: float, rng: random.Random) -> int:
     whole = math.floor(n * share)
     return whole + (rng.random() < n * share - whole)
@@ -69,7 +93,7 @@ def pick(store, ranking: RankingConfig, min_labels: int, n: int = 1, *, channel:
     characters in ``follow`` are boosted by ``follow_boost``."""
     rng = rng or random.Random()
     cold = is_cold(store, min_labels)
-    share = ranking.cold_exploration if cold else ranking.exploration
+    share = exploration_share(store, ranking, cold)
     explore_n = exploration_count(n, share, rng)
     slots = [True] * explore_n + [False] * (n - explore_n)
     rng.shuffle(slots)

@@ -56,11 +56,33 @@ def ensure_active_model(store, scorer_cfg, models_dir: str | Path) -> dict:
     return store.active_model()
 
 
+_BACKBONES: dict[tuple, object] = {}
+
+
+def configured_backbone(scorer_cfg):
+    """The feature backbone ``scorer.backbone`` names (None for ``none``), loaded once per process
+    (every model version shares it)."""
+    from scorer.backbones import load_backbone
+
+    spec = scorer_cfg.backbone
+    if spec in ("", "none"):
+        return None
+    key = (spec, scorer_cfg.backbone_weights, scorer_cfg.backbone_output, scorer_cfg.backbone_preprocess,
+           scorer_cfg.backbone_size, scorer_cfg.device, scorer_cfg.batch_size)
+    if key not in _BACKBONES:
+        _BACKBONES[key] = load_backbone(spec, weights=scorer_cfg.backbone_weights, output=scorer_cfg.backbone_output,
+                                        onnx_preprocess=scorer_cfg.backbone_preprocess,
+                                        image_size=scorer_cfg.backbone_size or None, device=scorer_cfg.device,
+                                        batch_size=scorer_cfg.batch_size)
+    return _BACKBONES[key]
+
+
 def load_scorer(row: dict, scorer_cfg, models_dir: str | Path) -> Scorer:
     path = Path(models_dir) / row["path"]
     if not path.exists():
         raise ModelError(f"model file {path} of version {row['version']} is missing")
-    return Scorer.load(path, device=scorer_cfg.device, batch_size=scorer_cfg.batch_size, tta=scorer_cfg.tta)
+    return Scorer.load(path, device=scorer_cfg.device, batch_size=scorer_cfg.batch_size, tta=scorer_cfg.tta,
+                       backbone=configured_backbone(scorer_cfg), whole=scorer_cfg.whole)
 
 
 def use_model(store, scorer_cfg, models_dir: str | Path, version: str) -> dict:

@@ -52,16 +52,19 @@ class TrainConfig:
     promote_margin: float = 0.0           # the new model must beat the active one's Pearson by more
     schedule: str = ""                    # daemon: cron "min hour day month weekday"; "" = off
     after_new_labels: int = 0             # daemon: also retrain after this many new labels; 0 = off
-    identity: bool = True                 # fit an identity head when an identity embedder exists
+    identity: bool = True                 # the taste head also uses the identity embedding when an embedder exists
+    refit: bool = True                    # daemon: refit the taste head after new labels (seconds, in-process)
+    refit_after: int = 5                  # ... once this many new labels or comparisons arrived
+    refit_delay: float = 30.0             # ... or this many seconds after the newest one
     seed: int = 0
 
     def check(self):
-        for key in ("epochs", "batch_size", "lr", "patience"):
+        for key in ("epochs", "batch_size", "lr", "patience", "refit_after"):
             value = getattr(self, key)
             if value <= 0:
                 return key, f"expected a positive number, got {value!r}"
         for key in ("min_labels", "weight_decay", "mixup", "rotation", "color_jitter", "freeze_epochs",
-                    "promote_margin", "after_new_labels"):
+                    "promote_margin", "after_new_labels", "refit_delay"):
             value = getattr(self, key)
             if value < 0:
                 return key, f"expected 0 or more, got {value!r}"

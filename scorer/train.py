@@ -35,10 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from scorer.dataset import CropCache, build_examples
-from scorer.evaluate import better, metrics, picture_predictions
-from scorer.identity_head import fit_blended
-from scorer.model import (FORMAT, ModelError, RatingNet, Scorer, build_model, colour_stats_arrays, pick_device,
-                          save_model, to_tensor)
+from scorer.evaluate import better, metrics, per_picture
+from scorer.features import blocks_of, ensure_features
+from scorer.model import FORMAT, AppliedHead, ModelError, RatingNet, Scorer, build_model, pick_device, save_model, to_tensor
 from scorer.registry import new_version
 from scorer.settings import IdentityConfig, ScorerConfig, TrainConfig
 from storage.paths import DataPaths
@@ -214,7 +213,7 @@ class TrainOutcome:
     seconds: float
     reason: str
     history: list[dict] = field(default_factory=list)
-    identity: dict | None = None          # the identity head, or why there is none
+    head: dict | None = None              # the taste head (blocks, blend, ...), or why there is none
     network: dict | None = None           # validation metrics of the network alone
 
 
@@ -222,14 +221,25 @@ def _is_trained(row: dict | None) -> bool:
     return bool(row and row.get("metrics"))
 
 
-def validation_metrics(scorer: Scorer, examples, cache_root, media_root, margin, how, max_pixels) -> dict:
-    """Picture-level metrics of ``scorer`` on validation ``examples`` (crops at its own size)."""
-    return metrics(*picture_predictions(scorer, examples, cache_root, media_root, margin, how, max_pixels))
-
-
 def load_training_data(store, tcfg: TrainConfig, paths: DataPaths, image_size: int, *, margin: float,
                        max_pixels: int, progress: bool | None = None):
-    """(train arrays, train examples, val arrays, val examples) from the labels in ``store``."""
+    """(train arrays, train examples, val arrays, val examples, crop cache) of the labelled faces,
+    the crops at ``image_size`` (for fitting the network)."""
+    ex_tr, ex_val = training_examples(store, tcfg)
+    cache = CropCache(paths.cache, image_size, margin)
+    arrays, kept = cache.arrays(ex_tr + ex_val, paths.media, max_pixels=max_pixels, progress=progress)
+    train_idx = [i for i, e in enumerate(kept) if e.split == "train"]
+    val_idx = [i for i, e in enumerate(kept) if e.split == "val"]
+    if len(train_idx) < 2 or len(val_idx) < 2:
+        raise TrainError(f"{len(train_idx)} training and {len(val_idx)} validation crop(s): too few to "
+                         "train and validate; add labels or raise train.val_share")
+    return (arrays[train_idx], [kept[i] for i in train_idx], arrays[val_idx], [kept[i] for i in val_idx],
+            cache)
+
+
+def training_examples(store, tcfg: TrainConfig) -> tuple[list, list]:
+    """(training examples, validation examples): one per labelled face (``scorer/dataset.py``);
+    TrainError when there are too few labelled pictures."""
     rows = store.training_rows()
     examples = build_examples(rows, faces=tcfg.faces, val_share=tcfg.val_share)
     pictures = {e.image_id for e in examples}
@@ -240,150 +250,290 @@ def load_training_data(store, tcfg: TrainConfig, paths: DataPaths, image_size: i
         raise TrainError(f"only {len(pictures)} labelled picture(s) with faces; training needs "
                          f"{max(tcfg.min_labels, 4)} (train.min_labels). Import ratings with "
                          "`python main.py import-labels`, or rate pictures in Discord or the gallery")
-    cache = CropCache(paths.cache, image_size, margin)
-    arrays, kept = cache.arrays(examples, paths.media, max_pixels=max_pixels, progress=progress)
-    train_idx = [i for i, e in enumerate(kept) if e.split == "train"]
-    val_idx = [i for i, e in enumerate(kept) if e.split == "val"]
-    if len(train_idx) < 2 or len(val_idx) < 2:
-        raise TrainError(f"{len(train_idx)} training and {len(val_idx)} validation crop(s): too few to "
-                         "train and validate; add labels or raise train.val_share")
-    return (arrays[train_idx], [kept[i] for i in train_idx], arrays[val_idx], [kept[i] for i in val_idx],
-            cache)
+    return [e for e in examples if e.split == "train"], [e for e in examples if e.split == "val"]
 
 
-# ---- the identity head -----------------------------------------------------------------------
-def identity_features(store, embedder, examples, arrays: np.ndarray, media_root, *, margin: float,
-                      max_pixels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(identity embeddings, colour statistics, indices into ``examples``) of the examples whose
-    face has an embedding: stored ones are read (``face_embeddings``, per embedder version), the
-    others computed once with :func:`scorer.characters.embed_faces` and stored."""
-    from scorer.characters import embed_faces
-
-    rows = [{"id": e.face_id, "image_id": e.image_id, "media_path": e.media_path, **dataclasses.asdict(e.face)}
+def _face_rows(examples) -> list[dict]:
+    return [{"id": e.face_id, "image_id": e.image_id, "media_path": e.media_path, **dataclasses.asdict(e.face)}
             for e in examples if e.face_id is not None]
-    embed_faces(store, embedder, rows, media_root, margin=margin, max_pixels=max_pixels)
-    stored = store.embeddings(embedder.version, [r["id"] for r in rows])
-    keep = np.array([i for i, e in enumerate(examples) if e.face_id in stored], dtype=np.int64)
-    vectors = (np.stack([stored[examples[i].face_id] for i in keep]) if len(keep)
-               else np.zeros((0, embedder.dim), np.float32))
-    return vectors, colour_stats_arrays(arrays[keep]), keep
 
 
-def fit_identity_head(store, paths: DataPaths, icfg: IdentityConfig, net: RatingNet, device, scfg: ScorerConfig,
-                      train: tuple, val: tuple, *, margin: float, max_pixels: int):
-    """(head and its embedder, report): the identity head on the training faces, its blend with
-    ``net`` chosen on the validation faces; (None, report saying why) without an identity
-    embedder, or when the head does not help (blend 0). ``train`` and ``val``: (arrays, examples,
-    ratings)."""
+def feature_predictions(scorer: Scorer, store, examples, paths: DataPaths, *, margin: float, max_pixels: int,
+                        how: str = "max", progress: bool | None = False) -> tuple[np.ndarray, np.ndarray]:
+    """(picture predictions, picture ratings) of ``scorer`` on ``examples``, from the faces'
+    cached features (the missing ones computed once and stored)."""
+    vectors = ensure_features(store, scorer.extractor, _face_rows(examples), paths.media, margin=margin,
+                              max_pixels=max_pixels, sources=scorer.needed_sources(), progress=progress)
+    kept = [e for e in examples if e.face_id in vectors]
+    if not kept:
+        return np.zeros(0), np.zeros(0)
+    scores, _ = scorer.predict_features([vectors[e.face_id] for e in kept])
+    _, pred, true = per_picture([e.image_id for e in kept], scores, [e.rating for e in kept], how)
+    return pred, true
+
+
+# ---- the taste head --------------------------------------------------------------------------
+BLENDS = tuple(np.round(np.linspace(0, 1, 21), 2))
+
+
+def choose_blend(network: np.ndarray, head: np.ndarray, ratings: np.ndarray, blends=BLENDS) -> float:
+    """The head's weight (0-1) against the network with the least squared error on validation
+    faces; on a tie the larger weight (the head refits in seconds, the network does not)."""
+    network, head, y = (np.asarray(a, np.float64) for a in (network, head, ratings))
+    errors = np.array([float((((1 - w) * network + w * head - y) ** 2).mean()) for w in blends])
+    best = np.flatnonzero(errors <= errors.min() + 1e-12)
+    return float(blends[int(best[-1])])
+
+
+def comparison_rows(store, train_images: set[int]) -> list[tuple[int, int]]:
+    """The owner's comparisons between training pictures, as (winner face id, loser face id):
+    each picture stands for itself by its best-scored face."""
+    if not hasattr(store, "comparisons"):
+        return []
+    best: dict[int, int | None] = {}
+
+    def face(image_id: int) -> int | None:
+        if image_id not in best:
+            faces = store.faces_of(image_id)
+            best[image_id] = max(faces, key=lambda f: f["score"] or 0)["id"] if faces else None
+        return best[image_id]
+
+    out = []
+    for c in store.comparisons():
+        if c["winner_id"] in train_images and c["loser_id"] in train_images:
+            w, lo = face(c["winner_id"]), face(c["loser_id"])
+            if w is not None and lo is not None:
+                out.append((w, lo))
+    return out
+
+
+def head_extractor(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainConfig, icfg: IdentityConfig | None,
+                   base: Scorer):
+    """The extractor a new head is fitted with: ``base``'s (backbone, whole picture, colour,
+    network), plus the active identity embedder when there is one (``train.identity``); and a
+    report of the identity block."""
     from scorer.characters import load_embedder
+    from scorer.features import FeatureExtractor
 
-    row = store.active_identity_model()
-    if row is None:
-        return None, {"used": False, "reason": "no identity embedder (see `main.py characters train`)"}
-    try:
-        embedder = load_embedder(row, icfg, paths.models)
-    except ModelError as e:
-        log.warning("identity head left out: %s", e)
-        return None, {"used": False, "reason": str(e)}
+    ex = base.extractor
+    embedder, report = None, {"used": False, "reason": "off (train.identity = false)"}
+    if tcfg.identity:
+        row = store.active_identity_model()
+        if row is None:
+            report = {"used": False, "reason": "no identity embedder (see `main.py characters train`)"}
+        else:
+            try:
+                embedder = load_embedder(row, icfg or IdentityConfig(), paths.models)
+                report = {"used": True, "embedder": row["version"], "embedder_file": row["path"],
+                          "untrained_embedder": not row["metrics"]}
+            except ModelError as e:
+                log.warning("identity block left out: %s", e)
+                report = {"used": False, "reason": str(e)}
+    return FeatureExtractor(ex.backbone, ex.whole, ex.network, ex.network_version, embedder), report
+
+
+def fit_taste_head(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainConfig, base: Scorer, version: str,
+                   ex_tr, ex_val, *, margin: float, max_pixels: int, icfg: IdentityConfig | None = None,
+                   progress: bool | None = False) -> tuple[Scorer, dict]:
+    """A scorer with ``base``'s network and a taste head fitted on the training faces' cached
+    features (and the comparisons between training pictures), its blend with the network chosen
+    on the validation faces; and a report. The head is left out (``base``'s network alone) when
+    fewer than two training faces have features."""
+    from scorer.head import fit_head
+
     started = time.monotonic()
-    (x_tr, ex_tr, y_tr), (x_val, ex_val, y_val) = train, val
-    e_tr, s_tr, k_tr = identity_features(store, embedder, ex_tr, x_tr, paths.media, margin=margin,
-                                         max_pixels=max_pixels)
-    e_val, s_val, k_val = identity_features(store, embedder, ex_val, x_val, paths.media, margin=margin,
-                                            max_pixels=max_pixels)
-    if len(k_tr) < 2 or len(k_val) < 2:
-        return None, {"used": False, "reason": "too few faces with an identity embedding"}
-    head = fit_blended((e_tr, s_tr, y_tr[k_tr]), (e_val, s_val, y_val[k_val]),
-                       predict(net, x_val[k_val], device, tta=scfg.tta), embedder=row["version"],
-                       embedder_file=row["path"])
-    report = {"used": head.blend > 0, **head.describe(), "untrained_embedder": not row["metrics"],
-              "seconds": round(time.monotonic() - started, 1)}
-    if head.blend == 0:
-        report["reason"] = "the head did not improve the validation error (blend 0)"
-    log.info("identity head on %s: blend %.2f, kernel gamma %s, colour weight %s, lambda %s (%d faces, %.1fs)",
-             row["version"], head.blend, head.gamma, head.stats_weight, head.lam, len(k_tr), report["seconds"])
-    return ((head, embedder) if head.blend > 0 else None), report
+    extractor, identity = head_extractor(store, paths, scfg, tcfg, icfg, base)
+    sources = {b: s for b, s in extractor.sources.items() if b != "net"}
+    vectors = ensure_features(store, extractor, _face_rows(ex_tr + ex_val), paths.media, margin=margin,
+                              max_pixels=max_pixels, progress=progress)
+    tr = [e for e in ex_tr if e.face_id in vectors]
+    val = [e for e in ex_val if e.face_id in vectors]
+    report: dict = {"identity": identity, "faces_train": len(tr), "faces_val": len(val)}
+    if len(tr) < 2 or len(val) < 2:
+        return base, {**report, "used": False, "reason": "too few labelled faces with features"}
+    rows = [vectors[e.face_id] for e in tr]
+    ratings = [e.rating for e in tr]
+    index = {e.face_id: i for i, e in enumerate(tr)}
+    pairs = []
+    for w, lo in comparison_rows(store, {e.image_id for e in tr}):
+        for fid in (w, lo):
+            if fid not in index:
+                got = ensure_features(store, extractor, [store_face(store, fid)], paths.media, margin=margin,
+                                      max_pixels=max_pixels)
+                if fid in got:
+                    index[fid] = len(rows)
+                    rows.append(got[fid])
+                    ratings.append(np.nan)
+        if w in index and lo in index:
+            pairs.append((index[w], index[lo]))
+    head = fit_head(blocks_of(rows, sources), np.array(ratings, np.float64),
+                    pairs=np.array(pairs, np.int64).reshape(-1, 2) if pairs else None, seed=tcfg.seed)
+    val_vectors = [vectors[e.face_id] for e in val]
+    head_val, _ = head.predict(blocks_of(val_vectors, sources))
+    net = extractor.sources["net"]
+    network_val = np.array([v[net][0] for v in val_vectors], np.float32)
+    blend = choose_blend(network_val, head_val, np.array([e.rating for e in val], np.float32))
+    applied = AppliedHead(head, sources, blend, identity.get("embedder_file") if identity["used"] else None,
+                          describe_backbone(base.extractor.backbone))
+    scorer = Scorer(base.net, arch=base.arch, version=version, image_size=base.image_size, device=str(base.device),
+                    batch_size=base.batch_size, tta=base.tta, head=applied, backbone=base.extractor.backbone,
+                    whole=base.extractor.whole, embedder=extractor.embedder, network_version=base.network_version)
+    scorer.network_file = base.network_file
+    report.update({"used": True, **applied.describe(), "pairs": len(pairs),
+                   "seconds": round(time.monotonic() - started, 2)})
+    log.info("taste head: blocks %s, blend %.2f with the network, %d faces, %d comparisons (%.1fs)",
+             ", ".join(sorted(sources)), blend, len(tr), len(pairs), report["seconds"])
+    return scorer, report
+
+
+def store_face(store, face_id: int) -> dict:
+    row = store.execute("SELECT faces.*, images.media_path FROM faces JOIN images ON images.id = faces.image_id "
+                        "WHERE faces.id = ?", [face_id])
+    return row[0] if row else {"id": face_id, "image_id": None, "media_path": None}
+
+
+def describe_backbone(backbone) -> dict | None:
+    if backbone is None:
+        return None
+    from scorer.backbones import describe
+
+    return describe(backbone)
 
 
 def train_from_store(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainConfig, *, margin: float,
                      max_pixels: int, epochs: int | None = None, promote: bool = True,
-                     progress: bool | None = None, icfg: IdentityConfig | None = None) -> TrainOutcome:
-    """Train on all labels, compare with the active model, register, promote if better.
+                     progress: bool | None = None, icfg: IdentityConfig | None = None,
+                     full: bool = False) -> TrainOutcome:
+    """Fit the taste head on all labels (and with ``full``, the network first), compare with the
+    active model on the validation pictures, register, promote if better.
 
-    ``margin`` is the crop margin (``detector.margin``), ``max_pixels`` the decoding guard
-    (``download.max_pixels``), ``icfg`` the ``[characters]`` settings (the identity embedder's
-    device and batch size)."""
-    from scorer.registry import load_scorer
+    Without ``full`` the new model keeps the active model's network and only the head is fitted,
+    from cached features: seconds, not minutes; its file names the network's file instead of
+    copying it, and it is written and registered only when promoted. ``margin`` is the crop
+    margin (``detector.margin``), ``max_pixels`` the decoding guard (``download.max_pixels``),
+    ``icfg`` the ``[characters]`` settings (the identity embedder's device and batch size)."""
+    from scorer.registry import configured_backbone, ensure_active_model, load_scorer
 
     started = time.monotonic()
-    arch, size = scfg.arch, scfg.image_size
-    device = pick_device(scfg.device)
-    active = store.active_model()
-    net, warm = None, False
-    if tcfg.warm_start and _is_trained(active) and active["arch"] == arch:
-        try:
-            current = load_scorer(active, scfg, paths.models)
-            if current.image_size == size:
-                net, warm = copy.deepcopy(current.net).cpu(), True
-                log.info("fine-tuning the active model %s", active["version"])
-        except ModelError as e:
-            log.warning("cannot warm-start from %s (%s); starting fresh", active["version"], e)
-    if net is None:
-        torch.manual_seed(tcfg.seed)
-        net = build_model(arch, scfg.pretrained)
-    learned_start = warm or scfg.pretrained not in ("", "none")
-    x_tr, ex_tr, x_val, ex_val, cache = load_training_data(store, tcfg, paths, size, margin=margin,
+    clear_temporary_files(paths.models)
+    active = ensure_active_model(store, scfg, paths.models)
+    try:
+        current = load_scorer(active, scfg, paths.models)
+    except ModelError as e:
+        if not full:
+            raise TrainError(f"cannot load the active model {active['version']} ({e}); "
+                             "train the network too with `train --full`") from None
+        current = None
+    history, best_epoch, net_seconds, warm = [], 0, 0.0, False
+    if full:
+        arch, size = scfg.arch, scfg.image_size
+        device = pick_device(scfg.device)
+        net = None
+        if tcfg.warm_start and _is_trained(active) and current is not None and current.arch == arch \
+                and current.image_size == size:
+            net, warm = copy.deepcopy(current.net).cpu(), True
+            log.info("fine-tuning the active model's network (%s)", current.network_version)
+        if net is None:
+            torch.manual_seed(tcfg.seed)
+            net = build_model(arch, scfg.pretrained)
+        learned_start = warm or scfg.pretrained not in ("", "none")
+        x_tr, ex_tr, x_val, ex_val, _ = load_training_data(store, tcfg, paths, size, margin=margin,
                                                            max_pixels=max_pixels, progress=progress)
-    y_tr = np.array([e.rating for e in ex_tr], dtype=np.float32)
-    y_val = np.array([e.rating for e in ex_val], dtype=np.float32)
+        y_tr = np.array([e.rating for e in ex_tr], dtype=np.float32)
+        y_val = np.array([e.rating for e in ex_val], dtype=np.float32)
+        log.info("training the network %s (%dpx) on %s: %d crops, validating on %d crops", arch, size, device,
+                 len(ex_tr), len(ex_val))
+        result = fit(net, x_tr, y_tr, x_val, y_val, tcfg, device,
+                     freeze_epochs=tcfg.freeze_epochs if learned_start else 0, epochs=epochs, progress=progress)
+        history, best_epoch, net_seconds = result.history, result.best_epoch, result.seconds
+        version = new_version(store.get_model, arch)
+        base = Scorer(result.net, arch=arch, version=version, image_size=size, device=str(device),
+                      batch_size=scfg.batch_size, tta=scfg.tta, backbone=configured_backbone(scfg), whole=scfg.whole)
+        base.network_file = f"{version}.pt"
+    else:
+        ex_tr, ex_val = training_examples(store, tcfg)
+        version = new_version(store.get_model, "head")
+        base = Scorer(current.net, arch=current.arch, version=version, image_size=current.image_size,
+                      device=scfg.device, batch_size=scfg.batch_size, tta=scfg.tta,
+                      backbone=configured_backbone(scfg), whole=scfg.whole, network_version=current.network_version)
+        base.network_file = current.network_file
     n_train_pics, n_val_pics = len({e.image_id for e in ex_tr}), len({e.image_id for e in ex_val})
-    log.info("training %s (%dpx) on %s: %d crops from %d pictures, validating on %d crops from %d pictures",
-             arch, size, device, len(ex_tr), n_train_pics, len(ex_val), n_val_pics)
-    result = fit(net, x_tr, y_tr, x_val, y_val, tcfg, device,
-                 freeze_epochs=tcfg.freeze_epochs if learned_start else 0, epochs=epochs, progress=progress)
-    version = new_version(store.get_model, arch)
-    scorer = Scorer(result.net, arch=arch, version=version, image_size=size, device=str(device),
-                    batch_size=scfg.batch_size, tta=scfg.tta)
     how = scfg.aggregate
-    network = new = validation_metrics(scorer, ex_val, paths.cache, paths.media, margin, how, max_pixels)
-    identity, head = {"used": False, "reason": "off (train.identity = false)"}, None
-    if tcfg.identity:
-        fitted, identity = fit_identity_head(store, paths, icfg or IdentityConfig(), result.net, device, scfg,
-                                             (x_tr, ex_tr, y_tr), (x_val, ex_val, y_val), margin=margin,
-                                             max_pixels=max_pixels)
-        if fitted is not None:
-            head, embedder = fitted
-            scorer = Scorer(result.net, arch=arch, version=version, image_size=size, device=str(device),
-                            batch_size=scfg.batch_size, tta=scfg.tta, identity=head, embedder=embedder)
-            new = validation_metrics(scorer, ex_val, paths.cache, paths.media, margin, how, max_pixels)
+    network = metrics(*feature_predictions(base, store, ex_val, paths, margin=margin, max_pixels=max_pixels,
+                                           how=how, progress=progress))
+    scorer, head = fit_taste_head(store, paths, scfg, tcfg, base, version, ex_tr, ex_val, margin=margin,
+                                  max_pixels=max_pixels, icfg=icfg, progress=progress)
+    new = metrics(*feature_predictions(scorer, store, ex_val, paths, margin=margin, max_pixels=max_pixels, how=how,
+                                       progress=progress))
     baseline = None
-    if active is not None:
-        try:
-            old = load_scorer(active, scfg, paths.models)
-            baseline = validation_metrics(old, ex_val, paths.cache, paths.media, margin, how, max_pixels)
-        except ModelError as e:
-            log.warning("cannot evaluate the active model %s (%s); comparing with nothing", active["version"], e)
+    if current is not None and _is_trained(active):
+        baseline = metrics(*feature_predictions(current, store, ex_val, paths, margin=margin, max_pixels=max_pixels,
+                                                how=how, progress=progress))
     wins = better(new, baseline, tcfg.promote_margin)
     promoted = promote and wins
     if not promote:
         reason = "not promoted (--no-promote)"
     elif wins:
-        reason = "promoted: " + ("first trained model" if not _is_trained(active) or baseline is None else
+        reason = "promoted: " + ("first trained model" if baseline is None else
                                  f"validation Pearson {new['pearson']} beats {baseline['pearson']} of {active['version']}")
     else:
         reason = (f"kept, not used: validation Pearson {new['pearson']} does not beat "
                   f"{None if baseline is None else baseline['pearson']} of {active['version']}")
     seconds = time.monotonic() - started
-    record = {"val": new, "baseline": baseline, "baseline_version": active["version"] if active else None,
-              "history": result.history, "best_epoch": result.best_epoch, "image_size": size,
+    record = {"val": new, "baseline": baseline, "baseline_version": active["version"] if baseline else None,
+              "history": history, "best_epoch": best_epoch, "image_size": scorer.image_size,
               "n_train": n_train_pics, "n_val": n_val_pics, "crops_train": len(ex_tr), "crops_val": len(ex_val),
-              "train_seconds": round(result.seconds, 1), "seconds": round(seconds, 1), "device": str(device),
-              "warm_start": warm, "val_share": tcfg.val_share, "format": FORMAT,
-              "identity": identity, "val_network": network}
-    path = paths.models / f"{version}.pt"
-    save_model(result.net, path, arch=arch, image_size=size, version=version, identity=head)
-    store.register_model(version, arch, path.name, data_size=n_train_pics + n_val_pics, metrics=record,
-                         activate=promoted, notes=reason)
+              "train_seconds": round(net_seconds, 1), "seconds": round(seconds, 1), "device": str(scorer.device),
+              "warm_start": warm, "val_share": tcfg.val_share, "format": FORMAT, "kind": "full" if full else "head",
+              "network_version": scorer.network_version, "head": head, "identity": head.get("identity"),
+              "val_network": network}
+    if full or promoted:
+        path = paths.models / f"{version}.pt"
+        if full:
+            save_model(scorer.net, path, arch=scorer.arch, image_size=scorer.image_size, version=version,
+                       head=scorer.head)
+        else:
+            save_model(None, path, arch=scorer.arch, image_size=scorer.image_size, version=version,
+                       head=scorer.head, network=(scorer.network_file, scorer.network_version))
+        store.register_model(version, scorer.arch, path.name, data_size=n_train_pics + n_val_pics, metrics=record,
+                             activate=promoted, notes=reason)
+        if not full:
+            prune_head_files(store, paths)
     log.info("model %s: %s", version, reason)
     return TrainOutcome(version, promoted, new, record["baseline_version"], baseline, n_train_pics, n_val_pics,
-                        seconds, reason, result.history, identity, network)
+                        seconds, reason, history, head, network)
+
+
+KEEP_HEAD_FILES = 5
+
+
+def clear_temporary_files(models_dir: Path) -> int:
+    """Remove model files left half-written by a killed run (``.<name>.<pid>.tmp`` of a process
+    that is gone); returns how many."""
+    gone = 0
+    for path in Path(models_dir).glob(".*.tmp"):
+        try:
+            pid = int(path.name.rsplit(".", 2)[-2])
+            os.kill(pid, 0)
+            continue          # its writer still runs
+        except (ValueError, ProcessLookupError):
+            pass
+        except PermissionError:
+            continue
+        path.unlink(missing_ok=True)
+        gone += 1
+    return gone
+
+
+def prune_head_files(store, paths: DataPaths, keep: int = KEEP_HEAD_FILES) -> int:
+    """Delete the files of head refits beyond the newest ``keep`` (never the active model's, nor
+    a network another file names); their registry rows stay, with their metrics."""
+    rows = [r for r in store.list_models() if r["version"].startswith("head-") and not r["active"]]
+    rows.sort(key=lambda r: r["created_at"], reverse=True)
+    gone = 0
+    for r in rows[keep:]:
+        path = paths.models / r["path"]
+        if path.exists():
+            path.unlink()
+            gone += 1
+    return gone

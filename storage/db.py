@@ -228,6 +228,22 @@ def m005_character_tags(db: sqlite_utils.Database) -> None:
     """)
 
 
+@migrations()
+def m007_features(db: sqlite_utils.Database) -> None:
+    # Cached features of each face per source (a feature backbone's version, the whole picture's
+    # features, colour statistics, a taste network's own outputs): the taste head refits from
+    # these in seconds, without decoding a picture (storage/features.py).
+    db.execute("""
+    CREATE TABLE face_features (
+        face_id INTEGER NOT NULL REFERENCES faces(id) ON DELETE CASCADE,
+        source TEXT NOT NULL,
+        vector BLOB NOT NULL,               -- float16
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (face_id, source)
+    )""")
+    db.execute("CREATE INDEX face_features_source ON face_features(source)")
+
+
 SCHEMA_VERSION = len(migrations._migrations)
 
 

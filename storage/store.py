@@ -19,6 +19,7 @@ import sqlite_utils
 
 from storage.characters import PICTURES_OF_CHARACTER, CharacterMethods, name_key
 from storage.db import open_db
+from storage.features import FeatureMethods
 from storage.media import ImageInfo
 from storage.records import (DOWNLOADED, DUPLICATE, FAILED, IMPORTING, NEAR_DUPLICATE, PENDING, SCORED,
                              SKIPPED, Face)
@@ -50,7 +51,7 @@ class NewItem:
     skip: str | None = None        # recorded but not downloaded or scored, and why (e.g. a video)
 
 
-class Store(CharacterMethods):
+class Store(CharacterMethods, FeatureMethods):
     def __init__(self, db: sqlite_utils.Database, path: Path | None = None):
         self.db = db
         self.path = path
@@ -237,11 +238,12 @@ class Store(CharacterMethods):
     # ---- scoring stage -------------------------------------------------------------------
     def record_analysis(self, image_id: int, faces: list[Face], score: float | None,
                         uncertainty: float | None, model_version: str, *, skipped: bool = False,
-                        expect: str | None = None) -> bool:
+                        expect: str | None = None, features: list[dict] | None = None) -> bool:
         """Replace the picture's faces and store this model's predictions, in one transaction.
         With ``expect``, only while the picture's status is still that (the daemon's scorer passes
         ``downloaded``, so a picture an import claimed meanwhile keeps the import's analysis);
-        False when nothing was written."""
+        False when nothing was written. ``features``: each face's cached features ({source:
+        vector}, in the order of ``faces``; see ``storage/features.py``)."""
         stamp = now()
         with self.db.conn:
             if expect is not None:
@@ -251,10 +253,12 @@ class Store(CharacterMethods):
             self.db.execute("DELETE FROM faces WHERE image_id = ?", [image_id])
             self.db.execute("DELETE FROM predictions WHERE image_id = ? AND model_version = ?",
                             [image_id, model_version])
-            for f in faces:
+            for i, f in enumerate(faces):
                 cur = self.db.execute(
                     "INSERT INTO faces (image_id, detector, x1, y1, x2, y2, confidence) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [image_id, f.detector, f.x1, f.y1, f.x2, f.y2, f.confidence])
+                if features is not None and i < len(features) and features[i]:
+                    self.save_face_features({cur.lastrowid: features[i]}, commit=False)
                 self.db.execute(
                     "INSERT INTO predictions (image_id, face_id, model_version, score, uncertainty, created_at) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
@@ -277,12 +281,16 @@ class Store(CharacterMethods):
             "WHERE faces.image_id = ? ORDER BY faces.id", [model_version, image_id, image_id]))
 
     def record_rescore(self, image_id: int, face_scores: dict[int, tuple[float, float | None]],
-                       score: float, uncertainty: float | None, model_version: str) -> None:
-        """Store a new model's predictions for a picture's stored faces (no re-detection)."""
+                       score: float, uncertainty: float | None, model_version: str, *,
+                       features: dict[int, dict] | None = None) -> None:
+        """Store a new model's predictions for a picture's stored faces (no re-detection). Only
+        unposted pictures are rescored: their predictions by earlier models go (a head refitted
+        every few labels would otherwise pile them up); a posted picture keeps the scores it was
+        posted with."""
         stamp = now()
         with self.db.conn:
-            self.db.execute("DELETE FROM predictions WHERE image_id = ? AND model_version = ?",
-                            [image_id, model_version])
+            self.db.execute("DELETE FROM predictions WHERE image_id = ? AND (model_version = ? OR image_id NOT IN "
+                            "(SELECT image_id FROM posts WHERE status = 'sent'))", [image_id, model_version])
             for face_id, (s, u) in face_scores.items():
                 self.db.execute(
                     "INSERT INTO predictions (image_id, face_id, model_version, score, uncertainty, created_at) "
@@ -290,8 +298,16 @@ class Store(CharacterMethods):
             self.db.execute(
                 "INSERT INTO predictions (image_id, face_id, model_version, score, uncertainty, created_at) "
                 "VALUES (?, NULL, ?, ?, ?, ?)", [image_id, model_version, score, uncertainty, stamp])
+            if features:
+                self.save_face_features(features, commit=False)
             self.db.execute("UPDATE images SET score = ?, uncertainty = ?, model_version = ?, scored_at = ? "
                             "WHERE id = ?", [score, uncertainty, model_version, stamp, image_id])
+
+    def record_rescores(self, results, model_version: str) -> None:
+        """:meth:`record_rescore` of several ``scorer.rescore.Rescored`` results."""
+        for r in results:
+            self.record_rescore(r.image_id, r.face_scores, r.score, r.uncertainty, model_version,
+                                features=r.features)
 
     def rescore_candidates(self, model_version: str, limit: int, after_id: int = 0) -> list[dict]:
         """Scored pictures not yet scored by ``model_version`` and never posted, oldest id first."""
@@ -489,6 +505,14 @@ class Store(CharacterMethods):
                 "SELECT COUNT(DISTINCT image_id) FROM labels WHERE removed_at IS NULL").fetchone()[0]
         return self.db.execute("SELECT COUNT(*) FROM labels WHERE created_at > ? AND removed_at IS NULL",
                                [since]).fetchone()[0]
+
+    def rating_spread(self) -> float | None:
+        """The standard deviation of the latest ratings (None below two labelled pictures)."""
+        values = [r[0] for r in self.db.execute(f"SELECT labels.value FROM labels WHERE {self._LATEST}")]
+        if len(values) < 2:
+            return None
+        mean = sum(values) / len(values)
+        return (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
 
     def training_rows(self) -> list[dict]:
         """Each labelled, analysed picture with its latest rating and its faces.

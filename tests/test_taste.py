@@ -1,0 +1,238 @@
+"""The taste model's two speeds: features cached once per face and source, the taste head
+fitted in seconds from them (CLI and daemon), promoted only when better, rescoring without
+decoding a picture, and a kill during a refit that loses nothing."""
+from __future__ import annotations
+
+import io
+import random
+import subprocess
+import sys
+import time
+
+import aiohttp
+import pytest
+from PIL import Image, ImageDraw
+
+from bot.config import load_config
+from bot.daemon import Daemon
+from scorer import features as features_module
+from scorer import rescore as rescore_module
+from scorer.analyze import build_analyzer
+from scorer.import_labels import RatingRow, import_labels
+from scorer.registry import load_scorer
+from scorer.train import train_from_store
+from storage import Store
+from tests.helpers import MAIN, wait_for, write_config
+
+
+def themed(seed: int, warm: bool, size=(96, 96)) -> bytes:
+    """A synthetic picture whose colours are warm (reds, oranges) or cool (blues, greens): the
+    owner of these tests loves warm pictures."""
+    rnd = random.Random(seed)
+
+    def colour():
+        return ((rnd.randrange(170, 256), rnd.randrange(40, 140), rnd.randrange(0, 60)) if warm else
+                (rnd.randrange(0, 60), rnd.randrange(60, 180), rnd.randrange(150, 256)))
+    im = Image.new("RGB", size, colour())
+    draw = ImageDraw.Draw(im)
+    for _ in range(8):
+        x, y = rnd.randrange(size[0]), rnd.randrange(size[1])
+        draw.ellipse([x, y, x + rnd.randrange(10, 40), y + rnd.randrange(10, 40)], fill=colour())
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def taste_config(root, extra: str = "", train: str = ""):
+    body = f'''data_dir = "{root / 'data'}"
+[download]
+allow_private = ["127.0.0.1"]
+[scorer]
+image_size = 32
+batch_size = 16
+device = "cpu"
+backbone_size = 64
+[train]
+min_labels = 8
+val_share = 0.3
+refit_delay = 1
+{train}
+[daemon]
+stop_timeout = 5
+[web]
+port = 0
+[[sources]]
+name = "inbox"
+kind = "folder"
+interval = 0.3
+path = "{root / 'inbox'}"
+settle = 0.1
+{extra}'''
+    (root / "inbox").mkdir(exist_ok=True)
+    return load_config(write_config(root, body))
+
+
+def import_rated(cfg, root, n: int = 24, *, offset: int = 0) -> list[RatingRow]:
+    """``n`` pictures, half warm (rated 5), half cool (rated 1), imported as face crops."""
+    rows = []
+    for i in range(offset, offset + n):
+        warm = i % 2 == 0
+        path = root / f"p{i}.png"
+        path.write_bytes(themed(i, warm))
+        rows.append(RatingRow(path, 5 if warm else 1, i))
+    with Store.open(cfg.db_path) as store:
+        report = import_labels(store, build_analyzer(store, cfg.detector, cfg.scorer, cfg.paths), rows,
+                               cfg.media_path, crops=True, progress=False)
+    assert report.labels_added == n and not report.errors, report
+    return rows
+
+
+def train(cfg, store, **kw):
+    return train_from_store(store, cfg.paths, cfg.scorer, cfg.train, margin=cfg.detector.margin,
+                            max_pixels=cfg.download.max_pixels, progress=False, **kw)
+
+
+def test_features_are_computed_once_per_face_and_source(tmp_path, monkeypatch):
+    cfg = taste_config(tmp_path)
+    import_rated(cfg, tmp_path, 10)
+    with Store.open(cfg.db_path) as store:
+        scorer = load_scorer(store.active_model(), cfg.scorer, cfg.models_path)
+        faces = store.execute("SELECT faces.*, images.media_path FROM faces JOIN images ON images.id = faces.image_id")
+        counts = store.feature_counts()
+        # the import cached every block the daemon caches: backbone, whole picture, colour, network
+        assert set(counts) == set(scorer.extractor.sources.values()) and set(counts.values()) == {len(faces)}
+        assert len(store.face_features([faces[0]["id"]], [scorer.extractor.sources["backbone"]])
+                   [faces[0]["id"]][scorer.extractor.sources["backbone"]]) == scorer.extractor.backbone.dim
+
+        from storage import media
+        decoded = []
+        real = media.load_media
+        monkeypatch.setattr(media, "load_media", lambda *a, **k: decoded.append(a[1]) or real(*a, **k))
+        got = features_module.ensure_features(store, scorer.extractor, faces, cfg.media_path, margin=0.2)
+        assert decoded == [] and len(got) == len(faces)
+        # a new network version is a new source: only it is computed, each picture decoded once
+        monkeypatch.undo()
+        seen = []
+        real_load = media.load_media
+        monkeypatch.setattr(media, "load_media", lambda *a, **k: seen.append(a[1]) or real_load(*a, **k))
+        scorer.extractor.sources["net"] = "net:another-network"
+        features_module.ensure_features(store, scorer.extractor, faces, cfg.media_path, margin=0.2)
+        assert sorted(seen) == sorted({f["media_path"] for f in faces})
+        assert store.feature_counts()["net:another-network"] == len(faces)
+        assert store.feature_counts()[scorer.extractor.sources["backbone"]] == len(faces)
+
+
+def test_head_learns_in_seconds_rescores_from_cache_and_is_promoted_only_when_better(tmp_path, monkeypatch):
+    cfg = taste_config(tmp_path)
+    import_rated(cfg, tmp_path, 24)
+    with Store.open(cfg.db_path) as store:
+        started = time.monotonic()
+        out = train(cfg, store)
+        assert time.monotonic() - started < 30
+        assert out.promoted and out.version.startswith("head-") and out.head["used"]
+        assert out.metrics["pearson"] > 0.8, out.metrics
+        active = store.active_model()
+        assert active["version"] == out.version
+        assert (cfg.models_path / active["path"]).stat().st_size < 2_000_000   # names the network, no copy
+
+        # Unlabelled pictures: a warm one ranks above a cool one, scored from cached features only.
+        fresh = []
+        for i, warm in ((100, True), (101, False)):
+            (tmp_path / "inbox" / f"n{i}.png").write_bytes(themed(i, warm))
+        analyzer = build_analyzer(store, cfg.detector, cfg.scorer, cfg.paths)
+        for i in (100, 101):
+            im = Image.open(tmp_path / "inbox" / f"n{i}.png")
+            fresh.append(analyzer.analyze([im])[0].score)
+        assert fresh[0] > fresh[1] + 1, fresh
+
+        from tests.test_learning import rescore_now
+        monkeypatch.setattr(rescore_module, "load_media", lambda *a, **k: pytest.fail("decoded a picture"))
+        scorer = load_scorer(active, cfg.scorer, cfg.models_path)
+        assert rescore_now(cfg, scorer) == 24
+        scores = store.execute("SELECT images.score, labels.value FROM images JOIN labels ON labels.image_id = images.id")
+        warm = [r["score"] for r in scores if r["value"] == 5]
+        cool = [r["score"] for r in scores if r["value"] == 1]
+        assert min(warm) > max(cool)
+        monkeypatch.undo()
+
+        # Labels shuffled: the refitted head is worse on validation, so it is neither used nor written.
+        files = set(cfg.models_path.iterdir())
+        values = [r["value"] for r in store.execute("SELECT value FROM labels ORDER BY id")]
+        random.Random(1).shuffle(values)
+        with store.db.conn:
+            for (lid,), v in zip(store.db.execute("SELECT id FROM labels ORDER BY id").fetchall(), values):
+                store.db.execute("UPDATE labels SET value = ? WHERE id = ?", [v, lid])
+        worse = train(cfg, store)
+        assert not worse.promoted and "kept, not used" in worse.reason
+        assert store.active_model()["version"] == out.version
+        assert set(cfg.models_path.iterdir()) == files
+
+
+async def _post_rating(session, base, image_id, value):
+    async with session.post(f"{base}/rate/{image_id}", json={"value": value}, headers={"Origin": base}) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+async def test_a_gallery_rating_changes_the_ranking_within_the_refit_delay_without_a_training_process(tmp_path):
+    cfg = taste_config(tmp_path)
+    import_rated(cfg, tmp_path, 16)
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        for i in range(200, 206):
+            (tmp_path / "inbox" / f"q{i}.png").write_bytes(themed(i, i % 2 == 0))
+
+        async def scored():
+            rows = await daemon.store.execute("SELECT id FROM images WHERE status = 'scored' AND id NOT IN "
+                                              "(SELECT image_id FROM labels)")
+            return [r["id"] for r in rows] if len(rows) == 6 else None
+        fresh = await wait_for(scored, timeout=60)
+        # Rate two more through the gallery: the daemon refits the head itself (16 + 2 labels).
+        async with aiohttp.ClientSession() as session:
+            await _post_rating(session, daemon.gallery_url.rstrip("/"), fresh[0], 5)
+            await _post_rating(session, daemon.gallery_url.rstrip("/"), fresh[1], 1)
+
+        async def refitted():
+            row = await daemon.store.active_model()
+            return row["version"] if row["version"].startswith("head-") else None
+        version = await wait_for(refitted, timeout=30)
+
+        async def rescored():
+            rows = await daemon.store.execute(
+                "SELECT id, score, model_version FROM images WHERE id IN (?, ?, ?, ?)", fresh[2:])
+            return rows if all(r["model_version"] == version for r in rows) else None
+        rows = {r["id"]: r["score"] for r in await wait_for(rescored, timeout=30)}
+        names = {r["id"]: r["media_path"] for r in await daemon.store.execute("SELECT id, media_path FROM images")}
+        assert daemon.models.retrainer.runs == 0 and daemon.stats["refits"] >= 1
+        warm = [s for i, s in rows.items() if _is_warm(cfg, names[i])]
+        cool = [s for i, s in rows.items() if not _is_warm(cfg, names[i])]
+        assert warm and cool and min(warm) > max(cool), (warm, cool)
+    finally:
+        await daemon.stop()
+
+
+def _is_warm(cfg, media_path) -> bool:
+    r, _, b = Image.open(cfg.media_path / media_path).convert("RGB").resize((1, 1)).getpixel((0, 0))
+    return r > b
+
+
+@pytest.mark.slow
+def test_kill_during_refits_loses_nothing_and_leaves_a_usable_active_model(tmp_path):
+    cfg = taste_config(tmp_path)
+    import_rated(cfg, tmp_path, 24)
+    with Store.open(cfg.db_path) as store:
+        labels = store.execute("SELECT * FROM labels ORDER BY id")
+    for delay in (0.5, 1.5, 3.0, 5.0):
+        proc = subprocess.Popen([sys.executable, str(MAIN), "train"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        with Store.open(cfg.db_path) as store:
+            assert store.execute("SELECT * FROM labels ORDER BY id") == labels
+            assert store.execute("PRAGMA integrity_check")[0]["integrity_check"] == "ok"
+            active = store.active_model()
+            load_scorer(active, cfg.scorer, cfg.models_path)     # complete, whichever it is
+    finished = subprocess.run([sys.executable, str(MAIN), "train"], cwd=tmp_path, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    assert not list(cfg.models_path.glob("*.tmp")) and not list(cfg.models_path.glob(".*.tmp"))  # litter cleared
