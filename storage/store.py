@@ -18,6 +18,7 @@ from typing import Any, Iterable
 import sqlite_utils
 
 from storage.characters import PICTURES_OF_CHARACTER, CharacterMethods, name_key
+from storage.comparisons import ComparisonMethods
 from storage.db import open_db
 from storage.media import ImageInfo
 from storage.records import (DOWNLOADED, DUPLICATE, FAILED, IMPORTING, NEAR_DUPLICATE, PENDING, SCORED,
@@ -50,7 +51,7 @@ class NewItem:
     skip: str | None = None        # recorded but not downloaded or scored, and why (e.g. a video)
 
 
-class Store(CharacterMethods):
+class Store(CharacterMethods, ComparisonMethods):
     def __init__(self, db: sqlite_utils.Database, path: Path | None = None):
         self.db = db
         self.path = path
