@@ -2,11 +2,15 @@
 choice, the gallery's Compare page, the Discord A/B post and import-labels of winner,loser CSVs."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
+from bot.web import Gallery
 from scorer.pairs import choose_pair, p_wrong
 from storage import AsyncStore, Store
 from tests.helpers import make_config, seed
+from tests.test_web import BROWSER_ARGS, CHROMIUM, _browser, same_origin, web_config
 
 
 def row(i: int, score: float | None, uncertainty: float | None = None) -> dict:
@@ -119,3 +123,137 @@ async def test_the_daemon_writer_thread_offers_the_same_methods(tmp_path):
         assert await store.remove_comparison(cid) and await store.comparisons() == []
     finally:
         await store.close()
+
+
+# ---- the gallery ---------------------------------------------------------------------------------
+def shown_pair(html: str) -> list[int]:
+    return [int(i) for i in re.findall(r'<figure class="side (?:left|right)" data-id="(\d+)"', html)]
+
+
+async def test_gallery_compare_records_the_pick_and_shows_the_next_pair(tmp_path, gallery):
+    cfg = web_config(tmp_path)
+    ids = seed(cfg, [{"popularity": 1, "score": s, "uncertainty": u}
+                     for s, u in ((3.0, 0.5), (3.1, 0.5), (4.5, 0.01), (1.2, 0.01))])
+    client = await gallery(cfg)
+    store = Store.open(cfg.db_path)
+    html = await (await client.get("/compare")).text()
+    assert 'href="/compare" aria-current="page">Compare</a>' in html
+    left, right = shown_pair(html)
+    assert {left, right} == {ids[0], ids[1]}                 # the closest, least sure pair
+    assert f'<img src="/media/{left}"' in html and 'name="winner" value="%d"' % right in html
+    form = {"a": str(left), "b": str(right), "winner": str(right)}
+    # the guard: no Origin (another site's form) is refused, nothing is stored
+    assert (await client.post("/compare", data=form)).status == 403
+    assert (await client.post("/compare", data=form, headers={"Origin": "http://evil.example"})).status == 403
+    assert store.comparison_count() == 0
+    resp = await client.post("/compare", data=form, headers=same_origin(client), allow_redirects=False)
+    assert resp.status == 303 and resp.headers["Location"] == "/compare"
+    [c] = store.comparisons()
+    assert (c["winner_id"], c["loser_id"], c["origin"]) == (right, left, "gallery")
+    html = await (await client.get("/compare")).text()
+    assert set(shown_pair(html)) != {left, right} and len(shown_pair(html)) == 2     # the next pair
+    assert f'action="/compare/undo/{c["id"]}"' in html and "1 comparison(s) so far" in html
+    # skip: that pair is not offered again; bad answers are refused
+    nxt = shown_pair(html)
+    resp = await client.post("/compare", json={"a": nxt[0], "b": nxt[1], "skip": 1},
+                             headers=same_origin(client))
+    assert (await resp.json())["skipped"] == nxt and store.comparison_count() == 1
+    assert set(shown_pair(await (await client.get("/compare")).text())) not in ({left, right}, set(nxt))
+    for bad in ({"a": left, "b": right, "winner": ids[2]}, {"a": left, "b": left, "winner": left},
+                {"a": "x", "b": right, "winner": right}, {"a": left, "b": "9" * 30, "winner": left},
+                {"a": left, "b": right}):
+        assert (await client.post("/compare", json=bad, headers=same_origin(client))).status == 400, bad
+    assert (await client.post("/compare", json={"a": left, "b": 999, "winner": 999},
+                              headers=same_origin(client))).status == 404
+    assert store.comparison_count() == 1
+    # undo last: taken back, the pair comes again
+    resp = await client.post(f"/compare/undo/{c['id']}", headers=same_origin(client), allow_redirects=False)
+    assert resp.status == 303 and resp.headers["Location"] == "/compare"
+    assert store.comparison_count() == 0 and store.get_comparison(c["id"])["removed_at"]
+    assert set(shown_pair(await (await client.get("/compare")).text())) == {left, right}
+    assert (await client.post(f"/compare/undo/{c['id']}", headers=same_origin(client))).status == 404
+    # the Model page and /api/stats count comparisons beside ratings
+    await client.post("/compare", data=form, headers=same_origin(client))
+    await client.post(f"/rate/{ids[2]}", json={"value": 5}, headers=same_origin(client))
+    assert "1 rating(s), 1 comparison(s)" in await (await client.get("/model")).text()
+    assert (await (await client.get("/api/stats")).json())["comparisons"] == 1
+
+
+async def test_gallery_compare_beyond_loopback_needs_the_token(tmp_path, gallery):
+    cfg = web_config(tmp_path, 'host = "0.0.0.0"\ntoken = "s3cret-gallery-token"')
+    a, b = seed(cfg, [{"popularity": 1}, {"popularity": 2}])
+    client = await gallery(cfg)
+    form = {"a": str(a), "b": str(b), "winner": str(a)}
+    assert (await client.get("/compare")).status == 401
+    assert (await client.post("/compare", data=form, headers=same_origin(client))).status == 401
+    await client.get("/compare?token=s3cret-gallery-token")
+    assert (await client.post("/compare", data=form)).status == 403         # the cookie, but no Origin
+    assert (await client.post("/compare", data=form, headers=same_origin(client))).status == 200
+    assert [(c["winner_id"], c["loser_id"]) for c in Store.open(cfg.db_path).comparisons()] == [(a, b)]
+
+
+async def test_gallery_compare_with_fewer_than_two_pictures_says_so(tmp_path, gallery):
+    cfg = web_config(tmp_path)
+    [only] = seed(cfg, [{"popularity": 1}])
+    client = await gallery(cfg)
+    html = await (await client.get("/compare")).text()
+    assert shown_pair(html) == [] and "Fewer than two unrated pictures to compare" in html
+    assert 'class="compare"' not in html
+
+
+@pytest.mark.slow
+async def test_in_a_browser_the_arrow_keys_pick_skip_and_the_pair_stacks_on_a_phone(tmp_path):
+    pw = _browser()
+    cfg = web_config(tmp_path)
+    seed(cfg, [{"popularity": 1, "score": 3.0 + i / 10, "uncertainty": 0.3} for i in range(6)])
+    store = Store.open(cfg.db_path)
+    astore = await AsyncStore(cfg.db_path).open()
+    web = Gallery(cfg, astore)
+    url = await web.start()
+
+    async def pair(page) -> list[int]:
+        return [int(await page.locator(f"figure.side.{s}").get_attribute("data-id")) for s in ("left", "right")]
+
+    try:
+        async with pw.async_playwright() as p:
+            browser = await p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+            page = await browser.new_page(viewport={"width": 1200, "height": 800})
+            await page.goto(url + "compare")
+            left, right = await pair(page)
+            box_l = await page.locator("figure.side.left").bounding_box()
+            box_r = await page.locator("figure.side.right").bounding_box()
+            assert abs(box_l["y"] - box_r["y"]) < 2 and box_r["x"] > box_l["x"] + box_l["width"] - 1   # side by side
+            await page.screenshot(path=str(tmp_path / "compare.png"))
+            async with page.expect_navigation():
+                await page.keyboard.press("ArrowLeft")
+            assert [(c["winner_id"], c["loser_id"]) for c in store.comparisons()] == [(left, right)]
+            left2, right2 = await pair(page)
+            async with page.expect_navigation():
+                await page.keyboard.press("ArrowRight")
+            assert [(c["winner_id"], c["loser_id"]) for c in store.comparisons()][-1] == (right2, left2)
+            skipped = await pair(page)
+            async with page.expect_navigation():
+                await page.keyboard.press("ArrowDown")
+            after_skip = await pair(page)
+            assert set(after_skip) != set(skipped) and store.comparison_count() == 2
+            async with page.expect_navigation():
+                await page.keyboard.press("s")
+            assert set(await pair(page)) != set(after_skip) and store.comparison_count() == 2
+            async with page.expect_navigation():
+                await page.keyboard.press("u")              # undo last: the → answer is taken back
+            assert [(c["winner_id"], c["loser_id"]) for c in store.comparisons()] == [(left, right)]
+            # At phone width the two pictures are stacked, and a tap on a button answers.
+            phone = await browser.new_page(viewport={"width": 390, "height": 800}, is_mobile=True, has_touch=True)
+            await phone.goto(url + "compare")
+            box_l = await phone.locator("figure.side.left").bounding_box()
+            box_r = await phone.locator("figure.side.right").bounding_box()
+            assert box_r["y"] >= box_l["y"] + box_l["height"] - 1 and box_l["width"] > 300
+            await phone.screenshot(path=str(tmp_path / "compare-phone.png"), full_page=True)
+            b_left, b_right = await pair(phone)
+            async with phone.expect_navigation():
+                await phone.locator("button.pick.right").tap()
+            assert [(c["winner_id"], c["loser_id"]) for c in store.comparisons()][-1] == (b_right, b_left)
+            await browser.close()
+    finally:
+        await web.stop()
+        await astore.close()
