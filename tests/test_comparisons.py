@@ -9,7 +9,7 @@ import pytest
 from bot.web import Gallery
 from scorer.pairs import choose_pair, p_wrong
 from storage import AsyncStore, Store
-from tests.helpers import make_config, seed
+from tests.helpers import cli, make_config, picture, seed
 from tests.test_web import BROWSER_ARGS, CHROMIUM, _browser, same_origin, web_config
 
 
@@ -257,3 +257,44 @@ async def test_in_a_browser_the_arrow_keys_pick_skip_and_the_pair_stacks_on_a_ph
     finally:
         await web.stop()
         await astore.close()
+
+
+# ---- import-labels ---------------------------------------------------------------------------------
+def test_import_labels_takes_a_winner_loser_csv_once_and_reports_bad_rows(tmp_path):
+    (tmp_path / "pics").mkdir()
+    for name, seed_ in (("a.png", 1), ("b.png", 2), ("c.png", 3)):
+        (tmp_path / "pics" / name).write_bytes(picture(seed_, fmt="PNG"))
+    (tmp_path / "pics" / "broken.jpg").write_bytes(b"not a picture")
+    (tmp_path / "pairs.csv").write_text("winner,loser\npics/a.png,pics/b.png\npics/b.png,pics/c.png\n"
+                                        "pics/c.png,pics/c.png\npics/missing.png,pics/a.png\njust-one\n"
+                                        "pics/broken.jpg,pics/a.png\n\npics/a.png,pics/c.png\n")
+    out = cli(tmp_path, "import-labels", "pairs.csv", "--crops")
+    assert out.returncode == 0, out.stderr
+    assert "3 comparison(s) added, 0 imported already" in out.stdout and "3 new picture(s)" in out.stdout
+    skipped = [line for line in out.stderr.splitlines() if line.startswith("skipped: ")]
+    assert len(skipped) == 4, out.stderr                      # one line each, and no traceback
+    assert "pairs.csv:4: winner and loser are the same picture" in out.stderr
+    assert "pairs.csv:5: cannot read" in out.stderr and "missing.png" in out.stderr
+    assert "pairs.csv:6: expected 'winner,loser', got 'just-one'" in out.stderr
+    assert "pairs.csv:7: broken.jpg:" in out.stderr and "Traceback" not in out.stderr
+    assert "4 bad row(s) skipped" in out.stdout and "0 labelled picture(s) and 3 comparison(s)" in out.stdout
+
+    again = cli(tmp_path, "import-labels", "pairs.csv", "--crops")
+    assert again.returncode == 0 and "0 comparison(s) added, 3 imported already" in again.stdout
+    with Store.open(tmp_path / "data" / "tastefeed.db") as store:
+        title = {r["id"]: r["title"] for r in store.execute("SELECT id, title FROM images")}
+        assert [(title[c["winner_id"]], title[c["loser_id"]], c["origin"]) for c in store.comparisons()] == \
+            [("a.png", "b.png", "import"), ("b.png", "c.png", "import"), ("a.png", "c.png", "import")]
+        assert [store.get_comparison(c["id"])["ref"] for c in store.comparisons()] == \
+            ["pairs.csv:2", "pairs.csv:3", "pairs.csv:9"]
+        assert store.execute("SELECT DISTINCT status FROM images") == [{"status": "scored"}]
+        assert store.execute("SELECT COUNT(*) AS n FROM faces WHERE detector = 'crop'") == [{"n": 3}]
+        assert store.label_count() == 0
+    # a ratings CSV is still a ratings CSV
+    (tmp_path / "r.csv").write_text("path,rating\npics/a.png,4\n")
+    rated = cli(tmp_path, "import-labels", "r.csv", "--crops")
+    assert rated.returncode == 0 and "1 label(s) added" in rated.stdout
+    empty = tmp_path / "none.csv"
+    empty.write_text("winner,loser\n")
+    nothing = cli(tmp_path, "import-labels", str(empty))
+    assert nothing.returncode == 1 and "no comparisons to import" in nothing.stderr
