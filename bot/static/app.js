@@ -109,25 +109,21 @@
   });
 
   // Compare page: ← picks the left picture, → the right one, ↓ or s skips, u takes the last back;
-  // each submits the page's form as its button would (once: a held key does not answer twice).
+  // each clicks its button, so the form posts as without script (once: a held key does not answer twice).
   const compare = document.querySelector("form.compare");
   const undoCompare = document.querySelector("form.undo-compare");
   const compareKeys = { ArrowLeft: "button.pick.left", ArrowRight: "button.pick.right", ArrowDown: "button.skip", s: "button.skip" };
   let answered = false;
 
   function compareKey(e) {
-    let form = compare;
     let button = compare && compareKeys[e.key] ? compare.querySelector(compareKeys[e.key]) : null;
-    if (e.key === "u" && undoCompare) {
-      form = undoCompare;
-      button = undoCompare.querySelector("button");
-    }
+    if (e.key === "u" && undoCompare) button = undoCompare.querySelector("button");
     if (!button) return;
     e.preventDefault();
     if (answered) return;
     answered = true;
     button.classList.add("chosen");
-    form.requestSubmit(button);
+    button.click();
   }
 
   document.addEventListener("keydown", (e) => {
