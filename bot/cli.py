@@ -4,7 +4,7 @@
     python main.py score PICTURE...         faces and scores of pictures (--json)
     python main.py sources list|add|remove|test
     python main.py doctor                   check config, database, detector, model, device
-    python main.py import-labels DIR|CSV    import existing ratings (--crops for face crops)
+    python main.py import-labels DIR|CSV    import existing ratings or winner,loser comparisons (--crops for face crops)
     python main.py train                    train on all labels; promote if better
     python main.py eval                     metrics and plots of the active (or --model) model
     python main.py models list|use VERSION  the model registry; use = switch / roll back
@@ -237,30 +237,36 @@ def _doctor_checks(cfg, opened: contextlib.ExitStack) -> list[tuple[str, bool, s
 def cmd_import_labels(cfg, args) -> int:
     from scorer.analyze import build_analyzer
     from storage import Store
-    from scorer.import_labels import import_labels, read_rating_rows
+    from scorer.import_labels import (import_comparisons, import_labels, is_comparison_csv, read_comparison_rows,
+                                      read_rating_rows)
 
+    comparisons = is_comparison_csv(args.path)
     try:
-        rows, errors = read_rating_rows(args.path)
+        rows, errors = read_comparison_rows(args.path) if comparisons else read_rating_rows(args.path)
     except (FileNotFoundError, ValueError) as e:
         return _fail(str(e))
     for message in errors:
         print(f"skipped: {message}", file=sys.stderr)
     if not rows:
-        return _fail(f"{args.path}: no ratings to import")
+        return _fail(f"{args.path}: no {'comparisons' if comparisons else 'ratings'} to import")
     with Store.open(cfg.db_path) as store:
         try:
             store.import_source_id()
         except ValueError as e:
             return _fail(str(e))
         analyzer = build_analyzer(store, cfg.detector, cfg.scorer, cfg.paths)
-        report = import_labels(store, analyzer, rows, cfg.media_path, crops=args.crops,
-                               max_pixels=cfg.download.max_pixels, batch_size=cfg.scorer.batch_size)
+        run = import_comparisons if comparisons else import_labels
+        report = run(store, analyzer, rows, cfg.media_path, crops=args.crops,
+                     max_pixels=cfg.download.max_pixels, batch_size=cfg.scorer.batch_size)
         for message in report.errors:
             print(f"skipped: {message}", file=sys.stderr)
         report.errors[:0] = errors
         print(f"imported {args.path}: {report.summary()}")
-        print(f"{store.label_count()} labelled picture(s) in total; next: python main.py train")
-    return 0 if report.labels_added + report.labels_unchanged else 1
+        print(f"{store.label_count()} labelled picture(s) and {store.comparison_count()} comparison(s) in total; "
+              "next: python main.py train")
+    done = (report.comparisons_added + report.comparisons_unchanged if comparisons
+            else report.labels_added + report.labels_unchanged)
+    return 0 if done else 1
 
 
 def cmd_train(cfg, args) -> int:
@@ -601,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("name")
     te.add_argument("--limit", type=int, default=20)
     sub.add_parser("doctor", help="check config, database, detector, model and device")
-    il = sub.add_parser("import-labels", help="import ratings: a folder with subfolders 1..5, or a path,rating CSV")
+    il = sub.add_parser("import-labels", help="import ratings: a folder with subfolders 1..5, or a path,rating CSV; "
+                        "or comparisons: a CSV whose header is winner,loser")
     il.add_argument("path", metavar="DIR_OR_CSV")
     il.add_argument("--crops", action="store_true",
                     help="the pictures are face crops: skip detection, the whole picture is the face")

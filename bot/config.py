@@ -69,11 +69,14 @@ class DiscordConfig:
     catch_up_hours: float = 72.0          # on start, read reactions on posts this recent
     max_upload_bytes: int = 10 * 1024 * 1024  # attachments are shrunk below this (and the server's limit)
     reactions: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_REACTIONS))
+    compare_every: int = 0                # after every N posts, post two pictures to compare (🅰️/🅱️); 0 = off
 
     def check(self):
         problem = _positive(self, ("interval", "posts_per_cycle", "catch_up_hours", "max_upload_bytes"))
         if problem:
             return problem
+        if self.compare_every < 0:
+            return "compare_every", f"expected 0 (off) or a number of posts, got {self.compare_every!r}"
         for key, value in [("channel_id", self.channel_id), ("nsfw_channel_id", self.nsfw_channel_id),
                            ("guild_id", self.guild_id), *[("owner_ids", v) for v in self.owner_ids]]:
             if value < 0:

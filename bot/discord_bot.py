@@ -10,6 +10,7 @@ This module is the connection and the schedule; the work is done by:
 
 - ``bot.discord_posts``: the posting cycle, one post, reconciling posts left unconfirmed;
 - ``bot.discord_reactions``: owners' reactions to labels, live and caught up after a restart;
+- ``bot.discord_compare``: the two-picture comparison posts and the owners' 🅰️/🅱️ answers;
 - ``bot.discord_commands``: the slash commands and the owner check.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import discord
 
 from bot.config import Config
 from bot.discord_commands import OwnerCommands, OwnerTree, sync_commands
+from bot.discord_compare import ComparePosts
 from bot.discord_posts import SETTING_LAST_CYCLE, Poster
 from bot.discord_reactions import ReactionLabels
 from bot.posting import Reactions
@@ -47,9 +49,11 @@ class _Client(discord.Client):
 
     async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
         await self.bot.reactions.on_reaction(payload, added=True)
+        await self.bot.compare.on_reaction(payload, added=True)
 
     async def on_raw_reaction_remove(self, payload: discord.RawReactionActionEvent) -> None:
         await self.bot.reactions.on_reaction(payload, added=False)
+        await self.bot.compare.on_reaction(payload, added=False)
 
 
 class DiscordBot:
@@ -67,9 +71,12 @@ class DiscordBot:
         self._tasks: set[asyncio.Task] = set()
         self._next_cycle: asyncio.TimerHandle | None = None
         emoji = Reactions(self.d.reactions)   # which emoji is which rating
-        self.posts = Poster(cfg, store, emoji, client=lambda: self.client, ready=self.ready)
+        self.compare = ComparePosts(cfg, store, self.owners, client=lambda: self.client, ready=self.ready)
+        self.posts = Poster(cfg, store, emoji, client=lambda: self.client, ready=self.ready,
+                            after_posts=self.compare.after_posts)
         self.reactions = ReactionLabels(self.d, store, self.owners, emoji, client=lambda: self.client)
-        self.commands = OwnerCommands(cfg, store, self.posts.post_cycle, request_retrain, names_changed)
+        self.commands = OwnerCommands(cfg, store, self.posts.post_cycle, request_retrain, names_changed,
+                                      post_comparison=self.compare.post)
 
     # ---- connection ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -136,6 +143,7 @@ class DiscordBot:
     async def _after_connect(self) -> None:
         await self.posts.reconcile()
         await self.reactions.catch_up()
+        await self.compare.catch_up()
         last = await self.store.get_setting(SETTING_LAST_CYCLE)
         wait = 0.0
         if last:

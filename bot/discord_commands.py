@@ -3,7 +3,7 @@
 The bot's commands live here, apart from the connection (``bot.discord_bot``), as discord.py's
 examples keep commands in an extension: :class:`OwnerTree` refuses anyone but an owner (an
 ephemeral "Sorry"), :class:`OwnerCommands` adds ``/top``, ``/stats``, ``/pause``, ``/resume``,
-``/source list|add|remove``, ``/why``, ``/name`` and ``/train`` to a tree, and :func:`sync_commands`
+``/source list|add|remove``, ``/why``, ``/name``, ``/compare`` and ``/train`` to a tree, and :func:`sync_commands`
 registers them with Discord only when they changed. Every answer is ephemeral.
 """
 from __future__ import annotations
@@ -89,17 +89,21 @@ class OwnerCommands:
     """The slash commands. ``post_cycle(n, reason=...)`` posts now (``bot.discord_posts``);
     ``request_retrain(reason)`` starts a training run (None: /train says it is not available);
     ``names_changed()`` makes recognition use a face named by /name at once (the daemon's
-    ``bot.recognition.Recognition.names_changed``; None: recognition picks it up on its own)."""
+    ``bot.recognition.Recognition.names_changed``; None: recognition picks it up on its own);
+    ``post_comparison(reason)`` posts two pictures to compare now (``bot.discord_compare``; None:
+    /compare says it is not available)."""
 
     def __init__(self, cfg: Config, store, post_cycle: Callable[..., Awaitable[list[int]]],
                  request_retrain: Callable[[str], Awaitable[bool]] | None = None,
-                 names_changed: Callable[[], Awaitable[object]] | None = None):
+                 names_changed: Callable[[], Awaitable[object]] | None = None,
+                 post_comparison: Callable[[str], Awaitable[int | None]] | None = None):
         self.cfg = cfg
         self.d = cfg.discord
         self.store = store            # storage.writer.AsyncStore
         self.post_cycle = post_cycle
         self.request_retrain = request_retrain
         self.names_changed = names_changed
+        self.post_comparison = post_comparison
 
     def register(self, tree: app_commands.CommandTree) -> None:
         """Add the commands to ``tree``."""
@@ -204,6 +208,16 @@ class OwnerCommands:
             await interaction.followup.send(
                 f"Named the face of picture #{image_id} at ({row['x1']}, {row['y1']})-({row['x2']}, {row['y2']}) "
                 f"as {name}" + (" (a new character)" if created else "") + "." + note, ephemeral=True)
+
+        @tree.command(name="compare", description="Post two pictures to compare now (react 🅰️ or 🅱️)")
+        async def compare(interaction: discord.Interaction):
+            if self.post_comparison is None:
+                await interaction.response.send_message("Comparisons are not available here.", ephemeral=True)
+                return
+            await interaction.response.defer(thinking=True, ephemeral=True)
+            sent = await self.post_comparison("command")
+            await interaction.followup.send("Posted two pictures: react 🅰️ or 🅱️ for the one you prefer."
+                                            if sent else "No pair of pictures to compare.", ephemeral=True)
 
         @tree.command(name="train", description="Start a training run on all labels now")
         async def train(interaction: discord.Interaction):

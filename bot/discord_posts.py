@@ -20,7 +20,7 @@ import io
 import logging
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 
 import aiohttp
@@ -79,11 +79,13 @@ def build_embed(image: dict, *, faces: int, source: str, exploration: bool, reas
 
 class Poster:
     """Posting cycles and posts; ``client()`` is the current discord.py client, ``ready`` is set
-    while it is connected."""
+    while it is connected; ``after_posts()`` runs at the end of each cycle (``bot.discord_compare``:
+    the comparison post, when due)."""
 
     def __init__(self, cfg: Config, store, reactions: Reactions, client: Callable[[], discord.Client | None],
-                 ready: asyncio.Event):
+                 ready: asyncio.Event, after_posts: Callable[[], Awaitable[object]] | None = None):
         self.cfg = cfg
+        self.after_posts = after_posts  # run after each cycle's posts (the comparison post when due)
         self.d = cfg.discord
         self.store = store            # storage.writer.AsyncStore
         self.reactions = reactions
@@ -132,6 +134,8 @@ class Poster:
                     sent.append(message_id)
             if not picks:
                 log.info("Discord: nothing new to post")
+            if self.after_posts is not None:
+                await self.after_posts()
             return sent
 
     async def _channel(self, channel_id: int):

@@ -103,15 +103,14 @@ MARK = "head_refit_mark"
 
 
 def new_feedback(store, since: str | None) -> tuple[int, str | None]:
-    """(labels and comparisons written after ``since``, the newest one's time)."""
+    """(labels and comparisons written after ``since`` and not taken back, the newest one's time)."""
     since = since or ""
-    n, newest = store.db.execute("SELECT COUNT(*), MAX(created_at) FROM labels WHERE created_at > ? "
-                                 "AND removed_at IS NULL", [since]).fetchone()
-    if store.db["comparisons"].exists():
-        m, newest_c = store.db.execute("SELECT COUNT(*), MAX(created_at) FROM comparisons WHERE created_at > ?",
-                                       [since]).fetchone()
+    n, newest = 0, None
+    for table in ("labels", "comparisons"):
+        m, last = store.db.execute(f"SELECT COUNT(*), MAX(created_at) FROM {table} WHERE created_at > ? "
+                                   "AND removed_at IS NULL", [since]).fetchone()
         n += m
-        newest = max(filter(None, [newest, newest_c]), default=None)
+        newest = max(filter(None, [newest, last]), default=None)
     return n, newest
 
 

@@ -176,7 +176,8 @@ def name_picture_face(store, image_id: int, name: str, number: int | None, *, or
 
 
 def stats(store, channel: str | None = None) -> dict:
-    """Labels, the active model and its validation metrics, queue sizes and source health."""
+    """Labels and comparisons, the active model and its validation metrics, queue sizes and
+    source health."""
     model = store.active_model() or {}
     metrics = json.loads(model["metrics"]) if model.get("metrics") else {}
     counts = store.status_counts()
@@ -184,6 +185,7 @@ def stats(store, channel: str | None = None) -> dict:
     out = {
         "labelled_pictures": store.label_count(),
         "label_rows": store.execute("SELECT COUNT(*) AS n FROM labels WHERE removed_at IS NULL")[0]["n"],
+        "comparisons": store.comparison_count(),
         "model": model.get("version"),
         "model_trained": bool(metrics),
         "val": metrics.get("val") or {},
@@ -232,7 +234,8 @@ def format_stats(s: dict) -> list[str]:
                f"top-10% precision {val.get('topk_precision', float('nan')):.3f} (n={val.get('n', 0)})"
                if s["model_trained"] else "untrained (ranking by popularity until trained)")
     q = s["queues"]
-    lines = [f"labels: {s['labelled_pictures']} picture(s) rated ({s['label_rows']} label(s))",
+    lines = [f"labels: {s['labelled_pictures']} picture(s) rated ({s['label_rows']} label(s)), "
+             f"{s.get('comparisons', 0)} comparison(s)",
              f"model: {s['model'] or 'none'} — {quality}",
              "queues: " + ", ".join(f"{k} {v}" for k, v in q.items())]
     if "characters" in s:

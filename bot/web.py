@@ -3,14 +3,15 @@
 An aiohttp app served by the daemon (``[web]``: 127.0.0.1:8080 by default). Pages: *For you*
 (unrated pictures, best first, exploration picks marked, rate with a click or the keys 1-5),
 *Picture* (face boxes with scores and characters, name a face by clicking it, labels), *Rated*
-(with undo), *Model* (metrics, plots, rollback; the identity embedder's too) and *Sources*
-(health, add, remove, pause). For you and Rated filter by character (``?character=NAME``), and
+(with undo), *Compare* (which of two pictures you prefer: the pair the model is least sure how to
+order, keys ← → and ↓, undo last), *Model* (metrics, plots, rollback; the identity embedder's
+too) and *Sources* (health, add, remove, pause). For you and Rated filter by character (``?character=NAME``), and
 each card shows its characters as chips.
 
 This module is the app, its pages and its files; who may use it (token, Host check, same-origin
 POSTs) is ``bot.web_guard``, and what the buttons do (rate, undo, name a face, switch model,
-sources) is ``bot.web_actions``. A click is stored exactly like a Discord reaction: a label in
-the same table, origin ``web``.
+sources, compare) is ``bot.web_actions``. A click is stored exactly like a Discord reaction: a
+label in the same table, origin ``web``; a comparison goes to ``comparisons``, origin ``gallery``.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from aiohttp import web
 
 from bot.config import Config
 from bot.manage import PAUSED_SOURCES, character_stats, picture_data, source_state, stats, web_link
-from bot.web_actions import GalleryActions
+from bot.web_actions import COMPARE_ORIGIN, USER, GalleryActions
 from bot.web_guard import guard
 from scorer.ranking import exploration_share, is_cold
 from storage.media import thumbnail
@@ -98,7 +99,8 @@ def model_data(store, cfg: Config) -> dict:
         plots = sorted(p.name for p in (cfg.eval_path / r["version"]).glob("*.png"))
         models.append(dict(r, val=m.get("val") or {}, trained=bool(m), plots=plots))
     active = next((m for m in models if m["active"]), None)
-    return {"models": models, "active": active, "labels": store.label_count(), **identity_data(store, cfg)}
+    return {"models": models, "active": active, "labels": store.label_count(),
+            "comparisons": store.comparison_count(), **identity_data(store, cfg)}
 
 
 def identity_data(store, cfg: Config) -> dict:
@@ -130,6 +132,15 @@ def metric_rows(metrics: dict, prefix: str = "", depth: int = 0) -> list[tuple[s
         elif isinstance(value, (int, str)):
             rows.append((name, str(value)))
     return rows
+
+
+def compare_data(store, skip: set[frozenset]) -> dict:
+    """The pair to compare next (``pair``: two cards, or None when fewer than two pictures are
+    left), leaving out the pairs skipped in ``skip``; the gallery's last comparison (for "undo
+    last") and how many comparisons there are."""
+    pair = store.compare_pair(CHANNEL, skip=skip)
+    return {"pair": _cards(store, list(pair)) if pair else None, "last": store.last_comparison(COMPARE_ORIGIN, USER),
+            "n_comparisons": store.comparison_count(), "candidates": store.count_candidates(CHANNEL)}
 
 
 def sources_data(store) -> dict:
@@ -165,6 +176,7 @@ class Gallery:
         r.add_get("/", self.page_for_you)
         r.add_get("/picture/{id:\\d{1,18}}", self.page_picture)
         r.add_get("/rated", self.page_rated)
+        r.add_get("/compare", self.page_compare)
         r.add_get("/model", self.page_model)
         r.add_get("/sources", self.page_sources)
         r.add_get("/media/{id:\\d{1,18}}", self.media)
@@ -173,6 +185,8 @@ class Gallery:
         r.add_get("/api/stats", self.api_stats)
         r.add_post("/rate/{id:\\d{1,18}}", a.rate)
         r.add_post("/undo/{label:\\d{1,18}}", a.undo)
+        r.add_post("/compare", a.compare)
+        r.add_post("/compare/undo/{id:\\d{1,18}}", a.compare_undo)
         r.add_post("/model/use", a.use_model)
         r.add_post("/model/evaluate", a.evaluate)
         r.add_post("/model/identity/use", a.use_identity_model)
@@ -247,6 +261,10 @@ class Gallery:
                            page=page, pages=max(1, math.ceil(total / size)), rating=value or "",
                            source=source or "", sources=sources,
                            **await self.store.call(character_choices, character))
+
+    async def page_compare(self, request):
+        data = await self.store.call(compare_data, set(self.actions.skipped))
+        return self.render("compare.html", request, **data)
 
     async def page_model(self, request):
         data = await self.store.call(model_data, self.cfg)

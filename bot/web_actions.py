@@ -1,7 +1,8 @@
 """The web gallery's actions: the POST handlers that change something.
 
 Rate a picture and undo a rating (a click is stored exactly like a Discord reaction: a label in
-the same table, origin ``web``), name a face as a character or take its name back, switch the
+the same table, origin ``web``), say which of two pictures is better, skip a pair or undo the last
+comparison (table ``comparisons``, origin ``gallery``), name a face as a character or take its name back, switch the
 active model or evaluate one, switch the identity embedder, add, remove, pause and resume
 sources. Each answers JSON to the page's script (``Accept: application/json``) and otherwise
 redirects back with a message. Only POSTs reach these, and only from the gallery's own
@@ -32,6 +33,16 @@ log = logging.getLogger("tastefeed.web")
 
 USER = "owner"
 NAME_ORIGIN = "gallery"           # face_names.origin of a face named in the gallery
+COMPARE_ORIGIN = "gallery"        # comparisons.origin of a comparison made in the gallery
+MAX_ID = 10 ** 18                 # ids fit SQLite's integers: a larger one is no picture
+
+
+def _picture_id(value) -> int:
+    """A picture id from a form field, or ValueError."""
+    text = str(value if value is not None else "").strip()
+    if not text.isdigit() or not 0 < int(text) < MAX_ID:
+        raise ValueError(text)
+    return int(text)
 
 
 class GalleryActions:
@@ -45,6 +56,7 @@ class GalleryActions:
         self.model_changed = model_changed
         self.sources_changed = sources_changed
         self.characters_changed = characters_changed
+        self.skipped: set[frozenset] = set()   # pairs skipped on the Compare page (until a restart)
         self._embedders: dict = {}    # identity model version -> scorer.identity.Embedder
         self._embed_lock = threading.Lock()
 
@@ -105,6 +117,41 @@ class GalleryActions:
         current = await self.store.current_label(label["image_id"])
         return self._done(request, {"ok": True, "image_id": label["image_id"], "current": current},
                           self._back(request, "/rated"))
+
+    # ---- comparisons -------------------------------------------------------------------------
+    async def compare(self, request):
+        """The Compare page's answer: ``a`` and ``b`` (the pair shown) and ``winner`` (one of
+        them), or ``skip`` (the pair is not offered again until a restart); then the next pair."""
+        form = await self._form(request)
+        try:
+            a, b = _picture_id(form.get("a")), _picture_id(form.get("b"))
+        except ValueError:
+            raise web.HTTPBadRequest(text="a, b: expected the ids of the two pictures shown\n") from None
+        if form.get("skip"):
+            self.skipped.add(frozenset((a, b)))
+            log.info("comparison: pictures %d and %d skipped in the gallery", a, b)
+            return self._done(request, {"ok": True, "skipped": [a, b]}, "/compare")
+        try:
+            winner = _picture_id(form.get("winner"))
+            if a == b or winner not in (a, b):
+                raise ValueError
+        except ValueError:
+            raise web.HTTPBadRequest(text="winner: expected one of the two pictures shown\n") from None
+        loser = b if winner == a else a
+        try:
+            cid = await self.store.add_comparison(winner, loser, origin=COMPARE_ORIGIN, user=USER)
+        except ValueError as e:
+            raise web.HTTPNotFound(text=f"{e}\n") from None
+        log.info("comparison: picture %d preferred to picture %d in the gallery", winner, loser)
+        return self._done(request, {"ok": True, "id": cid, "winner": winner, "loser": loser}, "/compare")
+
+    async def compare_undo(self, request):
+        cid = int(request.match_info["id"])
+        row = await self.store.get_comparison(cid)
+        if row is None or not await self.store.remove_comparison(cid):
+            raise web.HTTPNotFound(text="No such comparison (or taken back already).\n")
+        log.info("comparison: picture %d over picture %d taken back in the gallery", row["winner_id"], row["loser_id"])
+        return self._done(request, {"ok": True, "id": cid}, "/compare")
 
     # ---- characters --------------------------------------------------------------------------
     def _embedder(self, row: dict, icfg, models_dir):

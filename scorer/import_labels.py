@@ -1,10 +1,13 @@
-"""Importing existing ratings: a folder with subfolders ``1``..``5``, or a CSV of ``path,rating``.
+"""Importing existing ratings: a folder with subfolders ``1``..``5``, or a CSV of ``path,rating``;
+and comparisons: a CSV whose header is ``winner,loser``.
 
 Every picture is stored like a fetched one (media file by hash, faces detected and scored by the
 analyzer, which is why this lives in the scorer and not in storage), then its rating is recorded
 as a label with origin ``import``. Importing the same ratings again adds nothing: pictures are
 found by their hash and an unchanged label is not written twice. Bad rows (missing file, not a
-picture, rating not 1-5) are reported with their line number and skipped.
+picture, rating not 1-5) are reported with their line number and skipped. A comparison row
+stores both pictures the same way and becomes a comparison (origin ``import``, ref ``FILE:ROW``),
+once: importing the file again adds nothing.
 
 A new picture is stored with status ``importing`` until its analysis is recorded, so a daemon
 running meanwhile never takes it (its faces stay the ones the import gave it, e.g. ``crop``);
@@ -37,6 +40,14 @@ class RatingRow:
 
 
 @dataclass
+class ComparisonRow:
+    where: str          # "pairs.csv:12", for messages
+    winner: Path
+    loser: Path
+    ref: str            # the comparison's ref: FILE:ROW
+
+
+@dataclass
 class ImportReport:
     rows: int = 0
     new_pictures: int = 0
@@ -44,11 +55,15 @@ class ImportReport:
     labels_added: int = 0
     labels_unchanged: int = 0
     errors: list[str] = field(default_factory=list)
+    comparisons: bool = False           # an import of winner,loser pairs
+    comparisons_added: int = 0
+    comparisons_unchanged: int = 0
 
     def summary(self) -> str:
+        added = (f"{self.comparisons_added} comparison(s) added, {self.comparisons_unchanged} imported already"
+                 if self.comparisons else f"{self.labels_added} label(s) added, {self.labels_unchanged} unchanged")
         return (f"{self.rows} row(s): {self.new_pictures} new picture(s), {self.known_pictures} already stored; "
-                f"{self.labels_added} label(s) added, {self.labels_unchanged} unchanged; "
-                f"{len(self.errors)} bad row(s) skipped")
+                f"{added}; {len(self.errors)} bad row(s) skipped")
 
 
 def _rating(text: str) -> int | None:
@@ -87,12 +102,7 @@ def _folder_rows(root: Path) -> tuple[list[RatingRow], list[str]]:
 
 def _csv_rows(path: Path) -> tuple[list[RatingRow], list[str]]:
     rows, errors = [], []
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            lines = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise ValueError(f"{path}: cannot read as CSV: {e}") from None
-    for number, cells in enumerate(lines, 1):
+    for number, cells in enumerate(_read_csv(path), 1):
         where = f"{path.name}:{number}"
         if not cells or all(not c.strip() for c in cells):
             continue
@@ -111,6 +121,45 @@ def _csv_rows(path: Path) -> tuple[list[RatingRow], list[str]]:
     return rows, errors
 
 
+def _read_csv(path: Path) -> list[list[str]]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{path}: cannot read as CSV: {e}") from None
+
+
+def is_comparison_csv(source: str | Path) -> bool:
+    """Whether ``source`` is a CSV file of comparisons: its header is ``winner,loser``."""
+    source = Path(source)
+    if not source.is_file():
+        return False
+    try:
+        with open(source, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    return [c.strip().lower() for c in header[:2]] == ["winner", "loser"]
+
+
+def read_comparison_rows(path: str | Path) -> tuple[list[ComparisonRow], list[str]]:
+    """The (winner, loser) rows of a comparisons CSV (header ``winner,loser``; paths relative to
+    the CSV), and the problems found."""
+    path = Path(path)
+    rows, errors = [], []
+    for number, cells in enumerate(_read_csv(path), 1):
+        where = f"{path.name}:{number}"
+        if number == 1 or not cells or all(not c.strip() for c in cells):
+            continue  # the header, or an empty line
+        if len(cells) < 2 or not cells[0].strip() or not cells[1].strip():
+            errors.append(f"{where}: expected 'winner,loser', got {','.join(cells)!r}")
+            continue
+        winner, loser = (Path(c.strip()) for c in cells[:2])
+        rows.append(ComparisonRow(where, winner if winner.is_absolute() else path.parent / winner,
+                                  loser if loser.is_absolute() else path.parent / loser, where))
+    return rows, errors
+
+
 def import_labels(store, analyzer, rows: list[RatingRow], media_root: str | Path, *, crops: bool = False,
                   max_pixels: int = 90_000_000, batch_size: int = 32, progress: bool | None = None,
                   origin: str = ORIGIN_IMPORT) -> ImportReport:
@@ -119,41 +168,85 @@ def import_labels(store, analyzer, rows: list[RatingRow], media_root: str | Path
     ``store`` is a sync Store; ``analyzer`` a :class:`scorer.analyze.Analyzer`. With ``crops``,
     each picture is taken as one face crop and not run through the detector.
     """
-    from tqdm import tqdm
-
     report = ImportReport(rows=len(rows))
-    source_id = store.import_source_id()
-    bar = tqdm(total=len(rows), desc="importing", unit="pic", file=sys.stderr,
-               disable=(not sys.stderr.isatty()) if progress is None else not progress)
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
-        labelled: list[tuple[RatingRow, int]] = []
-        todo: dict[int, object] = {}          # image id -> decoded picture, to analyse
-        for row in batch:
-            try:
-                image_id, im = take_picture(store, source_id, row.path, media_root, max_pixels=max_pixels)
-            except OSError as e:
-                report.errors.append(f"{row.where}: cannot read {row.path}: {e.strerror or e}")
+    for batch, image_ids in take_pictures(store, analyzer, rows, [lambda r: r.path], media_root, report,
+                                          crops=crops, max_pixels=max_pixels, batch_size=batch_size,
+                                          progress=progress):
+        for row, (image_id,) in zip(batch, image_ids):
+            if image_id is None:
                 continue
-            except BadImage as e:
-                report.errors.append(f"{row.where}: {row.path.name}: {e}")
-                continue
-            if im is None:
-                report.known_pictures += 1
-            else:
-                if image_id not in todo:
-                    report.new_pictures += 1
-                todo[image_id] = im
-            labelled.append((row, image_id))
-        analyse_imported(store, analyzer, todo, crops=crops)
-        for row, image_id in labelled:
             if store.add_label(image_id, row.rating, origin=origin, ref=row.ref):
                 report.labels_added += 1
             else:
                 report.labels_unchanged += 1
+    return report
+
+
+def import_comparisons(store, analyzer, rows: list[ComparisonRow], media_root: str | Path, *, crops: bool = False,
+                       max_pixels: int = 90_000_000, batch_size: int = 32,
+                       progress: bool | None = None) -> ImportReport:
+    """Store the pictures of ``rows`` (winner,loser pairs) as :func:`import_labels` does, and
+    record each pair as a comparison (origin ``import``, ref ``FILE:ROW``); a row imported
+    already (its ref) adds nothing. A row with a picture that cannot be read, or the same picture
+    twice, is reported and skipped."""
+    report = ImportReport(rows=len(rows), comparisons=True)
+    for batch, image_ids in take_pictures(store, analyzer, rows, [lambda r: r.winner, lambda r: r.loser],
+                                          media_root, report, crops=crops, max_pixels=max_pixels,
+                                          batch_size=batch_size, progress=progress):
+        for row, (winner, loser) in zip(batch, image_ids):
+            if winner is None or loser is None:
+                continue
+            if winner == loser:
+                report.errors.append(f"{row.where}: winner and loser are the same picture")
+            elif store.comparison_by_ref(ORIGIN_IMPORT, row.ref) is not None:
+                report.comparisons_unchanged += 1
+            else:
+                store.add_comparison(winner, loser, origin=ORIGIN_IMPORT, ref=row.ref)
+                report.comparisons_added += 1
+    return report
+
+
+def take_pictures(store, analyzer, rows: list, paths: list, media_root: str | Path, report: ImportReport, *,
+                  crops: bool, max_pixels: int, batch_size: int, progress: bool | None):
+    """The pictures of an import, taken in and analysed a batch of rows at a time: yields (the
+    batch's rows, for each row the image ids of its pictures, ``paths`` being the functions that
+    give a row's picture paths). A picture that cannot be read is None, with one line in
+    ``report.errors`` (``where: ...``); new and known pictures are counted in ``report``."""
+    from tqdm import tqdm
+
+    source_id = store.import_source_id()
+    bar = tqdm(total=len(rows), desc="importing", unit="row", file=sys.stderr,
+               disable=(not sys.stderr.isatty()) if progress is None else not progress)
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        image_ids: list[tuple[int | None, ...]] = []
+        todo: dict[int, object] = {}          # image id -> decoded picture, to analyse
+        for row in batch:
+            ids = []
+            for path_of in paths:
+                path = path_of(row)
+                try:
+                    image_id, im = take_picture(store, source_id, path, media_root, max_pixels=max_pixels)
+                except OSError as e:
+                    report.errors.append(f"{row.where}: cannot read {path}: {e.strerror or e}")
+                    ids.append(None)
+                    continue
+                except BadImage as e:
+                    report.errors.append(f"{row.where}: {path.name}: {e}")
+                    ids.append(None)
+                    continue
+                if im is None:
+                    report.known_pictures += 1
+                else:
+                    if image_id not in todo:
+                        report.new_pictures += 1
+                    todo[image_id] = im
+                ids.append(image_id)
+            image_ids.append(tuple(ids))
+        analyse_imported(store, analyzer, todo, crops=crops)
+        yield batch, image_ids
         bar.update(len(batch))
     bar.close()
-    return report
 
 
 def take_picture(store, source_id: int, path: Path, media_root: str | Path, *,

@@ -288,8 +288,6 @@ def choose_blend(network: np.ndarray, head: np.ndarray, ratings: np.ndarray, ble
 def comparison_rows(store, train_images: set[int]) -> list[tuple[int, int]]:
     """The owner's comparisons between training pictures, as (winner face id, loser face id):
     each picture stands for itself by its best-scored face."""
-    if not hasattr(store, "comparisons"):
-        return []
     best: dict[int, int | None] = {}
 
     def face(image_id: int) -> int | None:

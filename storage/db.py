@@ -229,6 +229,39 @@ def m005_character_tags(db: sqlite_utils.Database) -> None:
 
 
 @migrations()
+def m006_comparisons(db: sqlite_utils.Database) -> None:
+    # Pairwise comparisons ("which of these two do you prefer?"), a second kind of label; one
+    # taken back (an undo, a removed reaction) keeps its row, marked removed, as labels do.
+    db.execute("""
+    CREATE TABLE comparisons (
+        id INTEGER PRIMARY KEY,
+        winner_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+        loser_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+        origin TEXT NOT NULL,               -- gallery | discord | import
+        user TEXT NOT NULL,
+        ref TEXT,                           -- e.g. MESSAGE_ID/EMOJI (Discord), FILE:ROW (import)
+        created_at TEXT NOT NULL,
+        removed_at TEXT,
+        CHECK (winner_id != loser_id)
+    )""")
+    db.execute("CREATE INDEX comparisons_created ON comparisons(created_at)")
+    db.execute("CREATE INDEX comparisons_ref ON comparisons(ref)")
+    # The two-picture Discord posts (A and B) that reactions answer: message -> pair, kept so a
+    # reaction after a restart still counts.
+    db.execute("""
+    CREATE TABLE compare_posts (
+        id INTEGER PRIMARY KEY,
+        a_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+        b_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+        channel TEXT NOT NULL,              -- discord
+        channel_id TEXT,
+        message_id TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    )""")
+    db.execute("CREATE INDEX compare_posts_message ON compare_posts(message_id)")
+
+
+@migrations()
 def m007_features(db: sqlite_utils.Database) -> None:
     # Cached features of each face per source (a feature backbone's version, the whole picture's
     # features, colour statistics, a taste network's own outputs): the taste head refits from

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestClient, TestServer
 
 
 @pytest.fixture
@@ -21,3 +21,26 @@ async def serve():
     for server in servers:
         await server.close()
 
+
+
+@pytest.fixture
+async def gallery():
+    """``client = await gallery(cfg)``: a test client of the web gallery over ``cfg``'s database
+    (seeded by the test first); closed after the test."""
+    from bot.web import Gallery
+    from storage import AsyncStore
+
+    clients = []
+
+    async def start(cfg):
+        store = AsyncStore(cfg.db_path)
+        await store.open()
+        client = TestClient(TestServer(Gallery(cfg, store).app(), host="127.0.0.1"))
+        await client.start_server()
+        clients.append((client, store))
+        return client
+
+    yield start
+    for client, store in clients:
+        await client.close()
+        await store.close()

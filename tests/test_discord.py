@@ -55,6 +55,7 @@ posts_per_cycle = {opts["posts_per_cycle"]}
 blocklist = [{blocklist}]
 catch_up_hours = {opts["catch_up_hours"]}
 min_score = {opts.get("min_score", 0.0)}
+compare_every = {opts.get("compare_every", 0)}
 [ranking]
 cold_exploration = {opts["cold_exploration"]}
 exploration = 0.0
@@ -513,3 +514,87 @@ async def test_why_stays_within_discords_message_limit_with_many_long_named_face
     assert len(text) <= MESSAGE_LIMIT and 5 < shown < 30
     assert f"... and {30 - shown} more face(s)" in text
     assert text.startswith(f"Picture #{image_id}: score") and "https://booru.example/posts/" in text
+
+
+# ---- comparisons -------------------------------------------------------------------------------
+A, B = "\U0001f170\ufe0f", "\U0001f171\ufe0f"
+
+
+def compare_ids(message: dict) -> list[int]:
+    """The pictures (A, B) of a comparison post, from its embeds' footers."""
+    return [int(re.search(r"compare [AB]: #(\d+)", e["footer"]["text"]).group(1)) for e in message["embeds"]]
+
+
+async def test_a_comparison_post_every_n_posts_owner_reactions_record_it_others_do_not(tmp_path, fake):
+    cfg = discord_config(tmp_path, fake, posts_per_cycle=1, compare_every=1)
+    ids = seed(cfg, [{"popularity": p, "score": s, "uncertainty": 0.3}
+                     for p, s in ((50, 2.0), (40, 3.0), (30, 3.1), (20, 4.5))])
+    daemon = await started(cfg)
+    store = open_store(cfg)
+
+    async def comparisons_are(expected):
+        async def check():
+            return [(c["winner_id"], c["loser_id"]) for c in store.comparisons()] == expected
+        await wait_for(check)
+
+    try:
+        post, duel = await messages(fake, fake.channel_id, 2)
+        assert footer_id(post) == ids[0]                      # the regular post, then the comparison
+        a, b = compare_ids(duel)
+        assert {a, b} == {ids[1], ids[2]}                     # the closest scores, not the posted picture
+        assert "Which do you prefer?" in duel["content"] and len(fake.uploads[int(duel["id"])]) == 2
+        assert [e["image"]["url"] for e in duel["embeds"]] == [f"attachment://{u.filename}"
+                                                               for u in fake.uploads[int(duel["id"])]]
+        assert duel["embeds"][0]["title"].startswith(A) and duel["embeds"][1]["title"].startswith(B)
+        mid = int(duel["id"])
+        await wait_for(lambda: _async(fake.reactions.get(mid, {}).get(A) == [fake.bot_id]
+                                      and fake.reactions.get(mid, {}).get(B) == [fake.bot_id]))
+        assert store.execute("SELECT a_id, b_id, message_id FROM compare_posts") == \
+            [{"a_id": a, "b_id": b, "message_id": str(mid)}]
+        assert store.get_setting("discord.paused") is None and not store.labels_of(a)
+
+        await fake.react(mid, A, fake.stranger_id)            # not the owner: ignored
+        await fake.react(mid, B, fake.owner_id)
+        await comparisons_are([(b, a)])
+        [c] = store.comparisons()
+        row = store.get_comparison(c["id"])
+        assert (row["origin"], row["user"], row["ref"]) == ("discord", str(fake.owner_id), f"{mid}/\U0001f171")  # 🅱️ without VS16
+        await fake.unreact(mid, B, fake.owner_id)             # taking it back
+        await comparisons_are([])
+        await fake.react(mid, A, fake.owner_id)
+        await comparisons_are([(a, b)])
+        assert "1 comparison(s)" in await answer(fake, "stats", fake.owner_id)
+        # /compare posts a pair now, for the owner only
+        assert "only this bot's owner" in await answer(fake, "compare", fake.stranger_id)
+        assert "Posted two pictures" in await answer(fake, "compare", fake.owner_id, n=2)
+        third = fake.messages_in(fake.channel_id)[2]
+        assert set(compare_ids(third)) not in ({a, b}, set()) and ids[0] not in compare_ids(third)
+        assert store.comparison_count() == 1
+    finally:
+        await daemon.stop()
+    # The pair of a message survives a restart: a reaction taken back while down, and one given
+    # after the restart, both count.
+    await fake.unreact(mid, A, fake.owner_id, live=False)
+    daemon = await started(cfg)
+    try:
+        await comparisons_are([])
+        await fake.react(mid, B, fake.owner_id)
+        await comparisons_are([(b, a)])
+        await asyncio.sleep(0.5)
+        assert store.comparison_count() == 1
+    finally:
+        await daemon.stop()
+    assert not fake.unknown
+
+
+async def test_comparisons_are_off_by_default(tmp_path, fake):
+    cfg = discord_config(tmp_path, fake, posts_per_cycle=2)
+    seed(cfg, [{"popularity": p} for p in (3, 2, 1)])
+    daemon = await started(cfg)
+    try:
+        await messages(fake, fake.channel_id, 2)
+        await asyncio.sleep(1)
+        assert len(fake.messages_in(fake.channel_id)) == 2
+        assert open_store(cfg).execute("SELECT COUNT(*) AS n FROM compare_posts") == [{"n": 0}]
+    finally:
+        await daemon.stop()

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
 from bot.config import load_config
 from bot.web import Gallery
@@ -32,25 +31,6 @@ def web_config(tmp_path, web: str = "", ranking: str = "cold_exploration = 0.0\n
 
 
 IDENTITY = "[characters]\nimage_size = 32\nembedding_dim = 16\n"   # a small, quick identity embedder
-
-
-@pytest.fixture
-async def gallery(tmp_path):
-    """(client, cfg, sync store) for a gallery over a database the test seeds first."""
-    clients = []
-
-    async def start(cfg):
-        store = AsyncStore(cfg.db_path)
-        await store.open()
-        client = TestClient(TestServer(Gallery(cfg, store).app(), host="127.0.0.1"))
-        await client.start_server()
-        clients.append((client, store))
-        return client
-
-    yield start
-    for client, store in clients:
-        await client.close()
-        await store.close()
 
 
 def same_origin(client) -> dict:
@@ -213,7 +193,7 @@ async def test_ids_too_large_for_sqlite_are_404_on_every_route(tmp_path, gallery
     routes = [(r.method, r.resource.canonical) for r in app.router.routes()
               if r.method != "HEAD" and r.resource is not None
               and re.search(r"\{(id|label)\b", r.resource.canonical)]
-    assert len(routes) == 7, routes               # /picture, /media, /thumb, /rate, /undo, /faces/…/(un)name
+    assert len(routes) == 8, routes  # /picture, /media, /thumb, /rate, /undo, /faces/…/(un)name, /compare/undo
     for huge in ("99999999999999999999", str(2 ** 63), str(2 ** 64 + 1), "0" * 30 + "1"):
         for method, pattern in routes:
             path = re.sub(r"\{(id|label)[^}]*\}", huge, pattern)

@@ -108,9 +108,31 @@
     });
   });
 
+  // Compare page: ← picks the left picture, → the right one, ↓ or s skips, u takes the last back;
+  // each clicks its button, so the form posts as without script (once: a held key does not answer twice).
+  const compare = document.querySelector("form.compare");
+  const undoCompare = document.querySelector("form.undo-compare");
+  const compareKeys = { ArrowLeft: "button.pick.left", ArrowRight: "button.pick.right", ArrowDown: "button.skip", s: "button.skip" };
+  let answered = false;
+
+  function compareKey(e) {
+    let button = compare && compareKeys[e.key] ? compare.querySelector(compareKeys[e.key]) : null;
+    if (e.key === "u" && undoCompare) button = undoCompare.querySelector("button");
+    if (!button) return;
+    e.preventDefault();
+    if (answered) return;
+    answered = true;
+    button.classList.add("chosen");
+    button.click();
+  }
+
   document.addEventListener("keydown", (e) => {
     if (e.target.closest && e.target.closest("input, textarea, select")) return;
     if (e.altKey || e.ctrlKey || e.metaKey) return;
+    if (compare || undoCompare) {
+      compareKey(e);
+      return;
+    }
     if (e.key === "ArrowRight" || e.key === "ArrowDown" || e.key === "j") {
       focusCard(at + 1);
       e.preventDefault();
