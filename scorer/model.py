@@ -80,17 +80,21 @@ class RatingNet(nn.Module):
 
 
 def _strip_head(arch: str, net: nn.Module) -> tuple[nn.Module, int]:
-    if arch.startswith("resnet"):
-        features = net.fc.in_features
-        net.fc = nn.Identity()
-    else:  # alexnet
-        features = net.classifier[-1].in_features
-        net.classifier[-1] = nn.Identity()
-    return net, features
+    """Replace a torchvision classifier's last linear layer by an identity, so the network
+    returns its penultimate features; return it and their length."""
+    linears = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ModelError(f"{arch} has no final linear layer to take penultimate features from")
+    name, last = linears[-1]
+    parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
+    setattr(parent, name.rpartition(".")[2], nn.Identity())
+    return net, last.in_features
 
 
-def _load_backbone_weights(arch: str, net: nn.Module, pretrained: str) -> str:
-    """Load ImageNet weights into ``net`` (before its head is replaced); return a description."""
+def _load_backbone_weights(arch: str, net: nn.Module, pretrained: str, setting: str = "scorer.pretrained") -> str:
+    """Load ImageNet weights into ``net`` (before its head is replaced); return a description.
+    ``pretrained``: imagenet (torchvision's, downloaded once) or a weights file's path; ``setting``:
+    the configuration key named in the error messages."""
     if pretrained == "imagenet":
         weights = torchvision.models.get_model_weights(arch).DEFAULT
         try:
@@ -98,12 +102,12 @@ def _load_backbone_weights(arch: str, net: nn.Module, pretrained: str) -> str:
         except Exception as e:  # noqa: BLE001 - URLError, socket errors, hash errors
             raise ModelError(
                 f"cannot download ImageNet weights for {arch} ({type(e).__name__}: {e}); offline, "
-                f"download {weights.url} elsewhere and set scorer.pretrained to the file's path") from None
+                f"download {weights.url} elsewhere and set {setting} to the file's path") from None
         source = f"ImageNet weights {weights}"
     else:
         path = Path(pretrained)
         if not path.is_file():
-            raise ModelError(f"scorer.pretrained: no weights file at {pretrained!r} "
+            raise ModelError(f"{setting}: no weights file at {pretrained!r} "
                              "(expected none, imagenet, or a path to torchvision weights)")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

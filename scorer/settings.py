@@ -22,12 +22,24 @@ class ScorerConfig:
     image_size: int = 64                  # crops are resized to this square (training and untrained model)
     aggregate: Literal["max", "mean"] = "max"
     tta: bool = True                      # also score the mirrored crop; spread = uncertainty
+    # The frozen feature backbone the taste head is fitted on (scorer/backbones.py):
+    backbone: str = "efficientnet_lite0"  # efficientnet_lite0 | a torchvision model name | path to an .onnx file
+    backbone_weights: str = "imagenet"    # imagenet | none | path to a weights file (not for ONNX)
+    backbone_output: str = "penultimate"  # penultimate | output (ONNX: its first output) | an ONNX tensor name
+    backbone_preprocess: Literal["imagenet", "clip", "wd14"] = "imagenet"  # ONNX input preprocessing
+    backbone_size: int = 0                # square input size; 0 = the backbone's own (224, or the ONNX input's)
 
     def check(self):
         for key in ("batch_size", "image_size"):
             value = getattr(self, key)
             if value <= 0:
                 return key, f"expected a positive number, got {value!r}"
+        for key in ("backbone", "backbone_weights", "backbone_output"):
+            setattr(self, key, getattr(self, key).strip())
+            if not getattr(self, key):
+                return key, "expected a non-empty string"
+        if self.backbone_size < 0 or 0 < self.backbone_size < 32:
+            return "backbone_size", f"expected 0 (the backbone's own) or at least 32, got {self.backbone_size!r}"
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             return "device", f"expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}"
         return None
