@@ -28,6 +28,7 @@ class ScorerConfig:
     backbone_output: str = "penultimate"  # penultimate | output (ONNX: its first output) | an ONNX tensor name
     backbone_preprocess: Literal["imagenet", "clip", "wd14"] = "imagenet"  # ONNX input preprocessing
     backbone_size: int = 0                # square input size; 0 = the backbone's own (224, or the ONNX input's)
+    whole: bool = True                    # also the whole picture's backbone features (hair, clothes, background)
 
     def check(self):
         for key in ("batch_size", "image_size"):

@@ -79,7 +79,7 @@ def import_rated(cfg, root, n: int = 24, *, offset: int = 0) -> list[RatingRow]:
         warm = i % 2 == 0
         path = root / f"p{i}.png"
         path.write_bytes(themed(i, warm))
-        rows.append(RatingRow(path, 5 if warm else 1, i))
+        rows.append(RatingRow(f"p{i}.png", path, 5 if warm else 1, f"p{i}.png"))
     with Store.open(cfg.db_path) as store:
         report = import_labels(store, build_analyzer(store, cfg.detector, cfg.scorer, cfg.paths), rows,
                                cfg.media_path, crops=True, progress=False)
