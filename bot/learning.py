@@ -139,6 +139,7 @@ def refit_head(cfg: Config):
             return None
         try:
             return train_from_store(store, cfg.paths, cfg.scorer, cfg.train, margin=cfg.detector.margin,
-                                    max_pixels=cfg.download.max_pixels, icfg=cfg.characters, progress=False)
+                                    max_pixels=cfg.download.max_pixels, icfg=cfg.characters, progress=False,
+                                    keep=False)
         finally:
             lock.__exit__(None, None, None)

@@ -401,13 +401,15 @@ def describe_backbone(backbone) -> dict | None:
 def train_from_store(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainConfig, *, margin: float,
                      max_pixels: int, epochs: int | None = None, promote: bool = True,
                      progress: bool | None = None, icfg: IdentityConfig | None = None,
-                     full: bool = False) -> TrainOutcome:
+                     full: bool = False, keep: bool = True) -> TrainOutcome:
     """Fit the taste head on all labels (and with ``full``, the network first), compare with the
     active model on the validation pictures, register, promote if better.
 
     Without ``full`` the new model keeps the active model's network and only the head is fitted,
     from cached features: seconds, not minutes; its file names the network's file instead of
-    copying it, and it is written and registered only when promoted. ``margin`` is the crop
+    copying it. A model that is not promoted is registered all the same (``models use`` can
+    switch to it), unless ``keep`` is false (the daemon's automatic refits: only promoted heads
+    are written). ``margin`` is the crop
     margin (``detector.margin``), ``max_pixels`` the decoding guard (``download.max_pixels``),
     ``icfg`` the ``[characters]`` settings (the identity embedder's device and batch size)."""
     from scorer.registry import configured_backbone, ensure_active_model, load_scorer
@@ -485,7 +487,7 @@ def train_from_store(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainCon
               "warm_start": warm, "val_share": tcfg.val_share, "format": FORMAT, "kind": "full" if full else "head",
               "network_version": scorer.network_version, "head": head, "identity": head.get("identity"),
               "val_network": network}
-    if full or promoted:
+    if full or promoted or keep:
         path = paths.models / f"{version}.pt"
         if full:
             save_model(scorer.net, path, arch=scorer.arch, image_size=scorer.image_size, version=version,

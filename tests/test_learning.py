@@ -42,7 +42,9 @@ patience = 25
 
 
 def train(cfg, store, **kwargs):
-    """``train_from_store`` with the settings of ``cfg``, as ``main.py train`` calls it."""
+    """``train_from_store`` with the settings of ``cfg``, as ``main.py train --full`` calls it
+    (the network too; tests/test_taste.py covers the head alone)."""
+    kwargs.setdefault("full", True)
     return train_from_store(store, cfg.paths, cfg.scorer, cfg.train, margin=cfg.detector.margin,
                             max_pixels=cfg.download.max_pixels, **kwargs)
 
@@ -285,7 +287,7 @@ def test_killed_training_leaves_the_active_model_and_labels(rated_crops, tmp_pat
     labels = before.execute("SELECT * FROM labels ORDER BY id")
     models = before.list_models()
     before.close()
-    proc = subprocess.Popen([sys.executable, str(MAIN), "train"], cwd=tmp_path, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, str(MAIN), "train", "--full"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     seen = []
     deadline = time.monotonic() + 120

@@ -162,10 +162,12 @@ def test_head_learns_in_seconds_rescores_from_cache_and_is_promoted_only_when_be
         with store.db.conn:
             for (lid,), v in zip(store.db.execute("SELECT id FROM labels ORDER BY id").fetchall(), values):
                 store.db.execute("UPDATE labels SET value = ? WHERE id = ?", [v, lid])
-        worse = train(cfg, store)
+        worse = train(cfg, store, keep=False)               # as the daemon refits
         assert not worse.promoted and "kept, not used" in worse.reason
         assert store.active_model()["version"] == out.version
-        assert set(cfg.models_path.iterdir()) == files
+        assert set(cfg.models_path.iterdir()) == files and store.get_model(worse.version) is None
+        by_hand = train(cfg, store)                         # `main.py train`: registered, not used
+        assert not by_hand.promoted and store.get_model(by_hand.version)["active"] == 0
 
 
 async def _post_rating(session, base, image_id, value):
