@@ -17,6 +17,15 @@ reports the taste model twice on the same network: the network alone, and blende
 identity head (``scorer/identity_head.py``) fitted on the same training faces, its blend weight
 chosen on the same validation share, as ``main.py train`` does.
 
+With ``--features FILE.npz`` it benchmarks the taste head (``scorer/head.py``) instead, on
+cached features: the file holds ``ratings`` (n,), ``split`` ("train"/"test") and one (n, d) array
+per feature block present (``backbone``, ``identity``, ``colour``, ``whole``). Sizes default to
+25,50,100,200,400,all with 3 seeds; ``--unlabelled`` lets the head see every other row of the file
+(unrated faces) for standardisation, or also for the backbone's principal components (``pca``).
+
+    OMP_NUM_THREADS=1 python bench/learning.py --features feats.npz --out head.json
+    python bench/learning.py --features feats.npz --blocks backbone,colour --unlabelled pca
+
 Figures are recorded in bench/RESULTS.md with the machine they ran on.
 """
 from __future__ import annotations
@@ -25,6 +34,7 @@ import argparse
 import csv
 import hashlib
 import json
+import os
 import platform
 import sys
 import time
@@ -36,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from scipy import stats  # noqa: E402
 
 from scorer.dataset import split_of  # noqa: E402
 from scorer.evaluate import format_metrics, metrics  # noqa: E402
@@ -120,22 +131,90 @@ def run(train_rows, test_arrays, test_y, tcfg: TrainConfig, scfg: ScorerConfig, 
     return m
 
 
+def head_run(feats, blocks: list[str], rows: np.ndarray, unlabelled: str, seed: int) -> dict:
+    """Fit the taste head on training ``rows`` of the feature file and measure it on its test rows."""
+    from scorer.head import fit_head
+
+    test = feats["split"] == "test"
+    y = feats["ratings"].astype(float)
+    extra = {}
+    if unlabelled != "none":  # every row the owner did not rate in this run
+        others = np.setdiff1d(np.arange(len(y)), rows)
+        extra = {"unlabelled": {b: feats[b][others] for b in blocks}, "pca": unlabelled == "pca"}
+    started = time.monotonic()
+    head = fit_head({b: feats[b][rows] for b in blocks}, y[rows], seed=seed, **extra)
+    seconds = time.monotonic() - started
+    pred, unc = head.predict({b: feats[b][test] for b in blocks})
+    m = metrics(pred, y[test])
+    err = np.abs(pred - y[test])
+    m.update(labels=len(rows), seed=seed, fit_seconds=round(seconds, 3),
+             uncertainty_error_spearman=round(float(stats.spearmanr(unc, err)[0]), 3),
+             head=head.describe())
+    return m
+
+
+def head_benchmark(args) -> int:
+    """The taste head's learning curve on cached features (``--features``)."""
+    feats = np.load(args.features)
+    present = [b for b in ("backbone", "identity", "colour", "whole") if b in feats.files]
+    blocks = args.blocks.split(",") if args.blocks else present
+    train = np.flatnonzero(feats["split"] == "train")
+    print(f"{len(train)} training and {int((feats['split'] == 'test').sum())} test rows; blocks "
+          f"{', '.join(blocks)} ({', '.join(str(feats[b].shape[1]) for b in blocks)} dims); unlabelled: "
+          f"{args.unlabelled}; {platform.processor() or platform.machine()}", flush=True)
+    results, curve = [], []
+    for size in (args.sizes or "25,50,100,200,400,all").split(","):
+        n = len(train) if size == "all" else int(size)
+        runs = []
+        for seed in range((args.seeds or 3) if n < len(train) else 1):
+            rows = train if n >= len(train) else np.sort(np.random.default_rng(seed).permutation(train)[:n])
+            runs.append(head_run(feats, blocks, rows, args.unlabelled, seed))
+        results += runs
+        row = {k: round(float(np.mean([r[k] for r in runs])), 4)
+               for k in ("pearson", "spearman", "mae", "rmse", "topk_precision", "fit_seconds",
+                         "uncertainty_error_spearman")}
+        row.update(labels=n, seeds=len(runs), pearson_by_seed=[r["pearson"] for r in runs])
+        curve.append(row)
+        print(f"{n:4d} labels: Pearson {row['pearson']:.3f} {row['pearson_by_seed']}  Spearman "
+              f"{row['spearman']:.3f}  MAE {row['mae']:.3f}  top-10% {row['topk_precision']:.3f}  fit "
+              f"{row['fit_seconds']:.2f}s  unc~err {row['uncertainty_error_spearman']:.2f}  | "
+              f"{runs[-1]['head']}", flush=True)
+    everything = np.arange(len(feats["ratings"]))  # refit time on every rated row of the file
+    timing = head_run(feats, blocks, everything, args.unlabelled, 0)["fit_seconds"]
+    per_1000 = round(timing / len(everything) * 1000, 2)
+    print(f"refit on all {len(everything)} rows: {timing:.2f}s, {per_1000}s per 1,000 labels", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "features": str(args.features), "blocks": blocks, "unlabelled": args.unlabelled,
+            "machine": f"{platform.processor() or platform.machine()}, OMP_NUM_THREADS="
+                       f"{os.environ.get('OMP_NUM_THREADS', 'unset')}",
+            "curve": curve, "refit_seconds_per_1000_labels": per_1000, "runs": results}, indent=1, default=str))
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
-    p.add_argument("--sizes", default="50,100,200,400,all", help="numbers of training labels")
+    p.add_argument("--sizes", help="numbers of training labels (default: 50,100,200,400,all; with "
+                   "--features 25,50,100,200,400,all)")
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--image-size", type=int, help="override scorer.image_size")
     p.add_argument("--arch", help="override scorer.arch")
-    p.add_argument("--seeds", type=int, default=1, help="repeat each size with this many seeds")
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--seeds", type=int, help="repeat each size with this many seeds (default 1; with --features 3)")
+    p.add_argument("--json", "--out", help="write the results here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a [train] key, e.g. --set mixup=0")
     p.add_argument("--data", help="the animeface-10 folder (default: ../shared/data/animeface-10)")
     p.add_argument("--identity", action="store_true",
                    help="also measure each run with the identity head (trains an identity embedder first)")
     p.add_argument("--identity-epochs", type=int, help="override characters.epochs for that embedder")
+    p.add_argument("--features", help="benchmark the taste head on these cached features (.npz) instead")
+    p.add_argument("--blocks", help="with --features: the feature blocks to use (default: all in the file)")
+    p.add_argument("--unlabelled", choices=("none", "standardise", "pca"), default="none",
+                   help="with --features: let the head see the rows it is not trained on, unrated")
     args = p.parse_args()
+    if args.features:
+        return head_benchmark(args)
     if args.data:
         global DATA
         DATA = Path(args.data)
@@ -173,9 +252,9 @@ def main() -> int:
 
         identity = (embedder, features, features(test_x))
     results = []
-    for size in args.sizes.split(","):
+    for size in (args.sizes or "50,100,200,400,all").split(","):
         n = len(train_rows) if size == "all" else int(size)
-        for seed in range(args.seeds):
+        for seed in range(args.seeds or 1):
             tcfg.seed = seed
             m = run(subset(train_rows, n, seed), test_x, test_y, tcfg, scfg, device, identity)
             m["seed"] = seed
