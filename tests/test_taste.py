@@ -18,6 +18,7 @@ from bot.daemon import Daemon
 from scorer import features as features_module
 from scorer import rescore as rescore_module
 from scorer.analyze import build_analyzer
+from scorer.dataset import split_of
 from scorer.import_labels import RatingRow, import_labels
 from scorer.registry import load_scorer
 from scorer.train import train_from_store
@@ -155,13 +156,16 @@ def test_head_learns_in_seconds_rescores_from_cache_and_is_promoted_only_when_be
         assert min(warm) > max(cool)
         monkeypatch.undo()
 
-        # Labels shuffled: the refitted head is worse on validation, so it is neither used nor written.
+        # The training pictures' ratings turned upside down (the validation ones kept): the refitted
+        # head is worse on validation, so the daemon's refit is neither used nor written.
         files = set(cfg.models_path.iterdir())
-        values = [r["value"] for r in store.execute("SELECT value FROM labels ORDER BY id")]
-        random.Random(1).shuffle(values)
+        rows = store.execute("SELECT labels.id, labels.value, images.sha256 FROM labels "
+                             "JOIN images ON images.id = labels.image_id")
+        flipped = [r for r in rows if split_of(r["sha256"], cfg.train.val_share) == "train"]
+        assert flipped and len(flipped) < len(rows)
         with store.db.conn:
-            for (lid,), v in zip(store.db.execute("SELECT id FROM labels ORDER BY id").fetchall(), values):
-                store.db.execute("UPDATE labels SET value = ? WHERE id = ?", [v, lid])
+            for r in flipped:
+                store.db.execute("UPDATE labels SET value = ? WHERE id = ?", [6 - r["value"], r["id"]])
         worse = train(cfg, store, keep=False)               # as the daemon refits
         assert not worse.promoted and "kept, not used" in worse.reason
         assert store.active_model()["version"] == out.version
