@@ -69,6 +69,7 @@ class TrainConfig:
     refit: bool = True                    # daemon: refit the taste head after new labels (seconds, in-process)
     refit_after: int = 5                  # ... once this many new labels or comparisons arrived
     refit_delay: float = 30.0             # ... or this many seconds after the newest one
+    refit_tolerance: float = 0.01         # a refitted head is used unless its validation Pearson is lower by more
     seed: int = 0
 
     def check(self):
@@ -77,7 +78,7 @@ class TrainConfig:
             if value <= 0:
                 return key, f"expected a positive number, got {value!r}"
         for key in ("min_labels", "weight_decay", "mixup", "rotation", "color_jitter", "freeze_epochs",
-                    "promote_margin", "after_new_labels", "refit_delay"):
+                    "promote_margin", "after_new_labels", "refit_delay", "refit_tolerance"):
             value = getattr(self, key)
             if value < 0:
                 return key, f"expected 0 or more, got {value!r}"

@@ -469,16 +469,22 @@ def train_from_store(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainCon
     if current is not None and _is_trained(active):
         baseline = metrics(*feature_predictions(current, store, ex_val, paths, margin=margin, max_pixels=max_pixels,
                                                 how=how, progress=progress))
-    wins = better(new, baseline, tcfg.promote_margin)
+    # A full run must beat the active model; a head refit (the same network, every label so far)
+    # must not be worse than it by more than train.refit_tolerance, so one more label takes
+    # effect even when it leaves the validation pictures' Pearson where it was.
+    margin = tcfg.promote_margin if full else -tcfg.refit_tolerance
+    wins = better(new, baseline, margin)
     promoted = promote and wins
     if not promote:
         reason = "not promoted (--no-promote)"
     elif wins:
         reason = "promoted: " + ("first trained model" if baseline is None else
-                                 f"validation Pearson {new['pearson']} beats {baseline['pearson']} of {active['version']}")
+                                 f"validation Pearson {new['pearson']} against {baseline['pearson']} of "
+                                 f"{active['version']}")
     else:
-        reason = (f"kept, not used: validation Pearson {new['pearson']} does not beat "
-                  f"{None if baseline is None else baseline['pearson']} of {active['version']}")
+        reason = (f"kept, not used: validation Pearson {new['pearson']} does not "
+                  + ("beat " if full else f"come within {tcfg.refit_tolerance} of ")
+                  + f"{None if baseline is None else baseline['pearson']} of {active['version']}")
     seconds = time.monotonic() - started
     record = {"val": new, "baseline": baseline, "baseline_version": active["version"] if baseline else None,
               "history": history, "best_epoch": best_epoch, "image_size": scorer.image_size,

@@ -66,6 +66,7 @@ timeout = 5
 [scorer]
 image_size = 64
 batch_size = 8
+backbone_size = 64
 [daemon]
 stop_timeout = 5
 backoff_max = 60

@@ -222,7 +222,7 @@ def test_characters_config_section(tmp_path):
 
 
 # ---- the command line --------------------------------------------------------------------------
-FAST = "[scorer]\nimage_size = 32\nbatch_size = 8\n[characters]\nimage_size = 32\nembedding_dim = 32\n"
+FAST = "[scorer]\nimage_size = 32\nbatch_size = 8\nbackbone_size = 64\n[characters]\nimage_size = 32\nembedding_dim = 32\n"
 
 
 def _folder(root, name: str, seeds) -> None:

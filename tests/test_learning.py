@@ -31,6 +31,7 @@ def learn_config(root, extra: str = ""):
 [scorer]
 image_size = 32
 batch_size = 64
+backbone_size = 64
 device = "cpu"
 [train]
 min_labels = 20
