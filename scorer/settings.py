@@ -27,7 +27,7 @@ class ScorerConfig:
     backbone_weights: str = "imagenet"    # imagenet | none | path to a weights file (not for ONNX)
     backbone_output: str = "penultimate"  # penultimate | output (ONNX: its first output) | an ONNX tensor name
     backbone_preprocess: Literal["imagenet", "clip", "wd14"] = "imagenet"  # ONNX input preprocessing
-    backbone_size: int = 0                # square input size; 0 = the backbone's own (224, or the ONNX input's)
+    backbone_size: int = 0                # square input size; 0 = the backbone's own (160 Lite0, 224, or the ONNX input's)
     whole: bool = True                    # also the whole picture's backbone features (hair, clothes, background)
 
     def check(self):

