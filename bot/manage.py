@@ -189,6 +189,9 @@ def stats(store, channel: str | None = None) -> dict:
         "model": model.get("version"),
         "model_trained": bool(metrics),
         "val": metrics.get("val") or {},
+        "head": metrics.get("head") or {},
+        "model_kind": metrics.get("kind"),
+        "network": metrics.get("network_version"),
         "queues": {"to download": counts.get("pending", 0), "to score": counts.get("downloaded", 0),
                    "scored": counts.get("scored", 0), "failed": counts.get("failed", 0)},
         "sources": {"total": len(sources), "unhealthy": sorted(r["name"] for r in sources if not r["healthy"])},
@@ -236,7 +239,9 @@ def format_stats(s: dict) -> list[str]:
     q = s["queues"]
     lines = [f"labels: {s['labelled_pictures']} picture(s) rated ({s['label_rows']} label(s)), "
              f"{s.get('comparisons', 0)} comparison(s)",
-             f"model: {s['model'] or 'none'} — {quality}",
+             f"model: {s['model'] or 'none'} — {quality}"
+             + (f"; taste head on {'+'.join(s['head'].get('blocks', []))} (blend {s['head'].get('blend')})"
+                if s.get("head", {}).get("used") else ""),
              "queues: " + ", ".join(f"{k} {v}" for k, v in q.items())]
     if "characters" in s:
         lines.append(format_characters(s["characters"]))

@@ -97,7 +97,8 @@ def model_data(store, cfg: Config) -> dict:
     for r in reversed(store.list_models()):
         m = json.loads(r["metrics"]) if r["metrics"] else {}
         plots = sorted(p.name for p in (cfg.eval_path / r["version"]).glob("*.png"))
-        models.append(dict(r, val=m.get("val") or {}, trained=bool(m), plots=plots))
+        models.append(dict(r, val=m.get("val") or {}, trained=bool(m), plots=plots, head=m.get("head") or {},
+                           kind=m.get("kind"), network=m.get("network_version")))
     active = next((m for m in models if m["active"]), None)
     return {"models": models, "active": active, "labels": store.label_count(),
             "comparisons": store.comparison_count(), **identity_data(store, cfg)}

@@ -193,7 +193,7 @@ def test_training_learns_taste_and_reuses_cached_crops(rated_crops, tmp_path, mo
     assert len(out.history) > 1
     assert out.promoted and store.active_model()["version"] == out.version
     assert out.metrics["pearson"] > 0.4, out.metrics
-    assert out.baseline_version == "resnet18-random-init"
+    assert out.baseline_version is None and "first trained model" in out.reason  # untrained: no baseline
 
     decodes.clear()
     cfg.train.warm_start = False
@@ -218,9 +218,12 @@ def test_promotion_only_on_improvement_rollback_eval_and_rescore(rated_crops, tm
     with store.db.conn:
         store.db.execute("INSERT INTO posts (image_id, channel, status, created_at) VALUES (?, 'web', 'sent', '')",
                          [posted])
-    # A much shorter run from scratch is worse: registered, but not used.
+    # A short run from scratch on the training pictures' ratings turned upside down (the
+    # validation ones kept) is worse: registered, but not used.
     cfg.train.warm_start, cfg.train.epochs = False, 1
+    flip_training_ratings(store, cfg)
     worse = train(cfg, store, progress=False)
+    flip_training_ratings(store, cfg)
     assert not worse.promoted and "kept, not used" in worse.reason
     assert store.active_model()["version"] == good.version
     versions = {r["version"]: r for r in store.list_models()}
@@ -249,6 +252,15 @@ def test_promotion_only_on_improvement_rollback_eval_and_rescore(rated_crops, tm
     assert versions[posted] == "resnet18-random-init"
     assert {v for i, v in versions.items() if i != posted} == {good.version}
     assert rescore_now(cfg, scorer) == 0
+
+
+def flip_training_ratings(store, cfg) -> None:
+    """Rating r becomes 6 - r on the training side of the split (twice: as before)."""
+    with store.db.conn:
+        for r in store.execute("SELECT labels.id, labels.value, images.sha256 FROM labels "
+                               "JOIN images ON images.id = labels.image_id"):
+            if split_of(r["sha256"], cfg.train.val_share) == "train":
+                store.db.execute("UPDATE labels SET value = ? WHERE id = ?", [6 - r["value"], r["id"]])
 
 
 def rescore_now(cfg, scorer) -> int:
@@ -353,6 +365,7 @@ async def test_daemon_retrains_on_schedule_and_after_new_labels(rated_crops, tmp
     shutil.copytree(rated_crops / "data", tmp_path / "data")
     cfg = learn_config(tmp_path, f'''schedule = "0 4 * * *"
 after_new_labels = 2
+refit = false
 [[sources]]
 name = "inbox"
 kind = "folder"
