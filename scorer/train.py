@@ -285,23 +285,27 @@ def choose_blend(network: np.ndarray, head: np.ndarray, ratings: np.ndarray, ble
     return float(blends[int(best[-1])])
 
 
-def comparison_rows(store, train_images: set[int]) -> list[tuple[int, int]]:
-    """The owner's comparisons between training pictures, as (winner face id, loser face id):
-    each picture stands for itself by its best-scored face."""
+def comparison_rows(store, val_share: float) -> list[tuple[int, int]]:
+    """The owner's comparisons, as (winner face id, loser face id), leaving out any that involves
+    a validation picture (which must stay unseen); each picture stands for itself by its
+    best-scored face."""
+    from scorer.dataset import split_of
+
     best: dict[int, int | None] = {}
 
     def face(image_id: int) -> int | None:
         if image_id not in best:
-            faces = store.faces_of(image_id)
-            best[image_id] = max(faces, key=lambda f: f["score"] or 0)["id"] if faces else None
+            row = store.get_image(image_id)
+            faces = store.faces_of(image_id) if row and row.get("sha256") else []
+            usable = faces and split_of(row["sha256"], val_share) == "train"
+            best[image_id] = max(faces, key=lambda f: f["score"] or 0)["id"] if usable else None
         return best[image_id]
 
     out = []
     for c in store.comparisons():
-        if c["winner_id"] in train_images and c["loser_id"] in train_images:
-            w, lo = face(c["winner_id"]), face(c["loser_id"])
-            if w is not None and lo is not None:
-                out.append((w, lo))
+        w, lo = face(c["winner_id"]), face(c["loser_id"])
+        if w is not None and lo is not None:
+            out.append((w, lo))
     return out
 
 
@@ -353,7 +357,7 @@ def fit_taste_head(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainConfi
     ratings = [e.rating for e in tr]
     index = {e.face_id: i for i, e in enumerate(tr)}
     pairs = []
-    for w, lo in comparison_rows(store, {e.image_id for e in tr}):
+    for w, lo in comparison_rows(store, tcfg.val_share):
         for fid in (w, lo):
             if fid not in index:
                 got = ensure_features(store, extractor, [store_face(store, fid)], paths.media, margin=margin,

@@ -242,3 +242,34 @@ def test_kill_during_refits_loses_nothing_and_leaves_a_usable_active_model(tmp_p
     finished = subprocess.run([sys.executable, str(MAIN), "train"], cwd=tmp_path, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr
     assert not list(cfg.models_path.glob("*.tmp")) and not list(cfg.models_path.glob(".*.tmp"))  # litter cleared
+
+
+def test_comparisons_import_and_train_the_head(tmp_path):
+    from tests.helpers import cli
+
+    cfg = taste_config(tmp_path)
+    import_rated(cfg, tmp_path, 12)
+    # 16 more pictures, never rated: the owner only said which of two they prefer (warm wins).
+    lines = ["winner,loser"]
+    for i in range(50, 66, 2):
+        (tmp_path / f"c{i}.png").write_bytes(themed(i, True))
+        (tmp_path / f"c{i + 1}.png").write_bytes(themed(i + 1, False))
+        lines.append(f"c{i}.png,c{i + 1}.png")
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    out = cli(tmp_path, "import-labels", "pairs.csv", "--crops")
+    assert out.returncode == 0, out.stdout + out.stderr
+    with Store.open(cfg.db_path) as store:
+        pairs = store.comparisons()
+        assert len(pairs) == 8
+        sha = {r["id"]: r["sha256"] for r in store.execute("SELECT id, sha256 FROM images")}
+        on_train = [p for p in pairs if split_of(sha[p["winner_id"]], cfg.train.val_share) == "train"
+                    and split_of(sha[p["loser_id"]], cfg.train.val_share) == "train"]
+        result = train(cfg, store)
+        assert result.head["used"] and result.head["pairs"] == len(on_train) > 0
+        scorer = load_scorer(store.get_model(result.version), cfg.scorer, cfg.models_path)
+        faces = {f["image_id"]: f for f in store.execute("SELECT faces.*, images.media_path FROM faces "
+                                                         "JOIN images ON images.id = faces.image_id")}
+        vectors = features_module.ensure_features(store, scorer.extractor, list(faces.values()), cfg.media_path,
+                                                  margin=cfg.detector.margin)
+        scores = dict(zip(faces, scorer.predict_features([vectors[f["id"]] for f in faces.values()])[0]))
+        assert all(scores[p["winner_id"]] > scores[p["loser_id"]] for p in pairs)
