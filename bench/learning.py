@@ -20,11 +20,11 @@ chosen on the same validation share, as ``main.py train`` does.
 With ``--features FILE.npz`` it benchmarks the taste head (``scorer/head.py``) instead, on
 cached features: the file holds ``ratings`` (n,), ``split`` ("train"/"test") and one (n, d) array
 per feature block present (``backbone``, ``identity``, ``colour``, ``whole``). Sizes default to
-25,50,100,200,400,all with 3 seeds; ``--unlabelled`` lets the head see every other row of the file
-(unrated faces) for standardisation, or also for the backbone's principal components (``pca``).
+25,50,100,200,400,all with 3 seeds. ``--pairs K`` adds K comparisons per run among training rows
+not rated in that run, simulated from their ratings (the higher-rated picture wins; ties skipped).
 
     OMP_NUM_THREADS=1 python bench/learning.py --features feats.npz --out head.json
-    python bench/learning.py --features feats.npz --blocks backbone,colour --unlabelled pca
+    python bench/learning.py --features feats.npz --blocks backbone,colour
 
 Figures are recorded in bench/RESULTS.md with the machine they ran on.
 """
@@ -131,18 +131,33 @@ def run(train_rows, test_arrays, test_y, tcfg: TrainConfig, scfg: ScorerConfig, 
     return m
 
 
-def head_run(feats, blocks: list[str], rows: np.ndarray, unlabelled: str, seed: int) -> dict:
-    """Fit the taste head on training ``rows`` of the feature file and measure it on its test rows."""
+def simulated_pairs(feats, rows: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` followed by other training rows, and ``k`` comparisons among those others (never
+    rated in this run): the owner prefers the picture they rated higher; ties are not asked."""
+    rng = np.random.default_rng(1000 + seed)
+    others = np.setdiff1d(np.flatnonzero(feats["split"] == "train"), rows)
+    a, b = rng.choice(others, (2, 4 * k))
+    y = feats["ratings"]
+    a, b = a[y[a] != y[b]][:k], b[y[a] != y[b]][:k]
+    used = np.unique(np.concatenate([a, b]))
+    order = np.concatenate([rows, used])
+    index = {r: i for i, r in enumerate(order)}
+    win = np.where(y[a] > y[b], a, b)
+    lose = np.where(y[a] > y[b], b, a)
+    return order, np.array([(index[w], index[lo]) for w, lo in zip(win, lose)]).reshape(-1, 2)
+
+
+def head_run(feats, blocks: list[str], rows: np.ndarray, seed: int, pairs: int = 0) -> dict:
+    """Fit the taste head on training ``rows`` of the feature file (and ``pairs`` simulated
+    comparisons among other training rows) and measure it on its test rows."""
     from scorer.head import fit_head
 
     test = feats["split"] == "test"
     y = feats["ratings"].astype(float)
-    extra = {}
-    if unlabelled != "none":  # every row the owner did not rate in this run
-        others = np.setdiff1d(np.arange(len(y)), rows)
-        extra = {"unlabelled": {b: feats[b][others] for b in blocks}, "pca": unlabelled == "pca"}
+    order, compared = simulated_pairs(feats, rows, pairs, seed) if pairs else (rows, None)
+    ratings = np.where(np.isin(order, rows), y[order], np.nan)
     started = time.monotonic()
-    head = fit_head({b: feats[b][rows] for b in blocks}, y[rows], seed=seed, **extra)
+    head = fit_head({b: feats[b][order] for b in blocks}, ratings, pairs=compared, seed=seed)
     seconds = time.monotonic() - started
     pred, unc = head.predict({b: feats[b][test] for b in blocks})
     m = metrics(pred, y[test])
@@ -160,15 +175,15 @@ def head_benchmark(args) -> int:
     blocks = args.blocks.split(",") if args.blocks else present
     train = np.flatnonzero(feats["split"] == "train")
     print(f"{len(train)} training and {int((feats['split'] == 'test').sum())} test rows; blocks "
-          f"{', '.join(blocks)} ({', '.join(str(feats[b].shape[1]) for b in blocks)} dims); unlabelled: "
-          f"{args.unlabelled}; {platform.processor() or platform.machine()}", flush=True)
+          f"{', '.join(blocks)} ({', '.join(str(feats[b].shape[1]) for b in blocks)} dims); "
+          f"{platform.processor() or platform.machine()}", flush=True)
     results, curve = [], []
     for size in (args.sizes or "25,50,100,200,400,all").split(","):
         n = len(train) if size == "all" else int(size)
         runs = []
         for seed in range((args.seeds or 3) if n < len(train) else 1):
             rows = train if n >= len(train) else np.sort(np.random.default_rng(seed).permutation(train)[:n])
-            runs.append(head_run(feats, blocks, rows, args.unlabelled, seed))
+            runs.append(head_run(feats, blocks, rows, seed, args.pairs))
         results += runs
         row = {k: round(float(np.mean([r[k] for r in runs])), 4)
                for k in ("pearson", "spearman", "mae", "rmse", "topk_precision", "fit_seconds",
@@ -180,12 +195,12 @@ def head_benchmark(args) -> int:
               f"{row['fit_seconds']:.2f}s  unc~err {row['uncertainty_error_spearman']:.2f}  | "
               f"{runs[-1]['head']}", flush=True)
     everything = np.arange(len(feats["ratings"]))  # refit time on every rated row of the file
-    timing = head_run(feats, blocks, everything, args.unlabelled, 0)["fit_seconds"]
+    timing = head_run(feats, blocks, everything, 0)["fit_seconds"]
     per_1000 = round(timing / len(everything) * 1000, 2)
     print(f"refit on all {len(everything)} rows: {timing:.2f}s, {per_1000}s per 1,000 labels", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "features": str(args.features), "blocks": blocks, "unlabelled": args.unlabelled,
+            "features": str(args.features), "blocks": blocks, "pairs": args.pairs,
             "machine": f"{platform.processor() or platform.machine()}, OMP_NUM_THREADS="
                        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}",
             "curve": curve, "refit_seconds_per_1000_labels": per_1000, "runs": results}, indent=1, default=str))
@@ -210,8 +225,9 @@ def main() -> int:
     p.add_argument("--identity-epochs", type=int, help="override characters.epochs for that embedder")
     p.add_argument("--features", help="benchmark the taste head on these cached features (.npz) instead")
     p.add_argument("--blocks", help="with --features: the feature blocks to use (default: all in the file)")
-    p.add_argument("--unlabelled", choices=("none", "standardise", "pca"), default="none",
-                   help="with --features: let the head see the rows it is not trained on, unrated")
+    p.add_argument("--pairs", type=int, default=0,
+                   help="with --features: also this many comparisons among unrated training rows (simulated "
+                        "from their ratings)")
     args = p.parse_args()
     if args.features:
         return head_benchmark(args)

@@ -25,9 +25,10 @@ too. Then:
   ridge, comparisons entering through their curvature): ``sigma^2 (1 + (k(x,x) - q(x)) / lam)``,
   ``sigma^2`` the leave-one-out error, ``q(x) = k_x' (K + lam W^-1)^-1 k_x`` kept as a low-rank
   factor. A face like a rated one gets about ``sigma``; one unlike all of them more.
-- **Unlabelled rows.** ``unlabelled`` blocks (faces nobody rated) take part in each block's
-  standardisation; with ``pca`` the backbone blocks are also projected on their first principal
-  components fitted on all rows (see bench/RESULTS.md for whether that helps).
+
+Unlabelled faces are not used: standardising on them, projecting the backbone on principal
+components fitted on them, Laplacian regularisation over them and pseudo-labels from confident
+predictions were measured on animeface-10 and none helped (bench/RESULTS.md, *Taste head*).
 
 The examples' features are stored as float16 (the head keeps its examples, as kernel methods do);
 ``to_state`` gives tensors and plain values for ``torch.load(weights_only=True)``.
@@ -37,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import sparse
 from scipy.linalg import cho_factor, cho_solve
 
 BLOCKS = ("backbone", "identity", "colour", "whole")
@@ -47,27 +49,22 @@ DEFAULT_LAM = 1.0                      # with few rows: predictions stay near th
 STEPS = ((0.0, 1 / 3, 3.0), (0.5, 2.0))  # coordinate search: a block's weight times these
 PAIR_WEIGHT = 1.0                      # a comparison's weight next to a rating's squared error
 PAIR_SCALE = 2.0                       # a score gap of one rating point = 88% chance to be preferred
+NEWTON_STEPS = 20                      # at most; it usually stops after 4-8
 RANK = 128                             # rank of the stored predictive-variance factor
 CAL_FOLDS = 5
-PCA_BLOCKS = ("backbone", "whole")
-PCA_DIMS = 64
 
 
 @dataclass
 class Block:
-    """How one feature block becomes part of the kernel's input: ``((x - mean) * scale) @
-    components`` (``components`` empty: no projection), times ``sqrt(weight)``."""
+    """How one feature block becomes part of the kernel's input: ``(x - mean) * scale``, times
+    ``sqrt(weight)``."""
     name: str
     mean: np.ndarray
     scale: np.ndarray
-    components: np.ndarray
     weight: float = 1.0
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        z = (np.asarray(x, np.float32) - self.mean) * self.scale
-        if self.components.size:
-            z = z @ self.components
-        return z * np.float32(np.sqrt(self.weight))
+        return (np.asarray(x, np.float32) - self.mean) * (self.scale * np.float32(np.sqrt(self.weight)))
 
 
 @dataclass
@@ -124,8 +121,7 @@ class TasteHead:
             return torch.from_numpy(np.ascontiguousarray(a, dtype))
 
         return {"kind": self.kind, "mean": float(self.mean), "lam": float(self.lam), "noise": float(self.noise),
-                "blocks": [{"name": b.name, "mean": t(b.mean), "scale": t(b.scale),
-                            "components": t(b.components, np.float16), "weight": float(b.weight)}
+                "blocks": [{"name": b.name, "mean": t(b.mean), "scale": t(b.scale), "weight": float(b.weight)}
                            for b in self.blocks],
                 "examples": t(self.examples, np.float16), "alpha": t(self.alpha),
                 "var_factor": t(self.var_factor, np.float16), "calibration": t(self.calibration),
@@ -136,7 +132,7 @@ class TasteHead:
         def a(x):
             return x.numpy().astype(np.float32)
 
-        blocks = [Block(b["name"], a(b["mean"]), a(b["scale"]), a(b["components"]), float(b["weight"]))
+        blocks = [Block(b["name"], a(b["mean"]), a(b["scale"]), float(b["weight"]))
                   for b in state["blocks"]]
         return cls(blocks, state["kind"], a(state["examples"]), a(state["alpha"]), float(state["mean"]),
                    float(state["lam"]), float(state["noise"]), a(state["var_factor"]), a(state["calibration"]),
@@ -169,23 +165,13 @@ def _kernel(a: np.ndarray, b: np.ndarray, kind: str) -> np.ndarray:
     return np.exp(-_sq_dists(a, b)) if kind == "kernel" else a @ b.T
 
 
-def _block(name: str, x: np.ndarray, reference: np.ndarray, pca: bool) -> Block:
-    """Standardisation (and, with ``pca``, projection on the first ``PCA_DIMS`` principal
-    components) estimated on ``reference`` rows; one row's squared distance to
-    another averages about 2 whatever the block's width."""
-    mean = reference.mean(0)
-    std = reference.std(0)
-    scale = np.where(std > 1e-6, 1.0 / np.maximum(std, 1e-6), 0.0)
-    components = np.zeros((0, 0), np.float32)
-    if pca and name in PCA_BLOCKS and len(reference) > PCA_DIMS:
-        z = (reference - mean) * scale
-        _, s, vt = np.linalg.svd(z, full_matrices=False)
-        k = min(PCA_DIMS, int((s > 1e-6 * s[0]).sum()))
-        power = (s[:k] ** 2).sum() / len(z)       # mean squared norm of the projected rows
-        components = _half(vt[:k].T / np.sqrt(power))
-    else:
-        scale = scale / np.sqrt(max(int((std > 1e-6).sum()), 1))
-    return Block(name, mean.astype(np.float32), scale.astype(np.float32), components)
+def _block(name: str, x: np.ndarray) -> Block:
+    """Each dimension standardised on the training rows, then all of them scaled so that one
+    row's squared distance to another averages about 2 whatever the block's width."""
+    std = x.std(0)
+    width = max(int((std > 1e-6).sum()), 1)
+    scale = np.where(std > 1e-6, 1.0 / np.maximum(std, 1e-6), 0.0) / np.sqrt(width)
+    return Block(name, x.mean(0).astype(np.float32), scale.astype(np.float32))
 
 
 # ---- choosing the hyperparameters ---------------------------------------------------------------
@@ -300,18 +286,18 @@ def _fit_dual(kernel: np.ndarray, yc: np.ndarray, rated: np.ndarray, pairs: np.n
         return (r * (f - yc) ** 2).sum() + PAIR_WEIGHT * np.logaddexp(0.0, -gap).sum() + lam * a @ f, f, gap
 
     value, f, gap = objective(alpha)
-    for _ in range(30):
+    rows = np.concatenate([w, lo, w, lo])
+    cols = np.concatenate([w, lo, lo, w])
+    for _ in range(NEWTON_STEPS):
         p = 1.0 / (1.0 + np.exp(gap))                   # sigmoid(-gap): chance the pair is ordered wrongly
         g = 2 * r * (f - yc)
         np.add.at(g, w, -PAIR_WEIGHT * PAIR_SCALE * p)
         np.add.at(g, lo, PAIR_WEIGHT * PAIR_SCALE * p)
         c = PAIR_WEIGHT * PAIR_SCALE ** 2 * p * (1 - p)
-        h = np.diag(2 * r)
-        np.add.at(h, (w, w), c)
-        np.add.at(h, (lo, lo), c)
-        np.add.at(h, (w, lo), -c)
-        np.add.at(h, (lo, w), -c)
-        step = np.linalg.solve(h @ kernel + 2 * lam * np.eye(n), -(g + 2 * lam * alpha))
+        h = sparse.diags(2 * r) + sparse.coo_matrix((np.concatenate([c, c, -c, -c]), (rows, cols)), (n, n))
+        system = np.asarray(h.tocsr() @ kernel)
+        system[np.diag_indices(n)] += 2 * lam
+        step = np.linalg.solve(system, -(g + 2 * lam * alpha))
         t = 1.0
         while t > 1e-4:
             trial = objective(alpha + t * step)
@@ -320,11 +306,11 @@ def _fit_dual(kernel: np.ndarray, yc: np.ndarray, rated: np.ndarray, pairs: np.n
             t /= 2
         if t <= 1e-4:
             break
-        done = value - trial[0] < 1e-7 * max(value, 1.0)
+        done = value - trial[0] < 1e-6 * max(value, 1.0)
         alpha, (value, f, gap) = alpha + t * step, trial
         if done:
             break
-    return alpha, np.diag(h) / 2
+    return alpha, h.diagonal() / 2
 
 
 def _var_factor(kernel: np.ndarray, curvature: np.ndarray, lam: float, seed: int) -> np.ndarray:
@@ -345,13 +331,13 @@ def _var_factor(kernel: np.ndarray, curvature: np.ndarray, lam: float, seed: int
     return _half(s[:, None] * vecs / np.sqrt(np.maximum(vals, 0.0) + lam))
 
 
-def _check(blocks: dict[str, np.ndarray], n: int | None) -> dict[str, np.ndarray]:
+def _check(blocks: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
     unknown = [b for b in blocks if b not in BLOCKS]
     if unknown:
         raise ValueError(f"unknown feature block(s) {', '.join(unknown)}; known: {', '.join(BLOCKS)}")
     out = {b: np.asarray(blocks[b], np.float32) for b in BLOCKS if b in blocks}
     for name, x in out.items():
-        if x.ndim != 2 or (n is not None and len(x) != n):
+        if x.ndim != 2 or len(x) != n:
             raise ValueError(f"feature block {name!r} should be ({n} rows, d), not {x.shape}")
         if not np.isfinite(x).all():
             raise ValueError(f"feature block {name!r} has values that are not finite")
@@ -359,11 +345,9 @@ def _check(blocks: dict[str, np.ndarray], n: int | None) -> dict[str, np.ndarray
 
 
 def fit_head(blocks: dict[str, np.ndarray], ratings: np.ndarray, *, pairs: np.ndarray | None = None,
-             seed: int = 0, max_examples: int = 3000, unlabelled: dict[str, np.ndarray] | None = None,
-             pca: bool = False) -> TasteHead:
+             seed: int = 0, max_examples: int = 3000) -> TasteHead:
     """Fit the head on training rows: ``blocks`` name -> (n, d) features, ``ratings`` (n,) with NaN
     for rows that only appear in comparisons, ``pairs`` (k, 2) row indices (winner, loser).
-    ``unlabelled``: the same blocks for rows nobody rated, used for standardisation (and ``pca``).
     The most recent ``max_examples`` rows with a rating or a comparison are kept."""
     y_all = np.asarray(ratings, np.float64).reshape(-1)
     blocks = _check(blocks, len(y_all))
@@ -388,14 +372,11 @@ def fit_head(blocks: dict[str, np.ndarray], ratings: np.ndarray, *, pairs: np.nd
     yc = np.where(rated, y - mean, 0.0)
     x = {n: b[keep] for n, b in blocks.items()}
 
-    extra = _check(unlabelled or {}, None)
-    ref = {n: np.concatenate([x[n], extra[n]]) if n in extra else x[n] for n in x}
-    prepared = {n: _block(n, x[n], ref[n], pca and n in extra) for n in x}
+    prepared = {n: _block(n, x[n]) for n in x}
     z = {n: prepared[n].transform(x[n]) for n in x}
 
     idx = np.flatnonzero(rated)
-    info = {"n_rated": int(rated.sum()), "n_pairs": int(len(pairs)), "unlabelled": int(
-        max((len(v) for v in extra.values()), default=0)), "pca": bool(pca and extra)}
+    info = {"n_rated": int(rated.sum()), "n_pairs": int(len(pairs))}
     calibration = np.zeros((2, 0), np.float32)
     if len(idx) >= MIN_SELECT:
         sample = np.sort(np.random.default_rng(seed).permutation(idx)[:SELECT_ON])

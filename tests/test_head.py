@@ -75,8 +75,10 @@ def test_state_round_trip_through_torch_gives_identical_predictions():
     y = np.where(np.arange(300) < 250, y, np.nan)                 # 50 rows known only by comparison
     pairs = np.array([(i, i + 1) if blocks["backbone"][i, 1] > blocks["backbone"][i + 1, 1] else (i + 1, i)
                       for i in range(250, 298, 2)])
-    unlabelled = _task(np.random.default_rng(3), 200)[0]
-    for head in (fit_head(blocks, y, pairs=pairs), fit_head(blocks, y, unlabelled=unlabelled, pca=True)):
+    step_blocks, latent, _ = _task(np.random.default_rng(3), 300, noise=0.0)
+    calibrated = fit_head(step_blocks, np.where(latent > 3, 5.0, 1.0))      # isotonic calibration kept
+    assert calibrated.calibration.size
+    for head in (fit_head(blocks, y, pairs=pairs), calibrated):
         buf = io.BytesIO()
         torch.save({"head": head.to_state()}, buf)
         buf.seek(0)
