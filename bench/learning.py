@@ -9,13 +9,6 @@ with 50, 100, 200, 400 and all training labels for the learning curve.
     python bench/learning.py                      # CPU, the defaults of [train] and [scorer]
     python bench/learning.py --device cuda --json results.json
     python bench/learning.py --sizes all --epochs 10   # a quick look
-    OMP_NUM_THREADS=1 python bench/learning.py --identity   # with and without the identity head
-
-With ``--identity``, an identity embedder is first trained on the names of ``train/`` (the
-character folders, as ``bench/characters.py`` trains it; ``--identity-epochs``), and every run
-reports the taste model twice on the same network: the network alone, and blended with the
-identity head (``scorer/identity_head.py``) fitted on the same training faces, its blend weight
-chosen on the same validation share, as ``main.py train`` does.
 
 With ``--features FILE.npz`` it benchmarks the taste head (``scorer/head.py``) instead, on
 cached features: the file holds ``ratings`` (n,), ``split`` ("train"/"test") and one (n, d) array
@@ -50,9 +43,8 @@ from scipy import stats  # noqa: E402
 
 from scorer.dataset import split_of  # noqa: E402
 from scorer.evaluate import format_metrics, metrics  # noqa: E402
-from scorer.identity_head import fit_blended  # noqa: E402
-from scorer.model import build_model, colour_stats_arrays, pick_device, resize_crop  # noqa: E402
-from scorer.settings import IdentityConfig, ScorerConfig, TrainConfig  # noqa: E402
+from scorer.model import build_model, pick_device, resize_crop  # noqa: E402
+from scorer.settings import ScorerConfig, TrainConfig  # noqa: E402
 from scorer.train import fit, predict  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "animeface-10"
@@ -78,35 +70,8 @@ def subset(rows, n, seed=0):
     return [rows[i] for i in sorted(order[:n])]
 
 
-def train_embedder(icfg: IdentityConfig, device, epochs: int | None):
-    """The identity embedder trained on the character folders of ``train/`` (bench/characters.py)."""
-    from bench import characters
-
-    characters.DATA = DATA
-    x, who, _, keys = characters.load("train", icfg.image_size)
-    embedder, info = characters.train(icfg, x, who, keys, device, epochs)
-    info.pop("val_mask")
-    return embedder, info
-
-
-def identity_arm(embedder, features, x, y, val, pred_val, test_features, pred_test, test_y) -> dict:
-    """Test metrics of the network blended with the identity head (fitted on the training faces,
-    blend chosen on the validation ones), and of the head alone."""
-    e, s = features(x)
-    started = time.monotonic()
-    head = fit_blended((e[~val], s[~val], y[~val]), (e[val], s[val], y[val]), pred_val,
-                       embedder="bench", embedder_file="-")
-    seconds = time.monotonic() - started
-    alone = head.predict(*test_features)
-    out = metrics(head.combine(pred_test, alone), test_y)
-    out.update(blend=head.blend, head_alone=metrics(alone, test_y), fit_seconds=round(seconds, 2),
-               gamma=head.gamma, stats_weight=head.stats_weight, lam=head.lam)
-    return out
-
-
-def run(train_rows, test_arrays, test_y, tcfg: TrainConfig, scfg: ScorerConfig, device, identity=None) -> dict:
-    """Train the network on ``train_rows`` and measure it on the test crops; ``identity``:
-    (embedder, features of crops, test features) for the arm with the identity head."""
+def run(train_rows, test_arrays, test_y, tcfg: TrainConfig, scfg: ScorerConfig, device) -> dict:
+    """Train the network on ``train_rows`` and measure it on the test crops."""
     x, y, keys = load(train_rows, scfg.image_size)
     val = np.array([split_of(k, tcfg.val_share) == "val" for k in keys])
     if val.sum() < 2:  # tiny subsets: keep at least two pictures to stop on
@@ -124,10 +89,6 @@ def run(train_rows, test_arrays, test_y, tcfg: TrainConfig, scfg: ScorerConfig, 
              epochs=len(result.history), best_epoch=result.best_epoch, train_seconds=round(seconds, 1),
              seconds_per_1000_labels=round(seconds / len(train_rows) * 1000, 1),
              seconds_per_epoch_per_1000=round(seconds / len(result.history) / len(train_rows) * 1000, 2))
-    if identity is not None:
-        embedder, features, test_features = identity
-        m["identity"] = identity_arm(embedder, features, x, y, val, predict(result.net, x[val], device, tta=True),
-                                     test_features, pred, test_y)
     return m
 
 
@@ -220,9 +181,6 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a [train] key, e.g. --set mixup=0")
     p.add_argument("--data", help="the animeface-10 folder (default: ../shared/data/animeface-10)")
-    p.add_argument("--identity", action="store_true",
-                   help="also measure each run with the identity head (trains an identity embedder first)")
-    p.add_argument("--identity-epochs", type=int, help="override characters.epochs for that embedder")
     p.add_argument("--features", help="benchmark the taste head on these cached features (.npz) instead")
     p.add_argument("--blocks", help="with --features: the feature blocks to use (default: all in the file)")
     p.add_argument("--pairs", type=int, default=0,
@@ -256,36 +214,20 @@ def main() -> int:
                + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""))
     print(f"{len(train_rows)} training and {len(test_rows)} test crops; {scfg.arch} {scfg.image_size}px on "
           f"{device} ({machine}); torch {torch.__version__}")
-    identity, embedder_info = None, None
-    if args.identity:
-        icfg = IdentityConfig(device=str(device), image_size=scfg.image_size)
-        embedder, embedder_info = train_embedder(icfg, device, args.identity_epochs)
-        print(f"identity embedder: validation top-1 {embedder_info['val_top1']}, {embedder_info['epochs_run']} "
-              f"epochs, {embedder_info['train_seconds']} s", flush=True)
-
-        def features(arrays):
-            return embedder.embed_arrays(list(arrays)), colour_stats_arrays(arrays)
-
-        identity = (embedder, features, features(test_x))
     results = []
     for size in (args.sizes or "50,100,200,400,all").split(","):
         n = len(train_rows) if size == "all" else int(size)
         for seed in range(args.seeds or 1):
             tcfg.seed = seed
-            m = run(subset(train_rows, n, seed), test_x, test_y, tcfg, scfg, device, identity)
+            m = run(subset(train_rows, n, seed), test_x, test_y, tcfg, scfg, device)
             m["seed"] = seed
             results.append(m)
             print(f"{m['labels']:4d} labels: {format_metrics(m)}  | {m['train_seconds']}s, "
                   f"{m['seconds_per_1000_labels']}s per 1000 labels, {m['epochs']} epochs", flush=True)
-            if "identity" in m:
-                i = m["identity"]
-                print(f"     with identity: {format_metrics(i)}  | blend {i['blend']}, head fitted in "
-                      f"{i['fit_seconds']}s; head alone: Pearson {i['head_alone']['pearson']} "
-                      f"MAE {i['head_alone']['mae']}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": str(device), "machine": machine, "arch": scfg.arch,
                                                "image_size": scfg.image_size, "epochs": tcfg.epochs,
-                                               "identity_embedder": embedder_info, "results": results}, indent=1))
+                                               "results": results}, indent=1))
     return 0
 
 
