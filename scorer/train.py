@@ -104,6 +104,19 @@ def augment(x: torch.Tensor, rotation: float, jitter: float) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
+def train_step_inputs(x: torch.Tensor, y: torch.Tensor, tcfg, rng: np.random.Generator
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch from uint8 crops (NCHW) and their ratings: augmented (:func:`augment`),
+    then mixed (MixUp: pictures and ratings blended with a shuffled copy, Beta(mixup, mixup))."""
+    x = augment(x.float().div_(255), tcfg.rotation, tcfg.color_jitter)
+    if tcfg.mixup > 0:
+        lam = float(rng.beta(tcfg.mixup, tcfg.mixup))
+        perm = torch.randperm(len(x), device=x.device)
+        x = lam * x + (1 - lam) * x[perm]
+        y = lam * y + (1 - lam) * y[perm]
+    return x, y
+
+
 @torch.inference_mode()
 def predict(net: torch.nn.Module, arrays: np.ndarray, device: torch.device, *, batch_size: int = 256,
             tta: bool = False) -> np.ndarray:
@@ -157,13 +170,7 @@ def fit(net: RatingNet, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndar
             idx = order[step * bs:(step + 1) * bs]
             if len(idx) < 2:
                 continue  # batch norm needs two
-            x = augment(xt[idx].float().div_(255), tcfg.rotation, tcfg.color_jitter)
-            y = yt[idx]
-            if tcfg.mixup > 0:
-                lam = float(rng.beta(tcfg.mixup, tcfg.mixup))
-                perm = torch.randperm(len(idx), device=device)
-                x = lam * x + (1 - lam) * x[perm]
-                y = lam * y + (1 - lam) * y[perm]
+            x, y = train_step_inputs(xt[idx], yt[idx], tcfg, rng)
             loss = F.mse_loss(net(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
