@@ -24,6 +24,7 @@ import fcntl
 import logging
 import math
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -440,8 +441,10 @@ def train_from_store(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainCon
         arch, size = scfg.arch, scfg.image_size
         device = pick_device(scfg.device)
         net = None
-        if tcfg.warm_start and _is_trained(active) and current is not None and current.arch == arch \
-                and current.image_size == size:
+        # Warm only from a network that was itself trained (a head refit's network may be the
+        # untrained starting one: its registry row has no metrics).
+        trained_network = current is not None and _is_trained(store.get_model(current.network_version or ""))
+        if tcfg.warm_start and trained_network and current.arch == arch and current.image_size == size:
             net, warm = copy.deepcopy(current.net).cpu(), True
             log.info("fine-tuning the active model's network (%s)", current.network_version)
         if net is None:
@@ -524,16 +527,22 @@ def train_from_store(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainCon
 KEEP_HEAD_FILES = 5
 
 
+TEMPORARY_FILE = re.compile(r"^\.[^/]+?\.(\d+)(?:\.\d+)?\.tmp$")
+
+
 def clear_temporary_files(models_dir: Path) -> int:
-    """Remove model files left half-written by a killed run (``.<name>.<pid>.tmp`` of a process
-    that is gone); returns how many."""
+    """Remove model files left half-written by a killed run (``.<name>.<pid>.tmp``, or
+    ``.<name>.<pid>.<thread>.tmp``, of a process that is gone); returns how many. Other files
+    are left alone."""
     gone = 0
     for path in Path(models_dir).glob(".*.tmp"):
+        match = TEMPORARY_FILE.match(path.name)
+        if not match:
+            continue
         try:
-            pid = int(path.name.rsplit(".", 2)[-2])
-            os.kill(pid, 0)
+            os.kill(int(match.group(1)), 0)
             continue          # its writer still runs
-        except (ValueError, ProcessLookupError):
+        except (ProcessLookupError, OverflowError):
             pass
         except PermissionError:
             continue

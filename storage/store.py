@@ -560,8 +560,10 @@ class Store(CharacterMethods, ComparisonMethods, FeatureMethods):
         return True
 
     def latest_training_at(self) -> str | None:
-        """When the newest trained model was registered (untrained ones have no metrics)."""
-        return self.db.execute("SELECT MAX(created_at) FROM models WHERE metrics IS NOT NULL").fetchone()[0]
+        """When the newest fully trained model was registered (untrained ones have no metrics;
+        head refits, ``head-…``, do not count: they are not the scheduled training)."""
+        return self.db.execute("SELECT MAX(created_at) FROM models WHERE metrics IS NOT NULL "
+                               "AND version NOT LIKE 'head-%'").fetchone()[0]
 
     def list_models(self) -> list[dict]:
         return [dict(r) for r in self.db.query("SELECT * FROM models ORDER BY created_at")]

@@ -4,6 +4,7 @@ decoding a picture, and a kill during a refit that loses nothing."""
 from __future__ import annotations
 
 import io
+import os
 import random
 import subprocess
 import sys
@@ -273,3 +274,48 @@ def test_comparisons_import_and_train_the_head(tmp_path):
                                                   margin=cfg.detector.margin)
         scores = dict(zip(faces, scorer.predict_features([vectors[f["id"]] for f in faces.values()])[0]))
         assert all(scores[p["winner_id"]] > scores[p["loser_id"]] for p in pairs)
+
+
+def test_temporary_model_files_of_dead_writers_are_cleared_and_nothing_else(tmp_path):
+    from scorer.train import clear_temporary_files
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = {
+        f".head-1.pt.{dead.pid}.tmp": False,            # save_model's temporary file, writer gone
+        f".embedder.pt.{dead.pid}.77.tmp": False,       # the identity embedder's (pid, thread)
+        ".big.pt.99999999999999999999.tmp": False,      # a pid too large for the OS: not running
+        f".head-2.pt.{os.getpid()}.tmp": True,  # its writer (this process) still runs
+        ".notes.tmp": True,                             # not one of ours
+        "model.pt": True,
+    }
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    assert clear_temporary_files(tmp_path) == 3
+    assert {p.name for p in tmp_path.iterdir()} == {n for n, kept in names.items() if kept}
+
+
+def test_head_refits_do_not_count_as_the_last_training(tmp_path):
+    with Store.open(tmp_path / "t.db") as store:
+        store.register_model("full-1", "resnet18", "full-1.pt", metrics={"pearson": 0.5})
+        full_at = store.latest_training_at()
+        time.sleep(0.01)
+        store.register_model("head-1", "resnet18", "head-1.pt", metrics={"pearson": 0.6})
+        assert store.latest_training_at() == full_at
+
+
+def test_full_training_warm_starts_only_from_a_trained_network(tmp_path):
+    import json
+
+    cfg = taste_config(tmp_path)
+    import_rated(cfg, tmp_path, 12)
+    with Store.open(cfg.db_path) as store:
+        head = train(cfg, store)                      # a head on the untrained starting network
+        assert head.promoted
+
+        def warm(version):
+            return json.loads(store.get_model(version)["metrics"])["warm_start"]
+        first = train(cfg, store, full=True, epochs=1)
+        assert not warm(first.version)                # not from the untrained network behind the head
+        store.activate_model(first.version)
+        assert warm(train(cfg, store, full=True, epochs=1).version)
