@@ -24,6 +24,7 @@ from bot.config import Config
 log = logging.getLogger("tastefeed.learning")
 
 CHECK_SECONDS = 5
+RETRY_SECONDS = 300   # after a refit failed unexpectedly
 
 
 class Learner:
@@ -54,7 +55,7 @@ class Learner:
         """Start a refit when enough new labels arrived, or the newest is old enough; True if started."""
         if self.stopping.is_set() or (self._task is not None and not self._task.done()):
             return False
-        if self.models.retrainer.running or time.monotonic() < self._failed_at + 300:
+        if self.models.retrainer.running or time.monotonic() < self._failed_at + RETRY_SECONDS:
             return False
         try:
             new, newest = await self.store.call(new_feedback, self.mark)
@@ -80,11 +81,11 @@ class Learner:
 
             if isinstance(e, TrainError):
                 log.info("taste head not refitted: %s", e)
-            else:
-                log.error("taste head refit failed: %s: %s", type(e).__name__, e)
+                self.mark = newest   # e.g. too few labels: wait for the next one
+                await self.store.set_setting(MARK, newest)
+            else:                    # the same labels are tried again after a pause
+                log.error("taste head refit failed: %s: %s (retrying in %d s)", type(e).__name__, e, RETRY_SECONDS)
                 self._failed_at = time.monotonic()
-            self.mark = newest   # wait for the next label rather than retrying the same ones
-            await self.store.set_setting(MARK, newest)
             return None
         if outcome is None:      # a training run holds the lock: try again at the next check
             return None
@@ -103,14 +104,15 @@ MARK = "head_refit_mark"
 
 
 def new_feedback(store, since: str | None) -> tuple[int, str | None]:
-    """(labels and comparisons written after ``since`` and not taken back, the newest one's time)."""
+    """(labels and comparisons given or taken back after ``since``, the newest such time)."""
     since = since or ""
     n, newest = 0, None
     for table in ("labels", "comparisons"):
-        m, last = store.db.execute(f"SELECT COUNT(*), MAX(created_at) FROM {table} WHERE created_at > ? "
-                                   "AND removed_at IS NULL", [since]).fetchone()
-        n += m
-        newest = max(filter(None, [newest, last]), default=None)
+        for column in ("created_at", "removed_at"):
+            m, last = store.db.execute(f"SELECT COUNT(*), MAX({column}) FROM {table} WHERE {column} > ?",
+                                       [since]).fetchone()
+            n += m
+            newest = max(filter(None, [newest, last]), default=None)
     return n, newest
 
 

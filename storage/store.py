@@ -288,27 +288,29 @@ class Store(CharacterMethods, ComparisonMethods, FeatureMethods):
         unposted pictures are rescored: their predictions by earlier models go (a head refitted
         every few labels would otherwise pile them up); a posted picture keeps the scores it was
         posted with."""
-        stamp = now()
         with self.db.conn:
-            self.db.execute("DELETE FROM predictions WHERE image_id = ? AND (model_version = ? OR image_id NOT IN "
-                            "(SELECT image_id FROM posts WHERE status = 'sent'))", [image_id, model_version])
-            for face_id, (s, u) in face_scores.items():
-                self.db.execute(
-                    "INSERT INTO predictions (image_id, face_id, model_version, score, uncertainty, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)", [image_id, face_id, model_version, s, u, stamp])
-            self.db.execute(
-                "INSERT INTO predictions (image_id, face_id, model_version, score, uncertainty, created_at) "
-                "VALUES (?, NULL, ?, ?, ?, ?)", [image_id, model_version, score, uncertainty, stamp])
-            if features:
-                self.save_face_features(features, commit=False)
-            self.db.execute("UPDATE images SET score = ?, uncertainty = ?, model_version = ?, scored_at = ? "
-                            "WHERE id = ?", [score, uncertainty, model_version, stamp, image_id])
+            self._rescore(image_id, face_scores, score, uncertainty, model_version, features, now())
+
+    def _rescore(self, image_id, face_scores, score, uncertainty, model_version, features, stamp) -> None:
+        self.db.execute("DELETE FROM predictions WHERE image_id = ? AND (model_version = ? OR NOT EXISTS "
+                        "(SELECT 1 FROM posts WHERE posts.image_id = ? AND status = 'sent'))",
+                        [image_id, model_version, image_id])
+        self.db.conn.executemany(
+            "INSERT INTO predictions (image_id, face_id, model_version, score, uncertainty, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(image_id, face_id, model_version, s, u, stamp) for face_id, (s, u) in face_scores.items()]
+            + [(image_id, None, model_version, score, uncertainty, stamp)])
+        if features:
+            self.save_face_features(features, commit=False)
+        self.db.execute("UPDATE images SET score = ?, uncertainty = ?, model_version = ?, scored_at = ? "
+                        "WHERE id = ?", [score, uncertainty, model_version, stamp, image_id])
 
     def record_rescores(self, results, model_version: str) -> None:
-        """:meth:`record_rescore` of several ``scorer.rescore.Rescored`` results."""
-        for r in results:
-            self.record_rescore(r.image_id, r.face_scores, r.score, r.uncertainty, model_version,
-                                features=r.features)
+        """:meth:`record_rescore` of several ``scorer.rescore.Rescored`` results, in one transaction."""
+        stamp = now()
+        with self.db.conn:
+            for r in results:
+                self._rescore(r.image_id, r.face_scores, r.score, r.uncertainty, model_version, r.features, stamp)
 
     def rescore_candidates(self, model_version: str, limit: int, after_id: int = 0) -> list[dict]:
         """Scored pictures not yet scored by ``model_version`` and never posted, oldest id first."""

@@ -181,8 +181,13 @@ async def _post_rating(session, base, image_id, value):
 
 
 async def test_a_gallery_rating_changes_the_ranking_within_the_refit_delay_without_a_training_process(tmp_path):
+    from bot.learning import MARK, new_feedback
+
     cfg = taste_config(tmp_path)
     import_rated(cfg, tmp_path, 16)
+    with Store.open(cfg.db_path) as store:    # a head fitted on these 16, as a daemon would have
+        before = train(cfg, store).version
+        store.set_setting(MARK, new_feedback(store, None)[1])
     daemon = Daemon(cfg)
     await daemon.start()
     try:
@@ -194,6 +199,7 @@ async def test_a_gallery_rating_changes_the_ranking_within_the_refit_delay_witho
                                               "(SELECT image_id FROM labels)")
             return [r["id"] for r in rows] if len(rows) == 6 else None
         fresh = await wait_for(scored, timeout=60)
+        assert (await daemon.store.active_model())["version"] == before   # nothing new to learn yet
         # Rate two more through the gallery: the daemon refits the head itself (16 + 2 labels).
         async with aiohttp.ClientSession() as session:
             await _post_rating(session, daemon.gallery_url.rstrip("/"), fresh[0], 5)
@@ -201,7 +207,7 @@ async def test_a_gallery_rating_changes_the_ranking_within_the_refit_delay_witho
 
         async def refitted():
             row = await daemon.store.active_model()
-            return row["version"] if row["version"].startswith("head-") else None
+            return row["version"] if row["version"] != before else None
         version = await wait_for(refitted, timeout=30)
 
         async def rescored():
@@ -319,3 +325,24 @@ def test_full_training_warm_starts_only_from_a_trained_network(tmp_path):
         assert not warm(first.version)                # not from the untrained network behind the head
         store.activate_model(first.version)
         assert warm(train(cfg, store, full=True, epochs=1).version)
+
+
+def test_taking_a_label_or_comparison_back_counts_as_new_feedback(tmp_path):
+    from bot.learning import new_feedback
+
+    from tests.helpers import make_config, seed
+
+    cfg = make_config(tmp_path)
+    ids = seed(cfg, [{"popularity": 1}, {"popularity": 2}, {"popularity": 3}])
+    with Store.open(cfg.db_path) as store:
+        store.add_label(ids[0], 5, origin="gallery", user="owner")
+        comparison = store.add_comparison(ids[1], ids[2], origin="gallery")
+        n, mark = new_feedback(store, None)
+        assert n == 2 and new_feedback(store, mark) == (0, None)
+        time.sleep(0.01)
+        store.remove_label(ids[0], origin="gallery", user="owner")
+        n, later = new_feedback(store, mark)
+        assert n == 1 and later > mark
+        time.sleep(0.01)
+        store.remove_comparison(comparison)
+        assert new_feedback(store, later)[0] == 1
