@@ -39,6 +39,7 @@ class ModelWatcher:
         self.retrainer = Retrainer(cfg)
         self._rescore_task: asyncio.Task | None = None
         self._retrain_not_before = 0.0
+        self._retired_for: str | None = None   # the model whose sources the cache was last trimmed to
 
     async def start(self, analyzer: Analyzer) -> None:
         """Schedule the model check and the retraining triggers, then check once now."""
@@ -109,8 +110,25 @@ class ModelWatcher:
                 return
             self.analyzer.scorer = scorer
             log.info("now scoring with model %s", scorer.version)
+        if self._retired_for != self.analyzer.scorer.version:
+            await self.retire_features()
         if self._rescore_task is None or self._rescore_task.done():
             self._rescore_task = asyncio.create_task(self.rescore(), name="rescore")
+
+    async def retire_features(self) -> None:
+        """Drop cached vectors the current model's extractor no longer computes (a replaced
+        network's scores, a changed backbone's features), so the cache does not grow with every
+        full training run."""
+        scorer = self.analyzer.scorer
+        try:
+            gone = await self.store.retire_feature_sources(set(scorer.extractor.sources.values()))
+        except Exception as e:  # noqa: BLE001
+            log.error("cannot drop retired cached features: %s", e)
+            return
+        self._retired_for = scorer.version
+        if gone:
+            log.info("dropped cached features of retired models: %s",
+                     ", ".join(f"{source} ({n})" for source, n in sorted(gone.items())))
 
     async def rescore(self) -> int:
         """Rescore unposted pictures with the current model, in batches, until none is left."""

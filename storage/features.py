@@ -13,8 +13,8 @@ one's features:
 
 Identity embeddings live beside them in ``face_embeddings`` (per identity embedder version, see
 ``storage/characters.py``). Vectors are stored as float16 bytes. A face's rows go when the face
-goes (``ON DELETE CASCADE``); :meth:`FeatureMethods.drop_feature_source` removes a retired
-source's rows in one statement.
+goes (``ON DELETE CASCADE``); :meth:`FeatureMethods.retire_feature_sources` removes the rows of
+sources the active model no longer uses (the daemon calls it when it switches models).
 
 :class:`FeatureMethods` is mixed into :class:`storage.store.Store`; it uses only ``self.db``.
 """
@@ -86,7 +86,14 @@ class FeatureMethods:
         return {r[0]: r[1] for r in self.db.execute(
             "SELECT source, COUNT(*) FROM face_features GROUP BY source ORDER BY source")}
 
-    def drop_feature_source(self, source: str) -> int:
-        """Remove every vector of ``source`` (a retired backbone or network); returns how many."""
+    def retire_feature_sources(self, keep: set[str]) -> dict[str, int]:
+        """Remove the vectors of every source not in ``keep`` (those of a retired network or
+        backbone: the active model's sources are what the daemon computes); returns how many of
+        each. A model switched back to later has its vectors computed again when it rescores."""
+        gone = {}
         with self.db.conn:
-            return self.db.execute("DELETE FROM face_features WHERE source = ?", [source]).rowcount
+            for (source,) in self.db.execute("SELECT DISTINCT source FROM face_features").fetchall():
+                if source not in keep:
+                    gone[source] = self.db.execute("DELETE FROM face_features WHERE source = ?",
+                                                   [source]).rowcount
+        return gone

@@ -188,6 +188,9 @@ async def test_a_gallery_rating_changes_the_ranking_within_the_refit_delay_witho
     with Store.open(cfg.db_path) as store:    # a head fitted on these 16, as a daemon would have
         before = train(cfg, store).version
         store.set_setting(MARK, new_feedback(store, None)[1])
+        face = store.execute("SELECT id FROM faces LIMIT 1")[0]["id"]   # a replaced network's score
+        store.save_face_features({face: {"net:retired-network": [3.0, 0.1]}})
+        current = set(store.feature_counts()) - {"net:retired-network"}
     daemon = Daemon(cfg)
     await daemon.start()
     try:
@@ -200,6 +203,7 @@ async def test_a_gallery_rating_changes_the_ranking_within_the_refit_delay_witho
             return [r["id"] for r in rows] if len(rows) == 6 else None
         fresh = await wait_for(scored, timeout=60)
         assert (await daemon.store.active_model())["version"] == before   # nothing new to learn yet
+        assert set(await daemon.store.feature_counts()) == current          # the retired source dropped
         # Rate two more through the gallery: the daemon refits the head itself (16 + 2 labels).
         async with aiohttp.ClientSession() as session:
             await _post_rating(session, daemon.gallery_url.rstrip("/"), fresh[0], 5)
