@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,18 +207,22 @@ class AppliedHead:
         return {**self.head.describe(), "blend": round(self.blend, 3), "blocks": sorted(self.sources)}
 
 
+_NETWORKS_LOCK = threading.Lock()
 _NETWORKS: dict[tuple, dict] = {}      # (file, mtime) -> state dict: many head versions share one network
 
 
 def _network_state(path: Path) -> dict:
     key = (str(path), path.stat().st_mtime_ns)
-    if key not in _NETWORKS:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if "state_dict" not in ckpt:
-            raise ModelError(f"model file {path} holds no network weights")
-        _NETWORKS.clear()
-        _NETWORKS[key] = ckpt["state_dict"]
-    return _NETWORKS[key]
+    with _NETWORKS_LOCK:      # the daemon's refit thread and its model watcher load models at once
+        state = _NETWORKS.get(key)
+        if state is None:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            if "state_dict" not in ckpt:
+                raise ModelError(f"model file {path} holds no network weights")
+            state = ckpt["state_dict"]
+            _NETWORKS.clear()
+            _NETWORKS[key] = state
+        return state
 
 
 class Scorer:

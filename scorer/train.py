@@ -344,10 +344,10 @@ def head_extractor(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainConfi
 
 def fit_taste_head(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainConfig, base: Scorer, version: str,
                    ex_tr, ex_val, *, margin: float, max_pixels: int, icfg: IdentityConfig | None = None,
-                   progress: bool | None = False) -> tuple[Scorer, dict]:
+                   progress: bool | None = False, network_trained: bool = True) -> tuple[Scorer, dict]:
     """A scorer with ``base``'s network and a taste head fitted on the training faces' cached
     features (and the comparisons between training pictures), its blend with the network chosen
-    on the validation faces; and a report. The head is left out (``base``'s network alone) when
+    on the validation faces (the head alone when the network was never trained); and a report. The head is left out (``base``'s network alone) when
     fewer than two training faces have features."""
     from scorer.head import fit_head
 
@@ -382,7 +382,8 @@ def fit_taste_head(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainConfi
     head_val, _ = head.predict(blocks_of(val_vectors, sources))
     net = extractor.sources["net"]
     network_val = np.array([v[net][0] for v in val_vectors], np.float32)
-    blend = choose_blend(network_val, head_val, np.array([e.rating for e in val], np.float32))
+    blend = (choose_blend(network_val, head_val, np.array([e.rating for e in val], np.float32))
+             if network_trained else 1.0)
     applied = AppliedHead(head, sources, blend, identity.get("embedder_file") if identity["used"] else None,
                           describe_backbone(base.extractor.backbone))
     scorer = Scorer(base.net, arch=base.arch, version=version, image_size=base.image_size, device=str(base.device),
@@ -475,7 +476,9 @@ def train_from_store(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainCon
     how = scfg.aggregate
     network = metrics(*feature_predictions(base, store, ex_val, paths, margin=margin, max_pixels=max_pixels,
                                            how=how, progress=progress))
+    network_trained = full or _is_trained(store.get_model(base.network_version or ""))
     scorer, head = fit_taste_head(store, paths, scfg, tcfg, base, version, ex_tr, ex_val, margin=margin,
+                                  network_trained=network_trained,
                                   max_pixels=max_pixels, icfg=icfg, progress=progress)
     new = metrics(*feature_predictions(scorer, store, ex_val, paths, margin=margin, max_pixels=max_pixels, how=how,
                                        progress=progress))

@@ -132,6 +132,7 @@ def test_head_learns_in_seconds_rescores_from_cache_and_is_promoted_only_when_be
         out = train(cfg, store)
         assert time.monotonic() - started < 30
         assert out.promoted and out.version.startswith("head-") and out.head["used"]
+        assert out.head["blend"] == 1.0                    # the untrained network has no say
         assert out.metrics["pearson"] > 0.8, out.metrics
         active = store.active_model()
         assert active["version"] == out.version
