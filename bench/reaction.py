@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -89,12 +90,14 @@ def active_version(db: Path) -> str:
         con.close()
 
 
-def scored(db: Path) -> int:
+def settled(db: Path) -> int:
+    """Pictures the daemon has finished with (scored, or set aside as duplicates, failed, skipped)."""
     import sqlite3
 
     con = sqlite3.connect(db)
     try:
-        return con.execute("SELECT COUNT(*) FROM images WHERE status = 'scored'").fetchone()[0]
+        return con.execute("SELECT COUNT(*) FROM images WHERE status NOT IN ('pending', 'downloaded', "
+                           "'importing')").fetchone()[0]
     finally:
         con.close()
 
@@ -143,7 +146,8 @@ def main() -> None:
                     break
             started = time.monotonic()
             total = len(ratings("train")) + len(candidates)
-            while scored(db) < total:
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # drain its log
+            while settled(db) < total:
                 time.sleep(1)
                 if time.monotonic() - started > 1800:
                     sys.exit("the daemon did not score the candidates in 30 minutes")

@@ -51,7 +51,7 @@ class TrainConfig:
     min_labels: int = 50                  # fewer labels: no training; the ranking uses popularity
     val_share: float = 0.15               # share of pictures (fixed by their hash) held out to validate
     faces: Literal["all", "largest"] = "all"  # which faces of a multi-face picture its label trains
-    epochs: int = 40
+    epochs: int = 12                      # the network (train --full): test Pearson 0.75 against 0.76 with 40, at 0.3x the CPU
     batch_size: int = 32
     lr: float = 0.002                     # peak learning rate (one-cycle schedule)
     weight_decay: float = 0.05            # AdamW
