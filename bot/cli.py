@@ -74,7 +74,14 @@ def cmd_run(cfg, args) -> int:
 
         await daemon.run(announce)
 
-    asyncio.run(main())
+    from storage.lock import DaemonRunning
+
+    try:
+        asyncio.run(main())
+    except DaemonRunning as e:
+        print(f"error: {e}; stop it first (two daemons on one data folder would post and score twice)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

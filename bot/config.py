@@ -40,6 +40,37 @@ class ConfigError(Exception):
 @dataclass
 class LogConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    file: str = ""                        # also write the log here (rotated); "" = standard error only
+    max_mb: float = 10.0                  # rotate the log file at this size
+    keep: int = 5                         # rotated log files kept
+
+    def check(self):
+        return _positive(self, ("max_mb", "keep"))
+
+
+@dataclass
+class StorageConfig:
+    max_media_gb: float = 0.0             # prune media beyond this size (0 = no limit)
+    keep_days: float = 0.0                # prune media of pictures older than this (0 = keep forever)
+    min_free_gb: float = 1.0              # pause downloads while the data folder's disk has less free
+    max_thumbs_mb: float = 500.0          # the thumbnail cache is trimmed to this size
+
+    def check(self):
+        for key in ("max_media_gb", "keep_days", "min_free_gb"):
+            if getattr(self, key) < 0:
+                return key, f"expected 0 or more, got {getattr(self, key)!r}"
+        return _positive(self, ("max_thumbs_mb",))
+
+
+@dataclass
+class BackupConfig:
+    schedule: str = ""                    # cron "min hour day month weekday" for automatic backups; "" = off
+    dest: str = ""                        # where scheduled backups go; "" = <data_dir>/backups
+    keep: int = 7                         # scheduled backups kept (the oldest are removed)
+    media: bool = False                   # scheduled backups include the media files
+
+    def check(self):
+        return _positive(self, ("keep",))
 
 
 def _positive(section, keys: tuple[str, ...]):
@@ -167,6 +198,8 @@ class Config:
     characters: IdentityConfig = field(default_factory=IdentityConfig)
     discord: DiscordConfig = field(default_factory=DiscordConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    backup: BackupConfig = field(default_factory=BackupConfig)
     sources: list[SourceConfig] = field(default_factory=list)
     path: str | None = None               # the file this came from (not a key)
 

@@ -37,6 +37,7 @@ from bot.polling import SourcePoller
 from bot.recognition import Recognition
 from scorer.analyze import Analyzer, build_analyzer
 from sources.http import Http
+from storage.lock import DaemonLock
 from storage.writer import AsyncStore
 
 log = logging.getLogger("tastefeed.daemon")
@@ -63,10 +64,14 @@ class Daemon:
         self.gallery = None           # bot.web.Gallery when the web gallery is on
         self.gallery_url: str | None = None
         self._discord_task: asyncio.Task | None = None
+        self.lock: DaemonLock | None = None   # one daemon per data folder (storage/lock.py)
 
     # ---- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:
+        """Start everything; :class:`storage.lock.DaemonRunning` when another daemon already
+        runs on this data folder."""
         Path(self.cfg.data_dir).mkdir(parents=True, exist_ok=True)
+        self.lock = DaemonLock(self.cfg.data_path).acquire()
         self.cfg.media_path.mkdir(parents=True, exist_ok=True)
         await self.store.open()
         for name in await self.store.call(sync_config_sources, self.cfg):
@@ -144,6 +149,9 @@ class Daemon:
                 await asyncio.wait(still, timeout=5)
         await self.http.close()
         await self.store.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
         log.info("stopped")
 
     async def run(self, announce=None) -> None:

@@ -424,3 +424,37 @@ interval = 60
         # a tag that cannot be a name, post 5 without character tags, the folder picture
     finally:
         await daemon.stop()
+
+
+async def test_a_second_daemon_on_the_same_data_folder_is_refused_naming_the_first(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from storage.lock import daemon_pid
+    from tests.helpers import MAIN
+
+    cfg = make_config(tmp_path)
+    assert daemon_pid(cfg.data_path) is None
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        assert daemon_pid(cfg.data_path) == os.getpid()
+        second = await asyncio.to_thread(
+            subprocess.run, [sys.executable, str(MAIN), "--config", str(tmp_path / "config.toml"), "run"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1
+        errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"pid {os.getpid()}" in errors[0] and "already running" in errors[0], \
+            second.stderr
+        # commands other than `run` still work beside the daemon
+        status = await asyncio.to_thread(
+            subprocess.run, [sys.executable, str(MAIN), "--config", str(tmp_path / "config.toml"), "models", "list"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0, status.stderr
+    finally:
+        await daemon.stop()
+    assert daemon_pid(cfg.data_path) is None          # released on stop
+    again = Daemon(cfg)
+    await again.start()                                # and the folder can be used again
+    await again.stop()
