@@ -189,12 +189,34 @@ def cmd_doctor(cfg, args) -> int:
     return 0 if all(ok for _, ok, _ in checks) else 1
 
 
+def _schema_check(cfg) -> tuple[str, bool, str]:
+    """The database's schema version and the migrations this release will apply to it (read
+    before the database is opened, which applies them)."""
+    from storage.db import SCHEMA_VERSION, open_db, schema_state
+
+    if not cfg.db_path.exists():
+        return "schema", True, f"no database yet: created at version {SCHEMA_VERSION} on first use"
+    try:
+        db = open_db(cfg.db_path, migrate=False)
+        try:
+            version, pending = schema_state(db)
+        finally:
+            db.conn.close()
+    except Exception as e:  # noqa: BLE001
+        return "schema", False, str(e)
+    if not pending:
+        return "schema", True, f"version {version}, up to date"
+    return "schema", True, (f"version {version} of {SCHEMA_VERSION}; applying now, each in its own "
+                            f"transaction: {', '.join(pending)}")
+
+
 def _doctor_checks(cfg, opened: contextlib.ExitStack) -> list[tuple[str, bool, str]]:
     """(part, ok, detail) for each part; the database, once open, stays open in ``opened``."""
     from PIL import Image
 
     checks: list[tuple[str, bool, str]] = [("config", True, cfg.path or "embedded defaults")]
     store = None
+    checks.append(_schema_check(cfg))
     try:
         from storage import Store
         store = opened.enter_context(Store.open(cfg.db_path))

@@ -280,6 +280,31 @@ def m007_features(db: sqlite_utils.Database) -> None:
 SCHEMA_VERSION = len(migrations._migrations)
 
 
+def schema_state(db: sqlite_utils.Database, migration_set: Migrations = migrations) -> tuple[int, list[str]]:
+    """(the database's schema version: how many migrations are applied, the pending ones' names)."""
+    return len(migration_set.applied(db)), [m.name for m in migration_set.pending(db)]
+
+
+def migrate_db(db: sqlite_utils.Database, path: str | Path, migration_set: Migrations = migrations) -> list[str]:
+    """Apply the pending migrations one at a time, each in its own transaction; returns their
+    names. A migration that fails is rolled back, leaving the database at the version before it
+    (every earlier migration of this run stays applied: each is complete), and raises
+    StorageError naming it and why."""
+    done = []
+    names = [m.name for m in migration_set._migrations]
+    for migration in migration_set.pending(db):
+        later = names[names.index(migration.name) + 1:]
+        try:
+            migration_set.apply(db, stop_before=later[:1] or None)
+        except Exception as e:  # noqa: BLE001 - any failure: say which migration, keep the data
+            version = len(migration_set.applied(db))
+            raise StorageError(f"{path}: upgrading the database failed in migration {migration.name}: "
+                               f"{type(e).__name__}: {e}; it was rolled back and the database is as it "
+                               f"was at schema version {version}") from None
+        done.append(migration.name)
+    return done
+
+
 def open_db(path: str | Path, *, migrate: bool = True) -> sqlite_utils.Database:
     """Open (creating if needed) the database: WAL journal, foreign keys on, migrations applied."""
     path = Path(path)
@@ -296,7 +321,9 @@ def open_db(path: str | Path, *, migrate: bool = True) -> sqlite_utils.Database:
         db.execute("PRAGMA foreign_keys = ON")
         db.execute("PRAGMA synchronous = NORMAL")
         if migrate:
-            migrations.apply(db)
+            migrate_db(db, path)
+    except StorageError:
+        raise
     except sqlite3.OperationalError as e:
         raise StorageError(f"{path}: {e} (is the file read-only, locked by another program, "
                            "or its folder missing?)") from None
