@@ -60,8 +60,9 @@ def service_config(tmp_path):
 
 
 def settings(text: str) -> dict[str, str]:
-    """The unit's ``Key=value`` lines (a key set twice would be lost: asserted by the callers)."""
+    """The unit's ``Key=value`` lines; each key is set once."""
     pairs = [line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#")]
+    assert len({key for key, _ in pairs}) == len(pairs), pairs
     return dict(pairs)
 
 
