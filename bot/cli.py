@@ -10,10 +10,11 @@
     python main.py models list|use VERSION  the model registry; use = switch / roll back
     python main.py rescore                  rescore unposted pictures with the active model
     python main.py characters import|add|identify|train|eval|list|models|use|recognize   who is in the faces
+    python main.py service install|uninstall|status   run the daemon as a systemd service (--system, --dry-run)
 
 Each command is a ``cmd_*`` function. Errors meant for the user (each package's base error:
 ``ConfigError``, ``StorageError``, ``BadImage``, ``DetectorError``, ``ModelError``,
-``TrainError``, ``SourceError``, ``ManageError``) are caught in one place, :func:`main`, and
+``TrainError``, ``SourceError``, ``ManageError``, ``ServiceError``) are caught in one place, :func:`main`, and
 printed as one line, ``error: <message>``, on stderr. Exit codes:
 
     0    done
@@ -40,13 +41,14 @@ EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130  # see the module docstri
 def user_errors() -> tuple[type[Exception], ...]:
     """Each package's base error: its message is written for the user (imported late: torch)."""
     from bot.manage import ManageError
+    from bot.service import ServiceError
     from scorer.detect import DetectorError
     from scorer.model import ModelError
     from scorer.train import TrainError
     from sources import SourceError
     from storage.db import StorageError
     from storage.media import BadImage
-    return StorageError, BadImage, SourceError, DetectorError, ModelError, TrainError, ManageError
+    return StorageError, BadImage, SourceError, DetectorError, ModelError, TrainError, ManageError, ServiceError
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> int:
@@ -57,6 +59,13 @@ def _fail(message: str, code: int = EXIT_FAILED) -> int:
 # ---- run -------------------------------------------------------------------------------------
 def cmd_run(cfg, args) -> int:
     from bot.daemon import Daemon
+
+    if cfg.log.file:  # the daemon's log also goes to a rotating file
+        try:
+            setup_logging(args.log_level or cfg.log.level, file=cfg.log.file, max_mb=cfg.log.max_mb,
+                          keep=cfg.log.keep)
+        except OSError as e:
+            return _fail(f"log.file: cannot write {cfg.log.file}: {e.strerror or e}")
 
     async def main():
         daemon = Daemon(cfg)
@@ -607,6 +616,16 @@ def _characters_recognize(cfg, args, store) -> int:
     return 0
 
 
+# ---- service ---------------------------------------------------------------------------------
+def cmd_service(cfg, args) -> int:
+    from bot import service
+
+    if args.action == "status":
+        return service.status(cfg, system=args.system)
+    action = service.install if args.action == "install" else service.uninstall
+    return action(cfg, system=args.system, dry_run=args.dry_run)
+
+
 _CHARACTER_ACTIONS = {"import": _characters_import, "add": _characters_add, "identify": _characters_identify,
                       "list": _characters_list, "train": _characters_train, "models": _characters_models,
                       "use": _characters_use, "recognize": _characters_recognize,
@@ -681,12 +700,22 @@ def build_parser() -> argparse.ArgumentParser:
     cu = ch_sub.add_parser("use", help="make VERSION the active identity embedder (rollback)")
     cu.add_argument("version")
     ch_sub.add_parser("recognize", help="identify every stored face now (a running daemon does it in the background)")
+    sv = sub.add_parser("service", help="run the daemon as a systemd service: install, uninstall, status")
+    sv_sub = sv.add_subparsers(dest="action", required=True)
+    for name, text in (("install", "write the unit and start the service (a user service unless --system)"),
+                       ("uninstall", "stop the service and remove its unit (the secrets file is kept)"),
+                       ("status", "systemctl status and the last log lines of the service")):
+        action = sv_sub.add_parser(name, help=text)
+        action.add_argument("--system", action="store_true",
+                            help="a system service (/etc/systemd/system, needs root) running as you")
+        if name != "status":
+            action.add_argument("--dry-run", action="store_true", help="print what would be written and run")
     return p
 
 
 COMMANDS = {"run": cmd_run, "score": cmd_score, "sources": cmd_sources, "doctor": cmd_doctor,
             "import-labels": cmd_import_labels, "train": cmd_train, "eval": cmd_eval, "models": cmd_models,
-            "rescore": cmd_rescore, "characters": cmd_characters}
+            "rescore": cmd_rescore, "characters": cmd_characters, "service": cmd_service}
 
 
 def main(argv: list[str] | None = None) -> int:

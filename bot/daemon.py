@@ -17,6 +17,7 @@ rescoring, full retraining in a child process), :class:`bot.learning.Learner` (t
 refitted in seconds after new labels), :class:`bot.recognition.Recognition` (who is in the
 faces: recognition of each scored batch, stored faces identified again when the identity
 embedder or names change). The Discord bot and the web gallery get only the callables they need.
+Under systemd the daemon reports ready, its status, watchdog pings and stopping (:mod:`bot.notify`).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from bot import notify
 from bot.config import Config
 from bot.manage import sync_config_sources
 from bot.learning import Learner
@@ -65,6 +67,7 @@ class Daemon:
         self.gallery_url: str | None = None
         self._discord_task: asyncio.Task | None = None
         self.lock: DaemonLock | None = None   # one daemon per data folder (storage/lock.py)
+        self._notify_tasks: list[asyncio.Task] = []   # systemd's watchdog and status (bot/notify.py)
 
     # ---- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -88,6 +91,16 @@ class Daemon:
         self.start_discord()
         await self.start_gallery()
         self.started.set()
+        self._notify_tasks = notify.start(self.status_line)
+
+    async def status_line(self) -> str:
+        """One line for ``systemctl status``: what was scored, what waits, which sources work."""
+        counts = await self.store.status_counts()
+        sources = [s for s in await self.store.list_sources() if s["config"].get("enabled", True)]
+        line = (f"scored {counts.get('scored', 0)}, pending {counts.get('pending', 0) + counts.get('downloaded', 0)}, "
+                f"sources ok {sum(1 for s in sources if s['healthy'])}/{len(sources)}")
+        paused = self.stats.get("downloads_paused")
+        return f"{line}; downloads paused: {paused}" if paused else line
 
     async def start_gallery(self) -> None:
         if not self.cfg.web_on():
@@ -121,6 +134,7 @@ class Daemon:
     def request_stop(self) -> None:
         if not self.stopping.is_set():
             log.info("stopping: finishing work in flight (up to %gs)", self.cfg.daemon.stop_timeout)
+            notify.send("STOPPING=1", "STATUS=stopping")
             self.stopping.set()
 
     async def stop(self) -> None:
@@ -152,6 +166,9 @@ class Daemon:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+        for task in self._notify_tasks:   # the watchdog pings go on until the very end
+            task.cancel()
+        await asyncio.gather(*self._notify_tasks, return_exceptions=True)
         log.info("stopped")
 
     async def run(self, announce=None) -> None:

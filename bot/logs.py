@@ -7,12 +7,20 @@ log record, whatever logger or library emits it.
 Log messages carry text from outside (titles, authors, tags, URLs, servers' error bodies), so the
 handler's formatter escapes newlines and other control characters in every message: one record is
 one line, and no title can start a line that looks like ours. Tracebacks keep their lines.
+
+Under journald (standard error is the stream named by ``$JOURNAL_STREAM``) lines carry no
+timestamp, since the journal stamps each one, and start with the syslog priority (``<3>``) that
+journald reads, so ``journalctl -p warning`` works. ``log.file`` adds a rotating log file, with
+timestamps. Every handler gets the same masking filter and escaping formatter.
 """
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import os
 import re
 import sys
+from pathlib import Path
 
 _SECRETS: set[str] = set()
 
@@ -62,17 +70,57 @@ class EscapingFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
-def setup_logging(level: str = "INFO", stream=None) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
-                                           "%Y-%m-%d %H:%M:%S"))
-    handler.addFilter(RedactingFilter())
+STAMPED = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+DATEFMT = "%Y-%m-%d %H:%M:%S"
+# syslog priorities by level: journald takes a leading "<N>" as the line's priority.
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class JournalFormatter(EscapingFormatter):
+    """No timestamp (journald adds one); the syslog priority first."""
+
+    def __init__(self):
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def under_journald(stream) -> bool:
+    """True when ``stream`` is the journal stream systemd connected (``$JOURNAL_STREAM`` is
+    ``device:inode`` of it; a child whose standard error was redirected inherits the variable, so
+    it is checked against the stream itself)."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):   # a StringIO, a closed stream
+        return False
+    return bool(value) and value == f"{st.st_dev}:{st.st_ino}"
+
+
+def setup_logging(level: str = "INFO", stream=None, *, file: str = "", max_mb: float = 10.0, keep: int = 5) -> None:
+    """Log at ``level`` to ``stream`` (standard error), and to ``file`` (rotated at ``max_mb``,
+    ``keep`` old files) when given; replaces what an earlier call set up. OSError when the file
+    cannot be opened."""
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JournalFormatter() if under_journald(stream) else EscapingFormatter(STAMPED, DATEFMT))
+    handlers = [handler]
+    if file:
+        Path(file).parent.mkdir(parents=True, exist_ok=True)
+        rotating = logging.handlers.RotatingFileHandler(file, maxBytes=int(max_mb * 1024 * 1024),
+                                                        backupCount=keep, encoding="utf-8")
+        rotating.setFormatter(EscapingFormatter(STAMPED, DATEFMT))
+        handlers.append(rotating)
     root = logging.getLogger()
     for old in list(root.handlers):
         if getattr(old, "_tastefeed", False):
             root.removeHandler(old)
-    handler._tastefeed = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
+            old.close()
+    for new in handlers:
+        new.addFilter(RedactingFilter())
+        new._tastefeed = True  # type: ignore[attr-defined]
+        root.addHandler(new)
     root.setLevel(level.upper())
     # Libraries that are chatty at INFO.
     for name in ("apscheduler", "discord", "PIL", "urllib3", "matplotlib"):
