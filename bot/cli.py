@@ -4,6 +4,7 @@
     python main.py score PICTURE...         faces and scores of pictures (--json)
     python main.py sources list|add|remove|test
     python main.py doctor                   check config, database, detector, model, device
+    python main.py status                   health of the running (or stopped) daemon (--json)
     python main.py import-labels DIR|CSV    import existing ratings or winner,loser comparisons (--crops for face crops)
     python main.py train                    train on all labels; promote if better
     python main.py eval                     metrics and plots of the active (or --model) model
@@ -18,7 +19,8 @@ Each command is a ``cmd_*`` function. Errors meant for the user (each package's 
 printed as one line, ``error: <message>``, on stderr. Exit codes:
 
     0    done
-    1    the command failed (the message says why), or ``doctor`` found a failing check
+    1    the command failed (the message says why), ``doctor`` found a failing check, or
+         ``status`` found the daemon failing or not running
     2    bad configuration or bad command-line arguments
     130  interrupted (Ctrl-C)
 """
@@ -269,6 +271,16 @@ def _doctor_checks(cfg, opened: contextlib.ExitStack) -> list[tuple[str, bool, s
             if not r["healthy"]:
                 checks.append((f"source {r['name']}", False, r["last_error"] or "unhealthy"))
     return checks
+
+
+# ---- status ----------------------------------------------------------------------------------
+def cmd_status(cfg, args) -> int:
+    """The daemon's health (``bot.health``): 0 when it runs and is ok or degraded, else 1."""
+    from bot.health import format_report, status_report
+
+    report = status_report(cfg)
+    print(json.dumps(report, indent=2) if args.json else "\n".join(format_report(report)))
+    return 0 if report["running"] and report["status"] in ("ok", "degraded") else 1
 
 
 # ---- learning loop ---------------------------------------------------------------------------
@@ -655,6 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("name")
     te.add_argument("--limit", type=int, default=20)
     sub.add_parser("doctor", help="check config, database, detector, model and device")
+    st = sub.add_parser("status", help="health of the daemon: running or not, queues, sources, disk "
+                        "(its /healthz, or the database when it is stopped)")
+    st.add_argument("--json", action="store_true", help="print JSON")
     il = sub.add_parser("import-labels", help="import ratings: a folder with subfolders 1..5, or a path,rating CSV; "
                         "or comparisons: a CSV whose header is winner,loser")
     il.add_argument("path", metavar="DIR_OR_CSV")
@@ -713,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"run": cmd_run, "score": cmd_score, "sources": cmd_sources, "doctor": cmd_doctor,
+COMMANDS = {"run": cmd_run, "score": cmd_score, "sources": cmd_sources, "doctor": cmd_doctor, "status": cmd_status,
             "import-labels": cmd_import_labels, "train": cmd_train, "eval": cmd_eval, "models": cmd_models,
             "rescore": cmd_rescore, "characters": cmd_characters, "service": cmd_service}
 

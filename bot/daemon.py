@@ -16,7 +16,8 @@ write rows), and after a crash or stop the work simply resumes from the rows' st
 rescoring, full retraining in a child process), :class:`bot.learning.Learner` (the taste head
 refitted in seconds after new labels), :class:`bot.recognition.Recognition` (who is in the
 faces: recognition of each scored batch, stored faces identified again when the identity
-embedder or names change). The Discord bot and the web gallery get only the callables they need.
+embedder or names change), :class:`bot.health.LoopMonitor` (event-loop lag, for ``/healthz``
+and ``/stats``). The Discord bot and the web gallery get only the callables they need.
 Under systemd the daemon reports ready, its status, watchdog pings and stopping (:mod:`bot.notify`).
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from datetime import timezone
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from bot import notify
 from bot.config import Config
+from bot.health import LoopMonitor, live_report, remove_state, write_state
 from bot.manage import sync_config_sources
 from bot.learning import Learner
 from bot.model_watch import ModelWatcher
@@ -68,6 +71,8 @@ class Daemon:
         self._discord_task: asyncio.Task | None = None
         self.lock: DaemonLock | None = None   # one daemon per data folder (storage/lock.py)
         self._notify_tasks: list[asyncio.Task] = []   # systemd's watchdog and status (bot/notify.py)
+        self.loop_monitor = LoopMonitor(self.stats)   # stats["loop_lag_ms"] (bot/health.py)
+        self.started_at: float | None = None          # time.monotonic() of the start, for uptime
 
     # ---- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -75,6 +80,8 @@ class Daemon:
         runs on this data folder."""
         Path(self.cfg.data_dir).mkdir(parents=True, exist_ok=True)
         self.lock = DaemonLock(self.cfg.data_path).acquire()
+        self.started_at = time.monotonic()
+        self.loop_monitor.start()
         self.cfg.media_path.mkdir(parents=True, exist_ok=True)
         await self.store.open()
         for name in await self.store.call(sync_config_sources, self.cfg):
@@ -90,6 +97,7 @@ class Daemon:
         self.pipeline.start(self.analyzer)
         self.start_discord()
         await self.start_gallery()
+        write_state(self.cfg.data_path, self.gallery_url)   # where `status` finds the gallery
         self.started.set()
         self._notify_tasks = notify.start(self.status_line)
 
@@ -102,6 +110,10 @@ class Daemon:
         paused = self.stats.get("downloads_paused")
         return f"{line}; downloads paused: {paused}" if paused else line
 
+    async def health(self) -> dict:
+        """The health report (``GET /healthz``; rules in ``bot.health``)."""
+        return await live_report(self)
+
     async def start_gallery(self) -> None:
         if not self.cfg.web_on():
             log.info("web gallery: off (web.enabled = %r%s)", self.cfg.web.enabled,
@@ -111,7 +123,8 @@ class Daemon:
 
         gallery = Gallery(self.cfg, self.store, model_changed=self.models.check_model,
                           sources_changed=self.poller.refresh_sources,
-                          characters_changed=self.recognition.owner_changed_names)
+                          characters_changed=self.recognition.owner_changed_names,
+                          health=self.health, live=self.stats)
         try:
             self.gallery_url = await gallery.start()
         except OSError as e:
@@ -128,7 +141,7 @@ class Daemon:
         from bot.discord_bot import DiscordBot  # discord.py is imported only when it is used
 
         self.discord = DiscordBot(self.cfg, self.store, request_retrain=self.models.retrain,
-                                  names_changed=self.recognition.names_changed)
+                                  names_changed=self.recognition.names_changed, live=self.stats)
         self._discord_task = asyncio.create_task(self.discord.run(), name="discord")
 
     def request_stop(self) -> None:
@@ -163,7 +176,9 @@ class Daemon:
                 await asyncio.wait(still, timeout=5)
         await self.http.close()
         await self.store.close()
+        await self.loop_monitor.stop()
         if self.lock is not None:
+            remove_state(self.cfg.data_path)
             self.lock.release()
             self.lock = None
         for task in self._notify_tasks:   # the watchdog pings go on until the very end

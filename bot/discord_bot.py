@@ -60,7 +60,7 @@ class DiscordBot:
     RETRY_FIRST = 5.0                 # seconds before retrying a failed login; doubles up to 10 minutes
 
     def __init__(self, cfg: Config, store, request_retrain: Callable[[str], Awaitable[bool]] | None = None,
-                 names_changed: Callable[[], Awaitable[object]] | None = None):
+                 names_changed: Callable[[], Awaitable[object]] | None = None, live: dict | None = None):
         self.cfg = cfg
         self.d = cfg.discord
         self.store = store            # storage.writer.AsyncStore
@@ -76,7 +76,7 @@ class DiscordBot:
                             after_posts=self.compare.after_posts)
         self.reactions = ReactionLabels(self.d, store, self.owners, emoji, client=lambda: self.client)
         self.commands = OwnerCommands(cfg, store, self.posts.post_cycle, request_retrain, names_changed,
-                                      post_comparison=self.compare.post)
+                                      post_comparison=self.compare.post, live=live)
 
     # ---- connection ------------------------------------------------------------------------
     async def run(self) -> None:

@@ -91,12 +91,14 @@ class OwnerCommands:
     ``names_changed()`` makes recognition use a face named by /name at once (the daemon's
     ``bot.recognition.Recognition.names_changed``; None: recognition picks it up on its own);
     ``post_comparison(reason)`` posts two pictures to compare now (``bot.discord_compare``; None:
-    /compare says it is not available)."""
+    /compare says it is not available); ``live`` is the daemon's ``stats`` (/stats shows its
+    event-loop lag)."""
 
     def __init__(self, cfg: Config, store, post_cycle: Callable[..., Awaitable[list[int]]],
                  request_retrain: Callable[[str], Awaitable[bool]] | None = None,
                  names_changed: Callable[[], Awaitable[object]] | None = None,
-                 post_comparison: Callable[[str], Awaitable[int | None]] | None = None):
+                 post_comparison: Callable[[str], Awaitable[int | None]] | None = None,
+                 live: dict | None = None):
         self.cfg = cfg
         self.d = cfg.discord
         self.store = store            # storage.writer.AsyncStore
@@ -104,6 +106,7 @@ class OwnerCommands:
         self.request_retrain = request_retrain
         self.names_changed = names_changed
         self.post_comparison = post_comparison
+        self.live = live
 
     def register(self, tree: app_commands.CommandTree) -> None:
         """Add the commands to ``tree``."""
@@ -117,7 +120,7 @@ class OwnerCommands:
 
         @tree.command(name="stats", description="Labels, model quality, queues and source health")
         async def stats_(interaction: discord.Interaction):
-            data = await self.store.call(lambda s: stats(s, CHANNEL))
+            data = await self.store.call(lambda s: stats(s, CHANNEL, self.live))
             lines = format_stats(data)
             paused = await self.store.get_setting(SETTING_PAUSED, False)
             lines.append("posting: " + ("paused" if paused else f"every {self.d.interval:g}s, "

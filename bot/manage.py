@@ -1,5 +1,6 @@
 """Administration shared by the command line, the Discord commands and the web gallery:
-adding, listing and removing sources, and the status summary (``/stats``).
+adding, listing and removing sources, and the status summary (``/stats``, with the daemon's
+event-loop lag when it is given).
 
 Every function takes a sync :class:`storage.Store` (the daemon runs them on its writer thread)
 and raises :class:`ManageError` with a message meant for the user.
@@ -175,9 +176,9 @@ def name_picture_face(store, image_id: int, name: str, number: int | None, *, or
     return face, created
 
 
-def stats(store, channel: str | None = None) -> dict:
+def stats(store, channel: str | None = None, live: dict | None = None) -> dict:
     """Labels and comparisons, the active model and its validation metrics, queue sizes and
-    source health."""
+    source health; with ``live`` (the daemon's ``stats``), its event-loop lag."""
     model = store.active_model() or {}
     metrics = json.loads(model["metrics"]) if model.get("metrics") else {}
     counts = store.status_counts()
@@ -197,6 +198,8 @@ def stats(store, channel: str | None = None) -> dict:
         "sources": {"total": len(sources), "unhealthy": sorted(r["name"] for r in sources if not r["healthy"])},
     }
     out["characters"] = character_stats(store)
+    if live is not None:
+        out["loop_lag_ms"] = live.get("loop_lag_ms")
     if channel is not None:
         out["unposted"] = store.count_candidates(channel)
         out["posts"] = store.post_counts(channel)
@@ -251,4 +254,12 @@ def format_stats(s: dict) -> list[str]:
     src = s["sources"]
     lines.append(f"sources: {src['total']}, " + (f"UNHEALTHY: {', '.join(src['unhealthy'])}"
                                                  if src["unhealthy"] else "all healthy"))
+    if s.get("loop_lag_ms"):
+        lines.append(format_lag(s["loop_lag_ms"]))
     return lines
+
+
+def format_lag(lag: dict) -> str:
+    """The event-loop lag figures (``bot.health.LoopMonitor.figures``) as one line."""
+    return (f"event loop lag: p50 {lag['p50']:g} ms, p99 {lag['p99']:g} ms, max {lag['max']:g} ms "
+            f"(last {lag['window_s']:g} s, {lag['samples']} samples)")

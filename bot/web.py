@@ -5,7 +5,8 @@ An aiohttp app served by the daemon (``[web]``: 127.0.0.1:8080 by default). Page
 *Picture* (face boxes with scores and characters, name a face by clicking it, labels), *Rated*
 (with undo), *Compare* (which of two pictures you prefer: the pair the model is least sure how to
 order, keys ← → and ↓, undo last), *Model* (metrics, plots, rollback; the identity embedder's
-too) and *Sources* (health, add, remove, pause). For you and Rated filter by character (``?character=NAME``), and
+too) and *Sources* (health, add, remove, pause); ``GET /healthz`` is the daemon's health report
+(``bot.health``). For you and Rated filter by character (``?character=NAME``), and
 each card shows its characters as chips.
 
 This module is the app, its pages and its files; who may use it (token, Host check, same-origin
@@ -28,9 +29,10 @@ import jinja2
 from aiohttp import web
 
 from bot.config import Config
+from bot.health import database_report
 from bot.manage import PAUSED_SOURCES, character_stats, picture_data, source_state, stats, web_link
 from bot.web_actions import COMPARE_ORIGIN, USER, GalleryActions
-from bot.web_guard import guard
+from bot.web_guard import HEALTHZ, guard
 from scorer.ranking import exploration_share, is_cold
 from storage.media import thumbnail
 
@@ -154,13 +156,18 @@ def sources_data(store) -> dict:
 # ---- the app --------------------------------------------------------------------------------
 class Gallery:
     """The gallery; ``model_changed``, ``sources_changed`` and ``characters_changed`` (a face
-    named, a name taken back, the identity embedder switched) tell a running daemon at once."""
+    named, a name taken back, the identity embedder switched) tell a running daemon at once.
+    ``health`` gives the ``/healthz`` report (the daemon's ``Daemon.health``; None: the report
+    from the database alone), ``live`` is the daemon's ``stats`` (event-loop lag for /api/stats)."""
 
     def __init__(self, cfg: Config, store, model_changed: Callable[[], Awaitable[None]] | None = None,
                  sources_changed: Callable[[], Awaitable[None]] | None = None,
-                 characters_changed: Callable[[], Awaitable[None]] | None = None):
+                 characters_changed: Callable[[], Awaitable[None]] | None = None,
+                 health: Callable[[], Awaitable[dict]] | None = None, live: dict | None = None):
         self.cfg = cfg
         self.store = store            # storage.writer.AsyncStore
+        self.health = health or (lambda: asyncio.to_thread(database_report, cfg))
+        self.live = live
         self.actions = GalleryActions(cfg, store, model_changed, sources_changed, characters_changed)
         self.runner: web.AppRunner | None = None
         self.url: str | None = None
@@ -184,6 +191,7 @@ class Gallery:
         r.add_get("/thumb/{id:\\d{1,18}}", self.thumb)
         r.add_get("/eval/{version}/{name}", self.eval_plot)
         r.add_get("/api/stats", self.api_stats)
+        r.add_get(HEALTHZ, self.healthz)
         r.add_post("/rate/{id:\\d{1,18}}", a.rate)
         r.add_post("/undo/{label:\\d{1,18}}", a.undo)
         r.add_post("/compare", a.compare)
@@ -278,7 +286,13 @@ class Gallery:
                            message=request.query.get("message", ""), **data)
 
     async def api_stats(self, request):
-        return web.json_response(await self.store.call(stats, CHANNEL))
+        return web.json_response(await self.store.call(stats, CHANNEL, self.live))
+
+    async def healthz(self, request):
+        """The health report (``bot.health``): 200 when ok or degraded, 503 when failing."""
+        report = await self.health()
+        return web.json_response(report, status=503 if report["status"] == "failing" else 200,
+                                 headers={"Cache-Control": "no-store"})
 
     # ---- files -------------------------------------------------------------------------------
     async def _image(self, request) -> dict:

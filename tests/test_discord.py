@@ -310,6 +310,8 @@ async def test_slash_commands_answer_the_owner_and_refuse_everyone_else(tmp_path
 
         [stats] = await reply(await fake.command("stats", fake.owner_id))
         assert "labels: 0 picture(s)" in stats["data"]["content"] and "untrained" in stats["data"]["content"]
+        assert "\nevent loop lag: p50 " in stats["data"]["content"]      # the daemon's loop lag, one line
+        assert (await daemon.health())["discord"] == "connected"
 
         link = f"https://discord.com/channels/{fake.guild_id}/{fake.channel_id}/{msg['id']}"
         why = (await reply(await fake.command("why", fake.owner_id, [{"name": "picture", "type": 3,
