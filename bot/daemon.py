@@ -16,7 +16,8 @@ write rows), and after a crash or stop the work simply resumes from the rows' st
 rescoring, full retraining in a child process), :class:`bot.learning.Learner` (the taste head
 refitted in seconds after new labels), :class:`bot.recognition.Recognition` (who is in the
 faces: recognition of each scored batch, stored faces identified again when the identity
-embedder or names change). The Discord bot and the web gallery get only the callables they need.
+embedder or names change), :class:`bot.backups.BackupJob` (scheduled backups). The Discord bot
+and the web gallery get only the callables they need.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from bot.backups import BackupJob
 from bot.config import Config
 from bot.manage import sync_config_sources
 from bot.learning import Learner
@@ -60,6 +62,7 @@ class Daemon:
                                    on_new_items=self.pipeline.wake_downloads)
         self.models = ModelWatcher(cfg, self.store, self.scheduler, self.stopping, self.stats)
         self.learner = Learner(cfg, self.store, self.models, self.stopping, self.stats)
+        self.backups = BackupJob(cfg, self.stopping)
         self.discord = None           # bot.discord_bot.DiscordBot when a token is configured
         self.gallery = None           # bot.web.Gallery when the web gallery is on
         self.gallery_url: str | None = None
@@ -84,6 +87,7 @@ class Daemon:
         await self.models.start(self.analyzer)
         await self.learner.start(self.scheduler)
         await self.recognition.start(self.scheduler)
+        self.backups.start(self.scheduler)
         self.pipeline.start(self.analyzer)
         self.start_discord()
         await self.start_gallery()
@@ -139,7 +143,7 @@ class Daemon:
             self._discord_task.cancel()
             await asyncio.wait([self._discord_task], timeout=5)
         work = self.pipeline.running() + self.poller.running() + self.models.running() + self.recognition.running() \
-            + self.learner.running()
+            + self.learner.running() + self.backups.running()
         pending = [t for t in work if not t.done()]
         if pending:
             done, still = await asyncio.wait(pending, timeout=self.cfg.daemon.stop_timeout)
