@@ -52,8 +52,8 @@ class BackupJob:
             dest, manifest, removed = await asyncio.to_thread(
                 scheduled_backup, self.cfg.paths, b.dest_path(self.cfg.data_path), keep=b.keep, media=b.media,
                 cancel=self.stopping.is_set)
-        except (BackupError, OSError) as e:
-            log.error("backup: failed: %s", e)
+        except Exception as e:  # noqa: BLE001 -- one line, and the next scheduled backup tries again
+            log.error("backup: failed: %s", e if isinstance(e, (BackupError, OSError)) else repr(e))
             return False
         media = f", {manifest.media.count} media file(s)" if manifest.media else ""
         log.info("backup: wrote %s in %.1fs (%d picture(s), %d labelled, %d model file(s)%s; %s)%s", dest,

@@ -144,7 +144,9 @@ def backup(paths: DataPaths, dest: str | Path, *, media: bool = False, progress:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        taken = datetime.now(timezone.utc).isoformat(timespec="microseconds")   # the snapshot's time
         manifest = _copy_database(paths.db, tmp / DB_NAME)
+        manifest.created_at = taken
         manifest.data_dir = str(paths.root.resolve())
         manifest.models, manifest.model_files = _copy_models(paths.models, tmp / "models", cancel)
         if media:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -280,6 +281,13 @@ async def test_scheduled_backups_keep_only_the_newest_keep(tmp_path, caplog):
     assert len(lines) == 3 and "removed 1 older backup(s)" in lines[-1] and "2 labelled" in lines[0]
     newest = max((root / k for k in kept if k != "mine"), key=lambda p: json.loads((p / "manifest.json").read_text())["created_at"])
     assert str(newest) in lines[-1]
+
+    (tmp_path / "a-file").write_text("x")             # a failure is one line, and the daemon goes on
+    cfg.backup = dataclasses.replace(cfg.backup, dest=str(tmp_path / "a-file"))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tastefeed.daemon"):
+        assert not await BackupJob(cfg, asyncio.Event()).run()
+    assert [r.getMessage()[:16] for r in caplog.records] == ["backup: failed: "]
 
     daemon = Daemon(cfg)
     await daemon.start()
