@@ -10,6 +10,9 @@
     python main.py eval                     metrics and plots of the active (or --model) model
     python main.py models list|use VERSION  the model registry; use = switch / roll back
     python main.py rescore                  rescore unposted pictures with the active model
+    python main.py backup DEST [--media]    a consistent copy while the daemon runs
+    python main.py restore SRC [--yes]      put a backup back (no daemon may run)
+    python main.py export-labels FILE.csv   ratings as path,rating rows import-labels reads back
     python main.py characters import|add|identify|train|eval|list|models|use|recognize   who is in the faces
     python main.py service install|uninstall|status   run the daemon as a systemd service (--system, --dry-run)
 
@@ -425,6 +428,69 @@ def cmd_rescore(cfg, args) -> int:
     return 0
 
 
+# ---- backups ---------------------------------------------------------------------------------
+def cmd_backup(cfg, args) -> int:
+    import time
+
+    from storage.backup import backup
+
+    started = time.monotonic()
+    manifest = backup(cfg.paths, args.dest, media=args.media)
+    print(f"backed up {Path(cfg.data_dir).resolve()} to {Path(args.dest).resolve()} "
+          f"in {time.monotonic() - started:.1f}s: {manifest.summary()}")
+    print("  the copy of the database passed PRAGMA integrity_check")
+    return 0
+
+
+def cmd_restore(cfg, args) -> int:
+    import sqlite3
+
+    from storage.backup import check_backup, counts, restore
+    from storage.lock import daemon_pid
+
+    pid = daemon_pid(cfg.data_path)
+    if pid is not None:
+        return _fail(f"a tastefeed daemon (pid {pid}) is running on {cfg.data_path.resolve()}: "
+                     "stop it before restoring")
+    manifest = check_backup(args.src)
+    print(f"backup of {manifest.created_at[:19]} (tastefeed {manifest.tastefeed_version}): {manifest.summary()}")
+    if cfg.db_path.exists() and not args.yes:
+        try:
+            images, labels, _ = counts(cfg.db_path)
+            held = f"{images} picture(s), {labels} labelled"
+        except sqlite3.Error as e:
+            held = f"unreadable: {e}"
+        current = f"the database in {cfg.data_path.resolve()} ({held})"
+        if not sys.stdin.isatty():
+            return _fail(f"replacing {current} needs --yes (it is kept as tastefeed.db.before-restore-<time>)")
+        if input(f"replace {current}? it is kept as tastefeed.db.before-restore-<time> [y/N] "
+                 ).strip().lower() not in ("y", "yes"):
+            print("nothing restored")
+            return 1
+    report = restore(cfg.paths, args.src, manifest=manifest)
+    print(f"restored {Path(args.src).resolve()} into {cfg.data_path.resolve()}: the database, "
+          f"{report.models.count} model file(s), {report.media.count} media file(s) copied")
+    if report.kept_as is not None:
+        print(f"  the previous database is kept as {report.kept_as}")
+    return 0
+
+
+def cmd_export_labels(cfg, args) -> int:
+    from storage import Store
+    from storage.export import export_labels
+
+    if not cfg.db_path.exists():
+        return _fail(f"no database at {cfg.db_path}: nothing to export")
+    with Store.open(cfg.db_path) as store:
+        report = export_labels(store, cfg.media_path, args.path, all_labels=args.all, copy=args.copy,
+                               comparisons_path=args.comparisons)
+    for message in report.problems:
+        print(f"left out: {message}", file=sys.stderr)
+    print(f"exported {report.summary()} to {args.path}" + (f" and {args.comparisons}" if args.comparisons else "")
+          + f"; import with: python main.py import-labels {args.path}")
+    return 0
+
+
 # ---- characters ------------------------------------------------------------------------------
 def cmd_characters(cfg, args) -> int:
     from storage import Store
@@ -691,6 +757,21 @@ def build_parser() -> argparse.ArgumentParser:
     use = mo_sub.add_parser("use", help="make VERSION the active model")
     use.add_argument("version")
     sub.add_parser("rescore", help="rescore unposted pictures with the active model")
+    bk = sub.add_parser("backup", help="copy the database and model files (--media: the pictures too) into DEST, "
+                        "while the daemon runs")
+    bk.add_argument("dest", metavar="DEST", help="a new folder (or an empty one)")
+    bk.add_argument("--media", action="store_true", help="also copy the media files (data/media)")
+    rs = sub.add_parser("restore", help="put a backup back (refused while a daemon runs on the data folder)")
+    rs.add_argument("src", metavar="SRC", help="a folder written by backup")
+    rs.add_argument("--yes", action="store_true", help="replace the current database without asking "
+                    "(it is kept as tastefeed.db.before-restore-<time>)")
+    ex = sub.add_parser("export-labels", help="write the ratings as a path,rating CSV that import-labels reads back")
+    ex.add_argument("path", metavar="FILE.csv")
+    ex.add_argument("--all", action="store_true", help="every rating not taken back, oldest first "
+                    "(default: each picture's current rating)")
+    ex.add_argument("--copy", action="store_true", help="copy the pictures into FILE-pictures/ beside the CSV "
+                    "and name them relative to it (default: the media files' absolute paths)")
+    ex.add_argument("--comparisons", metavar="PAIRS.csv", help="also write the comparisons as winner,loser rows")
     ch = sub.add_parser("characters", help="name characters, train the identity embedder, identify faces")
     ch_sub = ch.add_subparsers(dest="action", required=True)
     ci = ch_sub.add_parser("import", help="name faces from DIR/<character name>/<pictures>")
@@ -730,7 +811,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"run": cmd_run, "score": cmd_score, "sources": cmd_sources, "doctor": cmd_doctor, "status": cmd_status,
             "import-labels": cmd_import_labels, "train": cmd_train, "eval": cmd_eval, "models": cmd_models,
-            "rescore": cmd_rescore, "characters": cmd_characters, "service": cmd_service}
+            "rescore": cmd_rescore, "characters": cmd_characters, "service": cmd_service,
+            "backup": cmd_backup, "restore": cmd_restore, "export-labels": cmd_export_labels}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,7 +70,26 @@ class BackupConfig:
     media: bool = False                   # scheduled backups include the media files
 
     def check(self):
+        if self.schedule:
+            problem = cron_problem(self.schedule)
+            if problem:
+                return "schedule", problem
         return _positive(self, ("keep",))
+
+    def dest_path(self, data_path: Path) -> Path:
+        """Where scheduled backups go: ``dest``, or ``<data_dir>/backups`` when it is empty."""
+        return Path(self.dest) if self.dest else Path(data_path) / "backups"
+
+
+def cron_problem(expression: str) -> str | None:
+    """Why ``expression`` is not a crontab line APScheduler reads (None when it is one)."""
+    from apscheduler.triggers.cron import CronTrigger
+    try:
+        CronTrigger.from_crontab(expression)
+    except ValueError as e:
+        return (f"expected a cron expression like '0 4 * * *' (minute hour day month weekday), "
+                f"got {expression!r}: {e}")
+    return None
 
 
 def _positive(section, keys: tuple[str, ...]):
@@ -368,13 +387,9 @@ def _check_values(cfg: Config) -> None:
         section = getattr(cfg, f.name)
         if dataclasses.is_dataclass(section):
             _check(section, f.name)
-    if cfg.train.schedule:
-        from apscheduler.triggers.cron import CronTrigger
-        try:
-            CronTrigger.from_crontab(cfg.train.schedule)
-        except ValueError as e:
-            raise ConfigError(f"train.schedule: expected a cron expression like '0 4 * * *' "
-                              f"(minute hour day month weekday), got {cfg.train.schedule!r}: {e}") from None
+    problem = cron_problem(cfg.train.schedule) if cfg.train.schedule else None
+    if problem:
+        raise ConfigError(f"train.schedule: {problem}")
     if not cfg.data_dir:
         raise ConfigError("data_dir: expected a folder path, got ''")
 

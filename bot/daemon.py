@@ -17,8 +17,9 @@ rescoring, full retraining in a child process), :class:`bot.learning.Learner` (t
 refitted in seconds after new labels), :class:`bot.recognition.Recognition` (who is in the
 faces: recognition of each scored batch, stored faces identified again when the identity
 embedder or names change), :class:`bot.health.LoopMonitor` (event-loop lag, for ``/healthz``
-and ``/stats``). The Discord bot and the web gallery get only the callables they need.
-Under systemd the daemon reports ready, its status, watchdog pings and stopping (:mod:`bot.notify`).
+and ``/stats``), :class:`bot.backups.BackupJob` (scheduled backups). The Discord bot and the web
+gallery get only the callables they need. Under systemd the daemon reports ready, its status,
+watchdog pings and stopping (:mod:`bot.notify`).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from pathlib import Path
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from bot import notify
+from bot.backups import BackupJob
 from bot.config import Config
 from bot.health import LoopMonitor, live_report, remove_state, write_state
 from bot.manage import sync_config_sources
@@ -65,6 +67,7 @@ class Daemon:
                                    on_new_items=self.pipeline.wake_downloads)
         self.models = ModelWatcher(cfg, self.store, self.scheduler, self.stopping, self.stats)
         self.learner = Learner(cfg, self.store, self.models, self.stopping, self.stats)
+        self.backups = BackupJob(cfg, self.stopping)
         self.discord = None           # bot.discord_bot.DiscordBot when a token is configured
         self.gallery = None           # bot.web.Gallery when the web gallery is on
         self.gallery_url: str | None = None
@@ -94,6 +97,7 @@ class Daemon:
         await self.models.start(self.analyzer)
         await self.learner.start(self.scheduler)
         await self.recognition.start(self.scheduler)
+        self.backups.start(self.scheduler)
         self.pipeline.start(self.analyzer)
         self.start_discord()
         await self.start_gallery()
@@ -166,7 +170,7 @@ class Daemon:
             self._discord_task.cancel()
             await asyncio.wait([self._discord_task], timeout=5)
         work = self.pipeline.running() + self.poller.running() + self.models.running() + self.recognition.running() \
-            + self.learner.running()
+            + self.learner.running() + self.backups.running()
         pending = [t for t in work if not t.done()]
         if pending:
             done, still = await asyncio.wait(pending, timeout=self.cfg.daemon.stop_timeout)
