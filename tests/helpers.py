@@ -78,6 +78,12 @@ interval = 0.5
 path = "{inbox}"
 settle = 0.2
 {sources}'''
+    # The gallery (on whenever Discord is off) takes a free port, never the default 8080, which
+    # anything else on the machine may hold.
+    if "[web]" not in body:
+        body += "\n[web]\nport = 0\n"
+    elif "port =" not in body.split("[web]", 1)[1].split("\n[", 1)[0]:
+        body = body.replace("[web]\n", "[web]\nport = 0\n", 1)
     return load_config(write_config(tmp_path, body))
 
 
