@@ -125,6 +125,14 @@ def writable_folders(cfg: Config) -> list[Path]:
     return list(dict.fromkeys(p.resolve() for p in folders))
 
 
+TMP_DIRS = ("/tmp", "/var/tmp")   # what PrivateTmp=yes replaces with the service's own
+
+
+def _in_tmp(path: Path) -> bool:
+    path = Path(path).resolve()
+    return any(path == Path(t).resolve() or Path(t).resolve() in path.parents for t in TMP_DIRS)
+
+
 def plan(cfg: Config, *, system: bool) -> Plan:
     user = invoking_user()
     folders = writable_folders(cfg)
@@ -151,7 +159,9 @@ def plan(cfg: Config, *, system: bool) -> Plan:
         f"TimeoutStartSec={START_TIMEOUT_SEC}",
         f"TimeoutStopSec={math.ceil(cfg.daemon.stop_timeout) + 30}",
         "NoNewPrivileges=yes",
-        "PrivateTmp=yes",
+        # A private /tmp would hide a data or inbox folder that lives in /tmp itself.
+        *(["PrivateTmp=yes"] if not any(_in_tmp(p) for p in [*folders, Path.cwd()]) else
+          ["# PrivateTmp left off: a folder the daemon uses is in /tmp"]),
         "ProtectSystem=strict",
         "ReadWritePaths=" + " ".join(_word(str(p)) for p in folders),
         "",

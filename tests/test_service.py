@@ -67,6 +67,7 @@ def settings(text: str) -> dict[str, str]:
 
 
 def test_user_unit_runs_this_installation_sandboxed_and_dry_run_touches_nothing(tmp_path, home, monkeypatch):
+    monkeypatch.setattr(service, "TMP_DIRS", ("/nonexistent-tmp",))   # tmp_path itself lives in /tmp
     monkeypatch.setenv("DISCORD_TOKEN", "discord-token-not-for-units")
     config, cfg = service_config(tmp_path)
     out = cli(tmp_path, "--config", config, "service", "install", "--dry-run")
@@ -386,3 +387,11 @@ def test_run_as_systemd_runs_it(tmp_path):
     assert any(line.startswith("<6>INFO tastefeed.daemon: stopped") for line in lines)
     logged = (tmp_path / "logs" / "tastefeed.log").read_text().splitlines()
     assert logged and all(STAMP.match(line) for line in logged) and logged[-1].endswith("tastefeed.daemon: stopped")
+
+
+def test_a_data_folder_in_tmp_keeps_the_real_tmp(tmp_path, home, monkeypatch):
+    monkeypatch.setattr(service, "TMP_DIRS", (str(tmp_path),))
+    config, _ = service_config(tmp_path)
+    out = cli(tmp_path, "--config", config, "service", "install", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "PrivateTmp" not in settings(out.stdout)    # a private /tmp would hide the data folder
