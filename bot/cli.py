@@ -9,6 +9,7 @@
     python main.py eval                     metrics and plots of the active (or --model) model
     python main.py models list|use VERSION  the model registry; use = switch / roll back
     python main.py rescore                  rescore unposted pictures with the active model
+    python main.py prune [--dry-run]        apply the [storage] rules now: prune old media, trim thumbnails
     python main.py characters import|add|identify|train|eval|list|models|use|recognize   who is in the faces
 
 Each command is a ``cmd_*`` function. Errors meant for the user (each package's base error:
@@ -382,6 +383,27 @@ def cmd_rescore(cfg, args) -> int:
     return 0
 
 
+# ---- disk ------------------------------------------------------------------------------------
+def cmd_prune(cfg, args) -> int:
+    """Apply the ``[storage]`` rules by hand (``storage/prune.py``); beside a running daemon too."""
+    from bot.disk import run_prune
+
+    report = run_prune(cfg, dry_run=args.dry_run)
+    rules = []
+    if cfg.storage.max_media_gb > 0:
+        rules.append(f"storage.max_media_gb {cfg.storage.max_media_gb:g}")
+    if cfg.storage.keep_days > 0:
+        rules.append(f"storage.keep_days {cfg.storage.keep_days:g}")
+    print(report.summary())
+    if not rules:
+        print("media is never pruned: set storage.max_media_gb or storage.keep_days "
+              f"(thumbnails are kept within storage.max_thumbs_mb {cfg.storage.max_thumbs_mb:g})")
+    elif report.over_limit:
+        print(f"still over storage.max_media_gb {cfg.storage.max_media_gb:g}: the rest is rated, compared, "
+              "posted, named or not scored yet, and is never pruned")
+    return 0
+
+
 # ---- characters ------------------------------------------------------------------------------
 def cmd_characters(cfg, args) -> int:
     from storage import Store
@@ -635,6 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
     use = mo_sub.add_parser("use", help="make VERSION the active model")
     use.add_argument("version")
     sub.add_parser("rescore", help="rescore unposted pictures with the active model")
+    pr = sub.add_parser("prune", help="prune the media of old, unrated, unposted pictures and trim the thumbnail "
+                        "cache, as [storage] says")
+    pr.add_argument("--dry-run", action="store_true", help="change nothing; say what would be freed")
     ch = sub.add_parser("characters", help="name characters, train the identity embedder, identify faces")
     ch_sub = ch.add_subparsers(dest="action", required=True)
     ci = ch_sub.add_parser("import", help="name faces from DIR/<character name>/<pictures>")
@@ -664,7 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"run": cmd_run, "score": cmd_score, "sources": cmd_sources, "doctor": cmd_doctor,
             "import-labels": cmd_import_labels, "train": cmd_train, "eval": cmd_eval, "models": cmd_models,
-            "rescore": cmd_rescore, "characters": cmd_characters}
+            "rescore": cmd_rescore, "prune": cmd_prune, "characters": cmd_characters}
 
 
 def main(argv: list[str] | None = None) -> int:
