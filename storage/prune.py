@@ -72,8 +72,8 @@ class PruneReport:
     paths: list[str] = field(default_factory=list)   # media files pruned (relative)
 
     def summary(self) -> str:
-        """One line, e.g. ``pruned the media of 3 picture(s) (3 files, 1.2 MB) and 4 thumbnail(s)
-        (56 KB); media now 9.8 GB, thumbnails 12 MB``."""
+        """One line, e.g. ``pruned the media of 3 picture(s) (3 file(s), 1.2 MB) and 4 thumbnail(s)
+        (56.0 KB); media now 9.8 GB, thumbnails 12.0 MB``."""
         verb = "would prune" if self.dry_run else "pruned"
         now = "would be" if self.dry_run else "now"
         if not self.files and not self.thumbs:
@@ -85,7 +85,7 @@ class PruneReport:
 
 
 def human(n: int | float) -> str:
-    """Bytes in decimal units: ``512 B``, ``56 KB``, ``1.2 MB``, ``9.8 GB``."""
+    """Bytes in decimal units: ``512 B``, ``56.0 KB``, ``1.2 MB``, ``412 MB`` (no decimal from 100 on)."""
     for unit, size in (("GB", GB), ("MB", MB), ("KB", 10 ** 3)):
         if abs(n) >= size:
             value = n / size
