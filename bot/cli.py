@@ -13,6 +13,7 @@
     python main.py backup DEST [--media]    a consistent copy while the daemon runs
     python main.py restore SRC [--yes]      put a backup back (no daemon may run)
     python main.py export-labels FILE.csv   ratings as path,rating rows import-labels reads back
+    python main.py prune [--dry-run]        apply the [storage] rules now: prune old media, trim thumbnails
     python main.py characters import|add|identify|train|eval|list|models|use|recognize   who is in the faces
     python main.py service install|uninstall|status   run the daemon as a systemd service (--system, --dry-run)
 
@@ -488,6 +489,25 @@ def cmd_export_labels(cfg, args) -> int:
         print(f"left out: {message}", file=sys.stderr)
     print(f"exported {report.summary()} to {args.path}" + (f" and {args.comparisons}" if args.comparisons else "")
           + f"; import with: python main.py import-labels {args.path}")
+
+# ---- disk ------------------------------------------------------------------------------------
+def cmd_prune(cfg, args) -> int:
+    """Apply the ``[storage]`` rules by hand (``storage/prune.py``); beside a running daemon too."""
+    from bot.disk import run_prune
+
+    report = run_prune(cfg, dry_run=args.dry_run)
+    rules = []
+    if cfg.storage.max_media_gb > 0:
+        rules.append(f"storage.max_media_gb {cfg.storage.max_media_gb:g}")
+    if cfg.storage.keep_days > 0:
+        rules.append(f"storage.keep_days {cfg.storage.keep_days:g}")
+    print(report.summary())
+    if not rules:
+        print("media is never pruned: set storage.max_media_gb or storage.keep_days "
+              f"(thumbnails are kept within storage.max_thumbs_mb {cfg.storage.max_thumbs_mb:g})")
+    elif report.over_limit:
+        print(f"still over storage.max_media_gb {cfg.storage.max_media_gb:g}: the rest is rated, compared, "
+              "posted, named or not scored yet, and is never pruned")
     return 0
 
 
@@ -772,6 +792,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--copy", action="store_true", help="copy the pictures into FILE-pictures/ beside the CSV "
                     "and name them relative to it (default: the media files' absolute paths)")
     ex.add_argument("--comparisons", metavar="PAIRS.csv", help="also write the comparisons as winner,loser rows")
+
+    pr = sub.add_parser("prune", help="prune the media of old, unrated, unposted pictures and trim the thumbnail "
+                        "cache, as [storage] says")
+    pr.add_argument("--dry-run", action="store_true", help="change nothing; say what would be freed")
     ch = sub.add_parser("characters", help="name characters, train the identity embedder, identify faces")
     ch_sub = ch.add_subparsers(dest="action", required=True)
     ci = ch_sub.add_parser("import", help="name faces from DIR/<character name>/<pictures>")
@@ -811,7 +835,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"run": cmd_run, "score": cmd_score, "sources": cmd_sources, "doctor": cmd_doctor, "status": cmd_status,
             "import-labels": cmd_import_labels, "train": cmd_train, "eval": cmd_eval, "models": cmd_models,
-            "rescore": cmd_rescore, "characters": cmd_characters, "service": cmd_service,
+            "rescore": cmd_rescore, "prune": cmd_prune, "characters": cmd_characters, "service": cmd_service,
             "backup": cmd_backup, "restore": cmd_restore, "export-labels": cmd_export_labels}
 
 

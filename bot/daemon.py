@@ -17,9 +17,10 @@ rescoring, full retraining in a child process), :class:`bot.learning.Learner` (t
 refitted in seconds after new labels), :class:`bot.recognition.Recognition` (who is in the
 faces: recognition of each scored batch, stored faces identified again when the identity
 embedder or names change), :class:`bot.health.LoopMonitor` (event-loop lag, for ``/healthz``
-and ``/stats``), :class:`bot.backups.BackupJob` (scheduled backups). The Discord bot and the web
-gallery get only the callables they need. Under systemd the daemon reports ready, its status,
-watchdog pings and stopping (:mod:`bot.notify`).
+and ``/stats``), :class:`bot.backups.BackupJob` (scheduled backups), :class:`bot.disk.DiskKeeper`
+(downloads pause on low disk; media pruned by the ``[storage]`` rules in a worker thread). The
+Discord bot and the web gallery get only the callables they need. Under systemd the daemon
+reports ready, its status, watchdog pings and stopping (:mod:`bot.notify`).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from bot import notify
 from bot.backups import BackupJob
 from bot.config import Config
+from bot.disk import DiskKeeper
 from bot.health import LoopMonitor, live_report, remove_state, write_state
 from bot.manage import sync_config_sources
 from bot.learning import Learner
@@ -59,10 +61,12 @@ class Daemon:
         self.analyzer: Analyzer | None = None
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
-        self.stats = {"polls": 0, "downloaded": 0, "scored": 0, "failed": 0, "rescored": 0, "identified": 0}
+        self.stats = {"polls": 0, "downloaded": 0, "scored": 0, "failed": 0, "rescored": 0, "identified": 0,
+                      "downloads_paused": None}
         self.recognition = Recognition(cfg, self.store, self.stopping, self.stats)
+        self.disk = DiskKeeper(cfg, self.stopping, self.stats)
         self.pipeline = Pipeline(cfg, self.store, self.http, self.stopping, self.stats,
-                                 recognition=self.recognition)
+                                 recognition=self.recognition, disk=self.disk)
         self.poller = SourcePoller(cfg, self.store, self.http, self.scheduler, self.stopping, self.stats,
                                    on_new_items=self.pipeline.wake_downloads)
         self.models = ModelWatcher(cfg, self.store, self.scheduler, self.stopping, self.stats)
@@ -98,6 +102,7 @@ class Daemon:
         await self.learner.start(self.scheduler)
         await self.recognition.start(self.scheduler)
         self.backups.start(self.scheduler)
+        await self.disk.start(self.scheduler)
         self.pipeline.start(self.analyzer)
         self.start_discord()
         await self.start_gallery()
@@ -128,7 +133,7 @@ class Daemon:
         gallery = Gallery(self.cfg, self.store, model_changed=self.models.check_model,
                           sources_changed=self.poller.refresh_sources,
                           characters_changed=self.recognition.owner_changed_names,
-                          health=self.health, live=self.stats)
+                          health=self.health, live=self.stats, http=self.http)
         try:
             self.gallery_url = await gallery.start()
         except OSError as e:
@@ -170,7 +175,7 @@ class Daemon:
             self._discord_task.cancel()
             await asyncio.wait([self._discord_task], timeout=5)
         work = self.pipeline.running() + self.poller.running() + self.models.running() + self.recognition.running() \
-            + self.learner.running() + self.backups.running()
+            + self.learner.running() + self.backups.running() + self.disk.running()
         pending = [t for t in work if not t.done()]
         if pending:
             done, still = await asyncio.wait(pending, timeout=self.cfg.daemon.stop_timeout)

@@ -267,7 +267,9 @@ class OwnerCommands:
             lines.append(f"... and {len(ordered) - len(lines) + 1} more face(s)")
         lines += tail
         sheet = None
-        if faces and image.get("media_path"):
+        if faces and image.get("media_path") and image.get("media_pruned_at"):
+            lines.append("(face crops unavailable: the media was pruned; fetch it again in the gallery)")
+        elif faces and image.get("media_path"):
             try:
                 sheet = await asyncio.to_thread(face_sheet, self.cfg.media_path, image["media_path"], ordered,
                                                 margin=self.cfg.detector.margin,

@@ -5,7 +5,8 @@
 
 Bounded asyncio queues hold only image ids and are refilled from the database by a feeder, so
 memory stays bounded, a slow model never blocks polling, and after a crash or stop the work
-resumes from the rows' status. Downloading and decoding run in worker threads; the scoring
+resumes from the rows' status. Before each download the disk is checked (``bot.disk``: on low
+disk the download workers wait, the items stay ``pending``). Downloading and decoding run in worker threads; the scoring
 worker takes the ids waiting in its queue as one batch (up to ``scorer.batch_size``) and runs
 detection and scoring in a worker thread; then the faces of the batch are identified
 (``bot.recognition.Recognition.recognize_pictures``: who is in them, when characters are
@@ -31,10 +32,30 @@ log = logging.getLogger("tastefeed.daemon")
 ACCEPTED_CONTENT_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
 
 
+async def fetch_bytes(http: Http, row: dict, limit: int) -> bytes:
+    """The bytes of a picture row: its ``local_path`` (a folder source) read from disk, else its
+    ``media_url`` through the shared client; at most ``limit`` bytes. Raises SourceError,
+    BadImage (no URL, not a picture's content type) or OSError (an unreadable file)."""
+    if row["local_path"]:
+        path = Path(row["local_path"])
+        size = path.stat().st_size
+        if size > limit:
+            raise TooLarge(f"{path.name} is {size} bytes, over the {limit}-byte limit")
+        return await asyncio.to_thread(path.read_bytes)
+    if not row["media_url"]:
+        raise BadImage("the source gave no picture URL")
+    resp = await http.get(row["media_url"], headers={"Accept": "image/*"})
+    ctype = resp.headers.get("Content-Type", "").lower()
+    if ctype and not ctype.startswith(ACCEPTED_CONTENT_TYPES):
+        raise BadImage(f"{short_url(row['media_url'])} is {ctype.split(';')[0]}, not a picture")
+    return resp.body
+
+
 class Pipeline:
     def __init__(self, cfg: Config, store, http: Http, stopping: asyncio.Event, stats: dict, *,
-                 recognition=None):
+                 recognition=None, disk=None):
         self.cfg = cfg
+        self.disk = disk                # bot.disk.DiskKeeper (None: no low-disk pause)
         self.recognition = recognition  # bot.recognition.Recognition (None: faces are not identified)
         self.store = store            # storage.writer.AsyncStore
         self.http = http
@@ -111,6 +132,8 @@ class Pipeline:
             if image_id is None:
                 return
             try:
+                if self.disk is not None and not await self.disk.room_to_download():
+                    return  # stopping while the disk was full: the picture stays pending
                 await self.download(image_id)
             except asyncio.CancelledError:
                 raise
@@ -120,29 +143,13 @@ class Pipeline:
                 self._in_download.discard(image_id)
                 self._download_wake.set()
 
-    async def _fetch(self, row: dict) -> bytes:
-        limit = self.cfg.download.max_bytes
-        if row["local_path"]:
-            path = Path(row["local_path"])
-            size = path.stat().st_size
-            if size > limit:
-                raise TooLarge(f"{path.name} is {size} bytes, over the {limit}-byte limit")
-            return await asyncio.to_thread(path.read_bytes)
-        if not row["media_url"]:
-            raise BadImage("the source gave no picture URL")
-        resp = await self.http.get(row["media_url"], headers={"Accept": "image/*"})
-        ctype = resp.headers.get("Content-Type", "").lower()
-        if ctype and not ctype.startswith(ACCEPTED_CONTENT_TYPES):
-            raise BadImage(f"{short_url(row['media_url'])} is {ctype.split(';')[0]}, not a picture")
-        return resp.body
-
     async def download(self, image_id: int) -> str:
         row = await self.store.get_image(image_id)
         if row is None or row["status"] != PENDING:
             return "gone"
         where = row["local_path"] or short_url(row["media_url"] or "")
         try:
-            data = await self._fetch(row)
+            data = await fetch_bytes(self.http, row, self.cfg.download.max_bytes)
             info, _ = await asyncio.to_thread(inspect, data, max_pixels=self.cfg.download.max_pixels)
             rel = await asyncio.to_thread(store_media, self.cfg.media_path, data, info)
             status, dup_of = await self.store.record_download(
@@ -162,6 +169,8 @@ class Pipeline:
             return FAILED
         self._retry_at.pop(image_id, None)
         self.stats["downloaded"] += 1
+        if self.disk is not None:
+            self.disk.downloaded(info.bytes)
         if status == DOWNLOADED:
             self._score_wake.set()
         else:

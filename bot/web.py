@@ -7,7 +7,8 @@ An aiohttp app served by the daemon (``[web]``: 127.0.0.1:8080 by default). Page
 order, keys ← → and ↓, undo last), *Model* (metrics, plots, rollback; the identity embedder's
 too) and *Sources* (health, add, remove, pause); ``GET /healthz`` is the daemon's health report
 (``bot.health``). For you and Rated filter by character (``?character=NAME``), and
-each card shows its characters as chips.
+each card shows its characters as chips. A picture whose media was pruned (``storage/prune.py``)
+shows a placeholder and a "Fetch again" button instead of a broken image.
 
 This module is the app, its pages and its files; who may use it (token, Host check, same-origin
 POSTs) is ``bot.web_guard``, and what the buttons do (rate, undo, name a face, switch model,
@@ -41,6 +42,12 @@ log = logging.getLogger("tastefeed.web")
 CHANNEL = "web"
 HERE = Path(__file__).parent
 MAX_PAGE = 10 ** 9                # a page beyond is empty (and its offset still fits SQLite)
+# what stands for a picture whose media was pruned (storage/prune.py)
+PRUNED_SVG = ('<svg xmlns="http://www.w3.org/2000/svg" width="320" height="240" viewBox="0 0 320 240">'
+              '<rect width="320" height="240" fill="#ddd"/><text x="160" y="115" font-family="sans-serif" '
+              'font-size="22" text-anchor="middle" fill="#555">media pruned</text><text x="160" y="145" '
+              'font-family="sans-serif" font-size="14" text-anchor="middle" fill="#777">open the picture '
+              'to fetch it again</text></svg>')
 
 
 # ---- page data (plain functions on a sync Store, run on the daemon's writer thread) -----------
@@ -163,12 +170,13 @@ class Gallery:
     def __init__(self, cfg: Config, store, model_changed: Callable[[], Awaitable[None]] | None = None,
                  sources_changed: Callable[[], Awaitable[None]] | None = None,
                  characters_changed: Callable[[], Awaitable[None]] | None = None,
-                 health: Callable[[], Awaitable[dict]] | None = None, live: dict | None = None):
+                 health: Callable[[], Awaitable[dict]] | None = None, live: dict | None = None,
+                 http=None):
         self.cfg = cfg
         self.store = store            # storage.writer.AsyncStore
         self.health = health or (lambda: asyncio.to_thread(database_report, cfg))
         self.live = live
-        self.actions = GalleryActions(cfg, store, model_changed, sources_changed, characters_changed)
+        self.actions = GalleryActions(cfg, store, model_changed, sources_changed, characters_changed, http=http)
         self.runner: web.AppRunner | None = None
         self.url: str | None = None
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
@@ -199,6 +207,7 @@ class Gallery:
         r.add_post("/model/use", a.use_model)
         r.add_post("/model/evaluate", a.evaluate)
         r.add_post("/model/identity/use", a.use_identity_model)
+        r.add_post("/picture/{id:\\d{1,18}}/refetch", a.refetch)
         r.add_post("/faces/{id:\\d{1,18}}/name", a.name_face)
         r.add_post("/faces/{id:\\d{1,18}}/unname", a.unname_face)
         r.add_post("/sources/add", a.source_add)
@@ -253,7 +262,7 @@ class Gallery:
         data = await self.store.call(picture_page, int(request.match_info["id"]))
         if data is None:
             raise web.HTTPNotFound(text="No such picture.\n")
-        return self.render("picture.html", request, **data)
+        return self.render("picture.html", request, message=request.query.get("message", ""), **data)
 
     async def page_rated(self, request):
         page = self._page(request)
@@ -301,14 +310,24 @@ class Gallery:
             raise web.HTTPNotFound(text="No such picture.\n")
         return image
 
+    @staticmethod
+    def _pruned() -> web.Response:
+        """What a pruned picture's media and thumbnail answer: a placeholder, not a broken image
+        (not cached: once fetched again, the picture itself is served)."""
+        return web.Response(text=PRUNED_SVG, content_type="image/svg+xml", headers={"Cache-Control": "no-store"})
+
     async def media(self, request):
         image = await self._image(request)
+        if image.get("media_pruned_at"):
+            return self._pruned()
         path = self.cfg.media_path / image["media_path"]
         ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return web.FileResponse(path, headers={"Content-Type": ctype, "Cache-Control": "private, max-age=86400"})
 
     async def thumb(self, request):
         image = await self._image(request)
+        if image.get("media_pruned_at"):
+            return self._pruned()
         try:
             path = await asyncio.to_thread(thumbnail, self.cfg.media_path, image["media_path"], self.cfg.thumbs_path,
                                            self.cfg.web.thumb_size, max_pixels=self.cfg.download.max_pixels)

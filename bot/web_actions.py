@@ -4,7 +4,7 @@ Rate a picture and undo a rating (a click is stored exactly like a Discord react
 the same table, origin ``web``), say which of two pictures is better, skip a pair or undo the last
 comparison (table ``comparisons``, origin ``gallery``), name a face as a character or take its name back, switch the
 active model or evaluate one, switch the identity embedder, add, remove, pause and resume
-sources. Each answers JSON to the page's script (``Accept: application/json``) and otherwise
+sources, fetch a pruned picture again. Each answers JSON to the page's script (``Accept: application/json``) and otherwise
 redirects back with a message. Only POSTs reach these, and only from the gallery's own
 pages (``bot.web_guard``). A running daemon hears of a model switch (``model_changed``) and of
 source changes (``sources_changed``) at once instead of within its next check, and of named faces
@@ -50,9 +50,10 @@ class GalleryActions:
 
     def __init__(self, cfg: Config, store, model_changed: Callable[[], Awaitable[None]] | None = None,
                  sources_changed: Callable[[], Awaitable[None]] | None = None,
-                 characters_changed: Callable[[], Awaitable[None]] | None = None):
+                 characters_changed: Callable[[], Awaitable[None]] | None = None, http=None):
         self.cfg = cfg
         self.store = store            # storage.writer.AsyncStore
+        self.http = http              # sources.http.Http, the daemon's shared client (None: one per fetch)
         self.model_changed = model_changed
         self.sources_changed = sources_changed
         self.characters_changed = characters_changed
@@ -117,6 +118,27 @@ class GalleryActions:
         current = await self.store.current_label(label["image_id"])
         return self._done(request, {"ok": True, "image_id": label["image_id"], "current": current},
                           self._back(request, "/rated"))
+
+    # ---- disk --------------------------------------------------------------------------------
+    async def refetch(self, request):
+        """The "Fetch again" button: a pruned picture's media from its source (``bot.disk.refetch``)."""
+        from bot.disk import RefetchError, refetch
+        from sources.http import Http
+        image_id = int(request.match_info["id"])
+        if await self.store.get_image(image_id) is None:
+            raise web.HTTPNotFound(text="No such picture.\n")
+        try:
+            if self.http is not None:
+                await refetch(self.cfg, self.store, self.http, image_id)
+            else:
+                async with Http.from_config(self.cfg.download) as http:
+                    await refetch(self.cfg, self.store, http, image_id)
+            ok, message = True, "fetched again"
+        except RefetchError as e:
+            log.warning("image %d: not fetched again: %s", image_id, e)
+            ok, message = False, f"not fetched again: {e}"
+        return self._done(request, {"ok": ok, "image_id": image_id, "message": message},
+                          f"/picture/{image_id}?" + urlencode({"message": message}))
 
     # ---- comparisons -------------------------------------------------------------------------
     async def compare(self, request):

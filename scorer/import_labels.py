@@ -253,12 +253,15 @@ def take_picture(store, source_id: int, path: Path, media_root: str | Path, *,
                  max_pixels: int = 90_000_000) -> tuple[int, Image.Image | None]:
     """Store the picture at ``path`` for an import: (its image id, the decoded picture to analyse,
     or None when it is analysed already). A new picture waits as ``importing``; one the daemon
-    fetched first with the same bytes is claimed, so the daemon's scorer leaves it to the import.
-    Raises OSError (unreadable file) or BadImage (not a picture)."""
+    fetched first with the same bytes is claimed, so the daemon's scorer leaves it to the import;
+    one whose media was pruned gets its file back. Raises OSError (unreadable file) or BadImage (not a picture)."""
     data = path.read_bytes()
     info, im = inspect(data, max_pixels=max_pixels)
     known = store.image_by_sha256(info.sha256)
     if known is not None and known["status"] in ANALYSED:
+        if known.get("media_pruned_at"):  # its media was pruned: the import brings it back
+            store_media(media_root, data, info)
+            store.media_restored(info.sha256)
         return known["id"], None
     rel = store_media(media_root, data, info)
     if known is not None:

@@ -160,12 +160,14 @@ class CharacterMethods:
         return dict(rows[0]) if rows else None
 
     def named_faces(self, *, include_weak: bool = True) -> list[dict]:
-        """Every named face with its box, picture and character: the identity training set."""
+        """Every named face with its box, picture and character: the identity training set (not
+        the faces of pictures whose media was pruned: weak names only, see ``storage/prune.py``)."""
         return [dict(r) for r in self.db.query(
             "SELECT faces.*, images.media_path, images.sha256, face_names.character_id, characters.name, face_names.origin, "
             "face_names.weak FROM face_names JOIN faces ON faces.id = face_names.face_id "
             "JOIN images ON images.id = faces.image_id JOIN characters ON characters.id = face_names.character_id "
-            + ("" if include_weak else "WHERE face_names.weak = 0 ") + "ORDER BY faces.id")]
+            "WHERE images.media_pruned_at IS NULL " + ("" if include_weak else "AND face_names.weak = 0 ")
+            + "ORDER BY faces.id")]
 
     # ---- embeddings ----------------------------------------------------------------------------
     def save_embeddings(self, model_version: str, vectors: dict[int, object]) -> None:
@@ -231,7 +233,7 @@ class CharacterMethods:
         return [dict(r) for r in self.db.query(
             "SELECT faces.*, images.media_path FROM faces JOIN images ON images.id = faces.image_id "
             "LEFT JOIN face_identity ON face_identity.face_id = faces.id AND face_identity.model_version = ? "
-            "WHERE faces.id > ? AND faces.detector != ? AND images.media_path IS NOT NULL "
+            "WHERE faces.id > ? AND faces.detector != ? AND images.media_path IS NOT NULL AND images.media_pruned_at IS NULL "
             "AND faces.id NOT IN (SELECT face_id FROM face_names) "
             "AND (face_identity.face_id IS NULL OR face_identity.created_at < ?) ORDER BY faces.id LIMIT ?",
             [model_version, after_id, WHOLE_PICTURE, since or "", limit])]
@@ -244,8 +246,8 @@ class CharacterMethods:
         return [dict(r) for r in self.db.query(
             "SELECT faces.*, images.media_path FROM faces JOIN images ON images.id = faces.image_id "
             f"WHERE faces.image_id IN ({','.join('?' * len(image_ids))}) AND faces.detector != ? "
-            "AND images.media_path IS NOT NULL AND faces.id NOT IN (SELECT face_id FROM face_names) "
-            "ORDER BY faces.id", [*image_ids, WHOLE_PICTURE])]
+            "AND images.media_path IS NOT NULL AND images.media_pruned_at IS NULL "
+            "AND faces.id NOT IN (SELECT face_id FROM face_names) ORDER BY faces.id", [*image_ids, WHOLE_PICTURE])]
 
     # ---- who is in a picture ---------------------------------------------------------------------
     def face_characters(self, face_ids) -> dict[int, dict]:

@@ -277,6 +277,14 @@ def m007_features(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX face_features_source ON face_features(source)")
 
 
+@migrations()
+def m008_media_pruned(db: sqlite_utils.Database) -> None:
+    # Bounded disk (storage/prune.py): the media file of an old, unrated, unposted picture may be
+    # removed; its row, faces, scores and cached features stay, and this says when it went. A
+    # fetch from its source (or the same bytes stored again) clears it.
+    db.execute("ALTER TABLE images ADD COLUMN media_pruned_at TEXT")
+
+
 SCHEMA_VERSION = len(migrations._migrations)
 
 

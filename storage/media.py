@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,10 +143,16 @@ def store_media(root: str | Path, data: bytes, info: ImageInfo) -> str:
 def thumbnail(root: str | Path, rel: str, thumbs: str | Path, size: int, *,
               max_pixels: int = 90_000_000) -> Path:
     """A JPEG of the stored picture at most ``size`` pixels on its longest side, made once and
-    kept under ``thumbs/<size>/`` (the picture's hash names it)."""
+    kept under ``thumbs/<size>/`` (the picture's hash names it). A thumbnail's mtime is when it
+    was last used (to the hour): the cache is trimmed least recently used first
+    (``storage/prune.py``)."""
     out = Path(thumbs) / str(size) / rel[:6] / (Path(rel).stem + ".jpg")
-    if out.exists():
+    try:
+        if time.time() - out.stat().st_mtime > 3600:
+            os.utime(out)
         return out
+    except FileNotFoundError:
+        pass
     im = load_media(root, rel, max_pixels=max_pixels)
     im.thumbnail((size, size))
     if im.mode != "RGB":

@@ -232,9 +232,24 @@ class Store(CharacterMethods, ComparisonMethods, FeatureMethods):
                 "width = ?, height = ?, format = ?, bytes = ?, media_path = ?, fetched_at = ? WHERE id = ?",
                 [status, dup_of, info.sha256, info.phash, info.width, info.height, info.format,
                  info.bytes, media_path, now(), image_id])
+            self._media_stored(info.sha256)
         if status == DOWNLOADED:
             self._phashes()[image_id] = int(info.phash, 16)
         return status, dup_of
+
+    def _media_stored(self, sha256: str) -> None:
+        """The file with these bytes is in the media folder (again): pictures whose media was
+        pruned (``storage/prune.py``) have it back. Inside the caller's transaction."""
+        self.db.execute("UPDATE images SET media_pruned_at = NULL WHERE sha256 = ? AND media_pruned_at IS NOT NULL",
+                        [sha256])
+
+    def media_restored(self, sha256: str) -> int:
+        """Clear the pruned mark of the pictures with these bytes, once the file is stored again
+        (a fetch from the source, an import of the same file); returns how many."""
+        with self.db.conn:
+            cur = self.db.execute("UPDATE images SET media_pruned_at = NULL WHERE sha256 = ? "
+                                  "AND media_pruned_at IS NOT NULL", [sha256])
+        return cur.rowcount
 
     # ---- scoring stage -------------------------------------------------------------------
     def record_analysis(self, image_id: int, faces: list[Face], score: float | None,
@@ -313,9 +328,10 @@ class Store(CharacterMethods, ComparisonMethods, FeatureMethods):
                 self._rescore(r.image_id, r.face_scores, r.score, r.uncertainty, model_version, r.features, stamp)
 
     def rescore_candidates(self, model_version: str, limit: int, after_id: int = 0) -> list[dict]:
-        """Scored pictures not yet scored by ``model_version`` and never posted, oldest id first."""
+        """Scored pictures not yet scored by ``model_version`` and never posted, oldest id first
+        (not those whose media was pruned: they keep their scores until fetched again)."""
         return [dict(r) for r in self.db.query(
-            f"SELECT id, media_path FROM images WHERE status = '{SCORED}' AND id > ? "
+            f"SELECT id, media_path FROM images WHERE status = '{SCORED}' AND id > ? AND media_pruned_at IS NULL "
             "AND (model_version IS NULL OR model_version != ?) "
             "AND id NOT IN (SELECT image_id FROM posts WHERE status = 'sent') ORDER BY id LIMIT ?",
             [after_id, model_version, limit])]
@@ -330,11 +346,13 @@ class Store(CharacterMethods, ComparisonMethods, FeatureMethods):
 
     def count_rescore_candidates(self, model_version: str) -> int:
         return self.db.execute(
-            f"SELECT COUNT(*) FROM images WHERE status = '{SCORED}' AND (model_version IS NULL OR model_version != ?) "
+            f"SELECT COUNT(*) FROM images WHERE status = '{SCORED}' AND media_pruned_at IS NULL "
+            "AND (model_version IS NULL OR model_version != ?) "
             "AND id NOT IN (SELECT image_id FROM posts WHERE status = 'sent')", [model_version]).fetchone()[0]
 
     # ---- ranking ---------------------------------------------------------------------------
-    _CANDIDATES = (f"FROM images WHERE status = '{SCORED}' AND duplicate_of IS NULL "
+    # (a picture whose media was pruned is no candidate: there is nothing to show or send)
+    _CANDIDATES = (f"FROM images WHERE status = '{SCORED}' AND duplicate_of IS NULL AND media_pruned_at IS NULL "
                    "AND id NOT IN (SELECT image_id FROM posts WHERE channel = ? AND status != 'failed') "
                    "AND id NOT IN (SELECT image_id FROM labels WHERE removed_at IS NULL)")
 
@@ -419,6 +437,7 @@ class Store(CharacterMethods, ComparisonMethods, FeatureMethods):
                 "height = ?, format = ?, bytes = ?, media_path = ?, fetched_at = ? WHERE id = ?",
                 [info.sha256, info.phash, info.width, info.height, info.format, info.bytes, media_path,
                  now(), image_id])
+            self._media_stored(info.sha256)
         return image_id
 
     def add_label(self, image_id: int, value: int, *, origin: str, user: str = "owner",

@@ -193,7 +193,7 @@ async def test_ids_too_large_for_sqlite_are_404_on_every_route(tmp_path, gallery
     routes = [(r.method, r.resource.canonical) for r in app.router.routes()
               if r.method != "HEAD" and r.resource is not None
               and re.search(r"\{(id|label)\b", r.resource.canonical)]
-    assert len(routes) == 8, routes  # /picture, /media, /thumb, /rate, /undo, /faces/…/(un)name, /compare/undo
+    assert len(routes) == 9, routes  # /picture(/refetch), /media, /thumb, /rate, /undo, /faces/…/(un)name, /compare/undo
     for huge in ("99999999999999999999", str(2 ** 63), str(2 ** 64 + 1), "0" * 30 + "1"):
         for method, pattern in routes:
             path = re.sub(r"\{(id|label)[^}]*\}", huge, pattern)
