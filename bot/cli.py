@@ -489,6 +489,8 @@ def cmd_export_labels(cfg, args) -> int:
         print(f"left out: {message}", file=sys.stderr)
     print(f"exported {report.summary()} to {args.path}" + (f" and {args.comparisons}" if args.comparisons else "")
           + f"; import with: python main.py import-labels {args.path}")
+    return 0
+
 
 # ---- disk ------------------------------------------------------------------------------------
 def cmd_prune(cfg, args) -> int:
