@@ -65,6 +65,11 @@ def _fail(message: str, code: int = EXIT_FAILED) -> int:
 # ---- run -------------------------------------------------------------------------------------
 def cmd_run(cfg, args) -> int:
     from bot.daemon import Daemon
+    from storage.lock import DaemonRunning, daemon_pid
+
+    if (pid := daemon_pid(cfg.data_path)) is not None:   # say so before anything else is printed
+        return _fail(f"{DaemonRunning(cfg.data_path, pid)}; stop it first (two daemons on one data folder "
+                     "would post and score twice)")
 
     if cfg.log.file:  # the daemon's log also goes to a rotating file
         try:
@@ -88,8 +93,6 @@ def cmd_run(cfg, args) -> int:
             print("tastefeed: Ctrl-C to stop", flush=True)
 
         await daemon.run(announce)
-
-    from storage.lock import DaemonRunning
 
     try:
         asyncio.run(main())

@@ -445,6 +445,7 @@ async def test_a_second_daemon_on_the_same_data_folder_is_refused_naming_the_fir
             cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert second.returncode == 1
         errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        assert second.stdout == "" and second.stderr.count("\n") == 1   # one line, nothing else
         assert len(errors) == 1 and f"pid {os.getpid()}" in errors[0] and "already running" in errors[0], \
             second.stderr
         # commands other than `run` still work beside the daemon
