@@ -221,13 +221,17 @@ def make_detector(cfg: DetectorConfig, data_dir: str | Path = "data") -> Detecto
     return DETECTORS[cfg.name](**common)
 
 
-def crop_face(im: Image.Image, face: Face, margin: float) -> Image.Image:
-    """The face's box grown by ``margin`` (share of its size) on each side, made square, clipped."""
+def crop_box(face: Face, margin: float, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """The face's box grown by ``margin`` (share of its size) on each side, made square, clipped
+    to a ``width`` x ``height`` picture: (left, top, right, bottom), or None when nothing is left."""
     cx, cy = (face.x1 + face.x2) / 2, (face.y1 + face.y2) / 2
-    side = max(face.width, face.height) * (1 + 2 * margin)
-    half = side / 2
+    half = max(face.width, face.height) * (1 + 2 * margin) / 2
     box = (max(0, int(cx - half)), max(0, int(cy - half)),
-           min(im.width, int(math.ceil(cx + half))), min(im.height, int(math.ceil(cy + half))))
-    if box[2] <= box[0] or box[3] <= box[1]:
-        return im.copy()
-    return im.crop(box)
+           min(width, int(math.ceil(cx + half))), min(height, int(math.ceil(cy + half))))
+    return None if box[2] <= box[0] or box[3] <= box[1] else box
+
+
+def crop_face(im: Image.Image, face: Face, margin: float) -> Image.Image:
+    """The face's :func:`crop_box` of ``im`` (the whole picture when nothing is left)."""
+    box = crop_box(face, margin, im.width, im.height)
+    return im.copy() if box is None else im.crop(box)

@@ -141,12 +141,14 @@ def store_media(root: str | Path, data: bytes, info: ImageInfo) -> str:
 
 
 def thumbnail(root: str | Path, rel: str, thumbs: str | Path, size: int, *,
-              max_pixels: int = 90_000_000) -> Path:
-    """A JPEG of the stored picture at most ``size`` pixels on its longest side, made once and
-    kept under ``thumbs/<size>/`` (the picture's hash names it). A thumbnail's mtime is when it
+              box: tuple[int, int, int, int] | None = None, max_pixels: int = 90_000_000) -> Path:
+    """A JPEG of the stored picture (or of its region ``box``: left, top, right, bottom, e.g. a
+    face crop) at most ``size`` pixels on its longest side, made once and kept under
+    ``thumbs/<size>/`` (named by the picture's hash, and the box). A thumbnail's mtime is when it
     was last used (to the hour): the cache is trimmed least recently used first
     (``storage/prune.py``)."""
-    out = Path(thumbs) / str(size) / rel[:6] / (Path(rel).stem + ".jpg")
+    name = Path(rel).stem + ("-" + "-".join(str(int(v)) for v in box) if box else "") + ".jpg"
+    out = Path(thumbs) / str(size) / rel[:6] / name
     try:
         if time.time() - out.stat().st_mtime > 3600:
             os.utime(out)
@@ -154,6 +156,8 @@ def thumbnail(root: str | Path, rel: str, thumbs: str | Path, size: int, *,
     except FileNotFoundError:
         pass
     im = load_media(root, rel, max_pixels=max_pixels)
+    if box:
+        im = im.crop(box)
     im.thumbnail((size, size))
     if im.mode != "RGB":
         im = im.convert("RGB")

@@ -163,12 +163,14 @@ def mark_pruned(store, paths: list[str], when: str | None = None) -> tuple[list[
 
 
 def thumbnails_of(thumbs_root: str | Path, media_path: str) -> list[Path]:
-    """The cached thumbnails (any size) of one media file (``storage.media.thumbnail`` names)."""
+    """The cached thumbnails (any size, face crops too) of one media file (``storage.media.thumbnail``
+    names: the file's hash, then the crop's box if any)."""
     root = Path(thumbs_root)
     if not root.is_dir():
         return []
-    name = Path(media_path).stem + ".jpg"
-    return [p for p in root.glob(f"*/{media_path[:6]}/{name}") if p.is_file()]
+    stem = Path(media_path).stem
+    return [p for p in root.glob(f"*/{media_path[:6]}/{stem}*.jpg")
+            if p.is_file() and p.stem.split("-", 1)[0] == stem]
 
 
 def trim_thumbnails(thumbs_root: str | Path, max_bytes: float, *, skip: set[Path] = frozenset(),

@@ -169,6 +169,14 @@ class Store(CharacterMethods, ComparisonMethods, FeatureMethods):
             return None
         return self._image_row(rows[0])
 
+    def adjacent_images(self, image_id: int) -> tuple[int | None, int | None]:
+        """The downloaded pictures just before and after ``image_id`` by id (None at either end)."""
+        prev = self.db.execute("SELECT MAX(id) FROM images WHERE id < ? AND media_path IS NOT NULL",
+                               [image_id]).fetchone()[0]
+        nxt = self.db.execute("SELECT MIN(id) FROM images WHERE id > ? AND media_path IS NOT NULL",
+                              [image_id]).fetchone()[0]
+        return prev, nxt
+
     @staticmethod
     def _image_row(row) -> dict:
         """A row of ``images`` as a dict, its JSON tags decoded."""
