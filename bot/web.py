@@ -2,7 +2,8 @@
 
 An aiohttp app served by the daemon (``[web]``: 127.0.0.1:8080 by default). Pages: *For you*
 (unrated pictures, best first, exploration picks marked, rate with a click or the keys 1-5),
-*Picture* (face boxes with scores and characters, name a face by clicking it, labels), *Rated*
+*Picture* (face boxes with numbered labels, face crops with scores and characters, name a face
+by clicking it, labels, previous/next in the list it was opened from: ``bot.web_nav``), *Rated*
 (with undo), *Compare* (which of two pictures you prefer: the pair the model is least sure how to
 order, keys ← → and ↓, undo last), *Model* (metrics, plots, rollback; the identity embedder's
 too) and *Sources* (health, add, remove, pause); ``GET /healthz`` is the daemon's health report
@@ -34,13 +35,17 @@ from bot.health import database_report
 from bot.manage import PAUSED_SOURCES, character_stats, picture_data, source_state, stats, web_link
 from bot.web_actions import COMPARE_ORIGIN, USER, GalleryActions
 from bot.web_guard import HEALTHZ, guard
+from bot.web_nav import Origin, Step, neighbours
+from scorer.detect import crop_box
 from scorer.ranking import exploration_share, is_cold
 from storage.media import thumbnail
+from storage.records import WHOLE, Face
 
 log = logging.getLogger("tastefeed.web")
 
 CHANNEL = "web"
 HERE = Path(__file__).parent
+FACE_CROP_SIZE = 160              # the Picture page's face crops (pixels, longest side), cached like thumbnails
 MAX_PAGE = 10 ** 9                # a page beyond is empty (and its offset still fits SQLite)
 # what stands for a picture whose media was pruned (storage/prune.py)
 PRUNED_SVG = ('<svg xmlns="http://www.w3.org/2000/svg" width="320" height="240" viewBox="0 0 320 240">'
@@ -89,16 +94,38 @@ def character_choices(store, character: str | None) -> dict:
     return {"character": character or "", "character_names": list(store.character_names().values())}
 
 
-def picture_page(store, image_id: int) -> dict | None:
+def picture_page(store, cfg: Config, image_id: int, origin: Origin | None = None) -> dict | None:
     """``picture_data`` with each face's character (``face["who"]``: ``{"character",
-    "similarity", "named_by", "weak"}`` or None) and the picture's character names."""
+    "similarity", "named_by", "weak"}`` or None), numbered as ``/why`` and ``/name`` number them
+    (best score first), the picture's character names, and the previous and next pictures of the
+    list it was opened from (``bot.web_nav``)."""
+    from bot.posting import numbered_faces  # (imports the scorer: only when a picture is shown)
     data = picture_data(store, image_id)
     if data is None:
         return None
     who = data["characters"]          # picture_data's face id -> character entry
-    data["faces"] = [dict(f, who=who.get(f["id"])) for f in data["faces"]]
+    data["faces"] = [dict(f, who=who.get(f["id"])) for f in numbered_faces(data["faces"])]
     data["characters"] = store.picture_characters([image_id])[image_id]
-    return dict(data, **character_choices(store, None))
+    return dict(data, nav=picture_nav(store, cfg, image_id, origin or Origin()), **character_choices(store, None))
+
+
+def picture_nav(store, cfg: Config, image_id: int, origin: Origin) -> dict:
+    """``prev`` and ``next`` (addresses of the neighbouring Picture pages, or None), ``back`` (the
+    list's page, or None) and ``list`` (its name, "" for none)."""
+    size = cfg.web.page_size
+    if origin.name == "for-you":
+        steps = neighbours(image_id, origin.at, size, lambda n: [
+            c["id"] for c in for_you(store, cfg, n, size, origin.filters.get("character"))["cards"]])
+    elif origin.name == "rated":
+        value = origin.filters.get("rating")
+        steps = neighbours(image_id, origin.at, size, lambda n: [r["id"] for r in store.rated(
+            value=int(value) if value in tuple("12345") else None, source=origin.filters.get("source"),
+            character=origin.filters.get("character"), limit=size, offset=n * size)[0]])
+    else:
+        steps = tuple(Step(i, 0) if i is not None else None for i in store.adjacent_images(image_id))
+    links = [f"/picture/{s.id}" + (f"?{urlencode(origin.query(s.at))}" if origin.name else "") if s else None
+             for s in steps]
+    return {"prev": links[0], "next": links[1], "back": origin.back(size), "list": origin.name}
 
 
 def model_data(store, cfg: Config) -> dict:
@@ -197,6 +224,7 @@ class Gallery:
         r.add_get("/sources", self.page_sources)
         r.add_get("/media/{id:\\d{1,18}}", self.media)
         r.add_get("/thumb/{id:\\d{1,18}}", self.thumb)
+        r.add_get("/face/{id:\\d{1,18}}", self.face_crop)
         r.add_get("/eval/{version}/{name}", self.eval_plot)
         r.add_get("/api/stats", self.api_stats)
         r.add_get(HEALTHZ, self.healthz)
@@ -241,7 +269,7 @@ class Gallery:
 
     # ---- rendering ---------------------------------------------------------------------------
     def render(self, name: str, request: web.Request, **ctx) -> web.Response:
-        html = self.env.get_template(name).render(path=request.path, **ctx)
+        html = self.env.get_template(name).render(path=request.path, page_size=self.cfg.web.page_size, **ctx)
         return web.Response(text=html, content_type="text/html",
                             headers={"Cache-Control": "no-store", "X-Frame-Options": "DENY",
                                      "Referrer-Policy": "same-origin"})
@@ -259,7 +287,8 @@ class Gallery:
         return self.render("for_you.html", request, **data)
 
     async def page_picture(self, request):
-        data = await self.store.call(picture_page, int(request.match_info["id"]))
+        data = await self.store.call(picture_page, self.cfg, int(request.match_info["id"]),
+                                     Origin.from_query(request.query))
         if data is None:
             raise web.HTTPNotFound(text="No such picture.\n")
         return self.render("picture.html", request, message=request.query.get("message", ""), **data)
@@ -334,6 +363,26 @@ class Gallery:
         except Exception as e:  # noqa: BLE001 - a damaged file: no thumbnail, the page still works
             log.warning("thumbnail of picture %d: %s", image["id"], e)
             raise web.HTTPNotFound(text="No thumbnail.\n") from None
+        return web.FileResponse(path, headers={"Content-Type": "image/jpeg",
+                                               "Cache-Control": "private, max-age=86400"})
+
+    async def face_crop(self, request):
+        """A face as the model saw it: its box grown by ``detector.margin``, at most
+        ``FACE_CROP_SIZE`` pixels, cached with the thumbnails (a whole-picture face: the picture)."""
+        face = await self.store.face_with_media(int(request.match_info["id"]))
+        if face is None or not face.get("media_path"):
+            raise web.HTTPNotFound(text="No such face.\n")
+        image = await self.store.get_image(face["image_id"])
+        if image.get("media_pruned_at"):
+            return self._pruned()
+        box = None if face["detector"] in WHOLE else crop_box(Face.from_row(face), self.cfg.detector.margin,
+                                                              image["width"], image["height"])
+        try:
+            path = await asyncio.to_thread(thumbnail, self.cfg.media_path, image["media_path"], self.cfg.thumbs_path,
+                                           FACE_CROP_SIZE, box=box, max_pixels=self.cfg.download.max_pixels)
+        except Exception as e:  # noqa: BLE001 - a damaged file: no crop, the page still works
+            log.warning("crop of face %d: %s", face["id"], e)
+            raise web.HTTPNotFound(text="No face crop.\n") from None
         return web.FileResponse(path, headers={"Content-Type": "image/jpeg",
                                                "Cache-Control": "private, max-age=86400"})
 

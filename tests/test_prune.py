@@ -164,7 +164,7 @@ async def test_gallery_shows_a_pruned_picture_and_fetches_it_again_from_its_sour
         store.add_label(kept, 3, origin="web")
     client = await gallery(cfg)
     assert (await client.get(f"/thumb/{gone}")).content_type == "image/jpeg"   # cached before the prune
-    assert f'href="/picture/{gone}"' in await (await client.get("/")).text()
+    assert f'href="/picture/{gone}?from=for-you' in await (await client.get("/")).text()
     run_prune(cfg)
     assert pruned_ids(cfg) == {gone, changed}
 
@@ -175,7 +175,7 @@ async def test_gallery_shows_a_pruned_picture_and_fetches_it_again_from_its_sour
     for url in (f"/thumb/{gone}", f"/media/{gone}"):
         resp = await client.get(url)
         assert resp.status == 200 and resp.content_type == "image/svg+xml" and "media pruned" in await resp.text()
-    assert f'href="/picture/{gone}"' not in await (await client.get("/")).text()   # no longer on For you
+    assert f'href="/picture/{gone}?from=for-you' not in await (await client.get("/")).text()   # no longer on For you
 
     origin = {"Origin": f"http://127.0.0.1:{client.port}"}
     resp = await client.post(f"/picture/{gone}/refetch", headers=origin | {"Accept": "application/json"})

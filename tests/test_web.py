@@ -193,7 +193,7 @@ async def test_ids_too_large_for_sqlite_are_404_on_every_route(tmp_path, gallery
     routes = [(r.method, r.resource.canonical) for r in app.router.routes()
               if r.method != "HEAD" and r.resource is not None
               and re.search(r"\{(id|label)\b", r.resource.canonical)]
-    assert len(routes) == 9, routes  # /picture(/refetch), /media, /thumb, /rate, /undo, /faces/…/(un)name, /compare/undo
+    assert len(routes) == 10, routes  # /picture(/refetch), /media, /thumb, /face, /rate, /undo, /faces/…/(un)name, /compare/undo
     for huge in ("99999999999999999999", str(2 ** 63), str(2 ** 64 + 1), "0" * 30 + "1"):
         for method, pattern in routes:
             path = re.sub(r"\{(id|label)[^}]*\}", huge, pattern)
@@ -238,7 +238,7 @@ async def test_naming_a_face_stores_it_from_the_gallery_and_recognition_uses_it_
     assert cid == store.character_id("Hatsune Miku") and sim > 0.99
 
     html = await (await client.get(f"/picture/{image_id}")).text()
-    assert re.search(r'<text class="who"[^>]*>Hatsune Miku</text>', html)             # on its box
+    assert re.search(r'<span class="who">Hatsune Miku</span></a>', html)               # its label on the picture
     assert re.search(r'<span class="who named">Hatsune Miku</span> <span class="hint">named \(gallery\)', html)
     assert 'class="chip" href="/?character=Hatsune+Miku"' in html
     assert '<option value="Hatsune Miku">' in html                                    # the datalist
@@ -503,7 +503,7 @@ async def test_in_a_browser_pictures_in_the_inbox_are_rated_by_click_and_key_and
             # The picture page draws a box for each detected face, where the face is.
             [two_faces] = seed(load_config(config), [{"popularity": 1, "faces": 2}])
             await page.goto(url + f"picture/{two_faces}")
-            boxes = page.locator("svg.faces rect.face")
+            boxes = page.locator(".faces a.face")
             assert await boxes.count() == 2
             img = await page.locator("#full").bounding_box()
             box = await boxes.nth(1).bounding_box()
@@ -511,7 +511,7 @@ async def test_in_a_browser_pictures_in_the_inbox_are_rated_by_click_and_key_and
             assert abs(box["x"] - img["x"] - 110 * scale) < 5 and abs(box["width"] - 70 * scale) < 5  # +stroke
             await page.screenshot(path=str(tmp_path / "picture-faces.png"))
             await page.goto(url + f"picture/{ids[0]}")  # synthetic shapes: no face, scored whole, no box
-            assert await page.locator("svg.faces rect.face").count() == 0
+            assert await page.locator(".faces a.face").count() == 0
             await browser.close()
         assert all((tmp_path / f"{n}.png").stat().st_size > 5000
                    for n in ("for-you", "picture", "rated", "model", "sources"))
@@ -547,13 +547,13 @@ async def test_in_a_browser_a_face_is_named_by_clicking_its_box_and_typing(tmp_p
             await page.goto(url + f"picture/{image_id}")
             assert await page.locator("#character-names option").count() == 1
             # From the keyboard: a box takes the focus, Enter opens its form, Escape closes it.
-            await page.locator("svg.faces a").nth(0).focus()
+            await page.locator(".faces a.face").nth(0).focus()
             await page.keyboard.press("Enter")
             assert await page.evaluate("document.activeElement.getAttribute('aria-label')") == "character of face 1"
             await page.keyboard.press("Escape")
             assert not await page.locator(f"#face-{f1} form.name-face").is_visible()
             # A click on the second face's box opens its form with the focus in the name field.
-            await page.locator("svg.faces rect.face").nth(1).click()
+            await page.locator(".faces a.face").nth(1).click()
             form = page.locator(f"#face-{f2} form.name-face")
             assert await form.is_visible()
             assert await page.evaluate("document.activeElement.getAttribute('aria-label')") == "character of face 2"
@@ -563,7 +563,7 @@ async def test_in_a_browser_a_face_is_named_by_clicking_its_box_and_typing(tmp_p
             await page.fill(f"#face-{f2} input[name=name]", "Kagamine Rin")
             await page.screenshot(path=str(tmp_path / "picture-naming.png"))
             await page.keyboard.press("Enter")
-            await page.wait_for_selector("svg.faces text.who:has-text('Kagamine Rin')")
+            await page.wait_for_selector(".faces .face-label .who:has-text('Kagamine Rin')")
             named = store.face_name(f2)
             assert (named["name"], named["origin"]) == ("Kagamine Rin", "gallery")
             assert store.embeddings(store.active_identity_model()["version"], [f2])

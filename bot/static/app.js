@@ -1,4 +1,4 @@
-// tastefeed gallery: rate with a click or a key, move with the arrow keys.
+// tastefeed gallery: rate with a click or a key, move with the arrow keys; [ ] step through pictures.
 (() => {
   const cards = Array.from(document.querySelectorAll("article.card, div.card"));
   let at = -1;
@@ -37,8 +37,23 @@
       card.classList.add("rated");
       if (state) state.textContent = `rated ${value}`;
       focusCard(cards.indexOf(card) + 1);
-    } else if (state) {
-      state.textContent = String(value);
+    } else {
+      if (state) state.textContent = String(value);
+      refreshLabels();
+    }
+  }
+
+  // Picture page: after a rating, the labels list is read again from the page (no reload).
+  async function refreshLabels() {
+    const list = document.querySelector("ul.labels");
+    if (!list) return;
+    try {
+      const resp = await fetch(window.location.href, { credentials: "same-origin", headers: { Accept: "text/html" } });
+      if (!resp.ok) return;
+      const fresh = new DOMParser().parseFromString(await resp.text(), "text/html").querySelector("ul.labels");
+      if (fresh) list.replaceWith(fresh);
+    } catch (err) {
+      // the rating is saved; the list shows it on the next visit
     }
   }
 
@@ -68,20 +83,88 @@
   function openFace(id) {
     const entry = document.getElementById(`face-${id}`);
     if (!entry) return;
-    document.querySelectorAll("svg.faces rect.face, ol.facelist li").forEach((el) =>
+    document.querySelectorAll(".faces a.face, ol.facelist li").forEach((el) =>
       el.classList.toggle("selected", el.dataset.face === String(id)));
     const details = entry.querySelector("details.name-face");
+    if (!details) return;  // the whole picture: nothing to name
     details.open = true;
     const input = details.querySelector("input[name=name]");
     input.focus();
     input.select();
   }
 
-  document.querySelectorAll("svg.faces a[data-face]").forEach((a) => {
+  document.querySelectorAll(".faces a[data-face]").forEach((a) => {
     a.addEventListener("click", (e) => {
       e.preventDefault();
       openFace(a.dataset.face);
     });
+  });
+
+  // Picture page: each face's label (its number, and character) is placed where it stays inside
+  // the picture and clear of the other labels: above its box, else below, beside or inside it,
+  // else the free spot nearest to it; first where it covers no face, then anywhere; a label that
+  // fits nowhere with its name shows its number only. The places are in % of the picture, and
+  // are worked out again whenever the picture changes size.
+  const faceLayer = document.querySelector(".stage .faces");
+
+  function placeLabels() {
+    const W = faceLayer.clientWidth;
+    const H = faceLayer.clientHeight;
+    if (!W || !H) return;
+    const hit = (r, p) => r.x < p.x + p.w + 1 && p.x < r.x + r.w + 1 && r.y < p.y + p.h + 1 && p.y < r.y + r.h + 1;
+    const boxes = Array.from(faceLayer.querySelectorAll("a.face"), (f) =>
+      ({ id: f.dataset.face, x: f.offsetLeft, y: f.offsetTop, w: f.offsetWidth, h: f.offsetHeight }));
+    const placed = [];
+    faceLayer.querySelectorAll("a.face-label").forEach((label) => {
+      const b = boxes.find((f) => f.id === label.dataset.face);
+      label.classList.add("placed");
+      const tries = [];  // [short, far, covering faces allowed], in order of preference
+      for (const cover of [false, true]) tries.push([false, false, cover], [false, true, cover], [true, false, cover], [true, true, cover]);
+      let spot = null;
+      for (const [short, far, cover] of tries) {
+        label.classList.toggle("short", short);
+        const w = Math.min(label.offsetWidth, W);
+        const h = label.offsetHeight;
+        const inX = (x) => Math.max(0, Math.min(W - w, x));
+        const fits = (r) => r.x >= 0 && r.y >= 0 && r.x + r.w <= W && r.y + r.h <= H && !placed.some((p) => hit(r, p)) &&
+          (cover || !boxes.some((f) => hit(r, { x: f.x + 1, y: f.y + 1, w: f.w - 2, h: f.h - 2 })));
+        let spots;
+        if (!far) {
+          spots = [[b.x, b.y - h], [b.x, b.y + b.h], [b.x + b.w - w, b.y - h], [b.x + b.w - w, b.y + b.h],
+            [b.x + b.w + 1, b.y], [b.x - w - 1, b.y], [b.x, b.y], [b.x, b.y + b.h - h]].map(([x, y]) => ({ x: inX(x), y, w, h }));
+        } else {  // next to an edge of the picture, of a face or of a placed label, nearest first
+          const xs = [0, W - w, inX(b.x), ...[...placed, ...boxes].flatMap((p) => [p.x + p.w + 1, p.x - w - 1, p.x])];
+          const ys = [0, H - h, b.y - h, b.y + b.h, ...[...placed, ...boxes].flatMap((p) => [p.y + p.h + 1, p.y - h - 1, p.y])];
+          const away = (r) => Math.hypot(r.x - b.x, r.y + h / 2 - (b.y + b.h / 2));
+          spots = xs.flatMap((x) => ys.map((y) => ({ x, y, w, h }))).sort((p, q) => away(p) - away(q));
+          if (!cover) spots = spots.filter((r) => away(r) < Math.max(b.w, b.h) + 4 * h);  // not lost far away
+        }
+        spot = spots.find(fits) || null;
+        if (spot) break;
+      }
+      if (!spot) spot = { x: 0, y: 0, w: label.offsetWidth, h: label.offsetHeight };  // a picture too small for all
+      placed.push(spot);
+      label.style.left = `${(100 * spot.x) / W}%`;
+      label.style.top = `${(100 * spot.y) / H}%`;
+    });
+  }
+
+  if (faceLayer) {
+    placeLabels();
+    if (window.ResizeObserver) new ResizeObserver(placeLabels).observe(faceLayer);
+    else window.addEventListener("resize", placeLabels);
+  }
+
+  // Picture page: [ and ] open the previous and next picture (the links above it).
+  document.addEventListener("keydown", (e) => {
+    if (e.target.closest && e.target.closest("input, textarea, select")) return;
+    if (e.altKey || e.ctrlKey || e.metaKey) return;
+    const rel = { "[": "prev", "]": "next" }[e.key];
+    const link = rel && document.querySelector(`p.steps a[rel=${rel}]`);
+    if (link) {
+      e.preventDefault();
+      window.location.href = link.href;
+    }
   });
 
   document.querySelectorAll("ol.facelist li[data-face]").forEach((li) => {

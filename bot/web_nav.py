@@ -1,0 +1,80 @@
+"""Previous and next on the gallery's Picture page, in the order of the list it was opened from.
+
+A card on *For you* or *Rated* links to its picture with ``?from=for-you`` (or ``rated``), the
+list's filters and ``at``, the card's position in the list. The Picture page looks for the
+picture in the pages of that list around ``at`` (the list as it is now: a rating takes a picture
+off *For you*, and moves it to the top of *Rated*) and links to its neighbours there; a picture
+no longer in the list is followed by the one now in its place. Opened from anywhere else, the
+neighbours are the pictures before and after it by id.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlencode
+
+LISTS = {"for-you": ("/", ("character",)), "rated": ("/rated", ("rating", "source", "character"))}
+MAX_AT = 10 ** 9                       # a position beyond is no position (and its offset fits SQLite)
+
+
+@dataclass
+class Origin:
+    """The list a Picture page was opened from: its name (a key of ``LISTS``, or "" for none),
+    its filters and the picture's position ``at`` in it."""
+    name: str = ""
+    filters: dict[str, str] = field(default_factory=dict)
+    at: int = 0
+
+    @classmethod
+    def from_query(cls, query) -> Origin:
+        """From a request's query (``from``, ``at`` and the list's filters); anything unknown or
+        malformed is no list (the neighbours by id)."""
+        name = query.get("from", "")
+        if name not in LISTS:
+            return cls()
+        try:
+            at = int(query.get("at", "0"))
+        except ValueError:
+            at = 0
+        filters = {k: query[k] for k in LISTS[name][1] if query.get(k)}
+        return cls(name, filters, min(MAX_AT, max(0, at)))
+
+    def query(self, at: int) -> dict[str, str | int]:
+        """The query parameters that open a picture at position ``at`` of this list."""
+        return {"from": self.name, **self.filters, "at": at} if self.name else {}
+
+    def back(self, size: int) -> str | None:
+        """The address of the list's page this position is on (None without a list)."""
+        if not self.name:
+            return None
+        params = dict(self.filters)
+        if self.at >= size:
+            params["page"] = str(self.at // size + 1)
+        return LISTS[self.name][0] + ("?" + urlencode(params) if params else "")
+
+
+@dataclass
+class Step:
+    """A neighbour: the picture's id and its position in the list (for its own links)."""
+    id: int
+    at: int
+
+
+def neighbours(image_id: int, at: int, size: int,
+               page_ids: Callable[[int], list[int]]) -> tuple[Step | None, Step | None]:
+    """(previous, next) of ``image_id`` in a list whose page ``n`` (``size`` pictures) is
+    ``page_ids(n)``, looked for on the pages around position ``at``."""
+    page = at // size
+    first = max(0, page - 1)
+    ids: list[int] = []
+    for n in range(first, page + 2):
+        ids += page_ids(n)
+    start = first * size
+    if image_id in ids:
+        i = ids.index(image_id)
+        before, after = i - 1, i + 1
+    else:                             # it left the list: the one now in its place comes next
+        before, after = at - start - 1, at - start
+    prev = Step(ids[before], start + before) if 0 <= before < len(ids) else None
+    nxt = Step(ids[after], start + after) if 0 <= after < len(ids) else None
+    return prev, nxt
