@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.discord_compare import compare_embed
 from bot.discord_posts import build_embed
 from scorer.ranking import RankingConfig, exploration_slots, interleave, pick
 from storage import Store
@@ -134,6 +135,11 @@ def test_discord_picks_follow_the_same_rule(tmp_path):
     embed = build_embed(dict(picks[0].image, score=3.46), faces=1, source="feed", exploration=False,
                         reason="score", filename="p.jpg").to_dict()
     assert {f["name"]: f["value"] for f in embed["fields"]}["Score"].startswith("3.46 / 5")
+    # The A/B comparison post says the same.
+    image = dict(picks[0].image, score=3.46)
+    for trained, says in [(False, "not yet trained"), (True, "3.46 / 5")]:
+        embed = compare_embed(image, "A", source="feed", filename="a.jpg", trained=trained).to_dict()
+        assert {f["name"]: f["value"] for f in embed["fields"]}["Score"].startswith(says)
 
 
 # ---- untrained, said so ----------------------------------------------------------------------------
