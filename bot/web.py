@@ -112,6 +112,9 @@ def picture_page(store, image_id: int) -> dict | None:
     who = data["characters"]          # picture_data's face id -> character entry
     data["faces"] = [dict(f, who=who.get(f["id"])) for f in data["faces"]]
     data["characters"] = store.picture_characters([image_id])[image_id]
+    source = store.get_source(data["source"]) if data["source"] else None
+    if source and source["kind"] == "import":
+        data["source"] = "imported"   # the pseudo-source of import-labels, as on the cards
     return dict(data, trained=is_trained(store), **character_choices(store, None))
 
 

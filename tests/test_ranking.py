@@ -192,6 +192,9 @@ async def test_after_an_import_the_model_page_and_rated_cards_tell_the_real_stat
         assert meta.index('class="label"') < meta.index('class="predicted"')
         assert "model not trained yet" in meta and '<span class="src">imported</span>' in meta
     assert "import · import" not in html
+    [first] = re.findall(r'<article class="card rated-card" data-id="(\d+)"', html)[:1]
+    page = await (await client.get(f"/picture/{first}")).text()
+    assert re.search(r"<h2>Source</h2>\s*<p>imported", page)
 
 
 async def test_rated_card_of_a_trained_model_shows_the_prediction_second(tmp_path, gallery):
