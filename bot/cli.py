@@ -106,17 +106,32 @@ def cmd_run(cfg, args) -> int:
 # ---- score -----------------------------------------------------------------------------------
 def cmd_score(cfg, args) -> int:
     from scorer.analyze import build_analyzer
+    from scorer.ranking import is_trained
     from storage import Store
 
     with Store.open(cfg.db_path) as store:
-        return _score(cfg, args, build_analyzer(store, cfg.detector, cfg.scorer, cfg.paths))
+        analyzer = build_analyzer(store, cfg.detector, cfg.scorer, cfg.paths)
+        untrained = None if is_trained(store) else untrained_note(store.label_count(), cfg.train.min_labels)
+        return _score(cfg, args, analyzer, untrained)
 
 
-def _score(cfg, args, analyzer) -> int:
+def untrained_note(labels: int, min_labels: int) -> str:
+    """What to do while no trained model is active, for ``labels`` ratings so far."""
+    if labels < min_labels:
+        return (f"rate at least {min_labels} pictures (you have {labels}), then run `python main.py train` "
+                "(a running daemon trains by itself)")
+    return f"{labels} pictures are rated: run `python main.py train`"
+
+
+def _score(cfg, args, analyzer, untrained: str | None = None) -> int:
+    """Score the pictures. With ``untrained`` (what to do, while the model is untrained) its
+    scores mean nothing, so the text says "not trained yet" instead (``--json`` keeps them,
+    with ``"trained": false``)."""
     from tqdm import tqdm
 
     from storage.media import BadImage, decode_image
 
+    trained = untrained is None
     results, failures = [], 0
     paths = [Path(p) for p in args.paths]
     bar = tqdm(paths, desc="scoring", unit="img", disable=len(paths) < 2 or not sys.stderr.isatty(),
@@ -132,20 +147,23 @@ def _score(cfg, args, analyzer) -> int:
                 tqdm.write(f"{path}: error: {message}", file=sys.stdout)
             continue
         res = analyzer.analyze([im])[0]
-        entry = {"path": str(path), "model": analyzer.scorer.version, **res.as_dict()}
+        entry = {"path": str(path), "model": analyzer.scorer.version, "trained": trained, **res.as_dict()}
         results.append(entry)
         if not args.json:
             lines = [f"{path}: {'no face' if res.whole or res.skipped else f'{len(res.faces)} face(s)'}, "
-                     + ("skipped" if res.skipped else f"score {res.score:.2f}")
+                     + ("skipped" if res.skipped else f"score {res.score:.2f}" if trained else "not trained yet")
                      + (" (whole picture)" if res.whole else "")]
             if not res.whole:
                 for i, f in enumerate(res.faces, 1):
                     b = f
-                    lines.append(f"  face {i}: box ({b.x1}, {b.y1}, {b.x2}, {b.y2}) "
-                                 f"confidence {b.confidence:.2f} score {f.score:.2f}")
+                    lines.append(f"  face {i}: box ({b.x1}, {b.y1}, {b.x2}, {b.y2}) confidence {b.confidence:.2f}"
+                                 + (f" score {f.score:.2f}" if trained else ""))
             tqdm.write("\n".join(lines), file=sys.stdout)
     if args.json:
         print(json.dumps(results, indent=2))
+    elif not trained and failures < len(paths):
+        print(f'The model is not trained yet, so its scores mean nothing (--json shows them, marked "trained": '
+              f"false): {untrained}.")
     return 1 if failures and failures == len(paths) else 0
 
 

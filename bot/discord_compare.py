@@ -28,6 +28,7 @@ from bot.config import Config
 from bot.discord_posts import CHANNEL, get_channel, score_colour
 from bot.manage import web_link
 from bot.posting import block_reason, emoji_key, fit_upload, route
+from scorer.ranking import is_trained
 
 log = logging.getLogger("tastefeed.discord")
 
@@ -37,15 +38,16 @@ SIDES = {emoji_key(A): 0, emoji_key(B): 1}
 ORIGIN = "discord"            # comparisons.origin
 
 
-def compare_embed(image: dict, side: str, *, source: str, filename: str) -> discord.Embed:
-    """The embed of one side (``A`` or ``B``) of a comparison post."""
+def compare_embed(image: dict, side: str, *, source: str, filename: str, trained: bool = True) -> discord.Embed:
+    """The embed of one side (``A`` or ``B``) of a comparison post; an untrained model's score is
+    not shown (``trained`` false: "not yet trained")."""
     emoji = A if side == "A" else B
-    score = image.get("score")
+    score = image.get("score") if trained else None
     title = f"{emoji} {image.get('title') or 'Picture'}"
     link = web_link(image.get("page_url"))
     embed = discord.Embed(title=title[:256], url=link, colour=score_colour(score))
-    embed.add_field(name="Score", value="n/a" if score is None else f"{score:.2f} / 5"
-                    + (f" (± {image['uncertainty']:.2f})" if image.get("uncertainty") else ""))
+    embed.add_field(name="Score", value="not yet trained" if not trained else "n/a" if score is None else
+                    f"{score:.2f} / 5" + (f" (± {image['uncertainty']:.2f})" if image.get("uncertainty") else ""))
     embed.add_field(name="Source", value=source or "?")
     if image.get("author"):
         embed.add_field(name="Author", value=str(image["author"])[:1024])
@@ -105,6 +107,7 @@ class ComparePosts:
             guild_limit = getattr(getattr(channel, "guild", None), "filesize_limit", self.d.max_upload_bytes)
             limit = min(self.d.max_upload_bytes, guild_limit) // 2       # two pictures in one message
             embeds, files = [], []
+            trained = await self.store.call(is_trained)
             for side, image in zip("AB", pair):
                 try:
                     upload = await asyncio.to_thread(fit_upload, self.cfg.media_path, image["media_path"], limit,
@@ -114,7 +117,8 @@ class ComparePosts:
                     log.warning("Discord: picture %d cannot be prepared for a comparison: %s", image["id"], e)
                     return None
                 source = await self.store.source_name(image["source_id"]) if image.get("source_id") else None
-                embeds.append(compare_embed(image, side, source=source or "?", filename=upload.filename))
+                embeds.append(compare_embed(image, side, source=source or "?", filename=upload.filename,
+                                            trained=trained))
                 files.append(discord.File(io.BytesIO(upload.data), upload.filename))
             a, b = pair[0]["id"], pair[1]["id"]
             try:

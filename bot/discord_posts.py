@@ -55,15 +55,24 @@ def score_colour(score: float | None) -> discord.Colour:
 
 
 def build_embed(image: dict, *, faces: int, source: str, exploration: bool, reason: str,
-                filename: str, characters: str = "") -> discord.Embed:
-    score = image.get("score")
+                filename: str, characters: str = "", cold: bool = False) -> discord.Embed:
+    """The post's embed; ``cold`` (picked while the model is untrained or has too few ratings):
+    the score field shows the popularity that ranked it, not the untrained model's number."""
+    score = None if cold else image.get("score")
     title = image.get("title") or f"Picture #{image['id']}"
-    desc = ("🔍 **Exploration**: the model is unsure about this one; your rating teaches it the most."
-            if exploration else None)
+    desc = None
+    if exploration:
+        desc = ("🔍 **Exploration**: a random pick; ratings across the whole range teach the model the most."
+                if cold else "🔍 **Exploration**: the model is unsure about this one; your rating teaches it the most.")
     link = web_link(image.get("page_url"))
     embed = discord.Embed(title=title[:256], url=link, description=desc, colour=score_colour(score))
-    embed.add_field(name="Score", value="n/a" if score is None else f"{score:.2f} / 5"
-                    + (f" (± {image['uncertainty']:.2f})" if image.get("uncertainty") else ""))
+    if cold:
+        popularity = image.get("popularity")
+        embed.add_field(name="Score", value="not yet trained" + ("" if popularity is None else
+                                                                 f" (popularity {popularity:g})"))
+    else:
+        embed.add_field(name="Score", value="n/a" if score is None else f"{score:.2f} / 5"
+                        + (f" (± {image['uncertainty']:.2f})" if image.get("uncertainty") else ""))
     embed.add_field(name="Faces", value=str(faces))
     if characters:
         embed.add_field(name="Characters", value=characters[:1024])
@@ -170,7 +179,8 @@ class Poster:
             return None
         source = await self.store.source_name(image["source_id"]) if image.get("source_id") else None
         embed = build_embed(image, faces=len(faces), source=source or "?", exploration=p.exploration,
-                            reason=p.reason, filename=upload.filename, characters=character_summary(who))
+                            reason=p.reason, filename=upload.filename, characters=character_summary(who),
+                            cold=p.cold)
         post_id = await self.store.post_intent(image["id"], CHANNEL, str(channel_id), exploration=p.exploration,
                                                reason=p.reason if reason == "schedule" else f"{p.reason} ({reason})")
         try:

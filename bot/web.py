@@ -37,7 +37,7 @@ from bot.web_actions import COMPARE_ORIGIN, USER, GalleryActions
 from bot.web_guard import HEALTHZ, guard
 from bot.web_nav import Origin, Step, neighbours
 from scorer.detect import crop_box
-from scorer.ranking import exploration_share, is_cold
+from scorer.ranking import exploration_share, exploration_slots, interleave, is_cold, is_trained
 from storage.media import thumbnail
 from storage.records import WHOLE, Face
 
@@ -46,6 +46,7 @@ log = logging.getLogger("tastefeed.web")
 CHANNEL = "web"
 HERE = Path(__file__).parent
 FACE_CROP_SIZE = 160              # the Picture page's face crops (pixels, longest side), cached like thumbnails
+FILE_PATHS = ("/media/", "/thumb/", "/face/", "/eval/", "/static/", "/api/", "/favicon.ico", HEALTHZ)  # plain-text 404s
 MAX_PAGE = 10 ** 9                # a page beyond is empty (and its offset still fits SQLite)
 # what stands for a picture whose media was pruned (storage/prune.py)
 PRUNED_SVG = ('<svg xmlns="http://www.w3.org/2000/svg" width="320" height="240" viewBox="0 0 320 240">'
@@ -58,33 +59,46 @@ PRUNED_SVG = ('<svg xmlns="http://www.w3.org/2000/svg" width="320" height="240" 
 # ---- page data (plain functions on a sync Store, run on the daemon's writer thread) -----------
 def for_you(store, cfg: Config, page: int, size: int, character: str | None = None) -> dict:
     """One page of unrated pictures (of one character, if given): best first (popularity while
-    cold), with the exploration share of each page taken from the least certain (cold: a fixed
-    shuffle) and marked."""
-    cold = is_cold(store, cfg.train.min_labels)
-    share = exploration_share(store, cfg.ranking, cold)
-    n_explore = round(size * share)
-    explore = store.ranked_candidates(CHANNEL, "shuffled" if cold else "uncertain", n_explore,
-                                      offset=page * n_explore, character=character) if n_explore else []
-    main = store.ranked_candidates(CHANNEL, "popularity" if cold else "score", size - len(explore),
-                                   exclude=[r["id"] for r in explore], offset=page * (size - n_explore),
-                                   character=character)
-    for r in explore:
-        r["exploration"] = True
-    cards = list(main)
-    step = max(1, size // max(1, len(explore)))
-    for i, r in enumerate(explore):  # spread exploration picks through the page
-        cards.insert(min(len(cards), i * step + step - 1), r)
+    cold), with the exploration share of the cards on the page taken from the least certain
+    (cold: a fixed shuffle), marked and placed after the best (``scorer.ranking``'s
+    :func:`exploration_slots`). Every page is cut from one sequence (each full page before it
+    laid out the same way), so paging shows each picture once."""
+    state = model_state(store, cfg)
+    share = exploration_share(store, cfg.ranking, state["cold"])
     total = store.count_candidates(CHANNEL, character)
-    return {"cards": _cards(store, cards), "cold": cold, "total": total, "page": page,
-            "pages": max(1, math.ceil(total / size)), **character_choices(store, character)}
+    start = page * size
+    shown = max(0, min(size, total - start))
+    cards = []
+    if shown:
+        slots = exploration_slots(size, share) * page + exploration_slots(shown, share)
+        end = start + shown
+        best = store.ranked_candidates(CHANNEL, "popularity" if state["cold"] else "score", end, character=character)
+        explore = store.ranked_candidates(CHANNEL, "shuffled" if state["cold"] else "uncertain", end,
+                                          character=character) if any(slots) else []
+        cards = [dict(row, exploration=explored) for row, explored in interleave(slots, best, explore)[start:]]
+    return {"cards": _cards(store, cards), "model_state": state, "cold": state["cold"], "total": total,
+            "page": page, "pages": max(1, math.ceil(total / size)), **character_choices(store, character)}
+
+
+def model_state(store, cfg: Config) -> dict:
+    """What the cards say of a picture's rank: ``trained`` (a trained model is active) and
+    ``cold`` (ranked by popularity: untrained, or fewer than ``train.min_labels`` ratings)."""
+    return {"trained": is_trained(store), "cold": is_cold(store, cfg.train.min_labels)}
 
 
 def _cards(store, rows: list[dict]) -> list[dict]:
-    names = {r["id"]: r["name"] for r in store.list_sources()}
+    """Rows as cards: ``source_name`` ("imported" for a picture of ``import-labels``), ``origin``
+    (for a rated card: where the rating came from, unless that says "imported" again),
+    ``exploration`` and the picture's ``characters``."""
+    sources = {r["id"]: r for r in store.list_sources()}
     characters = store.picture_characters([r["id"] for r in rows])
     out = []
     for r in rows:
-        out.append(dict(r, source_name=r.get("source_name") or names.get(r.get("source_id"), "?"),
+        source = sources.get(r.get("source_id")) or {}
+        imported = source.get("kind") == "import"
+        name = "imported" if imported else r.get("source_name") or source.get("name", "?")
+        origin = r.get("label_origin")
+        out.append(dict(r, source_name=name, origin="" if imported and origin == "import" else origin or "",
                         exploration=bool(r.get("exploration")), characters=characters.get(r["id"], [])))
     return out
 
@@ -106,7 +120,11 @@ def picture_page(store, cfg: Config, image_id: int, origin: Origin | None = None
     who = data["characters"]          # picture_data's face id -> character entry
     data["faces"] = [dict(f, who=who.get(f["id"])) for f in numbered_faces(data["faces"])]
     data["characters"] = store.picture_characters([image_id])[image_id]
-    return dict(data, nav=picture_nav(store, cfg, image_id, origin or Origin()), **character_choices(store, None))
+    source = store.get_source(data["source"]) if data["source"] else None
+    if source and source["kind"] == "import":
+        data["source"] = "imported"   # the pseudo-source of import-labels, as on the cards
+    return dict(data, trained=is_trained(store), nav=picture_nav(store, cfg, image_id, origin or Origin()),
+                **character_choices(store, None))
 
 
 def picture_nav(store, cfg: Config, image_id: int, origin: Origin) -> dict:
@@ -137,7 +155,18 @@ def model_data(store, cfg: Config) -> dict:
                            kind=m.get("kind"), network=m.get("network_version")))
     active = next((m for m in models if m["active"]), None)
     return {"models": models, "active": active, "labels": store.label_count(),
-            "comparisons": store.comparison_count(), **identity_data(store, cfg)}
+            "comparisons": store.comparison_count(), "training": training_state(store, cfg),
+            **identity_data(store, cfg)}
+
+
+def training_state(store, cfg: Config) -> dict:
+    """What the Model page says while the active model is untrained: ``min_labels`` (ratings
+    training needs), ``refit`` (the daemon fits the taste head by itself) and ``pending`` (new
+    ratings or comparisons since its last fit: one is coming within a minute)."""
+    from bot.learning import MARK, new_feedback
+
+    pending, _ = new_feedback(store, store.get_setting(MARK))
+    return {"min_labels": cfg.train.min_labels, "refit": cfg.train.refit, "pending": pending > 0}
 
 
 def identity_data(store, cfg: Config) -> dict:
@@ -171,12 +200,13 @@ def metric_rows(metrics: dict, prefix: str = "", depth: int = 0) -> list[tuple[s
     return rows
 
 
-def compare_data(store, skip: set[frozenset]) -> dict:
+def compare_data(store, cfg: Config, skip: set[frozenset]) -> dict:
     """The pair to compare next (``pair``: two cards, or None when fewer than two pictures are
     left), leaving out the pairs skipped in ``skip``; the gallery's last comparison (for "undo
     last") and how many comparisons there are."""
     pair = store.compare_pair(CHANNEL, skip=skip)
     return {"pair": _cards(store, list(pair)) if pair else None, "last": store.last_comparison(COMPARE_ORIGIN, USER),
+            "model_state": model_state(store, cfg),
             "n_comparisons": store.comparison_count(), "candidates": store.count_candidates(CHANNEL)}
 
 
@@ -209,11 +239,12 @@ class Gallery:
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
                                       autoescape=True, undefined=jinja2.StrictUndefined)
         self.env.filters["score"] = lambda v: "n/a" if v is None or isinstance(v, jinja2.Undefined) else f"{v:.2f}"
+        self.env.filters["number"] = lambda v: f"{v:.0f}" if float(v).is_integer() else f"{v:.2f}"
         self.env.filters["web_link"] = web_link   # a page link from a source: http(s) only, else None
         self.env.globals["query"] = lambda **kw: "?" + urlencode({k: v for k, v in kw.items() if v not in (None, "")})
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[guard(self.cfg.web)], client_max_size=1024 * 1024)
+        app = web.Application(middlewares=[guard(self.cfg.web), self.not_found], client_max_size=1024 * 1024)
         r, a = app.router, self.actions
         # ids have at most 18 digits, so they fit SQLite's integers: a longer one is no picture (404)
         r.add_get("/", self.page_for_you)
@@ -227,6 +258,7 @@ class Gallery:
         r.add_get("/face/{id:\\d{1,18}}", self.face_crop)
         r.add_get("/eval/{version}/{name}", self.eval_plot)
         r.add_get("/api/stats", self.api_stats)
+        r.add_get("/favicon.ico", self.favicon)   # for browsers that ask before reading the page's icon link
         r.add_get(HEALTHZ, self.healthz)
         r.add_post("/rate/{id:\\d{1,18}}", a.rate)
         r.add_post("/undo/{label:\\d{1,18}}", a.undo)
@@ -274,6 +306,20 @@ class Gallery:
                             headers={"Cache-Control": "no-store", "X-Frame-Options": "DENY",
                                      "Referrer-Policy": "same-origin"})
 
+    @web.middleware
+    async def not_found(self, request: web.Request, handler):
+        """A page that is not there (an unknown address, an unknown picture id) answers a 404
+        page with the navigation; files and the API keep their short plain-text 404."""
+        try:
+            return await handler(request)
+        except web.HTTPNotFound as e:
+            if request.method not in ("GET", "HEAD") or request.path.startswith(FILE_PATHS):
+                raise
+            what = e.text.strip() if e.text and not e.text.startswith("404:") else f"There is no page at {request.path}."
+            resp = self.render("not_found.html", request, what=what)
+            resp.set_status(404)
+            return resp
+
     def _page(self, request: web.Request) -> int:
         try:
             return min(MAX_PAGE, max(0, int(request.query.get("page", "1")) - 1))
@@ -290,7 +336,7 @@ class Gallery:
         data = await self.store.call(picture_page, self.cfg, int(request.match_info["id"]),
                                      Origin.from_query(request.query))
         if data is None:
-            raise web.HTTPNotFound(text="No such picture.\n")
+            raise web.HTTPNotFound(text=f"No picture #{request.match_info['id']}: there is none with this number.\n")
         return self.render("picture.html", request, message=request.query.get("message", ""), **data)
 
     async def page_rated(self, request):
@@ -305,12 +351,13 @@ class Gallery:
                                              character=character, limit=size, offset=page * size)
         sources = [r["name"] for r in await self.store.list_sources()]
         return self.render("rated.html", request, cards=await self.store.call(_cards, rows), total=total,
+                           model_state=await self.store.call(model_state, self.cfg),
                            page=page, pages=max(1, math.ceil(total / size)), rating=value or "",
                            source=source or "", sources=sources,
                            **await self.store.call(character_choices, character))
 
     async def page_compare(self, request):
-        data = await self.store.call(compare_data, set(self.actions.skipped))
+        data = await self.store.call(compare_data, self.cfg, set(self.actions.skipped))
         return self.render("compare.html", request, **data)
 
     async def page_model(self, request):
@@ -338,6 +385,10 @@ class Gallery:
         if image is None or not image.get("media_path"):
             raise web.HTTPNotFound(text="No such picture.\n")
         return image
+
+    async def favicon(self, request):
+        return web.FileResponse(HERE / "static" / "favicon.svg", headers={"Content-Type": "image/svg+xml",
+                                                                          "Cache-Control": "max-age=86400"})
 
     @staticmethod
     def _pruned() -> web.Response:

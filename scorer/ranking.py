@@ -5,25 +5,34 @@ labelled, the model's scores mean little. Pictures are then ranked by their sour
 popularity signal (booru score, likes), as a percentile within that source so that sources with
 large numbers do not crowd out the rest; pictures without one come after, newest first. The
 exploration share is ``ranking.cold_exploration`` (default 0.5) instead of ``ranking.exploration``
-(0.1): more random picks gather ratings across the whole range, which is what training needs.
+(0.2): more random picks gather ratings across the whole range, which is what training needs.
 
-Exploration: of ``n`` picks, ``n * share`` are exploration picks (a fraction is rounded up or down
-at random, so 0.2 of 1 pick explores one time in five). With a trained model they are pictures the
-model is least sure about (the taste head's uncertainty blended with the network's mirror-image
-spread; one of the ten most uncertain at random), and their share falls as the model gets sure
-(:func:`exploration_share`); while cold, uniform random candidates. They are marked ``exploration``
-so posts can say so. Candidates are scored, unposted (on that channel), unlabelled and not
-duplicates; ``accept`` filters them further (content rating, tag blocklist, blocked characters)
-and ``near_distance`` skips pictures whose perceptual hash is that close to one already posted on
-the channel. Pictures of followed characters (``characters.follow``) rank as if their score were
-``characters.follow_boost`` higher (see ``Store.ranked_candidates``).
+Exploration: of the pictures actually shown (a page of the gallery, a Discord posting cycle;
+not the page size or the number asked for), ``share`` are exploration picks
+(:func:`exploration_slots`): the share rounded to the nearest whole number (in a Discord cycle,
+rounded up or down at random, so 0.2 of 1 post explores one time in five), never the first of
+several pictures, and spread after it at an even rhythm, so the best predicted stay on top and
+the others stay in strict rank order. With a trained model they are pictures the model is least
+sure about (the taste head's uncertainty blended with the network's mirror-image spread; one of
+the ten most uncertain at random), and their share falls as the model gets sure
+(:func:`exploration_share`); while cold, uniform random candidates. They are marked
+``exploration`` so posts and cards can say so. Candidates are scored, unposted (on that
+channel), unlabelled and not duplicates; ``accept`` filters them further (content rating, tag
+blocklist, blocked characters) and ``near_distance`` skips pictures whose perceptual hash is
+that close to one already posted on the channel. Pictures of followed characters
+(``characters.follow``) rank as if their score were ``characters.follow_boost`` higher (see
+``Store.ranked_candidates``).
+
+Until a trained model is active (:func:`is_trained`: its registry row has metrics) its scores
+carry no taste: the gallery, ``score`` and Discord posts say "not yet trained" (or show the
+popularity that ranks the picture) instead of the number.
 """
 from __future__ import annotations
 
 import math
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 BATCH = 10
 MAX_SCANNED = 2000    # candidates looked at for one pick before giving up (all filtered out)
@@ -34,6 +43,7 @@ class Pick:
     image: dict
     reason: str           # score | popularity | recent | explore
     exploration: bool
+    cold: bool = False    # picked while cold: the model's score means nothing yet
 
 
 @dataclass
@@ -50,11 +60,17 @@ class RankingConfig:
         return None
 
 
+def is_trained(store) -> bool:
+    """A trained model is active (a training run or head refit registered it with metrics); until
+    then its scores are the untrained network's and mean nothing."""
+    active = store.active_model()
+    return bool(active and active.get("metrics"))
+
+
 def is_cold(store, min_labels: int) -> bool:
     """No trained model is active, or fewer than ``min_labels`` (``train.min_labels``) pictures are
     labelled."""
-    active = store.active_model()
-    return not (active and active.get("metrics")) or store.label_count() < min_labels
+    return not is_trained(store) or store.label_count() < min_labels
 
 
 def exploration_share(store, ranking: RankingConfig, cold: bool) -> float:
@@ -80,48 +96,98 @@ def exploration_share(store, ranking: RankingConfig, cold: bool) -> float:
 MIN_EXPLORATION_FACTOR = 0.25
 
 
-def exploration_count(n: int, share: float, rng: random.Random) -> int:
-    whole = math.floor(n * share)
-    return whole + (rng.random() < n * share - whole)
+def exploration_slots(shown: int, share: float, rng: random.Random | None = None) -> list[bool]:
+    """Which of ``shown`` pictures (best first) are exploration picks, position by position.
+
+    There are ``round(share * shown)`` of them (with ``rng``, the fraction is rounded up or down
+    at random instead, so that cycles of a few posts explore ``share`` of them in the long run).
+    The first of several pictures is never one (unless ``share`` is 1): it stays the best
+    predicted. They are spread evenly after it, counted from the end: 10 shown at 0.5 explore the
+    2nd, 4th, ... 10th; at 0.2 the 5th and 10th; 3 at 0.5 the 2nd and 3rd."""
+    if shown <= 0:
+        return []
+    if share >= 1:
+        return [True] * shown
+    exact = shown * share
+    if rng is None:
+        count = round(exact)
+    else:
+        whole = math.floor(exact)
+        count = whole + (rng.random() < exact - whole)
+    if shown > 1:
+        count = min(count, shown - 1)
+    slots = [False] * shown
+    for j in range(count):
+        slots[shown - 1 - math.floor(j * shown / count)] = True
+    return slots
+
+
+def interleave(slots: list[bool], best: Iterable[dict], explore: Iterable[dict]) -> list[tuple[dict, bool]]:
+    """Fill ``slots`` (:func:`exploration_slots`) from two orders of the same candidates, each
+    picture once: an exploration slot takes the next of ``explore`` not placed yet (none left:
+    the next best, not marked), every other slot the next of ``best`` not placed yet. Returns
+    (row, explored) pairs, fewer than the slots when ``best`` runs out; the ranked ones keep
+    ``best``'s order."""
+    best, explore = iter(best), iter(explore)
+    placed: set[int] = set()
+
+    def take(rows):
+        for row in rows:
+            if row["id"] not in placed:
+                placed.add(row["id"])
+                return row
+        return None
+
+    out = []
+    for slot in slots:
+        row = take(explore) if slot else None
+        explored = row is not None
+        row = row or take(best)
+        if row is None:
+            break
+        out.append((row, explored))
+    return out
 
 
 def pick(store, ranking: RankingConfig, min_labels: int, n: int = 1, *, channel: str = "discord",
          rng: random.Random | None = None, accept: Callable[[dict], bool] | None = None,
          near_distance: int = -1, follow: list[str] = (), follow_boost: float = 0.0) -> list[Pick]:
-    """Up to ``n`` pictures to show next on ``channel`` (``store`` is a sync Store); cold while
+    """Up to ``n`` pictures to show next on ``channel`` (``store`` is a sync Store), best first,
+    with the exploration share of those there are placed by :func:`exploration_slots`; cold while
     fewer than ``min_labels`` pictures are labelled (see :func:`is_cold`); pictures of the
     characters in ``follow`` are boosted by ``follow_boost``."""
     rng = rng or random.Random()
     cold = is_cold(store, min_labels)
     share = exploration_share(store, ranking, cold)
-    explore_n = exploration_count(n, share, rng)
-    slots = [True] * explore_n + [False] * (n - explore_n)
-    rng.shuffle(slots)
-    seen = [int(h) for h in store.posted_phashes(channel)] if near_distance >= 0 else []
-    picks: list[Pick] = []
-    passed: set[int] = set()  # chosen or filtered out
+    ranked = "popularity" if cold else "score"
     boost = {"follow": list(follow), "follow_boost": follow_boost}
-    for explore in slots:
-        if explore:
-            order = "random" if cold else "uncertain"
-        else:
-            order = "popularity" if cold else "score"
-        row = _next(store, channel, order, passed, accept, seen, near_distance, rng if explore else None, boost)
-        if row is None and explore:  # nothing to explore: fill the slot by rank
-            explore, order = False, "popularity" if cold else "score"
-            row = _next(store, channel, order, passed, accept, seen, near_distance, None, boost)
-        if row is None:
-            break
-        if explore:
-            reason = "explore"
-        elif cold:
-            reason = "popularity" if row.get("popularity") is not None else "recent"
-        else:
-            reason = "score"
-        picks.append(Pick(row, reason, explore))
-        if row.get("phash") and near_distance >= 0:
-            seen.append(int(row["phash"], 16))
-    return picks
+    posted = [int(h) for h in store.posted_phashes(channel)] if near_distance >= 0 else []
+
+    def ranked_run(explore_slots: list[bool]) -> list[Pick]:
+        seen, passed, picks = list(posted), set(), []   # passed: chosen or filtered out
+        for explore in explore_slots:
+            order = ("random" if cold else "uncertain") if explore else ranked
+            row = _next(store, channel, order, passed, accept, seen, near_distance, rng if explore else None, boost)
+            if row is None and explore:  # nothing to explore: fill the slot by rank
+                explore, order = False, ranked
+                row = _next(store, channel, order, passed, accept, seen, near_distance, None, boost)
+            if row is None:
+                break
+            if explore:
+                reason = "explore"
+            elif cold:
+                reason = "popularity" if row.get("popularity") is not None else "recent"
+            else:
+                reason = "score"
+            picks.append(Pick(row, reason, explore, cold))
+            if row.get("phash") and near_distance >= 0:
+                seen.append(int(row["phash"], 16))
+        return picks
+
+    # The share is of the pictures there are to show (up to n), not of n.
+    best = ranked_run([False] * n)
+    slots = exploration_slots(len(best), share, rng)
+    return ranked_run(slots) if any(slots) else best
 
 
 def _next(store, channel, order, passed, accept, seen, near_distance, rng, boost) -> dict | None:

@@ -41,6 +41,10 @@ def card_ids(html: str) -> list[int]:
     return [int(i) for i in re.findall(r'<article class="card[^"]*" data-id="(\d+)"', html)]
 
 
+def explore_ids(html: str) -> list[int]:
+    return [int(i) for i in re.findall(r'<article class="card explore" data-id="(\d+)"', html)]
+
+
 # ---- server --------------------------------------------------------------------------------
 async def test_beyond_loopback_every_request_needs_the_token_kept_in_a_strict_cookie(tmp_path, gallery):
     cfg = web_config(tmp_path, 'host = "0.0.0.0"\ntoken = "s3cret-gallery-token"')
@@ -108,7 +112,8 @@ async def test_for_you_pages_through_unrated_pictures_best_first_and_marks_explo
     # Exploration picks are marked.
     cfg.ranking.cold_exploration = 0.3
     html = await (await client.get("/")).text()
-    assert len(re.findall(r'class="card explore"', html)) == 3 and html.count("exploration</span>") == 3
+    assert len(re.findall(r'class="card explore"', html)) == 3 and html.count(">explore</span>") == 3
+    assert card_ids(html)[0] not in explore_ids(html)      # the best stays on top
 
 
 async def test_thumbnails_are_made_once_and_cached(tmp_path, gallery):
