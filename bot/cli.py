@@ -578,20 +578,17 @@ def cmd_prune(cfg, args) -> int:
     """Apply the ``[storage]`` rules by hand (``storage/prune.py``); beside a running daemon too."""
     from bot.disk import run_prune
 
-    if not cfg.db_path.exists():
-        print(f"nothing to prune: no database at {cfg.db_path} yet")
-        return 0
-    report = run_prune(cfg, dry_run=args.dry_run)
+    report = run_prune(cfg, dry_run=args.dry_run) if cfg.db_path.exists() else None   # none: nothing is created
     rules = []
     if cfg.storage.max_media_gb > 0:
         rules.append(f"storage.max_media_gb {cfg.storage.max_media_gb:g}")
     if cfg.storage.keep_days > 0:
         rules.append(f"storage.keep_days {cfg.storage.keep_days:g}")
-    print(report.summary())
+    print(report.summary() if report else f"nothing to prune: no database at {cfg.db_path} yet")
     if not rules:
         print("media is never pruned: set storage.max_media_gb or storage.keep_days "
               f"(thumbnails are kept within storage.max_thumbs_mb {cfg.storage.max_thumbs_mb:g})")
-    elif report.over_limit:
+    elif report and report.over_limit:
         print(f"still over storage.max_media_gb {cfg.storage.max_media_gb:g}: the rest is rated, compared, "
               "posted, named or not scored yet, and is never pruned")
     return 0
