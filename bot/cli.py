@@ -199,9 +199,9 @@ def cmd_sources(cfg, args) -> int:
     from bot.manage import add_source, parse_pairs, remove_source, source_lines, sync_config_sources
     from storage import Store
 
-    # list and test only look (the config's sources are synced into a store in memory until the
-    # database exists); add and remove write
-    with (reading(cfg) if args.action in ("list", "test") else Store.open(cfg.db_path)) as store:
+    # only add needs the database: until it exists, list, test and remove (of a source that cannot
+    # be there yet) use a store in memory, so that they create no data folder
+    with (Store.open(cfg.db_path) if args.action == "add" else reading(cfg)) as store:
         if args.action == "list":
             sync_config_sources(store, cfg)  # config sources are visible before the first run
             print("\n".join(source_lines(store)) or "no sources")

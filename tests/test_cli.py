@@ -227,7 +227,7 @@ def test_import_labels_counts_add_up_in_line_order_with_a_warning_for_a_picture_
 
 def test_removing_the_default_inbox_says_which_key_drops_it(tmp_path):
     out = cli(tmp_path, "sources", "remove", "inbox")
-    assert out.returncode == 1 and out.stderr.count("\n") == 1
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and not (tmp_path / "data").exists()
     assert out.stderr.startswith("error: source 'inbox' is the built-in default, used while there is no config file: "
                                  "to drop it, put `sources = []` at the top of a config.toml")
     (tmp_path / "config.toml").write_text("[web]\nport = 0\n")
