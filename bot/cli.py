@@ -1,7 +1,7 @@
 """tastefeed command line (``python main.py ...`` and the ``tastefeed`` console script).
 
     python main.py run                      start the daemon (no config needed)
-    python main.py score PICTURE...         faces and scores of pictures (--json)
+    python main.py score PICTURE|DIR...     faces and scores of pictures (--json, --crops)
     python main.py sources list|add|remove|test
     python main.py doctor                   check config, database, detector, model, device
     python main.py status                   health of the running (or stopped) daemon (--json)
@@ -34,7 +34,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from bot.config import ConfigError, load_config
@@ -44,22 +46,32 @@ from bot.logs import setup_logging
 EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130  # see the module docstring
 
 
+# Each package's base error (module, class name): its message is written for the user.
+USER_ERRORS = {"storage.db": "StorageError", "storage.media": "BadImage", "sources": "SourceError",
+               "scorer.detect": "DetectorError", "scorer.model": "ModelError", "scorer.train": "TrainError",
+               "bot.manage": "ManageError", "bot.service": "ServiceError"}
+
+
 def user_errors() -> tuple[type[Exception], ...]:
-    """Each package's base error: its message is written for the user (imported late: torch)."""
-    from bot.manage import ManageError
-    from bot.service import ServiceError
-    from scorer.detect import DetectorError
-    from scorer.model import ModelError
-    from scorer.train import TrainError
-    from sources import SourceError
-    from storage.db import StorageError
-    from storage.media import BadImage
-    return StorageError, BadImage, SourceError, DetectorError, ModelError, TrainError, ManageError, ServiceError
+    """The user errors of the modules loaded: an error can only come from a loaded module, and
+    importing the others first would cost seconds (torch) before a command that needs none."""
+    classes = (getattr(sys.modules.get(module), name, None) for module, name in USER_ERRORS.items())
+    return tuple(c for c in classes if isinstance(c, type))
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code
+
+
+@contextlib.contextmanager
+def reading(cfg):
+    """The store for a command that only looks: the database when there is one, else an empty
+    one in memory, so that a look creates no data folder (the daemon's first run does)."""
+    from storage import Store
+
+    with Store.open(cfg.db_path if cfg.db_path.exists() else ":memory:") as store:
+        yield store
 
 
 # ---- run -------------------------------------------------------------------------------------
@@ -103,16 +115,25 @@ def cmd_run(cfg, args) -> int:
     return 0
 
 
-# ---- score -----------------------------------------------------------------------------------
+# ---- score ---------------------------------------------------------------------------------
 def cmd_score(cfg, args) -> int:
+    try:
+        paths = picture_paths(args.paths)      # first: a missing file is said at once, before torch loads
+    except ValueError as e:
+        return _fail(str(e))
     from scorer.analyze import build_analyzer
     from scorer.ranking import is_trained
     from storage import Store
 
+    if not cfg.db_path.exists():    # a look writes nothing: no data folder, no model file
+        analyzer = build_analyzer(None, cfg.detector, cfg.scorer, cfg.paths)
+        print(f"note: no database at {cfg.db_path} yet, so no model of your taste: scored by the untrained "
+              f"{analyzer.scorer.version}, kept in memory (nothing is written)", file=sys.stderr)
+        return _score(cfg, args, paths, analyzer, untrained_note(0, cfg.train.min_labels))
     with Store.open(cfg.db_path) as store:
         analyzer = build_analyzer(store, cfg.detector, cfg.scorer, cfg.paths)
         untrained = None if is_trained(store) else untrained_note(store.label_count(), cfg.train.min_labels)
-        return _score(cfg, args, analyzer, untrained)
+        return _score(cfg, args, paths, analyzer, untrained)
 
 
 def untrained_note(labels: int, min_labels: int) -> str:
@@ -123,17 +144,38 @@ def untrained_note(labels: int, min_labels: int) -> str:
     return f"{labels} pictures are rated: run `python main.py train`"
 
 
-def _score(cfg, args, analyzer, untrained: str | None = None) -> int:
+def picture_paths(args: list[str]) -> list[Path]:
+    """The files named, a folder standing for the pictures in it and its subfolders (hidden ones
+    left out); ValueError naming the first path that does not exist or a folder without pictures."""
+    from sources.folder import PICTURE_SUFFIXES
+
+    paths = []
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in PICTURE_SUFFIXES
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise ValueError(f"{arg}: no pictures in this folder ({', '.join(sorted(PICTURE_SUFFIXES))})")
+            paths += found
+        elif path.exists():
+            paths.append(path)
+        else:
+            raise ValueError(f"{arg}: no such file or folder")
+    return paths
+
+
+def _score(cfg, args, paths: list[Path], analyzer, untrained: str | None = None) -> int:
     """Score the pictures. With ``untrained`` (what to do, while the model is untrained) its
     scores mean nothing, so the text says "not trained yet" instead (``--json`` keeps them,
     with ``"trained": false``)."""
     from tqdm import tqdm
 
     from storage.media import BadImage, decode_image
+    from storage.records import CROP, Face
 
     trained = untrained is None
     results, failures = [], 0
-    paths = [Path(p) for p in args.paths]
     bar = tqdm(paths, desc="scoring", unit="img", disable=len(paths) < 2 or not sys.stderr.isatty(),
                file=sys.stderr)
     for path in bar:
@@ -146,13 +188,17 @@ def _score(cfg, args, analyzer, untrained: str | None = None) -> int:
             if not args.json:
                 tqdm.write(f"{path}: error: {message}", file=sys.stdout)
             continue
-        res = analyzer.analyze([im])[0]
+        # --crops: the picture is a face crop (as import-labels --crops takes it), not run through detection
+        found = [[Face.whole(im.width, im.height, CROP)]] if args.crops else None
+        res = analyzer.analyze([im], found)[0]
         entry = {"path": str(path), "model": analyzer.scorer.version, "trained": trained, **res.as_dict()}
         results.append(entry)
         if not args.json:
-            lines = [f"{path}: {'no face' if res.whole or res.skipped else f'{len(res.faces)} face(s)'}, "
+            kind = ("face crop" if args.crops else "no face" if res.whole or res.skipped
+                    else f"{len(res.faces)} face(s)")
+            lines = [f"{path}: {kind}, "
                      + ("skipped" if res.skipped else f"score {res.score:.2f}" if trained else "not trained yet")
-                     + (" (whole picture)" if res.whole else "")]
+                     + (" (whole picture)" if res.whole and not args.crops else "")]
             if not res.whole:
                 for i, f in enumerate(res.faces, 1):
                     b = f
@@ -172,7 +218,9 @@ def cmd_sources(cfg, args) -> int:
     from bot.manage import add_source, parse_pairs, remove_source, source_lines, sync_config_sources
     from storage import Store
 
-    with Store.open(cfg.db_path) as store:
+    # only add needs the database: until it exists, list, test and remove (of a source that cannot
+    # be there yet) use a store in memory, so that they create no data folder
+    with (Store.open(cfg.db_path) if args.action == "add" else reading(cfg)) as store:
         if args.action == "list":
             sync_config_sources(store, cfg)  # config sources are visible before the first run
             print("\n".join(source_lines(store)) or "no sources")
@@ -253,26 +301,33 @@ def _doctor_checks(cfg, opened: contextlib.ExitStack) -> list[tuple[str, bool, s
     checks: list[tuple[str, bool, str]] = [("config", True, cfg.path or "embedded defaults")]
     store = None
     checks.append(_schema_check(cfg))
+    fresh = not cfg.db_path.exists()    # nothing is created: the daemon's first run does that
     try:
-        from storage import Store
-        store = opened.enter_context(Store.open(cfg.db_path))
-        store.db.execute("CREATE TABLE IF NOT EXISTS _doctor (x)")
-        store.db.execute("DROP TABLE _doctor")
-        counts = store.status_counts()
-        checks.append(("database", True, f"{cfg.db_path} ({sum(counts.values())} pictures)"))
+        if fresh:
+            store = opened.enter_context(reading(cfg))
+            checks.append(("database", *_creatable(cfg.db_path, "the first run creates it")))
+        else:
+            from storage import Store
+            store = opened.enter_context(Store.open(cfg.db_path))
+            store.db.execute("CREATE TABLE IF NOT EXISTS _doctor (x)")
+            store.db.execute("DROP TABLE _doctor")
+            counts = store.status_counts()
+            checks.append(("database", True, f"{cfg.db_path} ({sum(counts.values())} pictures)"))
     except Exception as e:  # noqa: BLE001
         checks.append(("database", False, str(e)))
-    try:
-        cfg.media_path.mkdir(parents=True, exist_ok=True)
-        probe = cfg.media_path / ".doctor"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-        checks.append(("media folder", True, str(cfg.media_path)))
-    except OSError as e:
-        checks.append(("media folder", False, f"{cfg.media_path}: {e.strerror}"))
+    if cfg.media_path.is_dir():
+        try:
+            probe = cfg.media_path / ".doctor"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+            checks.append(("media folder", True, str(cfg.media_path)))
+        except OSError as e:
+            checks.append(("media folder", False, f"{cfg.media_path}: {e.strerror}"))
+    else:
+        checks.append(("media folder", *_creatable(cfg.media_path, "created on first use")))
     try:
         from scorer.detect import make_detector
-        det = make_detector(cfg.detector, cfg.data_path)
+        det = make_detector(cfg.detector, Path(tempfile.gettempdir()) / "tastefeed" if fresh else cfg.data_path)
         det.detect(Image.new("RGB", (64, 64), "white"))
         checks.append(("detector", True, cfg.detector.name))
     except Exception as e:  # noqa: BLE001
@@ -284,18 +339,33 @@ def _doctor_checks(cfg, opened: contextlib.ExitStack) -> list[tuple[str, bool, s
         checks.append(("device", False, str(e)))
     if store is not None:
         try:
-            from scorer.registry import ensure_active_model, load_scorer
-            row = ensure_active_model(store, cfg.scorer, cfg.models_path)
-            scorer = load_scorer(row, cfg.scorer, cfg.models_path)
+            from scorer.registry import ensure_active_model, load_scorer, untrained_scorer
+            if fresh:
+                scorer = untrained_scorer(cfg.scorer)
+                detail = f"no model yet: the first run creates the untrained {scorer.version}"
+            else:
+                row = ensure_active_model(store, cfg.scorer, cfg.models_path)
+                scorer = load_scorer(row, cfg.scorer, cfg.models_path)
+                detail = f"{row['version']}{'' if row['metrics'] else ' (untrained)'}"
             scorer.predict([Image.new("RGB", (64, 64), "gray")])
-            trained = "" if row["metrics"] else " (untrained)"
-            checks.append(("model", True, f"{row['version']}{trained}"))
+            checks.append(("model", True, detail))
         except Exception as e:  # noqa: BLE001
             checks.append(("model", False, str(e)))
         for r in store.list_sources():
             if not r["healthy"]:
                 checks.append((f"source {r['name']}", False, r["last_error"] or "unhealthy"))
     return checks
+
+
+def _creatable(path: Path, when: str) -> tuple[bool, str]:
+    """(ok, detail) for a file or folder not there yet: whether its nearest existing folder lets
+    it be created."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.is_dir() and os.access(parent, os.W_OK | os.X_OK):
+        return True, f"{path}: not there yet ({when})"
+    return False, f"{path}: cannot be created ({parent} is not a writable folder)"
 
 
 # ---- status ----------------------------------------------------------------------------------
@@ -317,12 +387,12 @@ def cmd_import_labels(cfg, args) -> int:
 
     comparisons = is_comparison_csv(args.path)
     try:
-        rows, errors = read_comparison_rows(args.path) if comparisons else read_rating_rows(args.path)
+        rows, problems = read_comparison_rows(args.path) if comparisons else read_rating_rows(args.path)
     except (FileNotFoundError, ValueError) as e:
         return _fail(str(e))
-    for message in errors:
-        print(f"skipped: {message}", file=sys.stderr)
     if not rows:
+        for problem in problems:
+            print(problem, file=sys.stderr)
         return _fail(f"{args.path}: no {'comparisons' if comparisons else 'ratings'} to import")
     with Store.open(cfg.db_path) as store:
         try:
@@ -333,9 +403,9 @@ def cmd_import_labels(cfg, args) -> int:
         run = import_comparisons if comparisons else import_labels
         report = run(store, analyzer, rows, cfg.media_path, crops=args.crops,
                      max_pixels=cfg.download.max_pixels, batch_size=cfg.scorer.batch_size)
-        for message in report.errors:
-            print(f"skipped: {message}", file=sys.stderr)
-        report.errors[:0] = errors
+        report.add_read_problems(problems)
+        for problem in report.lines():      # in line order: "skipped: FILE:LINE: why", "warning: ..."
+            print(problem, file=sys.stderr)
         print(f"imported {args.path}: {report.summary()}")
         print(f"{store.label_count()} labelled picture(s) and {store.comparison_count()} comparison(s) in total; "
               "next: python main.py train")
@@ -355,10 +425,16 @@ def cmd_train(cfg, args) -> int:
     if args.epochs is not None and not args.full:
         return _fail("--epochs applies to the network: use it with --full")
     with Store.open(cfg.db_path) as store, train_lock(cfg.data_path):
-        ensure_active_model(store, cfg.scorer, cfg.models_path)
-        out = train_from_store(store, cfg.paths, cfg.scorer, cfg.train, margin=cfg.detector.margin,
-                               max_pixels=cfg.download.max_pixels, epochs=args.epochs,
-                               promote=not args.no_promote, icfg=cfg.characters, full=args.full)
+        active = ensure_active_model(store, cfg.scorer, cfg.models_path)["version"]
+        try:
+            out = train_from_store(store, cfg.paths, cfg.scorer, cfg.train, margin=cfg.detector.margin,
+                                   max_pixels=cfg.download.max_pixels, epochs=args.epochs,
+                                   promote=not args.no_promote, icfg=cfg.characters, full=args.full)
+        except KeyboardInterrupt:   # Ctrl-C: a model is registered and promoted in one transaction, at the end
+            now = (store.active_model() or {}).get("version")
+            print("interrupted; the active model is unchanged" if now == active else
+                  f"interrupted; training had finished: {now} is the active model", file=sys.stderr)
+            return EXIT_INTERRUPTED
     print(f"model {out.version}: {out.n_train} training and {out.n_val} validation pictures, "
           f"{out.seconds:.0f}s")
     print(f"  validation: {format_metrics(out.metrics)}")
@@ -383,6 +459,9 @@ def cmd_eval(cfg, args) -> int:
     from scorer.evaluate import evaluate_version, format_metrics
     from storage import Store
 
+    if not cfg.db_path.exists():
+        return _fail(f"no database at {cfg.db_path}: no model to evaluate yet (import ratings and train first: "
+                     "python main.py import-labels DIR, then python main.py train)")
     with Store.open(cfg.db_path) as store:
         m, paths, row = evaluate_version(store, cfg.paths, cfg.scorer, cfg.train, args.model, args.out,
                                          margin=cfg.detector.margin, max_pixels=cfg.download.max_pixels)
@@ -401,11 +480,11 @@ def cmd_models(cfg, args) -> int:
     from scorer.registry import use_model
     from storage import Store
 
-    with Store.open(cfg.db_path) as store:
+    with (reading(cfg) if args.action == "list" else Store.open(cfg.db_path)) as store:
         if args.action == "list":
             rows = store.list_models()
             if not rows:
-                print("no models yet: `python main.py run`, `score` or `train` creates the first")
+                print("no models yet: `python main.py run`, `import-labels` or `train` creates the first")
             for r in rows:
                 m = json.loads(r["metrics"]) if r["metrics"] else {}
                 val = m.get("val") or {}
@@ -518,17 +597,17 @@ def cmd_prune(cfg, args) -> int:
     """Apply the ``[storage]`` rules by hand (``storage/prune.py``); beside a running daemon too."""
     from bot.disk import run_prune
 
-    report = run_prune(cfg, dry_run=args.dry_run)
+    report = run_prune(cfg, dry_run=args.dry_run) if cfg.db_path.exists() else None   # none: nothing is created
     rules = []
     if cfg.storage.max_media_gb > 0:
         rules.append(f"storage.max_media_gb {cfg.storage.max_media_gb:g}")
     if cfg.storage.keep_days > 0:
         rules.append(f"storage.keep_days {cfg.storage.keep_days:g}")
-    print(report.summary())
+    print(report.summary() if report else f"nothing to prune: no database at {cfg.db_path} yet")
     if not rules:
         print("media is never pruned: set storage.max_media_gb or storage.keep_days "
               f"(thumbnails are kept within storage.max_thumbs_mb {cfg.storage.max_thumbs_mb:g})")
-    elif report.over_limit:
+    elif report and report.over_limit:
         print(f"still over storage.max_media_gb {cfg.storage.max_media_gb:g}: the rest is rated, compared, "
               "posted, named or not scored yet, and is never pruned")
     return 0
@@ -539,7 +618,7 @@ def cmd_characters(cfg, args) -> int:
     from storage import Store
     from storage.characters import CharacterNameError
 
-    with Store.open(cfg.db_path) as store:
+    with (reading(cfg) if args.action in ("list", "models") else Store.open(cfg.db_path)) as store:
         try:
             return _CHARACTER_ACTIONS[args.action](cfg, args, store)
         except CharacterNameError as e:
@@ -756,13 +835,13 @@ _CHARACTER_ACTIONS = {"import": _characters_import, "add": _characters_add, "ide
 # ---- entry point -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tastefeed", description="Personal image recommendation bot.")
-    p.add_argument("--config", help="config file (default: ./config.toml if present, else built-in defaults)")
-    p.add_argument("--log-level", help="override log.level (DEBUG, INFO, WARNING, ERROR)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run the daemon: poll sources, download, detect, score")
-    sc = sub.add_parser("score", help="print faces and scores of picture files")
-    sc.add_argument("paths", nargs="+", metavar="PICTURE")
+    sc = sub.add_parser("score", help="print faces and scores of pictures (a folder: the pictures in it)")
+    sc.add_argument("paths", nargs="+", metavar="PICTURE_OR_DIR")
     sc.add_argument("--json", action="store_true", help="print JSON")
+    sc.add_argument("--crops", action="store_true",
+                    help="the pictures are face crops: skip detection, the whole picture is the face")
     so = sub.add_parser("sources", help="list, add, remove or test sources")
     so_sub = so.add_subparsers(dest="action", required=True)
     so_sub.add_parser("list", help="sources with health, last/next poll and last error")
@@ -853,7 +932,22 @@ def build_parser() -> argparse.ArgumentParser:
                             help="a system service (/etc/systemd/system, needs root) running as you")
         if name != "status":
             action.add_argument("--dry-run", action="store_true", help="print what would be written and run")
+    _add_global_options(p)
     return p
+
+
+def _add_global_options(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """``--config`` and ``--log-level`` on ``parser`` and every command under it, so that they
+    work before the command and after it (``score --config c.toml x.jpg``). Below the top they
+    default to nothing set, so that a value given before the command stands."""
+    default = None if top else argparse.SUPPRESS
+    parser.add_argument("--config", default=default,
+                        help="config file (default: ./config.toml if present, else built-in defaults)")
+    parser.add_argument("--log-level", default=default, help="override log.level (DEBUG, INFO, WARNING, ERROR)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _add_global_options(command, top=False)
 
 
 COMMANDS = {"run": cmd_run, "score": cmd_score, "sources": cmd_sources, "doctor": cmd_doctor, "status": cmd_status,
@@ -865,7 +959,6 @@ COMMANDS = {"run": cmd_run, "score": cmd_score, "sources": cmd_sources, "doctor"
 def main(argv: list[str] | None = None) -> int:
     """Run one command; return its exit code (see the module docstring). Bad arguments exit 2."""
     args = build_parser().parse_args(argv)
-    errors = user_errors()
     try:
         cfg = load_config(args.config)
         setup_logging(args.log_level or cfg.log.level)
@@ -874,8 +967,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except ConfigError as e:
         return _fail(str(e), EXIT_CONFIG)
-    except errors as e:
-        return _fail(str(e), EXIT_FAILED)
+    except Exception as e:
+        if isinstance(e, user_errors()):
+            return _fail(str(e), EXIT_FAILED)
+        raise
 
 
 if __name__ == "__main__":

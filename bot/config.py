@@ -221,6 +221,7 @@ class Config:
     backup: BackupConfig = field(default_factory=BackupConfig)
     sources: list[SourceConfig] = field(default_factory=list)
     path: str | None = None               # the file this came from (not a key)
+    default_sources: bool = False         # no sources key: the built-in inbox (not a key)
 
     @property
     def paths(self) -> DataPaths:
@@ -263,7 +264,7 @@ class Config:
 
 DEFAULT_SOURCES = [{"name": "inbox", "kind": "folder", "interval": 2, "path": "inbox"}]
 _SOURCE_KEYS = {"name", "kind", "interval", "enabled", "max_items"}
-_NOT_KEYS = {"path", "options"}
+_NOT_KEYS = {"path", "options", "default_sources"}
 
 
 def _describe(tp: Any) -> str:
@@ -450,6 +451,7 @@ def load_config(path: str | os.PathLike | None = None, *, cwd: str | os.PathLike
         except OSError as e:
             raise ConfigError(f"{label}: cannot read: {e.strerror}") from None
     try:
+        default_sources = "sources" not in data
         raw_sources = data.pop("sources", DEFAULT_SOURCES)
         cfg = parse_dataclass(Config, data, "")
         for f in dataclasses.fields(cfg):
@@ -467,5 +469,6 @@ def load_config(path: str | os.PathLike | None = None, *, cwd: str | os.PathLike
     except ConfigError as e:
         raise ConfigError(f"{label}: {e}") from None
     cfg.path = str(path) if path else None
+    cfg.default_sources = default_sources
     # Relative paths in a config file are relative to the working directory, like the defaults.
     return cfg

@@ -11,7 +11,8 @@ one line, and no title can start a line that looks like ours. Tracebacks keep th
 Under journald (standard error is the stream named by ``$JOURNAL_STREAM``) lines carry no
 timestamp, since the journal stamps each one, and start with the syslog priority (``<3>``) that
 journald reads, so ``journalctl -p warning`` works. ``log.file`` adds a rotating log file, with
-timestamps. Every handler gets the same masking filter and escaping formatter.
+timestamps. Every handler gets the same masking filter and escaping formatter, and drops the
+known-harmless third-party lines (:class:`QuietFilter`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import logging.handlers
 import os
 import re
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 _SECRETS: set[str] = set()
@@ -48,6 +50,27 @@ class RedactingFilter(logging.Filter):
                 record.exc_text = redact(formatted)
             if clean != message:
                 record.msg, record.args = clean, None
+        return True
+
+
+MISSED_OK = timedelta(minutes=1)   # a scheduled job this late is not worth a line
+
+
+class QuietFilter(logging.Filter):
+    """Drops third-party lines known to be harmless here: discord.py's voice warnings (the bot
+    never joins a voice channel, so PyNaCl and davey are not needed) and APScheduler's "Run time
+    of job ... was missed by" when the miss is under :data:`MISSED_OK` (a busy moment of the
+    event loop; the job runs at its next time). A longer miss is still logged."""
+
+    VOICE = ("PyNaCl is not installed, voice will NOT be supported",
+             "davey is not installed, voice will NOT be supported")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("discord") and record.msg in self.VOICE:
+            return False
+        if record.name.startswith("apscheduler") and str(record.msg).startswith("Run time of job"):
+            late = record.args[-1] if isinstance(record.args, tuple) and record.args else None
+            return not (isinstance(late, timedelta) and late < MISSED_OK)
         return True
 
 
@@ -118,6 +141,7 @@ def setup_logging(level: str = "INFO", stream=None, *, file: str = "", max_mb: f
             root.removeHandler(old)
             old.close()
     for new in handlers:
+        new.addFilter(QuietFilter())
         new.addFilter(RedactingFilter())
         new._tastefeed = True  # type: ignore[attr-defined]
         root.addHandler(new)

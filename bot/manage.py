@@ -61,7 +61,13 @@ def add_source(store, cfg: Config, name: str, kind: str, options: dict) -> Sourc
 
 def remove_source(store, cfg: Config, name: str) -> None:
     if any(s.name == name for s in cfg.sources):
-        raise ManageError(f"source {name!r} is defined in {cfg.path or 'the defaults'}; remove it there")
+        if cfg.default_sources:   # the built-in inbox: a config with a sources key replaces it
+            where = f"{cfg.path} names no sources" if cfg.path else "there is no config file"
+            raise ManageError(f"source {name!r} is the built-in default, used while {where}: to drop it, put "
+                              f"`sources = []` at the top of {cfg.path or 'a config.toml'} (or [[sources]] tables "
+                              "of your own, which replace it)")
+        raise ManageError(f"source {name!r} is defined in {cfg.path or 'the config'}: remove its [[sources]] "
+                          "table there")
     row = store.get_source(name)
     if row is None or row["origin"] != "cli":
         raise ManageError(f"no source named {name!r}" if row is None else

@@ -9,13 +9,15 @@ untrained one first if the registry is empty), as the daemon, ``score`` and ``im
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from PIL import Image
 
 from scorer.detect import Detector, DetectorConfig, crop_face, make_detector
 from scorer.model import Scorer
-from scorer.registry import ensure_active_model, load_scorer
+from scorer.registry import ensure_active_model, load_scorer, untrained_scorer
 from scorer.settings import ScorerConfig
 from storage.paths import DataPaths
 from storage.records import WHOLE, Face
@@ -81,11 +83,16 @@ class Analyzer:
 
 
 def build_analyzer(store, detector: DetectorConfig, scorer: ScorerConfig, paths: DataPaths) -> Analyzer:
-    """Detector plus the active model (created untrained if none); ``store`` is a sync Store."""
-    row = ensure_active_model(store, scorer, paths.models)
-    model = load_scorer(row, scorer, paths.models)
-    return Analyzer(make_detector(detector, paths.root), model, margin=detector.margin, no_face=detector.no_face,
-                    aggregate=scorer.aggregate)
+    """Detector plus the active model (created untrained if none); ``store`` is a sync Store, or
+    None where nothing may be written (``score`` before any data folder exists): then the
+    untrained model is kept in memory. The detector comes first: it fails faster."""
+    if store is None:
+        found = make_detector(detector, Path(tempfile.gettempdir()) / "tastefeed")
+        model = untrained_scorer(scorer)
+    else:
+        found = make_detector(detector, paths.root)
+        model = load_scorer(ensure_active_model(store, scorer, paths.models), scorer, paths.models)
+    return Analyzer(found, model, margin=detector.margin, no_face=detector.no_face, aggregate=scorer.aggregate)
 
 
 def face_crop(im: Image.Image, face: Face, margin: float) -> Image.Image:

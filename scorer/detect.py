@@ -6,11 +6,13 @@ boxes back.
 
 - ``animeface``: the compiled nvxs anime-face detector from the ``animeface`` package (offline).
 - ``opencv``: the frontal-face Haar cascade that ships inside opencv, for photographs.
-- ``yolo``: an ultralytics YOLO model from a local ``.pt``/``.onnx`` file (offline).
+- ``yolo``: an ultralytics YOLO model from a local ``.pt``/``.onnx`` file (offline); ultralytics
+  is the optional ``yolo`` extra (``pip install -e ".[yolo]"``), imported only by this detector.
 """
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import math
 import os
 from dataclasses import dataclass
@@ -139,6 +141,25 @@ class OpenCVDetector(Detector):
 
 
 # ---- yolo ------------------------------------------------------------------------------------
+YOLO_MISSING = ('the yolo detector needs ultralytics, which is not installed: pip install -e ".[yolo]" '
+                "(or choose detector.name = \"animeface\" or \"opencv\")")
+
+
+def yolo_class(config_dir: str | Path):
+    """ultralytics' ``YOLO`` class, set up to work offline (:func:`prepare_ultralytics`).
+    ultralytics is optional (the ``yolo`` extra): when it is missing, DetectorError says how to
+    install it, before anything is written."""
+    if importlib.util.find_spec("ultralytics") is None:
+        raise DetectorError(YOLO_MISSING)
+    prepare_ultralytics(config_dir)
+    try:
+        from ultralytics import YOLO
+    except ImportError as e:
+        raise DetectorError(f'cannot import ultralytics for the yolo detector: {e} '
+                            '(reinstall it: pip install -e ".[yolo]")') from None
+    return YOLO
+
+
 def prepare_ultralytics(config_dir: str | Path) -> None:
     """Make ultralytics work offline; must run before its first import."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -166,8 +187,7 @@ class YoloDetector(Detector):
                                 "(no weights are downloaded)")
         if path.suffix not in (".pt", ".onnx"):
             raise DetectorError(f"YOLO weights must be a .pt or .onnx file, got {path.name}")
-        prepare_ultralytics(config_dir)
-        from ultralytics import YOLO
+        YOLO = yolo_class(config_dir)
         try:
             self.model = YOLO(str(path), task="detect")
         except Exception as e:  # noqa: BLE001 - ultralytics raises many kinds

@@ -5,7 +5,10 @@ Every picture is stored like a fetched one (media file by hash, faces detected a
 analyzer, which is why this lives in the scorer and not in storage), then its rating is recorded
 as a label with origin ``import``. Importing the same ratings again adds nothing: pictures are
 found by their hash and an unchanged label is not written twice. Bad rows (missing file, not a
-picture, rating not 1-5) are reported with their line number and skipped. A comparison row
+picture, rating not 1-5) are reported with their line number and skipped, in line order, and
+the counts add up: every row read is added, unchanged, rated again in a later row or skipped.
+When one import rates the same picture twice, the later row's rating is the one imported (a
+different rating is warned about). A comparison row
 stores both pictures the same way and becomes a comparison (origin ``import``, ref ``FILE:ROW``),
 once: importing the file again adds nothing.
 
@@ -37,6 +40,7 @@ class RatingRow:
     path: Path
     rating: int
     ref: str            # names the picture in its list, whatever its rating: the label's ref
+    order: int = 0      # its place in the list (a CSV's line number), which orders the messages
 
 
 @dataclass
@@ -45,36 +49,77 @@ class ComparisonRow:
     winner: Path
     loser: Path
     ref: str            # the comparison's ref: FILE:ROW
+    order: int = 0      # its line number
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One message of an import, at ``order`` among its rows: a row ``skipped`` (``row``: it
+    counts as a skipped row; a folder that is not a rating does not), or a ``warning``."""
+    order: int
+    message: str
+    kind: str = "skipped"
+    row: bool = True
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
 
 
 @dataclass
 class ImportReport:
-    rows: int = 0
-    new_pictures: int = 0
-    known_pictures: int = 0
+    rows: int = 0                       # rows read, bad ones included
+    new_pictures: int = 0               # distinct pictures stored by this import
+    known_pictures: int = 0             # distinct pictures that were stored already
     labels_added: int = 0
     labels_unchanged: int = 0
-    errors: list[str] = field(default_factory=list)
+    rated_again: int = 0                # rows whose picture a later row rates (that one is imported)
+    problems: list[Problem] = field(default_factory=list)
     comparisons: bool = False           # an import of winner,loser pairs
     comparisons_added: int = 0
     comparisons_unchanged: int = 0
+    seen: set[int] = field(default_factory=set, repr=False)     # image ids counted in the pictures
+
+    def problem(self, row, message: str) -> None:
+        """``row`` is skipped: ``message`` says why (after its place, ``where``)."""
+        self.problems.append(Problem(row.order, f"{row.where}: {message}"))
+
+    def add_read_problems(self, problems: list[Problem]) -> None:
+        """The problems found reading the rows (:func:`read_rating_rows`): the bad rows count too."""
+        self.problems += problems
+        self.rows += sum(1 for p in problems if p.row)
+
+    @property
+    def skipped(self) -> int:
+        """Rows skipped (a comparison whose two pictures both fail is one row)."""
+        return len({p.order for p in self.problems if p.row})
+
+    @property
+    def errors(self) -> list[str]:
+        """The skipped rows' messages, in line order."""
+        return [p.message for p in self.lines() if p.kind == "skipped"]
+
+    def lines(self) -> list[Problem]:
+        """Every message in line order (stable: a row's messages keep theirs)."""
+        return sorted(self.problems, key=lambda p: p.order)
 
     def summary(self) -> str:
-        added = (f"{self.comparisons_added} comparison(s) added, {self.comparisons_unchanged} imported already"
-                 if self.comparisons else f"{self.labels_added} label(s) added, {self.labels_unchanged} unchanged")
-        return (f"{self.rows} row(s): {self.new_pictures} new picture(s), {self.known_pictures} already stored; "
-                f"{added}; {len(self.errors)} bad row(s) skipped")
+        done = (f"{self.comparisons_added} comparison(s) added, {self.comparisons_unchanged} imported already"
+                if self.comparisons else f"{self.labels_added} label(s) added, {self.labels_unchanged} unchanged"
+                + (f", {self.rated_again} rated again in a later row" if self.rated_again else ""))
+        return (f"{self.rows} row(s): {done}, {self.skipped} bad row(s) skipped; "
+                f"{self.new_pictures} new picture(s), {self.known_pictures} already stored")
 
 
 def _rating(text: str) -> int | None:
+    """A rating 1-5 written as a whole number (``4``, or ``4.0`` as spreadsheets write it)."""
     try:
-        value = int(str(text).strip())
+        value = float(str(text).strip())
     except ValueError:
         return None
-    return value if 1 <= value <= 5 else None
+    return int(value) if value.is_integer() and 1 <= value <= 5 else None
 
 
-def read_rating_rows(source: str | Path) -> tuple[list[RatingRow], list[str]]:
+def read_rating_rows(source: str | Path) -> tuple[list[RatingRow], list[Problem]]:
     """The (path, rating) rows of a ratings folder or CSV file, and the problems found."""
     source = Path(source)
     if source.is_dir():
@@ -84,24 +129,25 @@ def read_rating_rows(source: str | Path) -> tuple[list[RatingRow], list[str]]:
     raise FileNotFoundError(f"{source}: no such folder or file")
 
 
-def _folder_rows(root: Path) -> tuple[list[RatingRow], list[str]]:
-    rows, errors = [], []
+def _folder_rows(root: Path) -> tuple[list[RatingRow], list[Problem]]:
+    rows, problems = [], []
     subfolders = sorted(p for p in root.iterdir() if p.is_dir())
     if not any(p.name in RATING_FOLDERS for p in subfolders):
-        errors.append(f"{root}: no subfolder named 1, 2, 3, 4 or 5 (one per rating)")
+        problems.append(Problem(0, f"{root}: no subfolder named 1, 2, 3, 4 or 5 (one per rating)", "warning", False))
     for folder in subfolders:
         if folder.name not in RATING_FOLDERS:
-            errors.append(f"{folder.name}/: not a rating (expected folders 1 to 5), skipped")
+            problems.append(Problem(len(rows), f"{folder.name}/: not a rating (expected folders 1 to 5)", row=False))
             continue
         for path in sorted(folder.rglob("*")):
             if path.is_file() and not path.name.startswith("."):
                 inner = path.relative_to(folder).as_posix()
-                rows.append(RatingRow(str(path.relative_to(root)), path, int(folder.name), f"{root.name}/{inner}"))
-    return rows, errors
+                rows.append(RatingRow(str(path.relative_to(root)), path, int(folder.name), f"{root.name}/{inner}",
+                                      len(rows) + 1))
+    return rows, problems
 
 
-def _csv_rows(path: Path) -> tuple[list[RatingRow], list[str]]:
-    rows, errors = [], []
+def _csv_rows(path: Path) -> tuple[list[RatingRow], list[Problem]]:
+    rows, problems = [], []
     for number, cells in enumerate(_read_csv(path), 1):
         where = f"{path.name}:{number}"
         if not cells or all(not c.strip() for c in cells):
@@ -109,16 +155,16 @@ def _csv_rows(path: Path) -> tuple[list[RatingRow], list[str]]:
         if number == 1 and len(cells) >= 2 and cells[1].strip().lower() in ("rating", "score", "label"):
             continue  # header
         if len(cells) < 2 or not cells[0].strip():
-            errors.append(f"{where}: expected 'path,rating', got {','.join(cells)!r}")
+            problems.append(Problem(number, f"{where}: expected 'path,rating', got {','.join(cells)!r}"))
             continue
         rating = _rating(cells[1])
         if rating is None:
-            errors.append(f"{where}: rating {cells[1].strip()!r} is not a whole number from 1 to 5")
+            problems.append(Problem(number, f"{where}: rating {cells[1].strip()!r} is not a whole number from 1 to 5"))
             continue
         file = Path(cells[0].strip())
         rows.append(RatingRow(where, file if file.is_absolute() else path.parent / file, rating,
-                              f"{path.name}:{cells[0].strip()}"))
-    return rows, errors
+                              f"{path.name}:{cells[0].strip()}", number))
+    return rows, problems
 
 
 def _read_csv(path: Path) -> list[list[str]]:
@@ -142,22 +188,22 @@ def is_comparison_csv(source: str | Path) -> bool:
     return [c.strip().lower() for c in header[:2]] == ["winner", "loser"]
 
 
-def read_comparison_rows(path: str | Path) -> tuple[list[ComparisonRow], list[str]]:
+def read_comparison_rows(path: str | Path) -> tuple[list[ComparisonRow], list[Problem]]:
     """The (winner, loser) rows of a comparisons CSV (header ``winner,loser``; paths relative to
     the CSV), and the problems found."""
     path = Path(path)
-    rows, errors = [], []
+    rows, problems = [], []
     for number, cells in enumerate(_read_csv(path), 1):
         where = f"{path.name}:{number}"
         if number == 1 or not cells or all(not c.strip() for c in cells):
             continue  # the header, or an empty line
         if len(cells) < 2 or not cells[0].strip() or not cells[1].strip():
-            errors.append(f"{where}: expected 'winner,loser', got {','.join(cells)!r}")
+            problems.append(Problem(number, f"{where}: expected 'winner,loser', got {','.join(cells)!r}"))
             continue
         winner, loser = (Path(c.strip()) for c in cells[:2])
         rows.append(ComparisonRow(where, winner if winner.is_absolute() else path.parent / winner,
-                                  loser if loser.is_absolute() else path.parent / loser, where))
-    return rows, errors
+                                  loser if loser.is_absolute() else path.parent / loser, where, number))
+    return rows, problems
 
 
 def import_labels(store, analyzer, rows: list[RatingRow], media_root: str | Path, *, crops: bool = False,
@@ -169,16 +215,26 @@ def import_labels(store, analyzer, rows: list[RatingRow], media_root: str | Path
     each picture is taken as one face crop and not run through the detector.
     """
     report = ImportReport(rows=len(rows))
+    last: dict[int, RatingRow] = {}     # image id -> its last row, whose rating is imported
     for batch, image_ids in take_pictures(store, analyzer, rows, [lambda r: r.path], media_root, report,
                                           crops=crops, max_pixels=max_pixels, batch_size=batch_size,
                                           progress=progress):
         for row, (image_id,) in zip(batch, image_ids):
             if image_id is None:
                 continue
-            if store.add_label(image_id, row.rating, origin=origin, ref=row.ref):
-                report.labels_added += 1
-            else:
-                report.labels_unchanged += 1
+            earlier = last.get(image_id)
+            if earlier is not None:
+                report.rated_again += 1
+                if earlier.rating != row.rating:
+                    report.problems.append(Problem(
+                        row.order, f"{row.where}: the same picture as {earlier.where}, rated {earlier.rating} there "
+                        f"and {row.rating} here: the later rating, {row.rating}, is imported", "warning", row=False))
+            last[image_id] = row
+    for image_id, row in last.items():
+        if store.add_label(image_id, row.rating, origin=origin, ref=row.ref):
+            report.labels_added += 1
+        else:
+            report.labels_unchanged += 1
     return report
 
 
@@ -197,7 +253,7 @@ def import_comparisons(store, analyzer, rows: list[ComparisonRow], media_root: s
             if winner is None or loser is None:
                 continue
             if winner == loser:
-                report.errors.append(f"{row.where}: winner and loser are the same picture")
+                report.problem(row, "winner and loser are the same picture")
             elif store.comparison_by_ref(ORIGIN_IMPORT, row.ref) is not None:
                 report.comparisons_unchanged += 1
             else:
@@ -211,7 +267,8 @@ def take_pictures(store, analyzer, rows: list, paths: list, media_root: str | Pa
     """The pictures of an import, taken in and analysed a batch of rows at a time: yields (the
     batch's rows, for each row the image ids of its pictures, ``paths`` being the functions that
     give a row's picture paths). A picture that cannot be read is None, with one line in
-    ``report.errors`` (``where: ...``); new and known pictures are counted in ``report``."""
+    ``report.problems`` (``where: ...``); new and known pictures are counted in ``report``, each
+    picture once however many rows name it."""
     from tqdm import tqdm
 
     source_id = store.import_source_id()
@@ -228,18 +285,20 @@ def take_pictures(store, analyzer, rows: list, paths: list, media_root: str | Pa
                 try:
                     image_id, im = take_picture(store, source_id, path, media_root, max_pixels=max_pixels)
                 except OSError as e:
-                    report.errors.append(f"{row.where}: cannot read {path}: {e.strerror or e}")
+                    report.problem(row, f"cannot read {path}: {e.strerror or e}")
                     ids.append(None)
                     continue
                 except BadImage as e:
-                    report.errors.append(f"{row.where}: {path.name}: {e}")
+                    report.problem(row, f"{path.name}: {e}")
                     ids.append(None)
                     continue
-                if im is None:
-                    report.known_pictures += 1
-                else:
-                    if image_id not in todo:
+                if image_id not in report.seen:
+                    report.seen.add(image_id)
+                    if im is None:
+                        report.known_pictures += 1
+                    else:
                         report.new_pictures += 1
+                if im is not None:
                     todo[image_id] = im
                 ids.append(image_id)
             image_ids.append(tuple(ids))

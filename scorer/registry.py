@@ -56,6 +56,16 @@ def ensure_active_model(store, scorer_cfg, models_dir: str | Path) -> dict:
     return store.active_model()
 
 
+def untrained_scorer(scorer_cfg) -> Scorer:
+    """The untrained model :func:`ensure_active_model` would create, kept in memory: for a
+    command that must write nothing (``score`` before any data folder exists)."""
+    torch.manual_seed(0)
+    net = build_model(scorer_cfg.arch, scorer_cfg.pretrained)
+    return Scorer(net, arch=scorer_cfg.arch, version=initial_version(scorer_cfg.arch, scorer_cfg.pretrained),
+                  image_size=scorer_cfg.image_size, device=scorer_cfg.device, batch_size=scorer_cfg.batch_size,
+                  tta=scorer_cfg.tta, backbone=configured_backbone(scorer_cfg), whole=scorer_cfg.whole)
+
+
 _BACKBONES: dict[tuple, object] = {}
 
 

@@ -62,9 +62,9 @@ def test_csv_rows_and_bad_lines_are_reported_with_line_numbers(tmp_path):
     rows, errors = read_rating_rows(tmp_path / "ratings.csv")
     assert [(r.path.name, r.rating) for r in rows] == [("0.png", 5), ("2.png", 2), ("missing.png", 3),
                                                        ("broken.jpg", 4)]
-    assert errors == ["ratings.csv:3: rating 'seven' is not a whole number from 1 to 5",
-                      "ratings.csv:6: expected 'path,rating', got 'just-a-path'",
-                      "ratings.csv:9: rating '0' is not a whole number from 1 to 5"]
+    assert [p.message for p in errors] == ["ratings.csv:3: rating 'seven' is not a whole number from 1 to 5",
+                                           "ratings.csv:6: expected 'path,rating', got 'just-a-path'",
+                                           "ratings.csv:9: rating '0' is not a whole number from 1 to 5"]
     cfg = learn_config(tmp_path)
     store = Store.open(cfg.db_path)
     report = import_labels(store, build_analyzer(store, cfg.detector, cfg.scorer, cfg.paths), rows, cfg.media_path, progress=False)
@@ -85,7 +85,7 @@ def test_folder_import_is_idempotent_and_a_new_rating_adds_a_label(tmp_path):
     store = Store.open(cfg.db_path)
     analyzer = build_analyzer(store, cfg.detector, cfg.scorer, cfg.paths)
     rows, errors = read_rating_rows(root)
-    assert len(rows) == 6 and errors == ["misc/: not a rating (expected folders 1 to 5), skipped"]
+    assert len(rows) == 6 and [str(p) for p in errors] == ["skipped: misc/: not a rating (expected folders 1 to 5)"]
     first = import_labels(store, analyzer, rows, cfg.media_path, progress=False)
     assert (first.new_pictures, first.labels_added) == (6, 6)
     again = import_labels(store, analyzer, read_rating_rows(root)[0], cfg.media_path, progress=False)

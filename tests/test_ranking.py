@@ -154,8 +154,14 @@ def test_score_says_the_model_is_not_trained_and_json_keeps_the_number_marked(tm
     [result] = json.loads(out.stdout)
     assert result["trained"] is False and 1 <= result["score"] <= 5
     # Once a trained model is active, the score is printed.
-    with Store.open(tmp_path / "data" / "tastefeed.db") as store, store.db.conn:
-        store.db.execute("UPDATE models SET metrics = ?", ['{"val": {"pearson": 0.5}}'])
+    from scorer.registry import ensure_active_model
+    from scorer.settings import ScorerConfig
+
+    assert not (tmp_path / "data").exists()          # score wrote nothing
+    with Store.open(tmp_path / "data" / "tastefeed.db") as store:
+        ensure_active_model(store, ScorerConfig(), tmp_path / "data" / "models")
+        with store.db.conn:
+            store.db.execute("UPDATE models SET metrics = ?", ['{"val": {"pearson": 0.5}}'])
     out = cli(tmp_path, "score", "a.jpg")
     assert re.match(r"a\.jpg: no face, score \d\.\d\d \(whole picture\)\n$", out.stdout), out.stdout
     assert json.loads(cli(tmp_path, "score", "--json", "a.jpg").stdout)[0]["trained"] is True

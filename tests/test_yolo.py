@@ -1,15 +1,21 @@
-"""The YOLO detector with a tiny model trained here on synthetic data (no downloads)."""
+"""The YOLO detector with a tiny model trained here on synthetic data (no downloads).
+
+ultralytics is the optional ``yolo`` extra (``.[dev]`` installs it): without it the tests that
+need it are skipped, and the detector fails with one line naming the extra."""
 import os
 import random
+import sys
 
 import pytest
 from PIL import Image, ImageDraw
 
 from scorer.detect import DetectorError, YoloDetector, prepare_ultralytics
+from tests.helpers import cli, picture
 
 
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory):
+    pytest.importorskip("ultralytics", reason="the yolo extra is not installed (pip install -e \".[yolo]\")")
     root = tmp_path_factory.mktemp("yolo")
     prepare_ultralytics(root / "config")
     rnd = random.Random(0)
@@ -53,3 +59,22 @@ def test_yolo_missing_or_wrong_weights(tmp_path):
     (tmp_path / "w.txt").write_text("x")
     with pytest.raises(DetectorError, match=r"\.pt or \.onnx"):
         YoloDetector(str(tmp_path / "w.txt"))
+
+
+def test_without_ultralytics_the_yolo_detector_is_one_line_naming_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ultralytics", None)       # as if the yolo extra were not installed
+    (tmp_path / "w.pt").write_bytes(b"weights")
+    with pytest.raises(DetectorError) as e:
+        YoloDetector(str(tmp_path / "w.pt"), config_dir=tmp_path / "ultra")
+    assert str(e.value).startswith("the yolo detector needs ultralytics, which is not installed: "
+                                   'pip install -e ".[yolo]"') and "\n" not in str(e.value)
+    assert not (tmp_path / "ultra").exists()                    # nothing was written first
+    (tmp_path / "config.toml").write_text('[detector]\nname = "yolo"\nweights = "w.pt"\n')
+    (tmp_path / "a.jpg").write_bytes(picture(1))
+    out = cli(tmp_path, "score", "a.jpg")
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr == f"error: {e.value}\n"
+    doctor = cli(tmp_path, "doctor")
+    assert doctor.returncode == 1
+    assert [line for line in doctor.stdout.splitlines() if line.startswith("detector")] == \
+        [f"detector      FAIL  {e.value}"]
