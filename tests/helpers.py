@@ -101,7 +101,7 @@ async def wait_for(predicate, timeout=10.0):
 def seed(cfg, specs: list[dict], *, trained: bool = False, source: str = "booru-test") -> list[int]:
     """Scored pictures from a booru-like source, as the daemon would have stored them; with
     ``trained``, by a model registered as trained (so the ranking is by score, not cold).
-    Each spec: popularity, and optionally score, uncertainty, faces, rating, tags."""
+    Each spec: popularity, and optionally score, uncertainty, faces, rating, tags, size (200×160)."""
     from scorer.registry import ensure_active_model
     from storage import Store
     from storage.media import inspect, store_media
@@ -118,7 +118,7 @@ def seed(cfg, specs: list[dict], *, trained: bool = False, source: str = "booru-
         ids = []
         start = store.execute("SELECT COUNT(*) AS n FROM images")[0]["n"]
         for i, spec in enumerate(specs, start):
-            data = picture(1000 + i, size=(200, 160))
+            data = picture(1000 + i, size=spec.get("size", (200, 160)))
             info, _ = inspect(data)
             rel = store_media(cfg.media_path, data, info)
             [image_id] = store.save_poll(sid, [{

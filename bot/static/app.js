@@ -1,15 +1,24 @@
-// tastefeed gallery: rate with a click or a key, move with the arrow keys; [ ] step through pictures.
+// tastefeed gallery: rate with a click or a key, move between cards with ← →.
+//
+// Keys are taken only where they mean something, and never from a form field (typing there, and
+// ↑ ↓ there, stay the field's): For you: ← → (or j/k) move between cards, 1-5 rate the focused
+// one; Picture: 1-5 rate it, [ ] step to the previous / next picture; Compare: ← → pick, ↓ or s skip, u undo last. Everywhere else, and
+// ↑ ↓ on every page but Compare, the keys do what the browser does: scroll the page.
 (() => {
-  const cards = Array.from(document.querySelectorAll("article.card, div.card"));
+  // cards that can be rated: For you's (to move between) and the Picture page's one
+  const cards = Array.from(document.querySelectorAll("article.card")).filter((c) => c.querySelector("form.rate"));
+  const single = document.querySelector("div.card form.rate") ? document.querySelector("div.card") : null;
   let at = -1;
 
-  function focusCard(i) {
+  // Mark card i as the one the keys act on; scroll it into view only when asked (a key or a
+  // rating moved to it), and only as far as needed: opening a page never scrolls it.
+  function focusCard(i, scroll) {
     if (!cards.length) return;
     at = Math.max(0, Math.min(cards.length - 1, i));
     cards.forEach((c) => c.classList.remove("focused"));
     const card = cards[at];
     card.classList.add("focused");
-    card.scrollIntoView({ block: "center", behavior: "smooth" });
+    if (scroll) card.scrollIntoView({ block: "nearest", behavior: "smooth" });
   }
 
   async function post(url, body) {
@@ -36,7 +45,7 @@
     if (card.tagName === "ARTICLE") {
       card.classList.add("rated");
       if (state) state.textContent = `rated ${value}`;
-      focusCard(cards.indexOf(card) + 1);
+      if (cards.includes(card)) focusCard(cards.indexOf(card) + 1, true);
     } else {
       if (state) state.textContent = String(value);
       refreshLabels();
@@ -209,25 +218,44 @@
     button.click();
   }
 
+  // Tables fit the window (style.css): a cell with a long unbroken word is marked "long" (it
+  // may break anywhere); on a phone, where a table is stacked, each cell shows its column's name,
+  // taken from the header row (the cells of one <tr> all <th>).
+  document.querySelectorAll("table").forEach((table) => {
+    const rows = Array.from(table.rows);
+    table.querySelectorAll("td, th").forEach((cell) => {
+      if (/\S{24,}/.test(cell.textContent)) cell.classList.add("long");
+    });
+    const head = rows.find((r) => r.cells.length > 1 && Array.from(r.cells).every((c) => c.tagName === "TH"));
+    if (!head) return;
+    const names = Array.from(head.cells).map((c) => c.textContent.trim());
+    rows.forEach((row) => Array.from(row.cells).forEach((cell, i) => {
+      if (cell.tagName === "TD" && !cell.hasAttribute("data-label")) cell.dataset.label = cell.colSpan > 1 ? "" : names[i] || "";
+    }));
+  });
+
+  // True when the key belongs to a form field (or an editable element): the page leaves it alone.
+  function inField(target) {
+    return Boolean(target.closest && target.closest("input, textarea, select, [contenteditable]"));
+  }
+
+  const moveKeys = { ArrowRight: 1, j: 1, ArrowLeft: -1, k: -1 };
+
   document.addEventListener("keydown", (e) => {
-    if (e.target.closest && e.target.closest("input, textarea, select")) return;
-    if (e.altKey || e.ctrlKey || e.metaKey) return;
+    if (inField(e.target) || e.altKey || e.ctrlKey || e.metaKey || e.isComposing) return;
     if (compare || undoCompare) {
       compareKey(e);
       return;
     }
-    if (e.key === "ArrowRight" || e.key === "ArrowDown" || e.key === "j") {
-      focusCard(at + 1);
+    if (cards.length && moveKeys[e.key]) {
+      focusCard(at + moveKeys[e.key], true);
       e.preventDefault();
-    } else if (e.key === "ArrowLeft" || e.key === "ArrowUp" || e.key === "k") {
-      focusCard(at - 1);
-      e.preventDefault();
-    } else if (/^[1-5]$/.test(e.key) && cards.length) {
-      if (at < 0) focusCard(0);
-      rate(cards[at], Number(e.key));
+    } else if (/^[1-5]$/.test(e.key) && (cards.length || single)) {
+      if (cards.length && at < 0) focusCard(0, true);
+      rate(cards.length ? cards[at] : single, Number(e.key));
       e.preventDefault();
     }
   });
 
-  if (cards.length) focusCard(0);
+  if (cards.length) focusCard(0, false);
 })();
