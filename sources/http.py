@@ -289,6 +289,7 @@ class Http:
         self.user_agent = user_agent
         self.max_redirects = max_redirects
         self._session: aiohttp.ClientSession | None = None
+        self._resolver: GuardedResolver | None = None
         self._hosts: dict[str, asyncio.Semaphore] = {}
 
     @classmethod
@@ -296,6 +297,13 @@ class Http:
         """From a ``DownloadConfig`` (the ``[download]`` table)."""
         return cls(timeout=download.timeout, max_bytes=download.max_bytes, per_host=download.per_host,
                    allow_private=download.allow_private, user_agent=download.user_agent)
+
+    def set_allow_private(self, allow_private: list[str]) -> None:
+        """Judge every later request (and connection) by a new ``download.allow_private`` (a
+        config reload)."""
+        self.policy = AddressPolicy(allow_private)
+        if self._resolver is not None:
+            self._resolver.policy = self.policy
 
     async def __aenter__(self) -> "Http":
         return self
@@ -306,11 +314,12 @@ class Http:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            self._resolver = GuardedResolver(self.policy)
             self._session = aiohttp.ClientSession(
                 headers={"User-Agent": self.user_agent},
                 timeout=aiohttp.ClientTimeout(total=self.timeout, sock_connect=min(10.0, self.timeout)),
                 connector=aiohttp.TCPConnector(limit=64, limit_per_host=self.per_host,
-                                               resolver=GuardedResolver(self.policy)),
+                                               resolver=self._resolver),
             )
         return self._session
 
