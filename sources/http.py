@@ -289,7 +289,8 @@ class Http:
         self.user_agent = user_agent
         self.max_redirects = max_redirects
         self._session: aiohttp.ClientSession | None = None
-        self._resolver: GuardedResolver | None = None
+        self._retired: set[aiohttp.ClientSession] = set()   # sessions of an older allow_private list
+        self._retired_closing: set[asyncio.Task] = set()
         self._hosts: dict[str, asyncio.Semaphore] = {}
 
     @classmethod
@@ -299,11 +300,21 @@ class Http:
                    allow_private=download.allow_private, user_agent=download.user_agent)
 
     def set_allow_private(self, allow_private: list[str]) -> None:
-        """Judge every later request (and connection) by a new ``download.allow_private`` (a
-        config reload)."""
+        """Judge every later request by a new ``download.allow_private`` (a config reload). The
+        next request opens a new session, so no kept-alive connection or cached DNS answer made
+        under the old list is reused; the old session is closed once its requests are done."""
         self.policy = AddressPolicy(allow_private)
-        if self._resolver is not None:
-            self._resolver.policy = self.policy
+        old, self._session = self._session, None
+        if old is not None and not old.closed:
+            self._retired.add(old)
+            asyncio.get_running_loop().call_later(self.timeout + 5, self._close_retired, old)
+
+    def _close_retired(self, session: aiohttp.ClientSession) -> None:
+        if session in self._retired:
+            self._retired.discard(session)
+            task = asyncio.ensure_future(session.close())
+            self._retired_closing.add(task)
+            task.add_done_callback(self._retired_closing.discard)
 
     async def __aenter__(self) -> "Http":
         return self
@@ -314,16 +325,18 @@ class Http:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._resolver = GuardedResolver(self.policy)
             self._session = aiohttp.ClientSession(
                 headers={"User-Agent": self.user_agent},
                 timeout=aiohttp.ClientTimeout(total=self.timeout, sock_connect=min(10.0, self.timeout)),
                 connector=aiohttp.TCPConnector(limit=64, limit_per_host=self.per_host,
-                                               resolver=self._resolver),
+                                               resolver=GuardedResolver(self.policy)),
             )
         return self._session
 
     async def close(self) -> None:
+        for old in list(self._retired):
+            self._retired.discard(old)
+            await old.close()
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -109,6 +109,18 @@ async def test_a_paused_source_shows_paused_instead_of_a_next_poll_and_times_car
     assert '<td class="when next">paused</td>' in row and later not in row
 
 
+def test_sources_list_says_paused_instead_of_a_next_poll(tmp_path):
+    from bot.manage import pause_source, source_lines
+    cfg = make_config(tmp_path)
+    with Store.open(cfg.db_path) as store:
+        sid = store.upsert_source("feed", "rss", {"interval": 600, "options": {}}, origin="cli")
+        store.source_polled(sid, error=None, next_poll_at="2099-01-01T00:00:00+00:00")
+        assert "next 2099-01-01" in source_lines(store)[0]
+        pause_source(store, "feed", True)
+        [line] = source_lines(store)
+    assert line.endswith("next paused") and "2099" not in line
+
+
 async def booru(serve, state: dict) -> str:
     """A Danbooru /posts.json that fails with 503 while ``state["down"]``, else answers no posts."""
     async def posts(request):
@@ -208,6 +220,21 @@ async def test_reload_applies_sources_and_allow_private_and_names_what_needs_a_r
         assert "scorer.batch_size" in answer["message"] and "more" in daemon.poller.sources
     finally:
         await daemon.stop()
+
+
+async def test_a_narrower_allow_private_refuses_the_next_request_at_once(serve):
+    from sources import SourceError
+    from sources.http import Http
+    async def hello(request):
+        return web.Response(text="hi")
+    app = web.Application()
+    app.router.add_get("/", hello)
+    port = (await serve(app)).rsplit(":", 1)[1]
+    async with Http(allow_private=["localhost"], timeout=5) as http:
+        assert (await http.get(f"http://localhost:{port}/")).body == b"hi"   # a kept-alive connection
+        http.set_allow_private([])
+        with pytest.raises(SourceError, match="refused address|private"):
+            await http.get(f"http://localhost:{port}/")
 
 
 async def test_sighup_reloads_the_config(tmp_path):
