@@ -273,6 +273,7 @@ async def test_model_page_explains_each_metric_with_the_base_rate(tmp_path, gall
         assert re.search(rf"<dt>{re.escape(name)}</dt><dd>[^<]{{20,}}</dd>", html), name
     assert "of the 4 picture(s) the model ranks highest, the share you rated 4 or 5" in html
     assert "a random pick gets the base rate, 0.35" in html
+    assert re.search(r'<td class="when"><time datetime="[^"]+" title="[^"]+">(now|\d+ s ago)</time></td>', html)
 
 
 async def test_evaluate_now_without_a_trained_model_says_what_to_do(tmp_path, gallery):
