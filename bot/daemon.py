@@ -20,7 +20,9 @@ embedder or names change), :class:`bot.health.LoopMonitor` (event-loop lag, for 
 and ``/stats``), :class:`bot.backups.BackupJob` (scheduled backups), :class:`bot.disk.DiskKeeper`
 (downloads pause on low disk; media pruned by the ``[storage]`` rules in a worker thread). The
 Discord bot and the web gallery get only the callables they need. Under systemd the daemon
-reports ready, its status, watchdog pings and stopping (:mod:`bot.notify`).
+reports ready, its status, watchdog pings and stopping (:mod:`bot.notify`). SIGHUP (and the
+gallery's "Reload") re-reads the config file (:mod:`bot.reload`: sources and
+``download.allow_private`` at once; other changed keys are named as needing a restart).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from bot import notify
 from bot.backups import BackupJob
-from bot.config import Config
+from bot.config import Config, ConfigError, load_config
 from bot.disk import DiskKeeper
 from bot.health import LoopMonitor, live_report, remove_state, write_state
 from bot.manage import sync_config_sources
@@ -44,6 +46,7 @@ from bot.model_watch import ModelWatcher
 from bot.pipeline import Pipeline
 from bot.polling import SourcePoller
 from bot.recognition import Recognition
+from bot.reload import Reloaded, apply_live, summary
 from scorer.analyze import Analyzer, build_analyzer
 from sources.http import Http
 from storage.lock import DaemonLock
@@ -80,6 +83,9 @@ class Daemon:
         self._notify_tasks: list[asyncio.Task] = []   # systemd's watchdog and status (bot/notify.py)
         self.loop_monitor = LoopMonitor(self.stats)   # stats["loop_lag_ms"] (bot/health.py)
         self.started_at: float | None = None          # time.monotonic() of the start, for uptime
+        self.stats["restart_needed"] = []             # config keys changed by a reload (bot/reload.py)
+        self.stats["config_read_at"] = time.time()    # when the config file was last read
+        self._reloads: set[asyncio.Task] = set()
 
     # ---- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -123,6 +129,32 @@ class Daemon:
         """The health report (``GET /healthz``; rules in ``bot.health``)."""
         return await live_report(self)
 
+    async def reload(self) -> Reloaded:
+        """Re-read the config file: apply its sources and live keys, name the keys that need a
+        restart (``bot.reload``); a file with a mistake changes nothing."""
+        if not self.cfg.path:
+            return Reloaded(False, "running on the built-in defaults (no config file): nothing to reload")
+        read_at = time.time()
+        try:
+            new = await asyncio.to_thread(load_config, self.cfg.path)
+        except ConfigError as e:
+            log.error("config not reloaded: %s", e)
+            return Reloaded(False, f"not reloaded: {e}")
+        applied, restart = apply_live(self.cfg, new, self.http)
+        for name in await self.store.call(sync_config_sources, self.cfg):
+            log.info("source %s: removed (no longer in the config)", name)
+        await self.poller.refresh_sources()
+        self.stats["restart_needed"] = restart
+        self.stats["config_read_at"] = read_at
+        message = summary(self.cfg.path, applied, restart)
+        log.info("%s", message)
+        return Reloaded(True, message, restart)
+
+    def _reload_on_signal(self) -> None:
+        task = asyncio.create_task(self.reload(), name="reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
     async def start_gallery(self) -> None:
         if not self.cfg.web_on():
             log.info("web gallery: off (web.enabled = %r%s)", self.cfg.web.enabled,
@@ -133,7 +165,9 @@ class Daemon:
         gallery = Gallery(self.cfg, self.store, model_changed=self.models.check_model,
                           sources_changed=self.poller.refresh_sources,
                           characters_changed=self.recognition.owner_changed_names,
-                          health=self.health, live=self.stats, http=self.http)
+                          health=self.health, live=self.stats, http=self.http,
+                          poll_now=self.poller.poll_now, reload=self.reload,
+                          train_now=lambda: self.models.retrain("asked in the gallery"))
         try:
             self.gallery_url = await gallery.start()
         except OSError as e:
@@ -203,6 +237,10 @@ class Daemon:
                 loop.add_signal_handler(sig, self.request_stop)
             except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
                 pass
+        try:
+            loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
+        except (NotImplementedError, RuntimeError, AttributeError):  # pragma: no cover - non-Unix
+            pass
         await self.start()
         if announce is not None:
             announce(self)

@@ -109,7 +109,8 @@ def source_lines(store) -> list[str]:
         state = source_state(r, paused)
         lines.append(f"{r['name']}  [{r['kind']}, {r['origin']}]  {state}  every {conf.get('interval')}s  "
                      f"items {r['items_fetched']}  last poll {r['last_poll_at'] or '-'}  "
-                     f"next {r['next_poll_at'] or '-'}" + reads_today(r))
+                     f"next {state if state in ('paused', 'disabled') else r['next_poll_at'] or '-'}"
+                     + reads_today(r))
         if r["last_error"]:
             lines.append(f"    last error ({r['failures']} failure(s) in a row): {r['last_error']}")
     return lines

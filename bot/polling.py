@@ -8,6 +8,11 @@ source's next poll is pushed back (exponential backoff with jitter; after a 429,
 retry time when it is longer, but never less than that backoff nor more than
 ``daemon.backoff_max``; the maximum for a refused login); the next poll time is stored, so a
 restart honours a backoff that was running (up to ``daemon.backoff_max`` from the restart).
+
+:meth:`SourcePoller.poll_now` (the gallery's "Poll now") polls one source at once, whatever its
+backoff: a success makes it healthy again and puts its next poll one interval away; a failure
+restarts its backoff from the first step (it stays UNHEALTHY if it was). One poll of a source
+runs at a time (a "Poll now" during a scheduled poll waits for it).
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ class SourcePoller:
         self.sources: dict[str, object] = {}
         self._source_configs: dict[str, tuple] = {}
         self._polls: set[asyncio.Task] = set()
+        self._locks: dict[str, asyncio.Lock] = {}   # one poll of a source at a time
 
     async def start(self) -> None:
         """Schedule the sources now, then look for changes every 15 s."""
@@ -100,23 +106,54 @@ class SourcePoller:
         task = asyncio.current_task()
         self._polls.add(task)
         try:
-            await self._poll_source(name)
+            lock = self._lock(name)
+            if not lock.locked():             # a "Poll now" is polling it this moment
+                async with lock:
+                    await self._poll_once(name, now=False)
         except asyncio.CancelledError:
             pass  # stopping: the poll is abandoned before its transaction, nothing is half-saved
         finally:
             self._polls.discard(task)
 
-    async def _poll_source(self, name: str) -> None:
+    async def poll_now(self, name: str) -> tuple[bool, str]:
+        """Poll ``name`` at once, resetting its backoff (the gallery's "Poll now"); (ok, one line
+        saying what happened)."""
+        await self.refresh_sources()          # a source added or resumed a moment ago
+        if name not in self.sources:
+            row = await self.store.get_source(name)
+            paused = set(await self.store.get_setting(PAUSED_SOURCES, []))
+            if row is None:
+                return False, f"no source named {name!r}"
+            if name in paused:
+                return False, f"source {name} is paused: resume it first"
+            if not row["config"].get("enabled", True):
+                return False, f"source {name} is disabled (enabled = false in the config)"
+            return False, f"source {name} cannot be set up (see the daemon's log)"
+        async with self._lock(name):
+            await self.store.call(_reset_failures, name)
+            task = asyncio.current_task()
+            self._polls.add(task)
+            try:
+                return await self._poll_once(name, now=True)
+            finally:
+                self._polls.discard(task)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def _poll_once(self, name: str, now: bool) -> tuple[bool, str]:
+        """One poll of ``name``; (ok, what happened). ``now``: asked for, out of schedule (on
+        success the next scheduled poll moves to one interval from now)."""
         if self.stopping.is_set() or name not in self.sources:
-            return
+            return False, "the daemon is stopping" if self.stopping.is_set() else f"source {name} is not polled"
         source = self.sources[name]
         try:
             row = await self.store.get_source(name)
         except Exception as e:  # noqa: BLE001
             log.error("source %s: cannot read its state: %s", name, e)
-            return
+            return False, f"cannot read its state: {e}"
         if row is None:
-            return
+            return False, f"no source named {name!r}"
         conf = row["config"]
         interval = float(conf.get("interval", 300))
         cap = int(conf.get("max_items") or self.cfg.daemon.max_items_per_poll)
@@ -132,12 +169,16 @@ class SourcePoller:
             if ids:
                 log.info("source %s: %d new item(s)%s", name, len(ids), ", more next poll" if poll.more else "")
                 self.on_new_items()
+            job = self.scheduler.get_job(f"poll:{name}")
+            if now and job is not None:
+                job.modify(next_run_time=next_at)
+            return True, f"{len(ids)} new item(s)" + (", more next poll" if poll.more else "")
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - every failure is logged and backed off, never fatal
-            await self._poll_failed(name, row, interval, e)
+            return False, await self._poll_failed(name, row, interval, e)
 
-    async def _poll_failed(self, name: str, row: dict, interval: float, error: Exception) -> None:
+    async def _poll_failed(self, name: str, row: dict, interval: float, error: Exception) -> str:
         failures = row["failures"] + 1
         if isinstance(error, asyncio.TimeoutError):
             error = TransientError("poll timed out")
@@ -163,6 +204,14 @@ class SourcePoller:
         job = self.scheduler.get_job(f"poll:{name}")
         if job is not None:
             job.modify(next_run_time=next_at)
+        return f"{message}; next try in {delay:.0f}s"
+
+
+def _reset_failures(store, name: str) -> None:
+    """Forget a source's failures in a row (its backoff starts again from the first step); its
+    health is left as it is until the next poll says otherwise."""
+    with store.db.conn:
+        store.db.execute("UPDATE sources SET failures = 0 WHERE name = ?", [name])
 
 
 FALLBACK_DELAY = 600.0   # seconds, should working out a retry time ever fail

@@ -149,6 +149,7 @@ def plan(cfg: Config, *, system: bool) -> Plan:
         "NotifyAccess=main",
         f"WatchdogSec={WATCHDOG_SEC}",
         "ExecStart=" + " ".join(_word(a, exec_line=True) for a in command_line(cfg)),
+        "ExecReload=/bin/kill -HUP $MAINPID",   # `systemctl reload`: re-read the config (bot/reload.py)
         f"WorkingDirectory={_escape(str(Path.cwd()))}",
         f"EnvironmentFile={_escape(str(env))}",
         # Library caches (torchvision's downloaded weights) inside the data folder: the rest is read-only.

@@ -5,8 +5,9 @@ An aiohttp app served by the daemon (``[web]``: 127.0.0.1:8080 by default). Page
 *Picture* (face boxes with numbered labels, face crops with scores and characters, name a face
 by clicking it, labels, previous/next in the list it was opened from: ``bot.web_nav``), *Rated*
 (with undo), *Compare* (which of two pictures you prefer: the pair the model is least sure how to
-order, keys ← → and ↓, undo last), *Model* (metrics, plots, rollback; the identity embedder's
-too) and *Sources* (health, add, remove, pause); ``GET /healthz`` is the daemon's health report
+order, keys ← → and ↓, undo last), *Model* (metrics with what each means, plots, rollback, a
+training run's progress and "Train now"; the identity embedder's too) and *Sources* (health,
+add, remove, pause, "Poll now", "Reload" the config); ``GET /healthz`` is the daemon's health report
 (``bot.health``). For you and Rated filter by character (``?character=NAME``), and
 each card shows its characters as chips. A picture whose media was pruned (``storage/prune.py``)
 shows a placeholder and a "Fetch again" button instead of a broken image.
@@ -23,7 +24,9 @@ import json
 import logging
 import math
 import mimetypes
+import os
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -38,6 +41,7 @@ from bot.web_guard import HEALTHZ, guard
 from bot.web_nav import Origin, Step, neighbours
 from scorer.detect import crop_box
 from scorer.ranking import exploration_share, exploration_slots, interleave, is_cold, is_trained
+from scorer.progress import read_progress
 from storage.media import thumbnail
 from storage.records import WHOLE, Face
 
@@ -146,6 +150,14 @@ def picture_nav(store, cfg: Config, image_id: int, origin: Origin) -> dict:
     return {"prev": links[0], "next": links[1], "back": origin.back(size), "list": origin.name}
 
 
+def train_hint(labels: int, min_labels: int) -> str:
+    """What to do to get a trained model, given the labelled pictures there are."""
+    if labels < min_labels:
+        return (f"rate at least {min_labels} pictures (you have {labels}), then press Train now "
+                "(or run `python main.py train`)")
+    return f"you have {labels} rated pictures: press Train now (or run `python main.py train`)"
+
+
 def model_data(store, cfg: Config) -> dict:
     models = []
     for r in reversed(store.list_models()):
@@ -156,6 +168,7 @@ def model_data(store, cfg: Config) -> dict:
     active = next((m for m in models if m["active"]), None)
     return {"models": models, "active": active, "labels": store.label_count(),
             "comparisons": store.comparison_count(), "training": training_state(store, cfg),
+            "min_labels": cfg.train.min_labels, "train_hint": train_hint(store.label_count(), cfg.train.min_labels),
             **identity_data(store, cfg)}
 
 
@@ -211,10 +224,49 @@ def compare_data(store, cfg: Config, skip: set[frozenset]) -> dict:
 
 
 def sources_data(store) -> dict:
+    """The sources (not the import pseudo-source), each with its state; a paused or disabled
+    source has no next poll (``next_poll_at`` None)."""
     paused = set(store.get_setting(PAUSED_SOURCES, []))
-    rows = [dict(r, state=source_state(r, paused), paused=r["name"] in paused)
-            for r in store.list_sources() if r["kind"] != "import"]
+    rows = []
+    for r in store.list_sources():
+        if r["kind"] == "import":
+            continue
+        state = source_state(r, paused)
+        rows.append(dict(r, state=state, paused=r["name"] in paused,
+                         next_poll_at=None if state in ("paused", "disabled") else r["next_poll_at"]))
     return {"sources": rows}
+
+
+def relative_time(stamp: str | None, now: datetime | None = None) -> str:
+    """A stored time (ISO, UTC) as a short distance from now: "in 2 min", "3 h ago", "now";
+    "-" when absent or unreadable."""
+    try:
+        when = datetime.fromisoformat(stamp) if stamp else None
+    except (TypeError, ValueError):
+        return "-"
+    if when is None:
+        return "-"
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
+    size = abs(seconds)
+    if size < 5:
+        return "now"
+    for unit, span in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        if size >= span or unit == "s":
+            text = f"{int(size // span)} {unit}"
+            break
+    return f"in {text}" if seconds > 0 else f"{text} ago"
+
+
+def duration(seconds) -> str:
+    """Seconds as a short duration: "40 s", "3 min", "1 h 5 min"."""
+    seconds = int(seconds or 0)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 # ---- the app --------------------------------------------------------------------------------
@@ -222,18 +274,24 @@ class Gallery:
     """The gallery; ``model_changed``, ``sources_changed`` and ``characters_changed`` (a face
     named, a name taken back, the identity embedder switched) tell a running daemon at once.
     ``health`` gives the ``/healthz`` report (the daemon's ``Daemon.health``; None: the report
-    from the database alone), ``live`` is the daemon's ``stats`` (event-loop lag for /api/stats)."""
+    from the database alone), ``live`` is the daemon's ``stats`` (event-loop lag for /api/stats,
+    config keys that need a restart). ``poll_now`` (``SourcePoller.poll_now``), ``reload``
+    (``Daemon.reload``) and ``train_now`` (the daemon's retrainer) are the running daemon's; without
+    them (a gallery alone) their buttons are not shown."""
 
     def __init__(self, cfg: Config, store, model_changed: Callable[[], Awaitable[None]] | None = None,
                  sources_changed: Callable[[], Awaitable[None]] | None = None,
                  characters_changed: Callable[[], Awaitable[None]] | None = None,
                  health: Callable[[], Awaitable[dict]] | None = None, live: dict | None = None,
-                 http=None):
+                 http=None, poll_now: Callable[[str], Awaitable[tuple[bool, str]]] | None = None,
+                 reload: Callable[[], Awaitable] | None = None, train_now: Callable[[], Awaitable[bool]] | None = None):
         self.cfg = cfg
         self.store = store            # storage.writer.AsyncStore
         self.health = health or (lambda: asyncio.to_thread(database_report, cfg))
         self.live = live
-        self.actions = GalleryActions(cfg, store, model_changed, sources_changed, characters_changed, http=http)
+        self.actions = GalleryActions(cfg, store, model_changed, sources_changed, characters_changed, http=http,
+                                      poll_now=poll_now, reload=reload, train_now=train_now,
+                                      sources_page=self.sources_page)
         self.runner: web.AppRunner | None = None
         self.url: str | None = None
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
@@ -241,6 +299,8 @@ class Gallery:
         self.env.filters["score"] = lambda v: "n/a" if v is None or isinstance(v, jinja2.Undefined) else f"{v:.2f}"
         self.env.filters["number"] = lambda v: f"{v:.0f}" if float(v).is_integer() else f"{v:.2f}"
         self.env.filters["web_link"] = web_link   # a page link from a source: http(s) only, else None
+        self.env.filters["when"] = relative_time
+        self.env.filters["duration"] = duration
         self.env.globals["query"] = lambda **kw: "?" + urlencode({k: v for k, v in kw.items() if v not in (None, "")})
 
     def app(self) -> web.Application:
@@ -266,6 +326,7 @@ class Gallery:
         r.add_post("/compare/undo/{id:\\d{1,18}}", a.compare_undo)
         r.add_post("/model/use", a.use_model)
         r.add_post("/model/evaluate", a.evaluate)
+        r.add_post("/model/train", a.train)
         r.add_post("/model/identity/use", a.use_identity_model)
         r.add_post("/picture/{id:\\d{1,18}}/refetch", a.refetch)
         r.add_post("/faces/{id:\\d{1,18}}/name", a.name_face)
@@ -274,6 +335,8 @@ class Gallery:
         r.add_post("/sources/{name}/remove", a.source_remove)
         r.add_post("/sources/{name}/pause", a.source_pause)
         r.add_post("/sources/{name}/resume", a.source_pause)
+        r.add_post("/sources/{name}/poll", a.source_poll)
+        r.add_post("/sources/reload", a.reload_config)
         r.add_static("/static", HERE / "static")
         return app
 
@@ -362,13 +425,33 @@ class Gallery:
 
     async def page_model(self, request):
         data = await self.store.call(model_data, self.cfg)
-        return self.render("model.html", request, message=request.query.get("message", ""), **data)
+        return self.render("model.html", request, message=request.query.get("message", ""),
+                           error=request.query.get("error", ""), can_train=self.actions.train_now is not None,
+                           training=await asyncio.to_thread(read_progress, self.cfg.data_path), **data)
 
     async def page_sources(self, request):
+        return await self.sources_page(request, message=request.query.get("message", ""),
+                                       error=request.query.get("error", ""))
+
+    async def sources_page(self, request, *, message: str = "", error: str = "", form: dict | None = None,
+                           status: int = 200) -> web.Response:
+        """The Sources page; ``form``: the add form's values to show again (after a refused add)."""
         from sources import SOURCE_KINDS
         data = await self.store.call(sources_data)
-        return self.render("sources.html", request, kinds=sorted(SOURCE_KINDS),
-                           message=request.query.get("message", ""), **data)
+        live = self.live or {}
+        path = self.cfg.path
+        try:
+            stale = bool(path) and "config_read_at" in live and os.stat(path).st_mtime > live["config_read_at"]
+        except OSError:
+            stale = False
+        form = {"name": "", "kind": "folder", "options": "", **(form or {})}
+        response = self.render("sources.html", request, kinds=sorted(SOURCE_KINDS), message=message, error=error,
+                               form=form, config_path=path or "", config_stale=stale,
+                               restart_needed=live.get("restart_needed") or [],
+                               can_poll=self.actions.poll_now is not None, can_reload=self.actions.reload is not None,
+                               **data)
+        response.set_status(status)
+        return response
 
     async def api_stats(self, request):
         return web.json_response(await self.store.call(stats, CHANNEL, self.live))

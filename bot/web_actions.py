@@ -3,9 +3,12 @@
 Rate a picture and undo a rating (a click is stored exactly like a Discord reaction: a label in
 the same table, origin ``web``), say which of two pictures is better, skip a pair or undo the last
 comparison (table ``comparisons``, origin ``gallery``), name a face as a character or take its name back, switch the
-active model or evaluate one, switch the identity embedder, add, remove, pause and resume
-sources, fetch a pruned picture again. Each answers JSON to the page's script (``Accept: application/json``) and otherwise
-redirects back with a message. Only POSTs reach these, and only from the gallery's own
+active model, evaluate one or start a training run ("Train now": ``train --full`` in the daemon's
+retrainer), switch the identity embedder, add, remove, pause, resume and poll sources ("Poll
+now"), reload the config file, fetch a pruned picture again. Each answers JSON to the page's script (``Accept: application/json``) and otherwise
+redirects back with a message (``?message=``, or ``?error=`` for one that failed, which the
+pages show in an error style; a refused "add source" shows the page again with what was typed).
+Only POSTs reach these, and only from the gallery's own
 pages (``bot.web_guard``). A running daemon hears of a model switch (``model_changed``) and of
 source changes (``sources_changed``) at once instead of within its next check, and of named faces
 or a switched identity embedder (``characters_changed``).
@@ -50,13 +53,20 @@ class GalleryActions:
 
     def __init__(self, cfg: Config, store, model_changed: Callable[[], Awaitable[None]] | None = None,
                  sources_changed: Callable[[], Awaitable[None]] | None = None,
-                 characters_changed: Callable[[], Awaitable[None]] | None = None, http=None):
+                 characters_changed: Callable[[], Awaitable[None]] | None = None, http=None,
+                 poll_now: Callable[[str], Awaitable[tuple[bool, str]]] | None = None,
+                 reload: Callable[[], Awaitable] | None = None, train_now: Callable[[], Awaitable[bool]] | None = None,
+                 sources_page: Callable[..., Awaitable[web.Response]] | None = None):
         self.cfg = cfg
         self.store = store            # storage.writer.AsyncStore
         self.http = http              # sources.http.Http, the daemon's shared client (None: one per fetch)
         self.model_changed = model_changed
         self.sources_changed = sources_changed
         self.characters_changed = characters_changed
+        self.poll_now = poll_now          # the daemon's SourcePoller.poll_now
+        self.reload = reload              # the daemon's Daemon.reload
+        self.train_now = train_now        # starts `train --full` in the daemon's retrainer; False if one runs
+        self.sources_page = sources_page  # Gallery.sources_page: the page again after a refused add
         self.skipped: set[frozenset] = set()   # pairs skipped on the Compare page (until a restart)
         self._embedders: dict = {}    # identity model version -> scorer.identity.Embedder
         self._embed_lock = threading.Lock()
@@ -75,6 +85,13 @@ class GalleryActions:
         if "application/json" in request.headers.get("Accept", "") or request.content_type == "application/json":
             return web.json_response(data)
         raise web.HTTPSeeOther(back)
+
+    @staticmethod
+    def _said(request, ok: bool, message: str, page: str, **data) -> web.Response:
+        """Answer with ``message``: JSON ``{"ok", "message"}`` to a script, else back to ``page``
+        with it as ``?message=`` (or ``?error=`` when ``ok`` is false)."""
+        return GalleryActions._done(request, {"ok": ok, "message": message, **data},
+                                    f"{page}?" + urlencode({"message" if ok else "error": message}))
 
     @staticmethod
     def _back(request, default: str) -> str:
@@ -269,9 +286,15 @@ class GalleryActions:
                           "/model?" + urlencode({"message": f"now using {version}"}))
 
     async def evaluate(self, request):
+        from bot.web import train_hint
         from scorer.evaluate import evaluate_version
         from storage import Store
         version = str((await self._form(request)).get("version", "")) or None
+        row = await self.store.call(lambda s: s.get_model(version) if version else s.active_model())
+        if row is not None and not row.get("metrics"):
+            labels = await self.store.label_count()
+            return self._said(request, False, f"{row['version']} is not trained, so there is nothing to evaluate: "
+                              + train_hint(labels, self.cfg.train.min_labels), "/model")
 
         def run():
             store = Store.open(self.cfg.db_path)
@@ -283,10 +306,31 @@ class GalleryActions:
                 store.close()
         try:
             m, paths, row = await asyncio.to_thread(run)
-            message = f"evaluated {row['version']} on {m.get('n', 0)} validation picture(s)"
         except Exception as e:  # noqa: BLE001
-            message = f"evaluation failed: {e}"
-        return self._done(request, {"message": message}, "/model?" + urlencode({"message": message}))
+            return self._said(request, False, f"evaluation failed: {e}", "/model")
+        if not m.get("n"):
+            return self._said(request, False, f"{row['version']} has no validation pictures to be evaluated on: "
+                              "rate more pictures (about one in five is kept for validation)", "/model")
+        return self._said(request, True, f"evaluated {row['version']} on {m['n']} validation picture(s); "
+                          "the plots are below", "/model")
+
+    async def train(self, request):
+        """"Train now": a full training run (``train --full``: the network, then the taste head;
+        minutes) in the daemon's retrainer; its progress shows on the Model page."""
+        from scorer.progress import read_progress
+        if self.train_now is None:
+            return self._said(request, False, "training from the gallery needs the running daemon; "
+                              "run `python main.py train --full`", "/model")
+        labels = await self.store.label_count()
+        if labels < self.cfg.train.min_labels:
+            return self._said(request, False, f"not started: rate at least {self.cfg.train.min_labels} pictures "
+                              f"first (you have {labels})", "/model")
+        running = await asyncio.to_thread(read_progress, self.cfg.data_path)
+        if (running and running.get("state") == "running") or not await self.train_now():
+            return self._said(request, False, "a training run is going already: its progress is shown here", "/model")
+        log.info("training: started from the gallery")
+        return self._said(request, True, "training started (train --full: the network, then the taste head; "
+                          "minutes); its progress is shown here", "/model")
 
     async def source_add(self, request):
         import shlex
@@ -297,28 +341,51 @@ class GalleryActions:
                 raise ManageError("a source needs a name")
             pairs = parse_pairs(shlex.split(str(form.get("options", ""))))
             src = await self.store.call(lambda s: add_source(s, self.cfg, name, kind, pairs))
-            message = f"added source {src.name}; it is polled within 15 s"
+            message = f"added source {src.name}; it is polled in a moment"
         except (ManageError, ValueError) as e:
-            message = f"not added: {e}"
-        return self._done(request, {"message": message}, "/sources?" + urlencode({"message": message}))
+            error = f"not added: {e}"
+            wants_json = "application/json" in request.headers.get("Accept", "") \
+                or request.content_type == "application/json"
+            if wants_json or self.sources_page is None:
+                return self._said(request, False, error, "/sources")
+            values = {k: str(form.get(k, "")) for k in ("name", "kind", "options")}
+            return await self.sources_page(request, error=error, form=values, status=400)
+        if self.sources_changed is not None:
+            await self.sources_changed()
+        return self._said(request, True, message, "/sources")
 
     async def source_remove(self, request):
         name = request.match_info["name"]
         try:
             await self.store.call(lambda s: remove_source(s, self.cfg, name))
-            message = f"removed source {name}; its pictures are kept"
         except ManageError as e:
-            message = f"not removed: {e}"
-        return self._done(request, {"message": message}, "/sources?" + urlencode({"message": message}))
+            return self._said(request, False, f"not removed: {e}", "/sources")
+        return self._said(request, True, f"removed source {name}; its pictures are kept", "/sources")
 
     async def source_pause(self, request):
         name = request.match_info["name"]
         paused = request.path.endswith("/pause")
         try:
             await self.store.call(lambda s: pause_source(s, name, paused))
-            message = f"source {name} {'paused' if paused else 'resumed'}"
         except ManageError as e:
-            message = str(e)
+            return self._said(request, False, str(e), "/sources")
         if self.sources_changed is not None:
             await self.sources_changed()
-        return self._done(request, {"message": message}, "/sources?" + urlencode({"message": message}))
+        return self._said(request, True, f"source {name} {'paused' if paused else 'resumed'}", "/sources")
+
+    async def source_poll(self, request):
+        """"Poll now": poll the source at once, whatever its backoff; a success makes it healthy."""
+        name = request.match_info["name"]
+        if self.poll_now is None:
+            return self._said(request, False, "polling from the gallery needs the running daemon", "/sources")
+        ok, what = await self.poll_now(name)
+        log.info("source %s: polled from the gallery: %s", name, what)
+        return self._said(request, ok, f"polled {name}: {what}" if ok else f"poll of {name} failed: {what}",
+                          "/sources")
+
+    async def reload_config(self, request):
+        """"Reload": re-read the config file (``Daemon.reload``, as on SIGHUP)."""
+        if self.reload is None:
+            return self._said(request, False, "reloading needs the running daemon; restart it instead", "/sources")
+        done = await self.reload()
+        return self._said(request, done.ok, done.message, "/sources", restart=done.restart)

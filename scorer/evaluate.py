@@ -73,67 +73,105 @@ def format_metrics(m: dict) -> str:
             f"base rate {f('liked_share')})  n={m.get('n', 0)}")
 
 
+# The gallery's dark theme (bot/static/style.css), so the plots sit on its pages.
+BACKGROUND, PANEL, TEXT, DIM, GRID = "#15171c", "#20232b", "#e6e6e6", "#8a8f98", "#2d313b"
+COLOURS = ["#f0a040", "#5aa9e6", "#6cc070", "#e06c9f", "#b39ddb"]
+STYLE = {"figure.facecolor": BACKGROUND, "savefig.facecolor": BACKGROUND, "axes.facecolor": PANEL,
+         "axes.edgecolor": DIM, "axes.labelcolor": TEXT, "axes.titlecolor": TEXT, "text.color": TEXT,
+         "xtick.color": TEXT, "ytick.color": TEXT, "grid.color": GRID, "axes.grid": True, "grid.linewidth": 0.6,
+         "legend.facecolor": PANEL, "legend.edgecolor": GRID, "legend.labelcolor": TEXT, "font.size": 10,
+         "axes.titlesize": 11, "figure.titlesize": 12}
+
+
+def dark_style():
+    """A context in which new matplotlib figures take the gallery's dark style (the figure keeps
+    it when drawn and saved later)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from cycler import cycler
+    return plt.rc_context(dict(STYLE, **{"axes.prop_cycle": cycler(color=COLOURS)}))
+
+
+def plot_figures(pred, true, history: list[dict] | None, title: str = "") -> dict:
+    """The evaluation figures (file name -> matplotlib Figure), in the gallery's dark style, laid
+    out so titles, labels and legends stay inside the figure and no legend covers a curve
+    (the learning curve's legend is below the axes). Draw or save them in :func:`dark_style`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pred = np.asarray(pred, dtype=float)
+    true = np.asarray(true, dtype=float)
+    under = f"\n{title}" if title else ""
+    figs = {}
+    with dark_style():
+        # Predicted scores of the pictures of each rating: a box and the pictures as points.
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+        groups = [pred[np.round(true) == r] for r in range(1, 6)]
+        shown = [g if len(g) else np.array([np.nan]) for g in groups]
+        ax.boxplot(shown, positions=range(1, 6), widths=0.5, showfliers=False,
+                   medianprops={"color": COLOURS[0], "linewidth": 2}, boxprops={"color": DIM},
+                   whiskerprops={"color": DIM}, capprops={"color": DIM})
+        jitter = np.random.default_rng(0)
+        for r, g in enumerate(groups, start=1):
+            ax.scatter(r + jitter.uniform(-0.15, 0.15, len(g)), g, s=9, alpha=0.55, color=COLOURS[1], zorder=3)
+        ax.plot([0.6, 5.4], [0.6, 5.4], ls="--", lw=0.8, color=DIM)
+        ax.set_xticks(range(1, 6), [f"{r}\nn={len(g)}" for r, g in enumerate(groups, start=1)])
+        ax.set_xlim(0.5, 5.5)
+        ax.set_xlabel("your rating")
+        ax.set_ylabel("predicted score")
+        ax.set_title("Predicted scores by your rating" + under)
+        figs["by_rating.png"] = fig
+
+        fig, ax = plt.subplots(figsize=(5, 5), layout="constrained")
+        jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(true))
+        ax.scatter(true + jitter, pred, s=10, alpha=0.55, color=COLOURS[1])
+        ax.plot([1, 5], [1, 5], ls="--", lw=0.8, color=DIM)
+        ax.set_xlim(0.5, 5.5)
+        ax.set_ylim(0.5, 5.5)
+        ax.set_xlabel("your rating")
+        ax.set_ylabel("predicted score")
+        m = metrics(pred, true)
+        shown = {k: "n/a" if m[k] is None else f"{m[k]:.3f}" for k in ("pearson", "mae")}
+        ax.set_title(f"Predicted against your rating: Pearson {shown['pearson']}, MAE {shown['mae']}" + under)
+        figs["pred_vs_true.png"] = fig
+
+        if history:
+            fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+            epochs = [h["epoch"] for h in history]
+            ax.plot(epochs, [h["train_loss"] for h in history], color=COLOURS[0], label="train loss (MSE, mixed)")
+            ax.plot(epochs, [h["val_loss"] for h in history], color=COLOURS[1], label="validation loss (MSE)")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("loss")
+            ax2 = ax.twinx()
+            ax2.grid(False)
+            ax2.plot(epochs, [h.get("val_pearson") or 0 for h in history], color=COLOURS[2],
+                     label="validation Pearson")
+            ax2.set_ylabel("Pearson")
+            lines, labels = ax.get_legend_handles_labels()
+            lines2, labels2 = ax2.get_legend_handles_labels()
+            fig.legend(lines + lines2, labels + labels2, loc="outside lower center", ncols=3, fontsize=9)
+            ax.set_title("Learning curve" + under)
+            figs["learning_curve.png"] = fig
+    return figs
+
+
 def plot_evaluation(pred, true, history: list[dict] | None, out_dir: str | Path, title: str = "") -> list[Path]:
-    """Write by_rating.png, pred_vs_true.png and (with a history) learning_curve.png."""
+    """Write by_rating.png, pred_vs_true.png and (with a history) learning_curve.png (in the
+    gallery's dark style; see :func:`plot_figures`)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pred = np.asarray(pred, dtype=float)
-    true = np.asarray(true, dtype=float)
     paths = []
-
-    fig, axes = plt.subplots(1, 5, figsize=(16, 3.2), sharex=True)
-    bins = np.linspace(1, 5, 33)
-    for r, ax in zip(range(1, 6), axes):
-        sel = pred[np.round(true) == r]
-        ax.hist(sel, bins=bins, color=plt.cm.viridis((r - 1) / 4))
-        ax.axvline(r, color="k", lw=0.8, ls="--")
-        ax.set_title(f"rated {r} (n={len(sel)})")
-        ax.set_xlabel("predicted score")
-    axes[0].set_ylabel("pictures")
-    fig.suptitle(f"Predicted scores by true rating {title}".strip())
-    fig.tight_layout()
-    paths.append(out_dir / "by_rating.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 5))
-    jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(true))
-    ax.scatter(true + jitter, pred, s=10, alpha=0.5)
-    ax.plot([1, 5], [1, 5], "k--", lw=0.8)
-    ax.set_xlim(0.5, 5.5)
-    ax.set_ylim(0.5, 5.5)
-    ax.set_xlabel("true rating")
-    ax.set_ylabel("predicted score")
-    m = metrics(pred, true)
-    ax.set_title(f"{title} Pearson {m['pearson']}, MAE {m['mae']}".strip())
-    fig.tight_layout()
-    paths.append(out_dir / "pred_vs_true.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
-
-    if history:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        epochs = [h["epoch"] for h in history]
-        ax.plot(epochs, [h["train_loss"] for h in history], label="train loss (MSE, mixed)")
-        ax.plot(epochs, [h["val_loss"] for h in history], label="validation loss (MSE)")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("loss")
-        ax2 = ax.twinx()
-        ax2.plot(epochs, [h.get("val_pearson") or 0 for h in history], color="tab:green",
-                 label="validation Pearson")
-        ax2.set_ylabel("Pearson")
-        lines = ax.get_legend_handles_labels()
-        lines2 = ax2.get_legend_handles_labels()
-        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right")
-        ax.set_title(f"Learning curve {title}".strip())
-        fig.tight_layout()
-        paths.append(out_dir / "learning_curve.png")
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
+    with dark_style():   # ticks added when drawn take the style too
+        for name, fig in plot_figures(pred, true, history, title).items():
+            paths.append(out_dir / name)
+            fig.savefig(paths[-1], dpi=100, bbox_inches="tight", pad_inches=0.15)
+            plt.close(fig)
     return paths
 
 

@@ -158,22 +158,24 @@ def plot_confusion(pred, true, names: dict[int, str], path: Path, *, title: str 
     labels = [names.get(int(c), str(c)) for c in shown] + (["other"] if other else [])
     shares = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
     side = max(4.5, 0.45 * size + 2.5)
-    fig, ax = plt.subplots(figsize=(side + 1, side))
-    im = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(size), labels, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(size), labels, fontsize=8)
-    ax.set_xlabel("predicted character")
-    ax.set_ylabel("true character")
-    if size <= 30:
-        for i in range(size):
-            for j in range(size):
-                if matrix[i, j]:
-                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if shares[i, j] > 0.5 else "black")
-    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true character's faces")
-    ax.set_title(f"Confusion matrix {title}".strip(), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from scorer.evaluate import dark_style
+    with dark_style():
+        fig, ax = plt.subplots(figsize=(side + 1, side), layout="constrained")
+        ax.grid(False)
+        im = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(size), labels, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(size), labels, fontsize=8)
+        ax.set_xlabel("predicted character")
+        ax.set_ylabel("true character")
+        if size <= 30:
+            for i in range(size):
+                for j in range(size):
+                    if matrix[i, j]:
+                        ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
+                                color="white" if shares[i, j] > 0.5 else "black")
+        fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true character's faces")
+        ax.set_title(f"Confusion matrix {title}".strip(), fontsize=10)
+        fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.15)
     plt.close(fig)
     return path
 
@@ -186,27 +188,28 @@ def plot_similarities(op: dict, path: Path, *, title: str = "") -> Path:
     matplotlib.rcParams["text.parse_math"] = False   # names are text: "$x$" is not a formula   # names are text: "$x$" is not a formula
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    known, ok, unknown = op["sims_known"], op["ok_known"], op["sims_unknown"]
-    every = np.r_[known, unknown, op["thresholds"]]
-    lo, hi = (float(every.min()), float(every.max())) if len(every) else (0.0, 1.0)
-    pad = max(hi - lo, 0.01) * 0.05
-    bins = np.linspace(lo - pad, hi + pad, 41)
-    ax.hist(known[ok], bins=bins, alpha=0.6, color="tab:green", label=f"known, right character (n={int(ok.sum())})")
-    if (~ok).any():
-        ax.hist(known[~ok], bins=bins, alpha=0.6, color="tab:orange",
-                label=f"known, wrong character (n={int((~ok).sum())})")
-    ax.hist(unknown, bins=bins, alpha=0.5, color="tab:red", label=f"unknown: not enrolled (n={len(unknown)})")
-    for i, t in enumerate(sorted(set(op["thresholds"]))):   # one per fold when calibrated per fold
-        ax.axvline(t, color="k", ls="--", lw=1,
-                   label=None if i else "threshold" + (" (per fold)" if len(set(op["thresholds"])) > 1 else ""))
-    ax.set_xlabel("similarity to the best character")
-    ax.set_ylabel("faces")
-    ax.legend(fontsize=8)
-    ax.set_title(f"Known vs unknown faces {title}\nprecision {op['precision']:.2f}, recall {op['recall']:.2f}, "
-                 f"F1 {op['f1']:.2f}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from scorer.evaluate import TEXT, dark_style
+    with dark_style():
+        fig, ax = plt.subplots(figsize=(7, 4.4), layout="constrained")
+        known, ok, unknown = op["sims_known"], op["ok_known"], op["sims_unknown"]
+        every = np.r_[known, unknown, op["thresholds"]]
+        lo, hi = (float(every.min()), float(every.max())) if len(every) else (0.0, 1.0)
+        pad = max(hi - lo, 0.01) * 0.05
+        bins = np.linspace(lo - pad, hi + pad, 41)
+        ax.hist(known[ok], bins=bins, alpha=0.6, color="tab:green", label=f"known, right character (n={int(ok.sum())})")
+        if (~ok).any():
+            ax.hist(known[~ok], bins=bins, alpha=0.6, color="tab:orange",
+                    label=f"known, wrong character (n={int((~ok).sum())})")
+        ax.hist(unknown, bins=bins, alpha=0.5, color="tab:red", label=f"unknown: not enrolled (n={len(unknown)})")
+        for i, t in enumerate(sorted(set(op["thresholds"]))):   # one per fold when calibrated per fold
+            ax.axvline(t, color=TEXT, ls="--", lw=1,
+                       label=None if i else "threshold" + (" (per fold)" if len(set(op["thresholds"])) > 1 else ""))
+        ax.set_xlabel("similarity to the best character")
+        ax.set_ylabel("faces")
+        fig.legend(loc="outside lower center", ncols=2, fontsize=8)
+        ax.set_title(f"Known vs unknown faces {title}\nprecision {op['precision']:.2f}, recall {op['recall']:.2f}, "
+                     f"F1 {op['f1']:.2f}", fontsize=10)
+        fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.15)
     plt.close(fig)
     return path
 

@@ -134,8 +134,9 @@ def predict(net: torch.nn.Module, arrays: np.ndarray, device: torch.device, *, b
 
 def fit(net: RatingNet, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
         tcfg, device: torch.device, *, freeze_epochs: int = 0, epochs: int | None = None,
-        progress: bool | None = None) -> FitResult:
-    """Train ``net`` on uint8 crops (N, S, S, 3) and ratings; return the best averaged weights."""
+        progress: bool | None = None, on_epoch=None) -> FitResult:
+    """Train ``net`` on uint8 crops (N, S, S, 3) and ratings; return the best averaged weights.
+    ``on_epoch(epoch, epochs, seconds)`` is called after each epoch (the progress file)."""
     from tqdm import tqdm
 
     torch.manual_seed(tcfg.seed)
@@ -199,6 +200,8 @@ def fit(net: RatingNet, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndar
         log.info("epoch %d/%d: train loss %.3f, validation loss %.3f, Pearson %s%s (%.1fs)", epoch, epochs,
                  record["train_loss"], val_loss, "n/a" if m["pearson"] is None else f"{m['pearson']:.3f}",
                  " *" if improved else "", record["seconds"])
+        if on_epoch is not None:
+            on_epoch(epoch, epochs, time.monotonic() - t0)
         if stale >= tcfg.patience and epoch >= epochs // 2:  # not while the learning rate is still high
             log.info("early stop: no better validation loss in %d epochs (best: epoch %d)", stale, best_epoch)
             break
@@ -424,7 +427,24 @@ def train_from_store(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainCon
     switch to it), unless ``keep`` is false (the daemon's automatic refits: only promoted heads
     are written). ``margin`` is the crop
     margin (``detector.margin``), ``max_pixels`` the decoding guard (``download.max_pixels``),
-    ``icfg`` the ``[characters]`` settings (the identity embedder's device and batch size)."""
+    ``icfg`` the ``[characters]`` settings (the identity embedder's device and batch size).
+    The run's progress and outcome go to ``<data>/train-progress.json`` (``scorer.progress``)."""
+    from scorer.progress import TrainProgress
+
+    shown = TrainProgress(paths.root, "full" if full else "head")
+    try:
+        out = _train_from_store(store, paths, scfg, tcfg, margin=margin, max_pixels=max_pixels, epochs=epochs,
+                                promote=promote, progress=progress, icfg=icfg, full=full, keep=keep, shown=shown)
+    except BaseException as e:
+        shown.finish(False, "interrupted" if isinstance(e, KeyboardInterrupt) else str(e) or type(e).__name__)
+        raise
+    shown.finish(True, f"model {out.version}: {out.reason}")
+    return out
+
+
+def _train_from_store(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainConfig, *, margin: float,
+                      max_pixels: int, epochs: int | None, promote: bool, progress: bool | None,
+                      icfg: IdentityConfig | None, full: bool, keep: bool, shown) -> TrainOutcome:
     from scorer.registry import configured_backbone, ensure_active_model, load_scorer
 
     started = time.monotonic()
@@ -452,14 +472,17 @@ def train_from_store(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainCon
             torch.manual_seed(tcfg.seed)
             net = build_model(arch, scfg.pretrained)
         learned_start = warm or scfg.pretrained not in ("", "none")
+        shown.stage("loading the labelled crops")
         x_tr, ex_tr, x_val, ex_val, _ = load_training_data(store, tcfg, paths, size, margin=margin,
                                                            max_pixels=max_pixels, progress=progress)
         y_tr = np.array([e.rating for e in ex_tr], dtype=np.float32)
         y_val = np.array([e.rating for e in ex_val], dtype=np.float32)
         log.info("training the network %s (%dpx) on %s: %d crops, validating on %d crops", arch, size, device,
                  len(ex_tr), len(ex_val))
+        shown.stage("training the network")
         result = fit(net, x_tr, y_tr, x_val, y_val, tcfg, device,
-                     freeze_epochs=tcfg.freeze_epochs if learned_start else 0, epochs=epochs, progress=progress)
+                     freeze_epochs=tcfg.freeze_epochs if learned_start else 0, epochs=epochs, progress=progress,
+                     on_epoch=shown.epoch)
         history, best_epoch, net_seconds = result.history, result.best_epoch, result.seconds
         version = new_version(store.get_model, arch)
         base = Scorer(result.net, arch=arch, version=version, image_size=size, device=str(device),
@@ -474,6 +497,7 @@ def train_from_store(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainCon
         base.network_file = current.network_file
     n_train_pics, n_val_pics = len({e.image_id for e in ex_tr}), len({e.image_id for e in ex_val})
     how = scfg.aggregate
+    shown.stage("fitting the taste head")
     network = metrics(*feature_predictions(base, store, ex_val, paths, margin=margin, max_pixels=max_pixels,
                                            how=how, progress=progress))
     network_trained = full or _is_trained(store.get_model(base.network_version or ""))
@@ -483,6 +507,7 @@ def train_from_store(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainCon
     new = metrics(*feature_predictions(scorer, store, ex_val, paths, margin=margin, max_pixels=max_pixels, how=how,
                                        progress=progress))
     baseline = None
+    shown.stage("comparing with the active model")
     if current is not None and _is_trained(active):
         baseline = metrics(*feature_predictions(current, store, ex_val, paths, margin=margin, max_pixels=max_pixels,
                                                 how=how, progress=progress))

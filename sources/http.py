@@ -289,6 +289,8 @@ class Http:
         self.user_agent = user_agent
         self.max_redirects = max_redirects
         self._session: aiohttp.ClientSession | None = None
+        self._retired: set[aiohttp.ClientSession] = set()   # sessions of an older allow_private list
+        self._retired_closing: set[asyncio.Task] = set()
         self._hosts: dict[str, asyncio.Semaphore] = {}
 
     @classmethod
@@ -296,6 +298,23 @@ class Http:
         """From a ``DownloadConfig`` (the ``[download]`` table)."""
         return cls(timeout=download.timeout, max_bytes=download.max_bytes, per_host=download.per_host,
                    allow_private=download.allow_private, user_agent=download.user_agent)
+
+    def set_allow_private(self, allow_private: list[str]) -> None:
+        """Judge every later request by a new ``download.allow_private`` (a config reload). The
+        next request opens a new session, so no kept-alive connection or cached DNS answer made
+        under the old list is reused; the old session is closed once its requests are done."""
+        self.policy = AddressPolicy(allow_private)
+        old, self._session = self._session, None
+        if old is not None and not old.closed:
+            self._retired.add(old)
+            asyncio.get_running_loop().call_later(self.timeout + 5, self._close_retired, old)
+
+    def _close_retired(self, session: aiohttp.ClientSession) -> None:
+        if session in self._retired:
+            self._retired.discard(session)
+            task = asyncio.ensure_future(session.close())
+            self._retired_closing.add(task)
+            task.add_done_callback(self._retired_closing.discard)
 
     async def __aenter__(self) -> "Http":
         return self
@@ -315,6 +334,9 @@ class Http:
         return self._session
 
     async def close(self) -> None:
+        for old in list(self._retired):
+            self._retired.discard(old)
+            await old.close()
         if self._session is not None:
             await self._session.close()
             self._session = None

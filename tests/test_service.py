@@ -78,6 +78,7 @@ def test_user_unit_runs_this_installation_sandboxed_and_dry_run_touches_nothing(
     assert unit["WorkingDirectory"] == str(tmp_path)
     assert unit["Type"] == "notify" and unit["NotifyAccess"] == "main" and unit["WatchdogSec"] == "60"
     assert unit["Restart"] == "on-failure" and int(unit["RestartSec"]) > 0
+    assert unit["ExecReload"] == "/bin/kill -HUP $MAINPID"   # `systemctl reload` re-reads the config
     assert int(unit["TimeoutStopSec"]) > cfg.daemon.stop_timeout
     assert unit["EnvironmentFile"] == str(home / ".config" / "tastefeed" / "env")
     assert unit["NoNewPrivileges"] == "yes" and unit["PrivateTmp"] == "yes" and unit["ProtectSystem"] == "strict"

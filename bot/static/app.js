@@ -258,4 +258,8 @@
   });
 
   if (cards.length) focusCard(0, false);
+
+  // Model page: while a training run is going, the page reloads itself to show its progress.
+  const refresh = document.querySelector("[data-refresh]");
+  if (refresh) setTimeout(() => window.location.reload(), Number(refresh.dataset.refresh) * 1000);
 })();
