@@ -167,8 +167,7 @@ def model_data(store, cfg: Config) -> dict:
                            kind=m.get("kind"), network=m.get("network_version")))
     active = next((m for m in models if m["active"]), None)
     return {"models": models, "active": active, "labels": store.label_count(),
-            "comparisons": store.comparison_count(), "training": training_state(store, cfg),
-            "min_labels": cfg.train.min_labels, "train_hint": train_hint(store.label_count(), cfg.train.min_labels),
+            "comparisons": store.comparison_count(), "next_step": training_state(store, cfg),
             **identity_data(store, cfg)}
 
 
