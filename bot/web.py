@@ -236,9 +236,10 @@ def sources_data(store) -> dict:
     return {"sources": rows}
 
 
-def relative_time(stamp: str | None, now: datetime | None = None) -> str:
+def relative_time(stamp: str | None, now: datetime | None = None, *, due: bool = False) -> str:
     """A stored time (ISO, UTC) as a short distance from now: "in 2 min", "3 h ago", "now";
-    "-" when absent or unreadable."""
+    "-" when absent or unreadable. With ``due`` (a time something is to happen, such as a next
+    poll) a time already past reads "due now"."""
     try:
         when = datetime.fromisoformat(stamp) if stamp else None
     except (TypeError, ValueError):
@@ -248,6 +249,8 @@ def relative_time(stamp: str | None, now: datetime | None = None) -> str:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
+    if due and seconds < 5:
+        return "due now"
     size = abs(seconds)
     if size < 5:
         return "now"

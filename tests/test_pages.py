@@ -90,6 +90,9 @@ def test_times_are_short_and_relative():
     assert relative_time(at(days=2), now) == "in 2 d"
     assert relative_time(at(seconds=1), now) == "now"
     assert relative_time(None, now) == relative_time("garbage", now) == "-"
+    # a next poll already past is due, not "9 d ago"
+    assert relative_time(at(days=-9), now, due=True) == relative_time(at(seconds=2), now, due=True) == "due now"
+    assert relative_time(at(minutes=3), now, due=True) == "in 3 min"
 
 
 async def test_a_paused_source_shows_paused_instead_of_a_next_poll_and_times_carry_their_iso(tmp_path, gallery):
