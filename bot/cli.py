@@ -41,6 +41,7 @@ from pathlib import Path
 
 from bot.config import ConfigError, load_config
 from bot.logs import setup_logging
+from scorer import threads
 
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130  # see the module docstring
@@ -424,6 +425,7 @@ def cmd_train(cfg, args) -> int:
         return _fail("--epochs: expected a positive number")
     if args.epochs is not None and not args.full:
         return _fail("--epochs applies to the network: use it with --full")
+    threads.apply(cfg.scorer.threads)
     with Store.open(cfg.db_path) as store, train_lock(cfg.data_path):
         active = ensure_active_model(store, cfg.scorer, cfg.models_path)["version"]
         try:
@@ -753,6 +755,7 @@ def _characters_train(cfg, args, store) -> int:
 
     if args.epochs is not None and args.epochs <= 0:
         return _fail("--epochs: expected a positive number")
+    threads.apply(cfg.scorer.threads)
     with train_lock(cfg.data_path):
         ensure_active_embedder(store, cfg.characters, cfg.models_path)
         out = train_identity(store, cfg.paths, cfg.characters, margin=cfg.detector.margin,
@@ -962,6 +965,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
         setup_logging(args.log_level or cfg.log.level)
+        threads.prepare(cfg.scorer.threads)   # before torch is imported; children inherit it
         return COMMANDS[args.command](cfg, args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

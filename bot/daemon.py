@@ -47,6 +47,7 @@ from bot.pipeline import Pipeline
 from bot.polling import SourcePoller
 from bot.recognition import Recognition
 from bot.reload import Reloaded, apply_live, summary
+from scorer import threads
 from scorer.analyze import Analyzer, build_analyzer
 from sources.http import Http
 from storage.lock import DaemonLock
@@ -99,6 +100,7 @@ class Daemon:
         await self.store.open()
         for name in await self.store.call(sync_config_sources, self.cfg):
             log.info("source %s: removed (no longer in the config)", name)
+        threads.apply(self.cfg.scorer.threads)
         self.analyzer = await self.store.call(lambda s: build_analyzer(s, self.cfg.detector, self.cfg.scorer, self.cfg.paths))
         log.info("scoring with model %s on %s, detector %s", self.analyzer.scorer.version,
                  self.analyzer.scorer.device, self.analyzer.detector.name)

@@ -29,6 +29,7 @@ class ScorerConfig:
     backbone_preprocess: Literal["imagenet", "clip", "wd14"] = "imagenet"  # ONNX input preprocessing
     backbone_size: int = 0                # square input size; 0 = the backbone's own (160 Lite0, 224, or the ONNX input's)
     whole: bool = True                    # also the whole picture's backbone features (hair, clothes, background)
+    threads: int = 0                      # torch threads per process; 0 = automatic (scorer/threads.py)
 
     def check(self):
         for key in ("batch_size", "image_size"):
@@ -39,6 +40,8 @@ class ScorerConfig:
             setattr(self, key, getattr(self, key).strip())
             if not getattr(self, key):
                 return key, "expected a non-empty string"
+        if self.threads < 0:
+            return "threads", f"expected 0 (automatic) or a positive number of threads, got {self.threads!r}"
         if self.backbone_size < 0 or 0 < self.backbone_size < 32:
             return "backbone_size", f"expected 0 (the backbone's own) or at least 32, got {self.backbone_size!r}"
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):

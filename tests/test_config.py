@@ -38,6 +38,7 @@ def test_example_config_is_valid_and_matches_defaults():
     ('[download]\nworkers = 0\n', "download.workers: expected a positive number"),
     ('[scorer]\ndevice = "tpu"\n', "scorer.device: expected auto"),
     ('[scorer]\nbackbone = " "\n', "scorer.backbone: expected a non-empty string"),
+    ('[scorer]\nthreads = -1\n', "scorer.threads: expected 0 (automatic) or a positive number of threads, got -1"),
     ('[scorer]\nbackbone_size = 16\n', "scorer.backbone_size: expected 0 (the backbone's own) or at least 32"),
     ('[scorer]\nbackbone_preprocess = "sepia"\n', "scorer.backbone_preprocess: expected one of 'imagenet', 'clip', 'wd14'"),
     ('[discord]\nowner_ids = ["me"]\n', "discord.owner_ids[0]: expected an integer, got 'me'"),
