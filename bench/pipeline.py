@@ -1,7 +1,9 @@
 """Pipeline throughput: decode -> detect -> crop -> score, batched vs one picture at a time,
-and the daemon's peak memory while it ingests a folder of pictures.
+and the daemon's memory: idle (started, nothing to do) and at its peak while it ingests a folder
+of pictures.
 
     python bench/pipeline.py [--device auto|cpu|cuda] [--repeat 2] [--daemon-pictures 40]
+    python bench/pipeline.py --daemon-only      # only the daemon, so its memory is not the benchmark's
 
 Uses ../shared/data/illustrations (falls back to synthetic pictures) and prints a Markdown block
 to paste into bench/RESULTS.md.
@@ -37,8 +39,20 @@ def pictures() -> list[bytes]:
     if files:
         return [f.read_bytes() for f in files]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import picture
+    from helpers import picture
     return [picture(i, size=(1024, 768)) for i in range(10)]
+
+
+def rss_mib(pid: int | str = "self") -> float:
+    """Resident memory (MiB) of a process and all its descendants (the daemon's worker and
+    training processes), from /proc; 0 where /proc is missing."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        total = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
+        children = " ".join(p.read_text() for p in Path(f"/proc/{pid}/task").glob("*/children"))
+    except (OSError, StopIteration):
+        return 0.0
+    return total + sum(rss_mib(child) for child in children.split())
 
 
 def main() -> None:
@@ -48,6 +62,7 @@ def main() -> None:
     ap.add_argument("--daemon-pictures", type=int, default=40)
     ap.add_argument("--image-size", type=int, default=ScorerConfig().image_size,
                     help="scorer input size (default: the scorer.image_size default)")
+    ap.add_argument("--daemon-only", action="store_true", help="skip the throughput part: measure only the daemon")
     args = ap.parse_args()
     data = pictures()
     tmp = Path(tempfile.mkdtemp())
@@ -55,7 +70,7 @@ def main() -> None:
     save_model(build_model("resnet18"), tmp / "m.pt", arch="resnet18", image_size=args.image_size, version="bench")
     det = make_detector(DetectorConfig())
     rows = []
-    for label, batch in (("one at a time", 1), ("batched (32)", 32)):
+    for label, batch in () if args.daemon_only else (("one at a time", 1), ("batched (32)", 32)):
         scorer = Scorer.load(tmp / "m.pt", device=args.device, batch_size=32, tta=True)
         analyzer = Analyzer(det, scorer)
         t_decode = t_detect = t_score = 0.0
@@ -87,17 +102,22 @@ def main() -> None:
     # daemon peak memory while ingesting a folder
     work = tmp / "daemon"
     (work / "inbox").mkdir(parents=True)
+    (work / "incoming").mkdir()
     cfg_path = work / "config.toml"
     cfg_path.write_text(f'data_dir = "{work / "data"}"\n[scorer]\ndevice = "{args.device}"\n'
                         f'[[sources]]\nname = "inbox"\nkind = "folder"\ninterval = 1\npath = "{work / "inbox"}"\n'
                         'settle = 0\n')
     for i in range(args.daemon_pictures):
-        (work / "inbox" / f"{i}.jpg").write_bytes(data[i % len(data)] + i.to_bytes(4, "big"))
+        (work / "incoming" / f"{i}.jpg").write_bytes(data[i % len(data)] + i.to_bytes(4, "big"))
     from bot.daemon import Daemon
 
     async def ingest():
         daemon = Daemon(load_config(cfg_path))
         await daemon.start()
+        await asyncio.sleep(3)          # started, nothing to do yet: its idle memory
+        idle = rss_mib()
+        for path in sorted((work / "incoming").iterdir()):
+            path.rename(work / "inbox" / path.name)
         t0 = time.perf_counter()
         while True:
             counts = await daemon.store.status_counts()
@@ -107,23 +127,24 @@ def main() -> None:
             await asyncio.sleep(0.5)
         elapsed = time.perf_counter() - t0
         await daemon.stop()
-        return elapsed, counts
+        return elapsed, counts, idle
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    elapsed, counts = asyncio.run(ingest())
+    elapsed, counts, idle = asyncio.run(ingest())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     shutil.rmtree(tmp, ignore_errors=True)
 
     cpu = platform.processor() or platform.machine()
     print(f"Machine: {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-          f"device {rows[0][6]}; scorer at {args.image_size} px; {len(data)} pictures x {args.repeat}\n")
+          f"device {rows[0][6] if rows else args.device}; scorer at {args.image_size} px; {len(data)} pictures x {args.repeat}\n")
     print("| mode | pictures/s | decode ms/pic | detect ms/pic | crop+score ms/pic | face crops/s (scoring) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for label, ips, dec, det_ms, sc, fps, _ in rows:
         print(f"| {label} | {ips:.2f} | {dec:.0f} | {det_ms:.0f} | {sc:.0f} | {fps:.1f} |")
     print(f"\nDaemon: {args.daemon_pictures} pictures dropped in the inbox were ingested in {elapsed:.1f}s "
           f"({args.daemon_pictures / elapsed:.2f}/s, statuses {counts}); peak RSS {peak:.0f} MiB "
-          f"(process before the daemon: {before:.0f} MiB).")
+          f"(process before the daemon: {before:.0f} MiB); idle RSS {idle:.0f} MiB after the start "
+          f"(this process and its children{'' if args.daemon_only else ', holding the benchmark models too'}).")
 
 
 if __name__ == "__main__":

@@ -65,13 +65,8 @@ def test_a_wait_policy_already_in_the_environment_is_kept(unset, monkeypatch):
 
 def test_train_runs_with_the_configured_threads(tmp_path):
     write_config(tmp_path, f'data_dir = "{tmp_path / "data"}"\n[scorer]\nthreads = 3\n')
-    code = ("import atexit, runpy, sys\n"
-            "def report():\n    import torch\n"
-            "    print('threads', torch.get_num_threads(), torch.get_num_interop_threads())\n"
-            "atexit.register(report)\n"
-            f"sys.argv = [{str(MAIN)!r}, 'train']\nrunpy.run_path({str(MAIN)!r}, run_name='__main__')\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=clean_env(PYTHONPATH=str(ROOT)),
-                         capture_output=True, text=True)
+    out = run_main(tmp_path, "train",
+                   report="import torch; print('threads', torch.get_num_threads(), torch.get_num_interop_threads())")
     (line,) = [line for line in out.stderr.splitlines() if "torch threads:" in line]
     assert "torch threads: 3 intra-op, 3 inter-op (scorer.threads = 3," in line
     assert line.endswith("OMP_WAIT_POLICY=PASSIVE)")      # set before torch was imported
@@ -102,3 +97,22 @@ async def test_the_daemon_applies_the_threads_and_its_training_child_inherits_th
         assert "train: PASSIVE 3" in caplog.text
     finally:
         await daemon.stop()
+
+
+def run_main(cwd, *args, report: str) -> subprocess.CompletedProcess:
+    """``main.py ARGS`` in a fresh process without OpenMP variables; ``report`` (Python code) runs
+    at its exit and prints what the test checks."""
+    code = (f"import atexit, runpy, sys\ndef report():\n    {report}\natexit.register(report)\n"
+            f"sys.argv = [{str(MAIN)!r}, *{[str(a) for a in args]!r}]\nrunpy.run_path({str(MAIN)!r}, run_name='__main__')\n")
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=clean_env(PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True)
+
+
+def test_scoring_with_the_default_detector_never_imports_ultralytics(tmp_path):
+    from tests.helpers import picture
+
+    (tmp_path / "a.jpg").write_bytes(picture(1))
+    out = run_main(tmp_path, "score", "a.jpg", report="print('loaded', sorted(m for m in sys.modules if "
+                   "m.split('.')[0] in ('ultralytics', 'torch')) [:1])")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "loaded ['torch']"   # torch was used, ultralytics (~100 MiB) not
