@@ -2,8 +2,9 @@
 
 torch's default is one OpenMP thread per core, and OpenMP threads spin while they wait for work.
 On a small or shared machine they spin against each other and against everything else: on the
-2-core development machine, shared with other jobs, one thread made a training epoch 2.0-3.2 times
-faster than two and one-at-a-time scoring many times cheaper in CPU (bench/RESULTS.md, "Threads").
+2-core development machine, shared with other jobs, a training epoch took about 4 times longer
+with torch's default than with one thread, and one-at-a-time scoring 4-5 times more CPU
+(``bench/threads.py``; bench/RESULTS.md, "Torch threads").
 
 Two steps, because OpenMP reads its settings once, when torch is first imported:
 
