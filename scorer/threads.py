@@ -14,7 +14,8 @@ Two steps, because OpenMP reads its settings once, when torch is first imported:
   imported and every child process (``train --full`` from the daemon, detection workers) inherits them;
 - :func:`apply`: ``torch.set_num_threads`` and, once per process before any parallel work,
   ``torch.set_num_interop_threads``; idempotent, so the daemon, ``train`` and each worker process
-  simply call it at their start.
+  that runs torch simply call it at their start. A worker that never runs torch (face detection)
+  calls :func:`prepare` only: ``apply`` imports torch, about 500 MiB.
 
 ``scorer.threads = 0`` (the default) chooses automatically: ``OMP_NUM_THREADS`` when the
 environment already sets it, else 1 thread on a machine with up to 2 cores, else half the cores
