@@ -5,7 +5,8 @@ worker processes (the daemon's way) or in a thread (the way before issue 17), in
 
 Each run starts a daemon on a fresh temporary data folder with the gallery on 127.0.0.1, drops
 the N smallest of ../shared/data/illustrations (synthetic pictures when absent) into its inbox and,
-until all are scored, asks the gallery's *For you* page every 0.2 s. It reports the loop lag the
+until all are scored, a separate process (a client in the daemon's own process would wait out
+the same stalls unseen) asks the gallery's *For you* page every 0.2 s. It reports the loop lag the
 daemon measures itself (bot/health.py, every 0.1 s) and the page times during ingestion, and
 pictures/s from the first picture seen to the last scored. Prints a Markdown block for
 bench/RESULTS.md.
@@ -24,12 +25,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import aiohttp
-
 from bot.config import load_config
 from bot.daemon import Daemon
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "illustrations"
+PROBE = """import sys, time, urllib.request
+while True:
+    t = time.monotonic()
+    urllib.request.urlopen(sys.argv[1], timeout=60).read()
+    print((time.monotonic() - t) * 1000, flush=True)
+    time.sleep(0.2)
+"""
 
 
 def pictures(n: int, folder: Path) -> list[bytes]:
@@ -70,28 +76,27 @@ settle = 0.2
         else:                     # the worker processes are started before measuring
             from PIL import Image
             await daemon.detection.detect(Image.new("RGB", (64, 64)))
-        pages: list[float] = []
+        probe = await asyncio.create_subprocess_exec(sys.executable, "-c", PROBE, daemon.gallery_url,
+                                                     stdout=asyncio.subprocess.PIPE)
         try:
-            async with aiohttp.ClientSession() as http:
-                for i, body in enumerate(data):
-                    (tmp / "inbox" / f"{i}.jpg").write_bytes(body)
-                started = time.monotonic()
-                first = None
-                while True:
-                    t = time.monotonic()
-                    async with http.get(daemon.gallery_url) as resp:
-                        await resp.read()
-                    pages.append((time.monotonic() - t) * 1000)
-                    counts = await daemon.store.status_counts()
-                    if first is None and sum(counts.values()):
-                        first = time.monotonic()
-                    if counts.get("scored", 0) + counts.get("failed", 0) >= len(data):
-                        break
-                    await asyncio.sleep(0.2)
-                took = time.monotonic() - (first or started)
+            for i, body in enumerate(data):
+                (tmp / "inbox" / f"{i}.jpg").write_bytes(body)
+            started = time.monotonic()
+            first = None
+            while True:
+                counts = await daemon.store.status_counts()
+                if first is None and sum(counts.values()):
+                    first = time.monotonic()
+                if counts.get("scored", 0) + counts.get("failed", 0) >= len(data):
+                    break
+                await asyncio.sleep(0.2)
+            took = time.monotonic() - (first or started)
             lags = [lag for at, lag in daemon.loop_monitor.lags if at >= started]
         finally:
+            probe.kill()
+            out, _ = await probe.communicate()
             await daemon.stop()
+        pages = [float(line) for line in out.decode().split()]
     return {"mode": mode, "lag_p50": pct(lags, 0.5), "lag_p99": pct(lags, 0.99), "lag_max": max(lags),
             "page_p50": pct(pages, 0.5), "page_p95": pct(pages, 0.95), "page_max": max(pages),
             "pps": len(data) / took}
