@@ -49,6 +49,7 @@ from bot.recognition import Recognition
 from bot.reload import Reloaded, apply_live, summary
 from scorer import threads
 from scorer.analyze import Analyzer, build_analyzer
+from scorer.detect_pool import DetectionPool
 from sources.http import Http
 from storage.lock import DaemonLock
 from storage.writer import AsyncStore
@@ -63,6 +64,7 @@ class Daemon:
         self.http = Http.from_config(cfg.download)
         self.scheduler = AsyncIOScheduler(timezone=timezone.utc)
         self.analyzer: Analyzer | None = None
+        self.detection: DetectionPool | None = None   # face detection processes (not for yolo)
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
         self.stats = {"polls": 0, "downloaded": 0, "scored": 0, "failed": 0, "rescored": 0, "identified": 0,
@@ -102,8 +104,11 @@ class Daemon:
             log.info("source %s: removed (no longer in the config)", name)
         threads.apply(self.cfg.scorer.threads)
         self.analyzer = await self.store.call(lambda s: build_analyzer(s, self.cfg.detector, self.cfg.scorer, self.cfg.paths))
-        log.info("scoring with model %s on %s, detector %s", self.analyzer.scorer.version,
-                 self.analyzer.scorer.device, self.analyzer.detector.name)
+        if self.cfg.detector.name != "yolo":   # yolo releases the GIL: it detects in the scoring thread
+            self.detection = DetectionPool.from_config(self.cfg.detector, self.cfg.data_path)
+        log.info("scoring with model %s on %s, detector %s%s", self.analyzer.scorer.version,
+                 self.analyzer.scorer.device, self.analyzer.detector.name,
+                 f" in {self.detection.workers} worker process(es)" if self.detection else "")
         self.scheduler.start()
         await self.poller.start()
         await self.models.start(self.analyzer)
@@ -111,7 +116,7 @@ class Daemon:
         await self.recognition.start(self.scheduler)
         self.backups.start(self.scheduler)
         await self.disk.start(self.scheduler)
-        self.pipeline.start(self.analyzer)
+        self.pipeline.start(self.analyzer, self.detection)
         self.start_discord()
         await self.start_gallery()
         write_state(self.cfg.data_path, self.gallery_url)   # where `status` finds the gallery
@@ -219,6 +224,8 @@ class Daemon:
                 task.cancel()  # abandoned safely: its rows keep their status and resume next start
             if still:
                 await asyncio.wait(still, timeout=5)
+        if self.detection is not None:
+            await self.detection.close()
         await self.http.close()
         await self.store.close()
         await self.loop_monitor.stop()

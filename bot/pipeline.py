@@ -7,8 +7,10 @@ Bounded asyncio queues hold only image ids and are refilled from the database by
 memory stays bounded, a slow model never blocks polling, and after a crash or stop the work
 resumes from the rows' status. Before each download the disk is checked (``bot.disk``: on low
 disk the download workers wait, the items stay ``pending``). Downloading and decoding run in worker threads; the scoring
-worker takes the ids waiting in its queue as one batch (up to ``scorer.batch_size``) and runs
-detection and scoring in a worker thread; then the faces of the batch are identified
+worker takes the ids waiting in its queue as one batch (up to ``scorer.batch_size``), has its
+faces found in the detection worker processes (``scorer.detect_pool``: the detector holds the GIL
+and would stall the event loop in a thread; the yolo detector, which releases it, runs in the
+scoring thread instead), and scores them in a worker thread; then the faces of the batch are identified
 (``bot.recognition.Recognition.recognize_pictures``: who is in them, when characters are
 named). Every write goes through the single writer thread.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from bot.config import Config
 from scorer.analyze import Analyzer
+from scorer.detect_pool import DetectionFailed, DetectionPool
 from sources import SourceError, TransientError
 from sources.http import Http, TooLarge, short_url
 from storage.media import BadImage, inspect, load_media, store_media
@@ -62,6 +65,7 @@ class Pipeline:
         self.stopping = stopping
         self.stats = stats
         self.analyzer: Analyzer | None = None
+        self.detection: DetectionPool | None = None   # None: the analyzer detects in its thread
         self.download_queue: asyncio.Queue[int] = asyncio.Queue(cfg.download.queue_size)
         self.score_queue: asyncio.Queue[int] = asyncio.Queue(cfg.daemon.score_queue_size)
         self._download_wake = asyncio.Event()
@@ -71,9 +75,9 @@ class Pipeline:
         self._retry_at: dict[int, float] = {}
         self._tasks: list[asyncio.Task] = []
 
-    def start(self, analyzer: Analyzer) -> None:
+    def start(self, analyzer: Analyzer, detection: DetectionPool | None = None) -> None:
         """Start the feeders and workers; they run until ``stopping`` is set."""
-        self.analyzer = analyzer
+        self.analyzer, self.detection = analyzer, detection
         self._tasks = [
             asyncio.create_task(self._feeder(self.download_queue, PENDING, self._in_download,
                                              self._download_wake), name="download-feeder"),
@@ -214,10 +218,22 @@ class Pipeline:
                 continue
             pictures.append(im)
             rows.append(row)
+        found = None
+        if self.detection is not None and pictures:
+            found = await self.detection.detect_all(pictures)
+            if self.stopping.is_set() and any(isinstance(faces, DetectionFailed) for faces in found):
+                return   # the workers were stopped under it: the batch stays downloaded for the next start
+            for row, faces in zip(rows, found):
+                if isinstance(faces, DetectionFailed):
+                    await self.store.mark_failed(row["id"], str(faces))
+                    log.warning("image %d: %s", row["id"], faces)
+                    self.stats["failed"] += 1
+            kept = [i for i, faces in enumerate(found) if not isinstance(faces, DetectionFailed)]
+            pictures, rows, found = [pictures[i] for i in kept], [rows[i] for i in kept], [found[i] for i in kept]
         if not pictures:
             return
         analyzer = self.analyzer
-        analyses = await asyncio.to_thread(analyzer.analyze, pictures)
+        analyses = await asyncio.to_thread(analyzer.analyze, pictures, found)
         version = analyzer.scorer.version
         for row, res in zip(rows, analyses):
             if not await self.store.record_analysis(row["id"], res.faces, res.score, res.uncertainty, version,

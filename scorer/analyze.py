@@ -16,6 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from scorer.detect import Detector, DetectorConfig, crop_face, make_detector
+from scorer.detect_pool import faces_or_whole
 from scorer.model import Scorer
 from scorer.registry import ensure_active_model, load_scorer, untrained_scorer
 from scorer.settings import ScorerConfig
@@ -51,10 +52,7 @@ class Analyzer:
         self.margin, self.no_face, self.aggregate = margin, no_face, aggregate
 
     def detect(self, im: Image.Image) -> list[Face]:
-        faces = self.detector.detect(im)
-        if not faces and self.no_face == "whole":
-            faces = [Face.whole(im.width, im.height)]
-        return faces
+        return faces_or_whole(self.detector.detect(im), im, self.no_face)
 
     def analyze(self, pictures: list[Image.Image], found: list[list[Face]] | None = None) -> list[Analysis]:
         """Analyse several pictures, scoring all their crops in shared batches.

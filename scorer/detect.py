@@ -217,9 +217,12 @@ class DetectorConfig:
     min_size: int = 24                    # smaller faces (pixels) are ignored
     max_side: int = 1600                  # pictures are downscaled to this for detection
     no_face: Literal["whole", "skip"] = "whole"  # score the whole picture, or skip it
+    workers: int = 0                      # daemon's detection processes; 0: half the cores (scorer/detect_pool.py)
 
     def check(self):
         """(key, problem) for the first bad value, or None."""
+        if self.workers < 0:
+            return "workers", f"expected 0 (half the cores) or a positive number, got {self.workers!r}"
         if self.max_side <= 0:
             return "max_side", f"expected a positive number, got {self.max_side!r}"
         if not 0 <= self.min_confidence <= 1:

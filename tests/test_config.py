@@ -45,6 +45,7 @@ def test_example_config_is_valid_and_matches_defaults():
     ('[discord.reactions]\n"⭐" = 7\n', "discord.reactions.⭐: expected a rating from 1 to 5, got 7"),
     ('[discord]\nposts_per_cycle = 0\n', "discord.posts_per_cycle: expected a positive number"),
     ('[detector]\nname = "yolo"\n', "detector.weights: the yolo detector needs"),
+    ('[detector]\nworkers = -1\n', "detector.workers: expected 0 (half the cores) or a positive number, got -1"),
     ('[[sources]]\nname = "x"\nkind = "ftp"\n', "sources[0].kind: expected one of bluesky, booru, folder, mastodon, rss, x, got 'ftp'"),
     ('[[sources]]\nname = "x"\nkind = "rss"\nurl = "ftp://a"\n', "sources[0].url: expected an http(s) feed URL"),
     ('[[sources]]\nname = "x"\nkind = "folder"\nfolder = "a"\n', "sources[0].folder: unknown key"),

@@ -1,0 +1,37 @@
+"""Fake face detectors for the detection worker tests (tests/test_detect_pool.py), in a module of
+their own: a worker process imports it to build them, and it imports nothing heavy (no torch)."""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+
+from scorer.detect import Detector
+from storage.records import Face
+
+POISON = (77, 77)   # a picture of this size kills its worker (see Crasher)
+
+
+class GilHog(Detector):
+    """A detector that holds the GIL for ``seconds`` per picture, as the animeface C extension
+    does, then finds one face. A pure-Python loop would not do: the interpreter hands the GIL to
+    other threads every few milliseconds. A C function called through ``ctypes.PyDLL`` keeps it
+    (a plain ``ctypes.CDLL`` call, like ``time.sleep``, releases it)."""
+    name = "hog"
+
+    def __init__(self, seconds: float = 1.0, **kw):
+        super().__init__(**kw)
+        self.seconds = seconds
+
+    def _detect(self, im, scale, size):
+        ctypes.PyDLL(None).usleep(int(self.seconds * 1e6))
+        return [Face(0, 0, 40, 40, 0.9, self.name)]
+
+
+class Crasher(GilHog):
+    """A GilHog whose worker process dies on a POISON-sized picture."""
+
+    def _detect(self, im, scale, size):
+        if size == POISON:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super()._detect(im, scale, size)

@@ -1,0 +1,153 @@
+"""Face detection in worker processes (scorer/detect_pool.py): the daemon's loop stays responsive
+while a detector holds the GIL, the workers find the same faces as in-process detection, and a
+worker that dies is replaced without hanging the daemon or leaving processes behind."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from PIL import Image
+
+from bot.daemon import Daemon
+from scorer.detect import DetectorConfig, make_detector
+from scorer.detect_pool import DetectionFailed, DetectionPool, faces_or_whole
+from tests.fake_detectors import POISON, Crasher, GilHog
+from tests.helpers import ROOT, SHARED, make_config, picture, wait_for
+
+def _image(seed: int, size=(160, 120)) -> Image.Image:
+    return Image.open(io.BytesIO(picture(seed, size))).convert("RGB")
+
+
+async def test_the_loop_stays_responsive_while_a_gil_holding_detector_runs(tmp_path):
+    cfg = make_config(tmp_path)
+    daemon = Daemon(cfg)
+    await daemon.start()
+    daemon.detection = daemon.pipeline.detection = DetectionPool(functools.partial(GilHog, 1.0))
+    lags: list[float] = []
+    try:
+        await daemon.detection.detect(_image(0))   # the worker is started before measuring
+        for i in range(3):
+            (tmp_path / "inbox" / f"{i}.jpg").write_bytes(picture(i))
+        started = time.monotonic()
+
+        async def all_scored():
+            while True:
+                rows = await daemon.store.execute("SELECT id FROM images WHERE status = 'scored'")
+                if len(rows) == 3:
+                    return
+                asked = time.monotonic() + 0.05
+                await asyncio.sleep(0.05)
+                lags.append(time.monotonic() - asked)
+        await asyncio.wait_for(all_scored(), timeout=30)
+        took = time.monotonic() - started
+        faces = await daemon.store.execute("SELECT DISTINCT detector FROM faces")
+        measured = [lag for at, lag in daemon.loop_monitor.lags if at >= started]   # the daemon's own probe
+    finally:
+        await daemon.stop()
+    assert [f["detector"] for f in faces] == ["hog"]
+    assert took >= 3                                # three seconds of GIL held in the worker...
+    assert max(lags) < 0.3, max(lags)               # ...and the loop never waited for it
+    assert len(measured) > 20 and max(measured) < 300, measured
+
+
+async def test_workers_find_the_same_faces_as_in_process_detection():
+    real = sorted((SHARED / "illustrations").glob("*.jpg"), key=lambda p: p.stat().st_size)[:4]
+    pictures = [Image.open(p).convert("RGB") for p in real] or [_image(i, (400, 300)) for i in range(4)]
+    cfg = DetectorConfig(workers=2)
+    serial = [faces_or_whole(make_detector(cfg).detect(im), im, cfg.no_face) for im in pictures]
+    pool = DetectionPool.from_config(cfg, "data")
+    try:
+        parallel = await pool.detect_all(pictures)
+    finally:
+        await pool.close()
+    assert parallel == serial
+    if real:
+        assert any(f.detector == "animeface" for faces in serial for f in faces)
+
+
+async def test_a_worker_killed_mid_picture_is_replaced_and_the_picture_tried_again():
+    pool = DetectionPool(functools.partial(GilHog, 2.0))
+    try:
+        await pool.detect(_image(0))
+        (first,) = pool.pids()
+        task = asyncio.ensure_future(pool.detect(_image(1)))
+        await asyncio.sleep(0.5)
+        os.kill(first, signal.SIGKILL)
+        faces = await asyncio.wait_for(task, timeout=20)
+        assert [f.detector for f in faces] == ["hog"] and pool.restarts == 1
+        assert pool.pids() and first not in pool.pids()
+    finally:
+        await pool.close()
+
+
+async def test_a_picture_that_kills_its_worker_fails_alone_and_nothing_hangs():
+    pool = DetectionPool(functools.partial(Crasher, 0.2))
+    try:
+        found = await asyncio.wait_for(
+            pool.detect_all([_image(0), _image(1, POISON), _image(2)]), timeout=30)
+        assert [f.detector for f in found[0]] == ["hog"] and [f.detector for f in found[2]] == ["hog"]
+        assert isinstance(found[1], DetectionFailed) and "crashed on this picture twice" in str(found[1])
+        pids = pool.pids()
+    finally:
+        await pool.close()
+    assert pids and not any(_alive(pid) for pid in pids)    # closed: no worker left
+
+
+async def test_the_daemon_fails_a_picture_that_kills_its_worker_and_scores_the_others(tmp_path):
+    cfg = make_config(tmp_path)
+    daemon = Daemon(cfg)
+    await daemon.start()
+    daemon.detection = daemon.pipeline.detection = DetectionPool(functools.partial(Crasher, 0.1))
+    try:
+        (tmp_path / "inbox" / "bad.jpg").write_bytes(picture(1, POISON))
+        (tmp_path / "inbox" / "good.jpg").write_bytes(picture(2))
+
+        seen: set[int] = set()
+
+        async def settled():
+            seen.update(daemon.detection.pids())
+            rows = await daemon.store.execute("SELECT status, error FROM images ORDER BY status")
+            return rows if [r["status"] for r in rows] == ["failed", "scored"] else None
+        failed, _ = await wait_for(settled, timeout=30)
+        assert "crashed on this picture twice" in failed["error"]
+        seen.update(daemon.detection.pids())
+    finally:
+        await daemon.stop()
+    assert seen and not any(_alive(pid) for pid in seen)
+
+
+def test_a_worker_exits_when_its_daemon_is_killed():
+    script = ("import asyncio, functools, sys, time\n"
+              "from scorer.detect_pool import DetectionPool\n"
+              "from PIL import Image\n"
+              "from tests.fake_detectors import GilHog\n"
+              "pool = DetectionPool(functools.partial(GilHog, 0.01))\n"
+              "asyncio.run(pool.detect(Image.new('RGB', (64, 64))))\n"
+              "print(*pool.pids(), flush=True)\n"
+              "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        (worker,) = map(int, proc.stdout.readline().split())
+        assert _alive(worker)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 5
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
