@@ -5,9 +5,9 @@
 On ../shared/data/illustrations. The detectors run in alternating order, one picture at a time
 (round r starts with detector r mod 3), so a load that comes and goes on a shared machine falls on
 all of them alike. CPU is the process's CPU time (OpenCV's own threads included); wall is the
-elapsed time. The time cap is off for these rows (each detector at ``max_side``); a last pass runs
-each detector with the default cap, after one pass to learn its speed, and counts the pictures
-sent to half size. ``--shots`` draws every detector's boxes on the pictures (animeface red, lbp
+elapsed time. The time cap is off for these rows (each detector at ``max_side``); one pass at half
+``max_side`` shows what the cap's smaller size costs in faces; a last pass runs each detector with
+the default cap, after one pass to learn its speed, and counts the pictures sent to half size. ``--shots`` draws every detector's boxes on the pictures (animeface red, lbp
 blue) for checking by eye. Prints a Markdown block for bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -31,9 +31,9 @@ NAMES = ("animeface", "lbp", "animeface+lbp")
 COLOURS = {"animeface": "red", "lbp": "blue"}
 
 
-def timed(det, im):
+def timed(det, im, side=None):
     c0, w0 = time.process_time(), time.perf_counter()
-    faces = det.detect(im)
+    faces = det.detect(im, side)
     return faces, time.process_time() - c0, time.perf_counter() - w0
 
 
@@ -79,6 +79,12 @@ def main() -> None:
             for n in NAMES:
                 draw(im, found[n][name], shots / f"{Path(name).stem}.{n}.jpg")
 
+    half = {}
+    for n in NAMES:  # what the cap's smaller size costs in faces and saves in CPU
+        det = dets[n]
+        runs = [timed(det, im, det.fallback_side) for _, im in pics]
+        half[n] = (sum(len(f) for f, _, _ in runs), statistics.mean(c for _, c, _ in runs), det.fallback_side)
+
     capped = {}
     for n in NAMES:
         det = make_detector(DetectorConfig(name=n, cascade=args.cascade))
@@ -102,6 +108,10 @@ def main() -> None:
               f"| {statistics.mean(wall[n]) * 1000:.0f} |")
     print("\nPer picture (faces): " + "; ".join(
         f"{name}: " + "/".join(str(len(found[n][name])) for n in NAMES) for name, _ in pics))
+    print("\n| detector at half max_side (the cap's smaller size) | side | faces | CPU ms/pic mean |")
+    print("| --- | --- | --- | --- |")
+    for n, (faces, mean_cpu, side) in half.items():
+        print(f"| {n} | {side} | {faces} | {mean_cpu * 1000:.0f} |")
     print("\n| detector, time cap on | cap (s) | pictures at half size | faces | CPU ms/pic mean |")
     print("| --- | --- | --- | --- | --- |")
     for n, (halved, faces, mean_cpu, cap) in capped.items():

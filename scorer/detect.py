@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import logging
 import math
 import os
 import time
@@ -28,6 +29,7 @@ from PIL import Image
 
 from storage.records import Face
 
+log = logging.getLogger(__name__)
 
 class DetectorError(Exception):
     """The detector cannot be set up; the message says why."""
@@ -101,6 +103,9 @@ class Detector:
 
     def _learn(self, seconds: float, pixels: int) -> None:
         self.last_seconds = seconds
+        if self.time_cap and seconds > self.time_cap:
+            log.info("face detection took %.1f s, over detector.time_cap (%g s), at %.1f megapixels",
+                     seconds, self.time_cap, pixels / 1e6)
         rate = seconds / max(pixels / 1e6, 0.01)
         old = self.seconds_per_mpix
         self.seconds_per_mpix = rate if old is None else 0.7 * old + 0.3 * rate
