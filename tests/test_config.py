@@ -33,7 +33,12 @@ def test_example_config_is_valid_and_matches_defaults():
 
 @pytest.mark.parametrize("body, message", [
     ('colour = "red"\n', "colour: unknown key"),
-    ('[detector]\nname = "mtcnn"\n', "detector.name: expected one of 'animeface', 'opencv', 'yolo', got 'mtcnn'"),
+    ('[detector]\nname = "mtcnn"\n', "detector.name: expected one of 'animeface', 'lbp', 'animeface+lbp', 'opencv', 'yolo', got 'mtcnn'"),
+    ('[detector]\nname = "lbp"\n', "detector.cascade: the lbp detector needs the path of lbpcascade_animeface.xml "
+     "(download it from https://github.com/nagadomi/lbpcascade_animeface)"),
+    ('[detector]\nname = "animeface+lbp"\n', "detector.cascade: the animeface+lbp detector needs"),
+    ('[detector]\nmerge_iou = 1\n', "detector.merge_iou: expected a number from 0 to below 1, got 1"),
+    ('[detector]\ntime_cap = -1\n', "detector.time_cap: expected seconds (0 or more; 0 turns the cap off), got -1"),
     ('[download]\ntimeout = "fast"\n', "download.timeout: expected a number, got 'fast'"),
     ('[download]\nworkers = 0\n', "download.workers: expected a positive number"),
     ('[scorer]\ndevice = "tpu"\n', "scorer.device: expected auto"),
