@@ -116,12 +116,14 @@ def command_line(cfg: Config) -> list[str]:
 
 
 def writable_folders(cfg: Config) -> list[Path]:
-    """What the daemon writes: the data folder, the folder sources' inboxes (created on start) and
-    the log file's folder; absolute, each once."""
+    """What the daemon writes: the data folder, the folder sources' inboxes (created on start),
+    the log file's folder and the scheduled backups' folder; absolute, each once."""
     folders = [Path(cfg.data_dir)]
     folders += [Path(s.options["path"]) for s in cfg.sources if s.kind == "folder" and s.enabled]
     if cfg.log.file:
         folders.append(Path(cfg.log.file).parent)
+    if cfg.backup.schedule:           # scheduled backups may go to another disk (backup.dest)
+        folders.append(cfg.backup.dest_path(cfg.data_path))
     return list(dict.fromkeys(p.resolve() for p in folders))
 
 

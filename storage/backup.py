@@ -455,29 +455,40 @@ def scheduled_backup(paths: DataPaths, dest_root: str | Path, *, keep: int, medi
         n += 1
         dest = root / f"{SCHEDULED_PREFIX}{stamp}-{n}"
     manifest = backup(paths, dest, media=media, progress=False, cancel=cancel)
-    return dest, manifest, prune_backups(root, keep)
+    return dest, manifest, prune_backups(root, keep, paths.root)
 
 
-def scheduled_backups(root: Path) -> list[Path]:
-    """The complete scheduled backups in ``root``, oldest first."""
+SCHEDULED_NAME = re.compile(rf"^{SCHEDULED_PREFIX}\d{{8}}-\d{{6}}(-\d+)?$")
+
+
+def scheduled_backups(root: Path, data_dir: str | Path | None = None) -> list[Path]:
+    """The complete scheduled backups in ``root`` (named as :func:`scheduled_backup` names
+    them; with ``data_dir``, only those taken from that data folder), oldest first. A backup
+    made by hand, or by another installation sharing the folder, is never one of them."""
     found = []
     for path in Path(root).glob(f"{SCHEDULED_PREFIX}*"):
+        if not SCHEDULED_NAME.match(path.name):
+            continue
         try:
-            created = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["created_at"]
-        except (OSError, ValueError, KeyError, TypeError):
+            data = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+            created, source = data["created_at"], data.get("data_dir", "")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue                     # not a backup of ours: left alone
+        if data_dir is not None and str(source) != str(Path(data_dir).resolve()):
+            continue
         found.append((str(created), path.name, path))
     return [p for _, _, p in sorted(found)]
 
 
-def prune_backups(root: Path, keep: int) -> list[Path]:
-    """Remove the oldest scheduled backups in ``root`` beyond the newest ``keep``, and partial
-    folders of backups whose process is gone; returns the backups removed."""
+def prune_backups(root: Path, keep: int, data_dir: str | Path | None = None) -> list[Path]:
+    """Remove the oldest scheduled backups in ``root`` (of ``data_dir`` when given) beyond the
+    newest ``keep``, and partial folders of backups whose process is gone; returns the backups
+    removed."""
     for path in Path(root).glob(f".{SCHEDULED_PREFIX}*.partial-*"):
         match = _PARTIAL.match(path.name)
         if match and not _alive(int(match["pid"])):
             shutil.rmtree(path, ignore_errors=True)
-    backups = scheduled_backups(root)
+    backups = scheduled_backups(root, data_dir)
     gone = backups[:max(0, len(backups) - keep)]
     for path in gone:
         shutil.rmtree(path, ignore_errors=True)

@@ -58,11 +58,15 @@ def export_labels(store, media_root: str | Path, csv_path: str | Path, *, all_la
             "SELECT c.winner_id, w.media_path, c.loser_id, l.media_path FROM comparisons AS c "
             "JOIN images AS w ON w.id = c.winner_id JOIN images AS l ON l.id = c.loser_id "
             "WHERE c.removed_at IS NULL ORDER BY c.created_at, c.id").fetchall()
+        base = Path(comparisons_path).resolve().parent   # import-labels reads a CSV's paths from its folder
+
+        def here(path: str) -> str:
+            return Path(os.path.relpath(pictures.base / path, base)).as_posix() if pictures.folder else path
         out = []
         for winner_id, winner_media, loser_id, loser_media in pairs:
             winner, loser = pictures.path(winner_id, winner_media), pictures.path(loser_id, loser_media)
             if winner is not None and loser is not None:
-                out.append((winner, loser))
+                out.append((here(winner), here(loser)))
         _write_csv(Path(comparisons_path), ("winner", "loser"), out)
         report.comparisons = len(out)
     return report

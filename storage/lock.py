@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
 LOCK_NAME = "daemon.lock"
+PROBE_RETRIES = 40          # x 50 ms: how long a start waits out another command's look at the lock
 
 
 class DaemonRunning(Exception):
@@ -34,13 +36,19 @@ class DaemonLock:
     def acquire(self) -> "DaemonLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            pid = _parse_pid(f.read())
-            f.close()
-            raise DaemonRunning(self.path.parent, pid) from None
+        for attempt in range(PROBE_RETRIES + 1):
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                f.seek(0)
+                pid = _parse_pid(f.read())
+                # No pid written: a `status` (daemon_pid) looking for a moment, not a daemon; wait.
+                if pid is None and attempt < PROBE_RETRIES:
+                    time.sleep(0.05)
+                    continue
+                f.close()
+                raise DaemonRunning(self.path.parent, pid) from None
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")

@@ -53,7 +53,7 @@ class MediaFile:
     """One media file that may be pruned."""
     media_path: str               # relative to the media folder
     bytes: int
-    newest: str                   # created_at of the newest picture stored in it (ISO, UTC)
+    newest: str                   # when its newest picture was stored (fetched_at, else created_at; ISO, UTC)
     pictures: int                 # pictures (rows) stored in it
 
 
@@ -103,10 +103,10 @@ def media_bytes(store) -> int:
 def prunable(store) -> list[MediaFile]:
     """The media files that may be pruned (see the module docstring), oldest first."""
     return [MediaFile(r[0], r[1], r[2], r[3]) for r in store.db.execute(
-        "SELECT media_path, MAX(COALESCE(bytes, 0)), MAX(created_at), COUNT(*) FROM images "
+        "SELECT media_path, MAX(COALESCE(bytes, 0)), MAX(COALESCE(fetched_at, created_at)), COUNT(*) FROM images "
         "WHERE media_path IS NOT NULL GROUP BY media_path "
         f"HAVING SUM(media_pruned_at IS NULL) > 0 AND SUM({_KEEP}) = 0 "
-        "ORDER BY MAX(created_at), media_path")]
+        "ORDER BY MAX(COALESCE(fetched_at, created_at)), media_path")]
 
 
 def plan(store, max_media_gb: float, keep_days: float, now: datetime | None = None) -> tuple[list[MediaFile], int]:
@@ -208,6 +208,19 @@ def trim_thumbnails(thumbs_root: str | Path, max_bytes: float, *, skip: set[Path
     return removed, freed, total
 
 
+def _mark_missing_again(store, paths, media_paths: list[str]) -> None:
+    """A download of the same bytes between marking a file pruned and removing it cleared the
+    mark while the file was still there: mark those pictures pruned again, so that the gallery
+    offers to fetch them again instead of showing a broken picture."""
+    missing = [m for m in media_paths if not (paths.media / m).exists()]
+    stamp = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    for i in range(0, len(missing), 500):
+        chunk = missing[i:i + 500]
+        with store.db.conn:
+            store.db.execute(f"UPDATE images SET media_pruned_at = ? WHERE media_pruned_at IS NULL AND media_path IN "
+                             f"({','.join('?' * len(chunk))})", [stamp, *chunk])
+
+
 def prune(store, paths, storage, *, dry_run: bool = False, now: datetime | None = None) -> PruneReport:
     """Apply the ``[storage]`` rules (``storage``: ``bot.config.StorageConfig``) to the data
     folder ``paths`` (``storage.paths.DataPaths``): prune media files, remove their thumbnails,
@@ -243,6 +256,8 @@ def prune(store, paths, storage, *, dry_run: bool = False, now: datetime | None 
         report.files += 1
         report.bytes += f.bytes
         report.paths.append(f.media_path)
+    if not dry_run:
+        _mark_missing_again(store, paths, [f.media_path for f in gone])
     removed, freed, report.thumbs_left = trim_thumbnails(paths.thumbs, storage.max_thumbs_mb * MB, skip=stale,
                                                          dry_run=dry_run)
     report.thumbs += removed

@@ -248,15 +248,17 @@ class Store(CharacterMethods, ComparisonMethods, FeatureMethods):
     def _media_stored(self, sha256: str) -> None:
         """The file with these bytes is in the media folder (again): pictures whose media was
         pruned (``storage/prune.py``) have it back. Inside the caller's transaction."""
-        self.db.execute("UPDATE images SET media_pruned_at = NULL WHERE sha256 = ? AND media_pruned_at IS NOT NULL",
-                        [sha256])
+        self.db.execute("UPDATE images SET media_pruned_at = NULL, fetched_at = ? WHERE sha256 = ? "
+                        "AND media_pruned_at IS NOT NULL", [now(), sha256])
 
     def media_restored(self, sha256: str) -> int:
         """Clear the pruned mark of the pictures with these bytes, once the file is stored again
         (a fetch from the source, an import of the same file); returns how many."""
         with self.db.conn:
-            cur = self.db.execute("UPDATE images SET media_pruned_at = NULL WHERE sha256 = ? "
-                                  "AND media_pruned_at IS NOT NULL", [sha256])
+            # fetched again now: its age for storage.keep_days starts again, so the next prune
+            # does not take it straight back
+            cur = self.db.execute("UPDATE images SET media_pruned_at = NULL, fetched_at = ? WHERE sha256 = ? "
+                                  "AND media_pruned_at IS NOT NULL", [now(), sha256])
         return cur.rowcount
 
     # ---- scoring stage -------------------------------------------------------------------

@@ -259,6 +259,14 @@ def test_export_labels_round_trips_through_import_labels_into_a_fresh_data_folde
         imported = cli(tmp_path / "other", "import-labels", tmp_path / "moved" / csv_file, "--crops")
         assert imported.returncode == 0, imported.stderr
     assert _pairs(other) == (rated, compared)
+    # the comparisons' CSV in another folder than the ratings': its paths are relative to its own folder
+    out = cli(tmp_path, "export-labels", "p2/ratings.csv", "--copy", "--comparisons", "p2/sub/pairs.csv")
+    assert out.returncode == 0, out.stderr
+    third = _fresh(tmp_path, "third")
+    for csv_file in ("p2/ratings.csv", "p2/sub/pairs.csv"):
+        imported = cli(tmp_path / "third", "import-labels", tmp_path / csv_file, "--crops")
+        assert imported.returncode == 0, imported.stderr
+    assert _pairs(third) == (rated, compared)
     again = cli(tmp_path / "fresh", "import-labels", tmp_path / "out" / "ratings.csv", "--crops")
     assert "0 label(s) added, 3 unchanged" in again.stdout          # importing it again changes nothing
 
@@ -281,6 +289,16 @@ async def test_scheduled_backups_keep_only_the_newest_keep(tmp_path, caplog):
     assert len(lines) == 3 and "removed 1 older backup(s)" in lines[-1] and "2 labelled" in lines[0]
     newest = max((root / k for k in kept if k != "mine"), key=lambda p: json.loads((p / "manifest.json").read_text())["created_at"])
     assert str(newest) in lines[-1]
+    # A backup made by hand under a like name, and another installation's scheduled backup in the
+    # same folder (older than all of ours), are never rotated away.
+    shutil.copytree(newest, root / "tastefeed-2000-05-01")
+    shutil.copytree(newest, root / "tastefeed-20000101-000000")
+    other = json.loads((root / "tastefeed-20000101-000000" / "manifest.json").read_text())
+    other.update(data_dir="/elsewhere/data", created_at="2000-01-01T00:00:00+00:00")
+    (root / "tastefeed-20000101-000000" / "manifest.json").write_text(json.dumps(other))
+    assert await job.run()
+    names = {p.name for p in root.iterdir()}
+    assert {"tastefeed-2000-05-01", "tastefeed-20000101-000000", "mine"} <= names and len(names) == 5
 
     (tmp_path / "a-file").write_text("x")             # a failure is one line, and the daemon goes on
     cfg.backup = dataclasses.replace(cfg.backup, dest=str(tmp_path / "a-file"))

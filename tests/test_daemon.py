@@ -459,3 +459,18 @@ async def test_a_second_daemon_on_the_same_data_folder_is_refused_naming_the_fir
     again = Daemon(cfg)
     await again.start()                                # and the folder can be used again
     await again.stop()
+
+
+def test_a_look_at_the_lock_does_not_stop_a_daemon_from_starting(tmp_path):
+    import fcntl
+    import threading
+
+    from storage.lock import DaemonLock
+
+    (tmp_path / "daemon.lock").write_text("")
+    looker = open(tmp_path / "daemon.lock")
+    fcntl.flock(looker, fcntl.LOCK_SH | fcntl.LOCK_NB)         # what `status` does for a moment
+    threading.Timer(0.3, lambda: (fcntl.flock(looker, fcntl.LOCK_UN), looker.close())).start()
+    lock = DaemonLock(tmp_path).acquire()                       # waits the look out
+    assert (tmp_path / "daemon.lock").read_text().strip() == str(__import__("os").getpid())
+    lock.release()

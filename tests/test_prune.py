@@ -32,8 +32,8 @@ def age(cfg, image_ids, days: float) -> None:
     """Make pictures look stored ``days`` ago."""
     stamp = (datetime.now(timezone.utc) - timedelta(days=days)).isoformat(timespec="milliseconds")
     with Store.open(cfg.db_path) as store, store.db.conn:
-        store.db.execute(f"UPDATE images SET created_at = ? WHERE id IN ({','.join('?' * len(image_ids))})",
-                         [stamp, *image_ids])
+        store.db.execute(f"UPDATE images SET created_at = ?, fetched_at = ? WHERE id IN "
+                         f"({','.join('?' * len(image_ids))})", [stamp, stamp, *image_ids])
 
 
 def run_prune(cfg, dry_run=False):
@@ -325,3 +325,40 @@ async def test_the_daemon_prunes_in_the_background(tmp_path):
 
 async def _async(value):
     return value
+
+
+async def test_a_picture_fetched_again_is_not_pruned_again_at_once(tmp_path):
+    cfg = config(tmp_path, days=1)
+    [image_id] = seed(cfg, [{"popularity": 1}])
+    original = tmp_path / "inbox-copy.jpg"
+    original.write_bytes(media_of(cfg, image_id).read_bytes())
+    with Store.open(cfg.db_path) as store, store.db.conn:
+        store.db.execute("UPDATE images SET local_path = ? WHERE id = ?", [str(original), image_id])
+    age(cfg, [image_id], 5)
+    run_prune(cfg)
+    assert pruned_ids(cfg) == {image_id}
+    store = await AsyncStore(cfg.db_path).open()
+    try:
+        async with Http.from_config(cfg.download) as http:
+            await refetch(cfg, store, http, image_id)
+    finally:
+        await store.close()
+    run_prune(cfg)                        # its keep_days count again from the fetch
+    assert pruned_ids(cfg) == set() and media_of(cfg, image_id).exists()
+
+
+def test_bytes_stored_again_while_a_prune_removes_the_file_are_marked_pruned_again(tmp_path, monkeypatch):
+    import storage.prune as prune_module
+
+    cfg = config(tmp_path, gb=TINY)
+    [image_id] = seed(cfg, [{"popularity": 1}])
+    real = prune_module.mark_pruned
+
+    def mark_then_download(store, media_paths, *a, **k):
+        out = real(store, media_paths, *a, **k)
+        sha = store.get_image(image_id)["sha256"]
+        store.media_restored(sha)          # the same bytes downloaded: the file is still there
+        return out
+    monkeypatch.setattr(prune_module, "mark_pruned", mark_then_download)
+    run_prune(cfg)
+    assert not media_of(cfg, image_id).exists() and pruned_ids(cfg) == {image_id}

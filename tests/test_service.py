@@ -396,3 +396,11 @@ def test_a_data_folder_in_tmp_keeps_the_real_tmp(tmp_path, home, monkeypatch):
     out = cli(tmp_path, "--config", config, "service", "install", "--dry-run")
     assert out.returncode == 0, out.stderr
     assert "PrivateTmp" not in settings(out.stdout)    # a private /tmp would hide the data folder
+
+
+def test_scheduled_backups_to_another_disk_are_writable_in_the_unit(tmp_path, home, monkeypatch):
+    monkeypatch.setattr(service, "TMP_DIRS", ("/nonexistent-tmp",))
+    make_config(tmp_path, f'[backup]\nschedule = "0 3 * * *"\ndest = "{tmp_path / "nas"}"\n')
+    out = cli(tmp_path, "--config", tmp_path / "config.toml", "service", "install", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert str(tmp_path / "nas") in settings(out.stdout)["ReadWritePaths"].split()
