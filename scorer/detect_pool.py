@@ -8,7 +8,8 @@ a decoded picture and send back its faces. The event loop only awaits the answer
 
 A worker that dies (killed, crashed in C) breaks the pool: a new one is started and each picture
 that was in flight is tried again once, alone, so that one bad picture cannot fail its neighbours;
-a picture that kills its worker twice raises :class:`DetectionFailed`. ``close()`` stops the
+a picture that kills its worker twice raises :class:`DetectionFailed`, and so does one still
+detecting after ``hang_seconds`` (its stuck worker is killed and replaced). ``close()`` stops the
 workers (terminating one still busy after a short grace), and a worker whose daemon died without
 closing it exits by itself within a second: no orphan processes.
 
@@ -34,6 +35,8 @@ from scorer.detect import Detector, DetectorConfig, make_detector
 from storage.records import Face
 
 log = logging.getLogger("tastefeed.daemon")
+
+HANG_SECONDS = 120.0   # no picture takes this long (the slowest measured: ~7 s): its worker is stuck
 
 
 class DetectionFailed(Exception):
@@ -81,8 +84,9 @@ class DetectionPool:
     """``workers`` detection processes running ``factory()``'s detector (a picklable callable)."""
 
     def __init__(self, factory: Callable[[], Detector], no_face: str = "whole", workers: int = 1, *,
-                 grace: float = 2.0):
+                 grace: float = 2.0, hang_seconds: float = HANG_SECONDS):
         self.factory, self.no_face, self.workers, self.grace = factory, no_face, pool_size(workers), grace
+        self.hang_seconds = hang_seconds  # a picture still detecting after this is given up on
         self._executor: ProcessPoolExecutor | None = None
         self._retry = asyncio.Lock()    # pictures tried again after a crash go one at a time
         self.restarts = 0               # pools replaced after a worker died
@@ -111,10 +115,19 @@ class DetectionPool:
     async def _once(self, im: Image.Image) -> list[Face]:
         pool = self._pool()
         try:
-            return await asyncio.wrap_future(pool.submit(_detect, im))
+            return await asyncio.wait_for(asyncio.wrap_future(pool.submit(_detect, im)), self.hang_seconds)
         except BrokenProcessPool:
             self._replace(pool)
             raise
+        except asyncio.TimeoutError:
+            # A worker stuck on this picture (a detector that never returns) would hold it for
+            # good: stop the pool's workers (pictures in flight on the others are tried again,
+            # as after a crash) and give this one up.
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.kill()
+            self._replace(pool)
+            raise DetectionFailed(f"face detection ran past {self.hang_seconds:g} s on this picture; "
+                                  "not tried again") from None
 
     async def detect(self, im: Image.Image) -> list[Face]:
         """The picture's faces (whole-picture box per ``no_face``); DetectionFailed when its

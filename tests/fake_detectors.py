@@ -35,3 +35,16 @@ class Crasher(GilHog):
         if size == POISON:
             os.kill(os.getpid(), signal.SIGKILL)
         return super()._detect(im, scale, size)
+
+
+HANG = (78, 78)     # a picture of this size never finishes (see Hanger)
+
+
+class Hanger(GilHog):
+    """A GilHog that never returns on a HANG-sized picture, as a stuck detector would."""
+
+    def _detect(self, im, scale, size):
+        if size == HANG:
+            import time
+            time.sleep(3600)
+        return super()._detect(im, scale, size)

@@ -17,7 +17,7 @@ from PIL import Image
 from bot.daemon import Daemon
 from scorer.detect import DetectorConfig, make_detector
 from scorer.detect_pool import DetectionFailed, DetectionPool, faces_or_whole
-from tests.fake_detectors import POISON, Crasher, GilHog
+from tests.fake_detectors import HANG, POISON, Crasher, GilHog, Hanger
 from tests.helpers import ROOT, SHARED, make_config, picture, wait_for
 
 def _image(seed: int, size=(160, 120)) -> Image.Image:
@@ -97,6 +97,18 @@ async def test_a_picture_that_kills_its_worker_fails_alone_and_nothing_hangs():
     finally:
         await pool.close()
     assert pids and not any(_alive(pid) for pid in pids)    # closed: no worker left
+
+
+async def test_a_picture_whose_detection_never_ends_is_given_up_and_its_worker_replaced():
+    pool = DetectionPool(functools.partial(Hanger, 0.1), hang_seconds=2)
+    try:
+        stuck = await asyncio.wait_for(pool.detect_all([_image(1, HANG)]), timeout=30)
+        assert isinstance(stuck[0], DetectionFailed) and "ran past 2 s" in str(stuck[0])
+        found = await asyncio.wait_for(pool.detect_all([_image(0), _image(2)]), timeout=30)
+        assert all([f.detector for f in faces] == ["hog"] for faces in found)    # a new worker goes on
+        assert pool.restarts == 1
+    finally:
+        await pool.close()
 
 
 async def test_the_daemon_fails_a_picture_that_kills_its_worker_and_scores_the_others(tmp_path):
