@@ -25,17 +25,18 @@ async def serve():
 
 @pytest.fixture
 async def gallery():
-    """``client = await gallery(cfg)``: a test client of the web gallery over ``cfg``'s database
-    (seeded by the test first); closed after the test."""
+    """``client = await gallery(cfg, **hooks)``: a test client of the web gallery over ``cfg``'s
+    database (seeded by the test first), given any of the daemon's hooks (poll_now, reload,
+    train_now, live, ...); closed after the test."""
     from bot.web import Gallery
     from storage import AsyncStore
 
     clients = []
 
-    async def start(cfg):
+    async def start(cfg, **hooks):
         store = AsyncStore(cfg.db_path)
         await store.open()
-        client = TestClient(TestServer(Gallery(cfg, store).app(), host="127.0.0.1"))
+        client = TestClient(TestServer(Gallery(cfg, store, **hooks).app(), host="127.0.0.1"))
         await client.start_server()
         clients.append((client, store))
         return client

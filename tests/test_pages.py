@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from aiohttp import web
 from matplotlib.colors import to_rgb
-from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from bot.daemon import Daemon
@@ -34,25 +33,6 @@ SHOTS = Path(os.environ.get("TASTEFEED_SHOTS", "")) if os.environ.get("TASTEFEED
 
 def same_origin(client) -> dict:
     return {"Origin": f"http://127.0.0.1:{client.port}"}
-
-
-@pytest.fixture
-async def gallery_with():
-    """``client = await gallery_with(cfg, **hooks)``: a test client of a gallery given the daemon's
-    hooks (poll_now, reload, train_now, live)."""
-    made = []
-
-    async def start(cfg, **hooks):
-        store = await AsyncStore(cfg.db_path).open()
-        client = TestClient(TestServer(Gallery(cfg, store, **hooks).app(), host="127.0.0.1"))
-        await client.start_server()
-        made.append((client, store))
-        return client
-
-    yield start
-    for client, store in made:
-        await client.close()
-        await store.close()
 
 
 # ---- Sources -----------------------------------------------------------------------------------
@@ -332,14 +312,14 @@ def test_a_training_run_writes_its_epochs_and_its_end(tmp_path):
     assert done["state"] == "failed" and done["kind"] == "head" and "only 0 labelled picture" in done["message"]
 
 
-async def test_train_now_is_refused_with_too_few_ratings_and_needs_the_daemon(tmp_path, gallery, gallery_with):
+async def test_train_now_is_refused_with_too_few_ratings_and_needs_the_daemon(tmp_path, gallery):
     cfg = make_config(tmp_path)
     asked = []
 
     async def train_now():
         asked.append(1)
         return True
-    client = await gallery_with(cfg, train_now=train_now)
+    client = await gallery(cfg, train_now=train_now)
     html = await (await client.get("/model")).text()
     assert '<form method="post" action="/model/train"><button type="submit"' in html
     html = await (await client.post("/model/train", headers=same_origin(client))).text()
