@@ -165,16 +165,6 @@
   }
 
   // Picture page: [ and ] open the previous and next picture (the links above it).
-  document.addEventListener("keydown", (e) => {
-    if (e.target.closest && e.target.closest("input, textarea, select")) return;
-    if (e.altKey || e.ctrlKey || e.metaKey) return;
-    const rel = { "[": "prev", "]": "next" }[e.key];
-    const link = rel && document.querySelector(`p.steps a[rel=${rel}]`);
-    if (link) {
-      e.preventDefault();
-      window.location.href = link.href;
-    }
-  });
 
   document.querySelectorAll("ol.facelist li[data-face]").forEach((li) => {
     li.addEventListener("click", (e) => {
@@ -241,8 +231,16 @@
 
   const moveKeys = { ArrowRight: 1, j: 1, ArrowLeft: -1, k: -1 };
 
+  const stepKeys = { "[": "prev", "]": "next" };   // Picture page: previous / next picture
+
   document.addEventListener("keydown", (e) => {
     if (inField(e.target) || e.altKey || e.ctrlKey || e.metaKey || e.isComposing) return;
+    const step = stepKeys[e.key] && document.querySelector(`p.steps a[rel=${stepKeys[e.key]}]`);
+    if (step) {
+      e.preventDefault();
+      window.location.href = step.href;
+      return;
+    }
     if (compare || undoCompare) {
       compareKey(e);
       return;
