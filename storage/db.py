@@ -285,6 +285,38 @@ def m008_media_pruned(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE images ADD COLUMN media_pruned_at TEXT")
 
 
+@migrations()
+def m009_detector_boxes(db: sqlite_utils.Database) -> None:
+    # Face boxes for training the owner's own YOLO detector (storage/boxes.py), kept apart from
+    # the detections used for scoring (faces). A picture is *proposed* (boxes from the bootstrap
+    # detectors, not checked) until the owner accepts it in the gallery's Boxes page: then it is
+    # *verified* and its boxes are the truth. A verified picture can get proposals again (a newly
+    # promoted detector's): its verified boxes stay, and the disagreement puts it back in review.
+    db.execute("""
+    CREATE TABLE box_pictures (
+        image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
+        state TEXT NOT NULL,                -- proposed | verified
+        certainty REAL NOT NULL DEFAULT 0,  -- 0..1, how sure the proposals are (least sure reviewed first)
+        disagreement REAL NOT NULL DEFAULT 0,  -- 0..1, proposals against verified boxes (reviewed first)
+        proposed_by TEXT,                   -- the detectors that proposed, e.g. "animeface+lbp+haar"
+        proposed_at TEXT,
+        verified_at TEXT,
+        holdout INTEGER NOT NULL DEFAULT 0  -- 1: held out of training, for evaluation
+    )""")
+    db.execute("CREATE INDEX box_pictures_review ON box_pictures(state, disagreement DESC, certainty)")
+    db.execute("""
+    CREATE TABLE boxes (
+        id INTEGER PRIMARY KEY,
+        image_id INTEGER NOT NULL REFERENCES box_pictures(image_id) ON DELETE CASCADE,
+        kind TEXT NOT NULL,                 -- proposed | verified
+        x1 INTEGER NOT NULL, y1 INTEGER NOT NULL, x2 INTEGER NOT NULL, y2 INTEGER NOT NULL,
+        origin TEXT NOT NULL,               -- detectors that found it ("animeface,lbp") | owner
+        confidence REAL NOT NULL,           -- 0..1
+        sure INTEGER NOT NULL DEFAULT 0     -- 1: found by two detectors or more
+    )""")
+    db.execute("CREATE INDEX boxes_image ON boxes(image_id, kind)")
+
+
 SCHEMA_VERSION = len(migrations._migrations)
 
 

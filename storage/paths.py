@@ -37,3 +37,8 @@ class DataPaths:
     @property
     def thumbs(self) -> Path:
         return self.root / "thumbs"
+
+    @property
+    def detectors(self) -> Path:
+        """The owner's own trained detectors (scorer/own_detector.py)."""
+        return self.root / "detectors"

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 import sqlite_utils
 
+from storage.boxes import BoxMethods
 from storage.characters import PICTURES_OF_CHARACTER, CharacterMethods, name_key
 from storage.comparisons import ComparisonMethods
 from storage.db import open_db
@@ -52,7 +53,7 @@ class NewItem:
     skip: str | None = None        # recorded but not downloaded or scored, and why (e.g. a video)
 
 
-class Store(CharacterMethods, ComparisonMethods, FeatureMethods):
+class Store(BoxMethods, CharacterMethods, ComparisonMethods, FeatureMethods):
     def __init__(self, db: sqlite_utils.Database, path: Path | None = None):
         self.db = db
         self.path = path

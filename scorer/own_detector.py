@@ -1,0 +1,82 @@
+"""The owner's own YOLO face detectors, trained on the box set (storage/boxes.py).
+
+Each trained detector is a version folder under the data folder's ``detectors/``::
+
+    data/detectors/d20261203-151500/weights.pt     the trained ultralytics model
+    data/detectors/d20261203-151500/metrics.json   how it did on the held-out verified pictures
+    data/detectors/ACTIVE                          the version in use (absent: the configured detector)
+
+While a version is active it replaces the configured ``[detector]`` (``detector use VERSION``;
+``detector use config`` goes back); everything else in ``[detector]`` (sizes, margin, workers)
+still applies. A version folder without ``weights.pt`` (a training run that did not finish) is
+not a version.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from scorer.detect import DetectorConfig
+from storage.paths import DataPaths
+
+WEIGHTS = "weights.pt"
+METRICS = "metrics.json"
+ACTIVE = "ACTIVE"
+PREFIX = "own:"        # detector names of own versions in proposals and reports: "own:VERSION"
+
+
+def versions(paths: DataPaths) -> list[str]:
+    """Finished versions, oldest first."""
+    root = paths.detectors
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / WEIGHTS).is_file())
+
+
+def weights_of(paths: DataPaths, version: str) -> Path:
+    return paths.detectors / version / WEIGHTS
+
+
+def metrics_of(paths: DataPaths, version: str) -> dict:
+    """A version's recorded metrics ({} when it has none)."""
+    try:
+        return json.loads((paths.detectors / version / METRICS).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def active_version(paths: DataPaths) -> str | None:
+    """The own version in use, or None (the configured detector is used). A recorded version
+    whose weights are gone counts as none."""
+    try:
+        version = (paths.detectors / ACTIVE).read_text().strip()
+    except OSError:
+        return None
+    return version if version and weights_of(paths, version).is_file() else None
+
+
+def set_active(paths: DataPaths, version: str | None) -> None:
+    """Make ``version`` the detector in use (None: back to the configured one); written
+    atomically. ValueError for a version that does not exist."""
+    paths.detectors.mkdir(parents=True, exist_ok=True)
+    target = paths.detectors / ACTIVE
+    if version is None:
+        target.unlink(missing_ok=True)
+        return
+    if version not in versions(paths):
+        known = ", ".join(versions(paths)) or "none yet (python main.py detector train)"
+        raise ValueError(f"no detector version {version!r} (versions: {known})")
+    tmp = target.with_name(ACTIVE + ".tmp")
+    tmp.write_text(version + "\n")
+    os.replace(tmp, target)
+
+
+def effective_detector(cfg: DetectorConfig, paths: DataPaths) -> DetectorConfig:
+    """The ``[detector]`` settings actually in use: the configured ones, with the active own
+    version (if any) as a ``yolo`` detector in place of the configured one."""
+    version = active_version(paths)
+    if version is None:
+        return cfg
+    return replace(cfg, name="yolo", weights=str(weights_of(paths, version)))
