@@ -829,6 +829,16 @@ def cmd_service(cfg, args) -> int:
     return action(cfg, system=args.system, dry_run=args.dry_run)
 
 
+# ---- detector: the owner's own YOLO face detector ----------------------------------------------
+def cmd_detector(cfg, args) -> int:
+    if args.action == "bootstrap":
+        from scorer.bootstrap import cli_bootstrap
+        return cli_bootstrap(cfg, args)
+    from scorer import detector_train
+    return {"train": detector_train.cli_train, "eval": detector_train.cli_eval, "use": detector_train.cli_use,
+            "list": detector_train.cli_list}[args.action](cfg, args)
+
+
 _CHARACTER_ACTIONS = {"import": _characters_import, "add": _characters_add, "identify": _characters_identify,
                       "list": _characters_list, "train": _characters_train, "models": _characters_models,
                       "use": _characters_use, "recognize": _characters_recognize,
@@ -925,6 +935,20 @@ def build_parser() -> argparse.ArgumentParser:
     cu = ch_sub.add_parser("use", help="make VERSION the active identity embedder (rollback)")
     cu.add_argument("version")
     ch_sub.add_parser("recognize", help="identify every stored face now (a running daemon does it in the background)")
+    de = sub.add_parser("detector", help="grow a YOLO face detector of your own: propose boxes, train, evaluate, use")
+    de_sub = de.add_subparsers(dest="action", required=True)
+    db_ = de_sub.add_parser("bootstrap", help="propose face boxes on stored pictures with the detectors at hand, "
+                                              "for checking in the gallery's Boxes page")
+    db_.add_argument("--limit", type=int, default=200, help="pictures to propose boxes for (default 200)")
+    dt = de_sub.add_parser("train", help="train a YOLO detector on the verified boxes (no download)")
+    dt.add_argument("--epochs", type=int, default=None, help="training epochs")
+    dt.add_argument("--model", default="yolov8n.yaml", help="ultralytics model yaml (yolov8n.yaml, yolo11n.yaml)")
+    dt.add_argument("--imgsz", type=int, default=640, help="training picture size (pixels)")
+    de_sub.add_parser("eval", help="compare the trained detector with the bootstrap detectors on held-out "
+                                   "verified pictures; writes a precision-recall plot")
+    du = de_sub.add_parser("use", help="switch the detector in use to VERSION ('config': the configured one)")
+    du.add_argument("version")
+    de_sub.add_parser("list", help="trained detectors with their metrics; * marks the one in use")
     sv = sub.add_parser("service", help="run the daemon as a systemd service: install, uninstall, status")
     sv_sub = sv.add_subparsers(dest="action", required=True)
     for name, text in (("install", "write the unit and start the service (a user service unless --system)"),
@@ -956,6 +980,7 @@ def _add_global_options(parser: argparse.ArgumentParser, top: bool = True) -> No
 COMMANDS = {"run": cmd_run, "score": cmd_score, "sources": cmd_sources, "doctor": cmd_doctor, "status": cmd_status,
             "import-labels": cmd_import_labels, "train": cmd_train, "eval": cmd_eval, "models": cmd_models,
             "rescore": cmd_rescore, "prune": cmd_prune, "characters": cmd_characters, "service": cmd_service,
+            "detector": cmd_detector,
             "backup": cmd_backup, "restore": cmd_restore, "export-labels": cmd_export_labels}
 
 
