@@ -40,7 +40,7 @@ from bot.web_actions import COMPARE_ORIGIN, USER, GalleryActions
 from bot.web_guard import HEALTHZ, guard
 from bot.web_nav import Origin, Step, neighbours
 from scorer.detect import crop_box
-from scorer.ranking import exploration_share, exploration_slots, interleave, is_cold, is_trained
+from scorer.ranking import Cursor, Feed, exploration_share, feed_page, is_cold, is_trained
 from scorer.progress import read_progress
 from storage.media import thumbnail
 from storage.records import WHOLE, Face
@@ -61,27 +61,29 @@ PRUNED_SVG = ('<svg xmlns="http://www.w3.org/2000/svg" width="320" height="240" 
 
 
 # ---- page data (plain functions on a sync Store, run on the daemon's writer thread) -----------
-def for_you(store, cfg: Config, page: int, size: int, character: str | None = None) -> dict:
+def for_you(store, cfg: Config, page: int, size: int, character: str | None = None, after: str | None = None) -> dict:
     """One page of unrated pictures (of one character, if given): best first (popularity while
     cold), with the exploration share of the cards on the page taken from the least certain
     (cold: a fixed shuffle), marked and placed after the best (``scorer.ranking``'s
     :func:`exploration_slots`). Every page is cut from one sequence (each full page before it
-    laid out the same way), so paging shows each picture once."""
+    laid out the same way), so paging shows each picture once; a page is read from the cursor
+    the previous page's "more" link carries (``after``; keyset paging, :func:`feed_page`), or
+    from the store's kept cursor of that page number."""
     state = model_state(store, cfg)
     share = exploration_share(store, cfg.ranking, state["cold"])
     total = store.count_candidates(CHANNEL, character)
     start = page * size
     shown = max(0, min(size, total - start))
-    cards = []
+    cards, next_after = [], ""
     if shown:
-        slots = exploration_slots(size, share) * page + exploration_slots(shown, share)
-        end = start + shown
-        best = store.ranked_candidates(CHANNEL, "popularity" if state["cold"] else "score", end, character=character)
-        explore = store.ranked_candidates(CHANNEL, "shuffled" if state["cold"] else "uncertain", end,
-                                          character=character) if any(slots) else []
-        cards = [dict(row, exploration=explored) for row, explored in interleave(slots, best, explore)[start:]]
+        feed = Feed(CHANNEL, "popularity" if state["cold"] else "score", "shuffled" if state["cold"] else "uncertain",
+                    share, size, character, (store.active_model() or {}).get("version"))
+        placed, end = feed_page(store, feed, page, shown, Cursor.from_token(after) if after else None)
+        cards = [dict(row, exploration=explored) for row, explored in placed]
+        next_after = end.token()
     return {"cards": _cards(store, cards), "model_state": state, "cold": state["cold"], "total": total,
-            "page": page, "pages": max(1, math.ceil(total / size)), **character_choices(store, character)}
+            "page": page, "pages": max(1, math.ceil(total / size)), "next_after": next_after,
+            **character_choices(store, character)}
 
 
 def model_state(store, cfg: Config) -> dict:
@@ -394,7 +396,7 @@ class Gallery:
     async def page_for_you(self, request):
         page = self._page(request)
         data = await self.store.call(for_you, self.cfg, page, self.cfg.web.page_size,
-                                     request.query.get("character") or None)
+                                     request.query.get("character") or None, request.query.get("after") or None)
         return self.render("for_you.html", request, **data)
 
     async def page_picture(self, request):

@@ -29,6 +29,8 @@ popularity that ranks the picture) instead of the number.
 """
 from __future__ import annotations
 
+import base64
+import json
 import math
 import random
 from dataclasses import dataclass
@@ -209,3 +211,112 @@ def _next(store, channel, order, passed, accept, seen, near_distance, rng, boost
                     continue
             return row
     return None
+
+
+# ---- pages of a feed (the gallery's For you) ------------------------------------------------
+@dataclass(frozen=True)
+class Cursor:
+    """Where a feed page starts: the key (``storage.ranking.key``) of the last picture taken so
+    far from the ranked order and from the exploration order (None: none yet). Every picture at
+    or before either is placed, so the rest of the feed is the candidates after both."""
+    best: tuple | None = None
+    explore: tuple | None = None
+
+    def token(self) -> str:
+        """The cursor as a short string for a page's address."""
+        raw = json.dumps([self.best, self.explore], separators=(",", ":")).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def from_token(cls, token: str) -> "Cursor | None":
+        """The cursor of :meth:`token`, or None for anything malformed."""
+        try:
+            best, explore = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+            parts = [None if k is None else tuple(k) for k in (best, explore)]
+            if any(k is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in k)
+                   for k in parts):
+                return None
+            return cls(*parts)
+        except (ValueError, TypeError):
+            return None
+
+
+@dataclass(frozen=True)
+class Feed:
+    """One feed: its candidates (channel, character) and how they are laid out."""
+    channel: str
+    best: str              # the ranked order: score | popularity
+    explore: str           # the exploration order: uncertain | shuffled
+    share: float           # the exploration share
+    size: int              # pictures per page
+    character: str | None = None
+    model: str | None = None   # the active model's version (its scores make the order)
+
+    def slots(self, shown: int) -> list[bool]:
+        return exploration_slots(shown, self.share)
+
+
+PAGE_STARTS_KEPT = 4096   # page start cursors a store keeps (page numbers of feeds seen)
+
+
+def feed_page(store, feed: Feed, page: int, shown: int, start: Cursor | None = None
+              ) -> tuple[list[tuple[dict, bool]], Cursor]:
+    """Page ``page`` (from 0) of ``feed``: ``shown`` (row, explored) pairs laid out by
+    :func:`interleave`, and the cursor where the next page starts. Every page is cut from one
+    sequence, as if the whole feed were laid out from the start (each full page before it alike):
+    keyset paging, reading only the rows of this page from each order's index. ``start``: the
+    cursor the previous page gave (a page's address carries it); without one, the store's kept
+    cursor of that page number, found by walking from the nearest page it knows."""
+    if start is None:
+        start = _page_start(store, feed, page)
+    else:
+        _keep(store, feed, page, start)
+    slots = feed.slots(shown)
+    beyond = [(feed.best, start.best), (feed.explore, start.explore)]
+    best = store.ranked_candidates(feed.channel, feed.best, shown, character=feed.character, beyond=beyond)
+    explore = store.ranked_candidates(feed.channel, feed.explore, shown, character=feed.character,
+                                      beyond=beyond) if any(slots) else []
+    placed = interleave(slots, best, explore)
+    end = _advance(feed, start, placed)
+    _keep(store, feed, page + 1, end)
+    return placed, end
+
+
+def _advance(feed: Feed, start: Cursor, placed: list[tuple[dict, bool]]) -> Cursor:
+    from storage.ranking import key
+    best, explore = start.best, start.explore
+    for row, explored in placed:
+        if explored:
+            explore = key(feed.explore, row)
+        else:
+            best = key(feed.best, row)
+    return Cursor(best, explore)
+
+
+def _keep(store, feed: Feed, page: int, cursor: Cursor) -> None:
+    kept = store.page_starts
+    if len(kept) >= PAGE_STARTS_KEPT:
+        kept.clear()
+    kept[(feed, page)] = cursor
+
+
+def _page_start(store, feed: Feed, page: int) -> Cursor:
+    """The kept cursor where page ``page`` starts; pages not seen yet are laid out from the
+    nearest kept page before it, reading only the orders' keys, and kept on the way."""
+    if page == 0:
+        return Cursor()
+    kept = store.page_starts
+    if (feed, page) in kept:
+        return kept[(feed, page)]
+    known = max((p for (f, p) in kept if f == feed and p < page), default=0)
+    cursor = kept.get((feed, known), Cursor())
+    n = (page - known) * feed.size
+    beyond = [(feed.best, cursor.best), (feed.explore, cursor.explore)]
+    best = store.ranked_candidates(feed.channel, feed.best, n, character=feed.character, beyond=beyond, light=True)
+    explore = store.ranked_candidates(feed.channel, feed.explore, n, character=feed.character, beyond=beyond,
+                                      light=True) if any(feed.slots(feed.size)) else []
+    placed = interleave(feed.slots(feed.size) * (page - known), best, explore)
+    for p in range(known + 1, page + 1):
+        cursor = _advance(feed, cursor, placed[(p - 1 - known) * feed.size:(p - known) * feed.size])
+        _keep(store, feed, p, cursor)
+    return cursor

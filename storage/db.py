@@ -317,6 +317,22 @@ def m009_detector_boxes(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX boxes_image ON boxes(image_id, kind)")
 
 
+@migrations()
+def m010_kept_ranking(db: sqlite_utils.Database) -> None:
+    # 100,000 pictures stay instant (storage/ranking.py): each order of the ranking has a partial
+    # index over the stored scored pictures, so a page is read along an index instead of sorting
+    # every candidate; the popularity percentile within a source is kept in a column; the
+    # near-duplicate lookup reads the perceptual hashes along their own index.
+    from storage.ranking import ranking_indexes
+
+    db.execute("ALTER TABLE images ADD COLUMN pop_rank REAL")
+    db.execute("UPDATE images SET pop_rank = ranked.r FROM (SELECT id, PERCENT_RANK() OVER "
+               "(PARTITION BY source_id ORDER BY popularity) AS r FROM images WHERE status = 'scored' "
+               "AND duplicate_of IS NULL AND popularity IS NOT NULL) AS ranked WHERE images.id = ranked.id")
+    for sql in ranking_indexes():
+        db.execute(sql)
+
+
 SCHEMA_VERSION = len(migrations._migrations)
 
 

@@ -18,11 +18,12 @@ from typing import Any, Iterable
 import sqlite_utils
 
 from storage.boxes import BoxMethods
-from storage.characters import PICTURES_OF_CHARACTER, CharacterMethods, name_key
+from storage.characters import PICTURES_OF_CHARACTER, CharacterMethods
 from storage.comparisons import ComparisonMethods
 from storage.db import open_db
 from storage.features import FeatureMethods
-from storage.media import ImageInfo
+from storage.media import ImageInfo, PhashIndex
+from storage.ranking import RankingMethods
 from storage.records import (DOWNLOADED, DUPLICATE, FAILED, IMPORTING, NEAR_DUPLICATE, PENDING, SCORED,
                              SKIPPED, Face)
 
@@ -53,11 +54,14 @@ class NewItem:
     skip: str | None = None        # recorded but not downloaded or scored, and why (e.g. a video)
 
 
-class Store(BoxMethods, CharacterMethods, ComparisonMethods, FeatureMethods):
+class Store(BoxMethods, CharacterMethods, ComparisonMethods, FeatureMethods, RankingMethods):
     def __init__(self, db: sqlite_utils.Database, path: Path | None = None):
         self.db = db
         self.path = path
-        self._phash_index: dict[int, int] | None = None
+        self._phash_index: PhashIndex | None = None
+        self._candidate_counts: dict = {}      # storage/ranking.py: counts kept until the database changes
+        self._popularity_added: dict = {}      # storage/ranking.py: percentiles given one by one, per source
+        self.page_starts: dict = {}            # scorer/ranking.py feed_page: where feed pages start
 
     @classmethod
     def open(cls, path: str | Path) -> "Store":
@@ -197,12 +201,12 @@ class Store(BoxMethods, CharacterMethods, ComparisonMethods, FeatureMethods):
             self.db.execute("UPDATE images SET status = ? WHERE id = ?", [status, image_id])
         return status
 
-    def _phashes(self) -> dict[int, int]:
+    def _phashes(self) -> "PhashIndex":
         if self._phash_index is None:
-            self._phash_index = {
-                r["id"]: int(r["phash"], 16) for r in self.db.query(
+            self._phash_index = PhashIndex(
+                (r[0], int(r[1], 16)) for r in self.db.execute(
                     "SELECT id, phash FROM images WHERE phash IS NOT NULL AND duplicate_of IS NULL "
-                    f"AND status IN {_STORED}")}
+                    f"AND status IN {_STORED}"))
         return self._phash_index
 
     def find_duplicate(self, info: ImageInfo, near_distance: int, exclude: int | None = None
@@ -214,16 +218,9 @@ class Store(BoxMethods, CharacterMethods, ComparisonMethods, FeatureMethods):
                 [info.sha256, exclude or -1]):
             return DUPLICATE, r["id"]
         if near_distance >= 0:
-            target = int(info.phash, 16)
-            best = None
-            for image_id, ph in self._phashes().items():
-                if image_id == exclude:
-                    continue
-                d = (ph ^ target).bit_count()
-                if d <= near_distance and (best is None or d < best[0]):
-                    best = (d, image_id)
-            if best:
-                return NEAR_DUPLICATE, best[1]
+            found = self._phashes().nearest(int(info.phash, 16), near_distance, exclude)
+            if found is not None:
+                return NEAR_DUPLICATE, found
         return None
 
     def record_download(self, image_id: int, info: ImageInfo, media_path: str,
@@ -243,7 +240,7 @@ class Store(BoxMethods, CharacterMethods, ComparisonMethods, FeatureMethods):
                  info.bytes, media_path, now(), image_id])
             self._media_stored(info.sha256)
         if status == DOWNLOADED:
-            self._phashes()[image_id] = int(info.phash, 16)
+            self._phashes().add(image_id, int(info.phash, 16))
         return status, dup_of
 
     def _media_stored(self, sha256: str) -> None:
@@ -298,6 +295,8 @@ class Store(BoxMethods, CharacterMethods, ComparisonMethods, FeatureMethods):
                 "UPDATE images SET status = ?, score = ?, uncertainty = ?, model_version = ?, scored_at = ? "
                 "WHERE id = ?",
                 [SKIPPED if skipped else SCORED, score, uncertainty, model_version, stamp, image_id])
+            if not skipped:
+                self.keep_popularity(image_id)
         return True
 
     def faces_of(self, image_id: int, model_version: str | None = None) -> list[dict]:
@@ -360,50 +359,6 @@ class Store(BoxMethods, CharacterMethods, ComparisonMethods, FeatureMethods):
             f"SELECT COUNT(*) FROM images WHERE status = '{SCORED}' AND media_pruned_at IS NULL "
             "AND (model_version IS NULL OR model_version != ?) "
             "AND id NOT IN (SELECT image_id FROM posts WHERE status = 'sent')", [model_version]).fetchone()[0]
-
-    # ---- ranking ---------------------------------------------------------------------------
-    # (a picture whose media was pruned is no candidate: there is nothing to show or send)
-    _CANDIDATES = (f"FROM images WHERE status = '{SCORED}' AND duplicate_of IS NULL AND media_pruned_at IS NULL "
-                   "AND id NOT IN (SELECT image_id FROM posts WHERE channel = ? AND status != 'failed') "
-                   "AND id NOT IN (SELECT image_id FROM labels WHERE removed_at IS NULL)")
-
-    def ranked_candidates(self, channel: str, order: str, limit: int, exclude: Iterable[int] = (),
-                          offset: int = 0, character: str | None = None, *, follow: Iterable[str] = (),
-                          follow_boost: float = 0.0) -> list[dict]:
-        """Unposted, unlabelled scored pictures, best first by ``order``: score | popularity
-        (percentile within its source) | recent | random | shuffled (a fixed pseudo-random order)
-        | uncertain; with ``character``, only pictures with a face of that character. A picture
-        with a character in ``follow`` ranks as if its score were ``follow_boost`` higher (by
-        popularity: its percentile ``follow_boost / 4`` higher, a quarter because scores span 1-5)."""
-        params = list(exclude)
-        skip = f"AND id NOT IN ({','.join('?' * len(params))})" if params else ""
-        if character:
-            skip += f" AND id IN ({PICTURES_OF_CHARACTER})"
-            params.append(character)
-        bonus, bonus_params = "", []
-        wanted = {name_key(n) for n in follow} if follow_boost and order in ("score", "popularity") else set()
-        followed = [cid for cid, name in self.character_names().items() if name_key(name) in wanted]
-        if followed:
-            bonus = (" + CASE WHEN id IN (SELECT image_id FROM face_characters WHERE character_id IN "
-                     f"({','.join('?' * len(followed))})) THEN ? ELSE 0 END")
-            bonus_params = [*followed, follow_boost / 4 if order == "popularity" else follow_boost]
-        if order == "popularity":
-            sql = (f"SELECT * FROM (SELECT *, CASE WHEN popularity IS NULL THEN NULL ELSE "
-                   f"PERCENT_RANK() OVER (PARTITION BY source_id, popularity IS NULL ORDER BY popularity) END "
-                   f"AS pop_rank {self._CANDIDATES}) WHERE 1 {skip} "
-                   f"ORDER BY pop_rank IS NULL, pop_rank{bonus} DESC, popularity DESC, id DESC LIMIT ? OFFSET ?")
-        else:
-            key = {"score": f"score{bonus} DESC, id DESC", "recent": "id DESC", "random": "RANDOM()",
-                   "uncertain": "uncertainty IS NULL, uncertainty DESC, id DESC",
-                   "shuffled": "(id * 2654435761) % 4294967291, id"}[order]
-            sql = f"SELECT * {self._CANDIDATES} {skip} ORDER BY {key} LIMIT ? OFFSET ?"
-        return [self._image_row(r) for r in self.db.query(sql, [channel, *params, *bonus_params, limit, offset])]
-
-    def count_candidates(self, channel: str, character: str | None = None) -> int:
-        if character:
-            return self.db.execute(f"SELECT COUNT(*) {self._CANDIDATES} AND id IN ({PICTURES_OF_CHARACTER})",
-                                   [channel, character]).fetchone()[0]
-        return self.db.execute(f"SELECT COUNT(*) {self._CANDIDATES}", [channel]).fetchone()[0]
 
     # ---- imports and labels --------------------------------------------------------------
     IMPORT_SOURCE = "import"              # the pseudo-source of import-labels (kind "import")
