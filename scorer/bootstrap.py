@@ -236,7 +236,7 @@ class Summary:
     boxes: int = 0
     sure: int = 0
     no_face: int = 0
-    skipped: int = 0           # media missing or unreadable
+    skipped: int = 0           # media missing or unreadable (or the own detector failed on a verified one)
     seconds: float = 0.0       # detection time, all pictures
     checked: int = 0           # verified pictures the own detector checked
     disagreeing: int = 0       # ... of which it disagrees with (disagreement > 0)
@@ -251,18 +251,19 @@ class Summary:
         if self.checked:
             text += f"; checked {self.checked} verified picture(s), {self.disagreeing} disagree"
         if self.skipped:
-            text += f"; {self.skipped} skipped (media missing or unreadable)"
+            text += f"; {self.skipped} skipped (media missing or unreadable, or the detector failed)"
         if self.pruned:
             text += f"; {self.pruned} passed over (media pruned)"
         return text
 
 
-def _detect(name: str, det: Detector, im, side: int, image_id: int, say) -> list:
+def _detect(name: str, det: Detector, im, side: int, image_id: int, say) -> list | None:
+    """The detector's faces in the picture, or None (said in one line) when it fails on it."""
     try:
         return det.detect(im, side=side)
     except Exception as e:  # noqa: BLE001 - one detector failing on one picture must not stop the run
         say(f"picture #{image_id}: {name} failed on it: {e}")
-        return []
+        return None
 
 
 def run_bootstrap(store, cfg, detectors: list[tuple[str, Detector]], limit: int, *, progress: bool | None = None,
@@ -305,6 +306,10 @@ def run_bootstrap(store, cfg, detectors: list[tuple[str, Detector]], limit: int,
                 start = time.perf_counter()
                 faces = _detect(own[0], own[1], im, side, pic.image_id, write)
                 summary.seconds += time.perf_counter() - start
+                if faces is None:                             # no answer is no disagreement
+                    summary.skipped += 1
+                    bar.update(1)
+                    continue
                 boxes = [Box(f.x1, f.y1, f.x2, f.y2, origin=own[0], confidence=f.confidence)
                          for f in faces if f.x2 > f.x1 and f.y2 > f.y1]
                 dis = 1.0 - f1_score(boxes, pic.verified)
@@ -318,7 +323,7 @@ def run_bootstrap(store, cfg, detectors: list[tuple[str, Detector]], limit: int,
                 start = time.perf_counter()
                 found = {name: _detect(name, det, im, side, row["id"], write) for name, det in detectors}
                 summary.seconds += time.perf_counter() - start
-                boxes = merge_boxes(found, threshold)
+                boxes = merge_boxes({n: f for n, f in found.items() if f is not None}, threshold)
                 store.propose_boxes(row["id"], boxes, proposed_by=proposed_by, certainty=picture_certainty(boxes))
                 summary.pictures += 1
                 summary.boxes += len(boxes)

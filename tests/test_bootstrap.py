@@ -131,7 +131,7 @@ def test_bootstrap_stores_merged_proposals_and_goes_on_past_missing_and_corrupt_
     summary = next(line for line in lines if line.startswith("proposed boxes for"))
     assert summary.startswith("proposed boxes for 5 picture(s) with animeface+lbp+haar: 4 box(es), 50% sure, "
                               "2 picture(s) without a face; ")
-    assert "s per picture" in summary and "2 skipped (media missing or unreadable)" in summary
+    assert "s per picture" in summary and "2 skipped (media missing or unreadable" in summary
     with Store.open(cfg.db_path) as store:
         pics = {i: store.box_picture(i) for i in ids}
         first = pics[ids[0]]
@@ -202,6 +202,19 @@ def test_an_active_own_detector_is_checked_against_verified_boxes_and_its_disagr
         store.verify_boxes(missed, [Box(21, 21, 81, 81)])
         again = run_bootstrap(store, cfg, detectors, limit=10, progress=False, say=said.append)
         assert again.checked == 0 and [p.image_id for p in store.box_review_queue(10)] == [extra_face, _new]
+
+
+def test_an_own_detector_failing_on_a_verified_picture_flags_no_disagreement(tmp_path):
+    cfg = make_config(tmp_path)
+    [pic] = seed(cfg, [{"popularity": 1}])
+    with Store.open(cfg.db_path) as store:
+        store.verify_boxes(pic, [Box(21, 21, 81, 81)])
+        said = []
+        summary = run_bootstrap(store, cfg, [("own:v1", Scripted("yolo", fail=True))], limit=0, progress=False,
+                                say=said.append)
+        assert said == [f"picture #{pic}: own:v1 failed on it: scripted failure"]
+        assert (summary.checked, summary.skipped) == (0, 1)
+        assert store.box_picture(pic).disagreement == 0 and store.box_review_queue(10) == []
 
 
 # ---- the real detectors on real pictures ---------------------------------------------------------

@@ -333,6 +333,7 @@
   function boxesKey(e) {
     const what = boxKeys[e.key];
     if (!what || (what !== "skip" && !boxLayer)) return;   // a pruned picture: only skip
+    if (e.key === "Enter" && e.target.closest && e.target.closest("a, button")) return;   // it clicks what has the focus
     e.preventDefault();
     if (what === "undo") undoBox();
     else answerBoxes(what === "skip");
