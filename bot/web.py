@@ -5,9 +5,10 @@ An aiohttp app served by the daemon (``[web]``: 127.0.0.1:8080 by default). Page
 *Picture* (face boxes with numbered labels, face crops with scores and characters, name a face
 by clicking it, labels, previous/next in the list it was opened from: ``bot.web_nav``), *Rated*
 (with undo), *Compare* (which of two pictures you prefer: the pair the model is least sure how to
-order, keys ← → and ↓, undo last), *Boxes* (the face boxes proposed for the owner's own detector,
-least certain first: draw, delete, accept: :func:`boxes_data`), *Model* (metrics with what each means, plots, rollback, a
-training run's progress and "Train now"; the identity embedder's too) and *Sources* (health,
+order, keys ← → and ↓, undo last), *Boxes* (the face boxes proposed for the owner's own
+detector, least certain first: drag to draw, click to delete, Enter to accept: :func:`boxes_data`),
+*Model* (metrics with what each means, plots, rollback, a training run's progress and "Train
+now"; the identity embedder's too) and *Sources* (health,
 add, remove, pause, "Poll now", "Reload" the config); ``GET /healthz`` is the daemon's health report
 (``bot.health``). For you and Rated filter by character (``?character=NAME``), and
 each card shows its characters as chips. A picture whose media was pruned (``storage/prune.py``)
