@@ -611,7 +611,7 @@ def cmd_prune(cfg, args) -> int:
               f"(thumbnails are kept within storage.max_thumbs_mb {cfg.storage.max_thumbs_mb:g})")
     elif report and report.over_limit:
         print(f"still over storage.max_media_gb {cfg.storage.max_media_gb:g}: the rest is rated, compared, "
-              "posted, named or not scored yet, and is never pruned")
+              "posted, named, box-verified or not scored yet, and is never pruned")
     return 0
 
 

@@ -163,7 +163,7 @@ class DiskKeeper:
             log.info("disk: %s", report.summary())
         if report.over_limit and not self._warned_full:
             log.warning("disk: media %s is over storage.max_media_gb %g, and nothing more may be pruned "
-                        "(the rest is rated, compared, posted, named or not scored yet)",
+                        "(the rest is rated, compared, posted, named, box-verified or not scored yet)",
                         human(report.media_bytes), self.cfg.storage.max_media_gb)
         self._warned_full = report.over_limit
         return report

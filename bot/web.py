@@ -5,8 +5,10 @@ An aiohttp app served by the daemon (``[web]``: 127.0.0.1:8080 by default). Page
 *Picture* (face boxes with numbered labels, face crops with scores and characters, name a face
 by clicking it, labels, previous/next in the list it was opened from: ``bot.web_nav``), *Rated*
 (with undo), *Compare* (which of two pictures you prefer: the pair the model is least sure how to
-order, keys ← → and ↓, undo last), *Model* (metrics with what each means, plots, rollback, a
-training run's progress and "Train now"; the identity embedder's too) and *Sources* (health,
+order, keys ← → and ↓, undo last), *Boxes* (the face boxes proposed for the owner's own
+detector, least certain first: drag to draw, click to delete, Enter to accept: :func:`boxes_data`),
+*Model* (metrics with what each means, plots, rollback, a training run's progress and "Train
+now"; the identity embedder's too) and *Sources* (health,
 add, remove, pause, "Poll now", "Reload" the config); ``GET /healthz`` is the daemon's health report
 (``bot.health``). For you and Rated filter by character (``?character=NAME``), and
 each card shows its characters as chips. A picture whose media was pruned (``storage/prune.py``)
@@ -224,6 +226,29 @@ def compare_data(store, cfg: Config, skip: set[frozenset]) -> dict:
             "n_comparisons": store.comparison_count(), "candidates": store.count_candidates(CHANNEL)}
 
 
+def review_boxes(pic) -> list[dict]:
+    """The boxes the Boxes page shows (and accepts as they are) for a picture of the review queue:
+    its verified boxes (``kind`` "verified"), then its proposals ("sure" or "unsure"), leaving
+    out a proposal that matches a verified box (IoU 0.5 or more: nothing to decide there)."""
+    from scorer.bootstrap import MATCH_IOU, f1_score
+    shown = [dict(x1=b.x1, y1=b.y1, x2=b.x2, y2=b.y2, origin=b.origin, kind="verified") for b in pic.verified]
+    for b in pic.proposed:
+        if not any(f1_score([b], [v], MATCH_IOU) == 1.0 for v in pic.verified):
+            shown.append(dict(x1=b.x1, y1=b.y1, x2=b.x2, y2=b.y2, origin=b.origin, kind="sure" if b.sure else "unsure"))
+    return shown
+
+
+def boxes_data(store, skip: set[int]) -> dict:
+    """The Boxes page: the next picture of the review queue (``storage/boxes.py``: a newer
+    detector's disagreements with verified boxes first, then the least certain proposals),
+    passing over those skipped in ``skip``; its ``image`` row, the boxes shown
+    (:func:`review_boxes`), and the box set's counts."""
+    queue = store.box_review_queue(1, exclude=skip)
+    pic = queue[0] if queue else None
+    return {"pic": pic, "image": store.get_image(pic.image_id) if pic else None,
+            "shown": review_boxes(pic) if pic else [], "counts": store.box_counts(), "skipped": len(skip)}
+
+
 def sources_data(store) -> dict:
     """The sources (not the import pseudo-source), each with its state; a paused or disabled
     source has no next poll (``next_poll_at`` None)."""
@@ -315,6 +340,7 @@ class Gallery:
         r.add_get("/picture/{id:\\d{1,18}}", self.page_picture)
         r.add_get("/rated", self.page_rated)
         r.add_get("/compare", self.page_compare)
+        r.add_get("/boxes", self.page_boxes)
         r.add_get("/model", self.page_model)
         r.add_get("/sources", self.page_sources)
         r.add_get("/media/{id:\\d{1,18}}", self.media)
@@ -328,6 +354,7 @@ class Gallery:
         r.add_post("/undo/{label:\\d{1,18}}", a.undo)
         r.add_post("/compare", a.compare)
         r.add_post("/compare/undo/{id:\\d{1,18}}", a.compare_undo)
+        r.add_post("/boxes", a.boxes)
         r.add_post("/model/use", a.use_model)
         r.add_post("/model/evaluate", a.evaluate)
         r.add_post("/model/train", a.train)
@@ -426,6 +453,10 @@ class Gallery:
     async def page_compare(self, request):
         data = await self.store.call(compare_data, self.cfg, set(self.actions.skipped))
         return self.render("compare.html", request, **data)
+
+    async def page_boxes(self, request):
+        data = await self.store.call(boxes_data, set(self.actions.boxes_skipped))
+        return self.render("boxes.html", request, **data)
 
     async def page_model(self, request):
         data = await self.store.call(model_data, self.cfg)

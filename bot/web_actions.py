@@ -5,7 +5,8 @@ the same table, origin ``web``), say which of two pictures is better, skip a pai
 comparison (table ``comparisons``, origin ``gallery``), name a face as a character or take its name back, switch the
 active model, evaluate one or start a training run ("Train now": ``train --full`` in the daemon's
 retrainer), switch the identity embedder, add, remove, pause, resume and poll sources ("Poll
-now"), reload the config file, fetch a pruned picture again. Each answers JSON to the page's script (``Accept: application/json``) and otherwise
+now"), reload the config file, fetch a pruned picture again, accept or skip a picture's face boxes
+(the Boxes page: :meth:`GalleryActions.boxes`, boxes read by :func:`parse_boxes`). Each answers JSON to the page's script (``Accept: application/json``) and otherwise
 redirects back with a message (``?message=``, or ``?error=`` for one that failed, which the
 pages show in an error style; a refused "add source" shows the page again with what was typed).
 Only POSTs reach these, and only from the gallery's own
@@ -20,7 +21,9 @@ thread with its own database connection, never on the event loop or the daemon's
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import threading
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -38,6 +41,7 @@ USER = "owner"
 NAME_ORIGIN = "gallery"           # face_names.origin of a face named in the gallery
 COMPARE_ORIGIN = "gallery"        # comparisons.origin of a comparison made in the gallery
 MAX_ID = 10 ** 18                 # ids fit SQLite's integers: a larger one is no picture
+MAX_BOXES = 100                   # face boxes one accepted picture may have
 
 
 def _picture_id(value) -> int:
@@ -46,6 +50,38 @@ def _picture_id(value) -> int:
     if not text.isdigit() or not 0 < int(text) < MAX_ID:
         raise ValueError(text)
     return int(text)
+
+
+def parse_boxes(value, width: int, height: int) -> list[tuple[int, int, int, int]]:
+    """The Boxes page's boxes: a list (or its JSON text) of ``{"x1", "y1", "x2", "y2"}`` objects
+    (or ``[x1, y1, x2, y2]`` lists) in the picture's pixels, ``width`` x ``height``. Each is
+    rounded and clipped to the picture; ValueError (its message for the owner) for anything else:
+    not a list, more than :data:`MAX_BOXES`, a value that is not a finite number, a box with
+    ``x2 <= x1`` or ``y2 <= y1``, or one with nothing left inside the picture."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value or "[]")
+        except ValueError:
+            raise ValueError("expected a JSON list of boxes") from None
+    if not isinstance(value, list):
+        raise ValueError("expected a list of boxes")
+    if len(value) > MAX_BOXES:
+        raise ValueError(f"at most {MAX_BOXES} boxes, got {len(value)}")
+    out = []
+    for n, box in enumerate(value, 1):
+        coords = [box.get(k) for k in ("x1", "y1", "x2", "y2")] if isinstance(box, dict) else box
+        if not isinstance(coords, list) or len(coords) != 4 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in coords):
+            raise ValueError(f"box {n}: expected x1, y1, x2, y2 as numbers")
+        x1, y1, x2, y2 = coords
+        if x2 <= x1 or y2 <= y1:
+            raise ValueError(f"box {n}: expected x1 < x2 and y1 < y2, got ({x1}, {y1}, {x2}, {y2})")
+        x1, x2 = (min(width, max(0, round(v))) for v in (x1, x2))
+        y1, y2 = (min(height, max(0, round(v))) for v in (y1, y2))
+        if x2 <= x1 or y2 <= y1:
+            raise ValueError(f"box {n}: less than a pixel of it is inside the picture ({width} x {height})")
+        out.append((x1, y1, x2, y2))
+    return out
 
 
 class GalleryActions:
@@ -68,6 +104,7 @@ class GalleryActions:
         self.train_now = train_now        # starts `train --full` in the daemon's retrainer; False if one runs
         self.sources_page = sources_page  # Gallery.sources_page: the page again after a refused add
         self.skipped: set[frozenset] = set()   # pairs skipped on the Compare page (until a restart)
+        self.boxes_skipped: set[int] = set()   # pictures skipped on the Boxes page (until a restart)
         self._embedders: dict = {}    # identity model version -> scorer.identity.Embedder
         self._embed_lock = threading.Lock()
 
@@ -191,6 +228,39 @@ class GalleryActions:
             raise web.HTTPNotFound(text="No such comparison (or taken back already).\n")
         log.info("comparison: picture %d over picture %d taken back in the gallery", row["winner_id"], row["loser_id"])
         return self._done(request, {"ok": True, "id": cid}, "/compare")
+
+    # ---- face boxes for the owner's own detector ---------------------------------------------
+    async def boxes(self, request):
+        """The Boxes page's answer: ``id`` (the picture shown) and ``boxes`` (:func:`parse_boxes`),
+        which become its verified boxes (none: verified with no face); or ``skip`` (it is not
+        shown again until a restart). A box kept as proposed (or as verified) keeps its origin
+        (the detectors that found it); a drawn or moved one is the owner's. Then the next picture."""
+        from storage.boxes import OWNER, Box
+        form = await self._form(request)
+        try:
+            image_id = _picture_id(form.get("id"))
+        except ValueError:
+            raise web.HTTPBadRequest(text="id: expected the id of the picture shown\n") from None
+        if form.get("skip"):
+            self.boxes_skipped.add(image_id)
+            log.info("boxes: picture %d skipped in the gallery", image_id)
+            return self._done(request, {"ok": True, "skipped": image_id}, "/boxes")
+        image = await self.store.get_image(image_id)
+        if image is None:
+            raise web.HTTPNotFound(text="No such picture.\n")
+        if not image.get("width") or not image.get("height"):
+            raise web.HTTPBadRequest(text="This picture's size is unknown: its boxes cannot be checked.\n")
+        try:
+            coords = parse_boxes(form.get("boxes", "[]"), image["width"], image["height"])
+        except ValueError as e:
+            raise web.HTTPBadRequest(text=f"boxes: {e}\n") from None
+        current = await self.store.box_picture(image_id)
+        known = {b.xyxy: b.origin for b in (current.verified + current.proposed)} if current else {}
+        boxes = [Box(*xyxy, origin=known.get(xyxy, OWNER)) for xyxy in coords]
+        await self.store.verify_boxes(image_id, boxes)
+        self.boxes_skipped.discard(image_id)
+        log.info("boxes: picture %d verified in the gallery with %d face box(es)", image_id, len(boxes))
+        return self._done(request, {"ok": True, "image_id": image_id, "boxes": len(boxes)}, "/boxes")
 
     # ---- characters --------------------------------------------------------------------------
     def _embedder(self, row: dict, icfg, models_dir):

@@ -11,7 +11,9 @@ every picture stored in it (the same bytes from several sources are one file) is
 - not compared: in no comparison (taken back or not) and in no Discord comparison post;
 - not posted: no post sent or being sent (a failed post does not count);
 - not named by the owner: no face with a name given by hand (those are the identity embedder's
-  examples); a weak name from a booru tag does not keep it.
+  examples); a weak name from a booru tag does not keep it;
+- not verified in the box set (``storage/boxes.py``): the owner's checked face boxes are the own
+  detector's training and evaluation pictures; merely proposed ones may go.
 
 The rules (:func:`plan`): with ``keep_days`` (0 = keep forever), such files whose newest
 picture was stored more than ``keep_days`` ago go; with ``max_media_gb`` (0 = no limit), while
@@ -45,7 +47,8 @@ _KEEP = (f"(status NOT IN ({', '.join(repr(s) for s in FINISHED)}) "
          "OR id IN (SELECT a_id FROM compare_posts) OR id IN (SELECT b_id FROM compare_posts) "
          "OR id IN (SELECT image_id FROM posts WHERE status != 'failed') "
          "OR id IN (SELECT faces.image_id FROM faces JOIN face_names ON face_names.face_id = faces.id "
-         "WHERE face_names.weak = 0))")
+         "WHERE face_names.weak = 0) "
+         "OR id IN (SELECT image_id FROM box_pictures WHERE state = 'verified'))")
 
 
 @dataclass

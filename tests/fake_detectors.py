@@ -48,3 +48,22 @@ class Hanger(GilHog):
             import time
             time.sleep(3600)
         return super()._detect(im, scale, size)
+
+
+class Scripted(Detector):
+    """A detector that finds the boxes it was given for pictures of a size: ``boxes[(w, h)]``, a
+    list of (x1, y1, x2, y2, confidence) in the picture's pixels (none for other sizes); with
+    ``fail`` it raises on every picture instead, as a detector breaking on one might."""
+
+    def __init__(self, name: str, boxes: dict | None = None, fail: bool = False, **kw):
+        super().__init__(**kw)
+        self.name = name
+        self.boxes = boxes or {}
+        self.fail = fail
+        self.seen: list[tuple[int, int]] = []
+
+    def _detect(self, im, scale, size):
+        self.seen.append(size)
+        if self.fail:
+            raise RuntimeError("scripted failure")
+        return [Face(x1, y1, x2, y2, c, self.name) for x1, y1, x2, y2, c in self.boxes.get(size, [])]

@@ -16,6 +16,7 @@ from bot.daemon import Daemon
 from bot.disk import DiskKeeper, RefetchError, refetch
 from sources.http import Http
 from storage import AsyncStore, Store
+from storage.boxes import Box
 from storage.media import inspect, thumbnail
 from storage.prune import media_bytes, prune
 from tests.helpers import cli, make_config, picture, seed, wait_for
@@ -53,9 +54,12 @@ def media_of(cfg, image_id):
 
 def test_only_old_unrated_unposted_finished_pictures_lose_their_media(tmp_path):
     cfg = config(tmp_path, gb=TINY)
-    ids = seed(cfg, [{"popularity": i} for i in range(12)])
-    (labelled, taken_back, winner, loser, sent, sending, failed_post, named, weak, waiting, plain1, plain2) = ids
+    ids = seed(cfg, [{"popularity": i} for i in range(14)])
+    (labelled, taken_back, winner, loser, sent, sending, failed_post, named, weak, waiting, plain1, plain2,
+     verified, proposed) = ids
     with Store.open(cfg.db_path) as store:
+        store.verify_boxes(verified, [Box(1, 1, 40, 40)])     # the own detector's truth: kept
+        store.propose_boxes(proposed, [Box(1, 1, 40, 40)], proposed_by="animeface", certainty=0.3)
         store.add_label(labelled, 4, origin="web")
         store.add_label(taken_back, 2, origin="web")
         store.remove_label(taken_back, origin="web", user="owner")
@@ -75,19 +79,19 @@ def test_only_old_unrated_unposted_finished_pictures_lose_their_media(tmp_path):
 
     report = run_prune(cfg)
 
-    assert pruned_ids(cfg) == {failed_post, weak, plain1, plain2}
-    assert report.pictures == report.files == 4 and report.bytes > 0 and report.over_limit
+    assert pruned_ids(cfg) == {failed_post, weak, plain1, plain2, proposed}
+    assert report.pictures == report.files == 5 and report.bytes > 0 and report.over_limit
     for image_id in ids:
-        assert media_of(cfg, image_id).exists() == (image_id not in {failed_post, weak, plain1, plain2})
+        assert media_of(cfg, image_id).exists() == (image_id not in {failed_post, weak, plain1, plain2, proposed})
     with Store.open(cfg.db_path) as store:   # rows, faces, scores and cached features stay
         for image_id in ids:
             assert (store.faces_of(image_id), store.get_image(image_id)["score"]) == before[image_id]
         assert store.face_features([before[plain1][0][0]["id"]], {"net"})
         # a pruned picture is nobody's candidate any more: nothing to show or send
         candidates = {r["id"] for r in store.ranked_candidates("discord", "score", 50)}
-        assert candidates.isdisjoint({failed_post, weak, plain1, plain2})
+        assert candidates.isdisjoint({failed_post, weak, plain1, plain2, proposed})
         assert {r["id"] for r in store.rescore_candidates("another-model", 50)} == \
-            {labelled, taken_back, winner, loser, sending, named}   # (a sent one keeps its scores)
+            {labelled, taken_back, winner, loser, sending, named, verified}   # (a sent one keeps its scores)
     again = run_prune(cfg)                     # nothing more may go
     assert again.files == 0 and again.over_limit
 

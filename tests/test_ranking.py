@@ -308,7 +308,7 @@ async def test_in_a_browser_for_you_marks_and_orders_ten_pictures(tmp_path, widt
             assert size[0] > 1.5 * size[1]
             await page.screenshot(path=str(SHOTS / f"rated-{width}.png"))
             resp = await page.goto(url + "picture/99999")
-            assert resp.status == 404 and await page.locator("nav a").count() == 5
+            assert resp.status == 404 and await page.locator("nav a").count() == 6
             await page.screenshot(path=str(SHOTS / f"not-found-{width}.png"))
             await browser.close()
     finally:

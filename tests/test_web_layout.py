@@ -13,6 +13,7 @@ from PIL import Image
 from bot.manage import PAUSED_SOURCES
 from bot.web import Gallery
 from storage import AsyncStore, Store
+from storage.boxes import Box
 from tests.helpers import seed
 from tests.test_web import BROWSER_ARGS, CHROMIUM, _browser, web_config
 
@@ -54,6 +55,9 @@ def realistic_gallery(tmp_path):
             store.remove_label(image_id, origin="web", user="owner")
             store.remove_label(image_id, origin="discord", user="owner", ref=f"message-{ids.index(image_id)}-{'x' * 60}")
         store.add_comparison(ids[8], ids[9], origin="gallery")
+        store.propose_boxes(ids[1], [Box(40, 60, 200, 260, origin="animeface,lbp,own:" + "v" * 40, sure=True),
+                                     Box(300, 700, 400, 900, origin="haar", confidence=0.2)],
+                            proposed_by="animeface+lbp+haar+own:" + "v" * 40, certainty=0.2)  # a portrait's boxes
         for name, kind, url in [(LONG_SOURCE + "-2", "rss", "https://example.org/" + "feed/" * 20 + "rss.xml"),
                                 ("inbox-on-the-nas", "folder", None), ("x", "bluesky", None)]:
             sid = store.upsert_source(name, kind, {"enabled": True, "interval": 900,
@@ -113,7 +117,7 @@ async def test_every_page_fits_a_phone_and_a_desktop_and_the_keys_scroll_it(tmp_
     cfg, ids = realistic_gallery(tmp_path)
     pages = {"for-you": "", "rated": "rated", "picture": f"picture/{ids[0]}", "picture-portrait": f"picture/{ids[1]}",
              "picture-panorama": f"picture/{ids[2]}", "picture-rated": f"picture/{ids[4]}",
-             "compare": "compare", "sources": "sources", "model": "model", "sources-message":
+             "compare": "compare", "boxes": "boxes", "sources": "sources", "model": "model", "sources-message":
              "sources?message=" + "not+added:+" + LONG_ERROR.replace(" ", "+"), "not-found": "picture/999999",
              "no-route": "characters"}
     shots = Path(os.environ.get("SHOTS_DIR") or tmp_path / "shots")    # every page at both widths
@@ -145,7 +149,7 @@ async def test_every_page_fits_a_phone_and_a_desktop_and_the_keys_scroll_it(tmp_
             # The arrow keys scroll every page but Compare (where ↓ skips); the focus in a text
             # field keeps them (and 1-5) for the field.
             page = await browser.new_page(viewport={"width": 390, "height": 844})
-            for path in ["", "rated", f"picture/{ids[0]}", "sources", "model"]:
+            for path in ["", "rated", f"picture/{ids[0]}", "sources", "model", "boxes"]:
                 await page.goto(url + path)
                 assert await arrow_down_scrolls(page), f"/{path}: ArrowDown was prevented"
             await page.goto(url + f"picture/{ids[0]}")       # the picture's keys: 1-5 rate it

@@ -2,7 +2,8 @@
 //
 // Keys are taken only where they mean something, and never from a form field (typing there, and
 // ↑ ↓ there, stay the field's): For you: ← → (or j/k) move between cards, 1-5 rate the focused
-// one; Picture: 1-5 rate it, [ ] step to the previous / next picture; Compare: ← → pick, ↓ or s skip, u undo last. Everywhere else, and
+// one; Picture: 1-5 rate it, [ ] step to the previous / next picture; Compare: ← → pick, ↓ or s skip, u undo last;
+// Boxes: Enter or a accept, s skip, z or Backspace undo the last edit. Everywhere else, and
 // ↑ ↓ on every page but Compare, the keys do what the browser does: scroll the page.
 (() => {
   // cards that can be rated: For you's (to move between) and the Picture page's one
@@ -208,6 +209,136 @@
     button.click();
   }
 
+  // Boxes page: the picture's face boxes, kept in picture pixels and drawn in % of it. A drag on
+  // the picture draws a box (the owner's); a click on a box deletes it; z (or Backspace) undoes
+  // the last edit. Accept (Enter or a) posts the boxes shown, and the picture is verified with
+  // exactly those; Skip (s) passes it over. Both then open the next picture.
+  const boxForm = document.querySelector("form.boxes");
+  const boxLayer = boxForm && boxForm.querySelector(".box-layer");
+  let boxes = [];
+  const boxHistory = [];
+  let boxBusy = false;
+
+  function drawBoxes() {
+    const W = Number(boxForm.dataset.width);
+    const H = Number(boxForm.dataset.height);
+    boxLayer.querySelectorAll(".pbox").forEach((el) => el.remove());
+    boxes.forEach((b, i) => {
+      const el = document.createElement("div");
+      el.className = `pbox ${b.kind}`;
+      el.dataset.index = String(i);
+      el.title = `${b.kind}: ${b.origin} (click to delete)`;
+      Object.assign(el.style, { left: `${(100 * b.x1) / W}%`, top: `${(100 * b.y1) / H}%`,
+        width: `${(100 * (b.x2 - b.x1)) / W}%`, height: `${(100 * (b.y2 - b.y1)) / H}%` });
+      boxLayer.appendChild(el);
+    });
+    boxForm.querySelector(".box-count").textContent = `${boxes.length} box(es)`;
+    boxForm.querySelector("button.undo-edit").disabled = !boxHistory.length;
+    boxForm.elements.boxes.value = JSON.stringify(boxes);
+  }
+
+  function editBoxes(next) {
+    boxHistory.push(boxes);
+    boxes = next;
+    drawBoxes();
+  }
+
+  function undoBox() {
+    if (!boxHistory.length) return;
+    boxes = boxHistory.pop();
+    drawBoxes();
+  }
+
+  async function answerBoxes(skip) {
+    if (boxBusy) return;
+    boxBusy = true;
+    const id = Number(boxForm.dataset.id);
+    const body = skip ? { id, skip: true } : { id, boxes: boxes.map(({ x1, y1, x2, y2 }) => ({ x1, y1, x2, y2 })) };
+    try {
+      await post("/boxes", body);
+    } catch (err) {
+      boxBusy = false;
+      boxForm.querySelector(".box-state").textContent = `not saved: ${err.message.replace(/^\d+ /, "")}`;
+      return;
+    }
+    window.location.assign("/boxes");
+  }
+
+  if (boxForm) {
+    boxes = JSON.parse(boxForm.elements.boxes.value || "[]");
+    boxForm.addEventListener("submit", (e) => {
+      e.preventDefault();
+      answerBoxes(Boolean(e.submitter && e.submitter.name === "skip"));
+    });
+    boxForm.querySelector("button.undo-edit").addEventListener("click", undoBox);
+    if (!boxLayer) boxForm.querySelector("button.undo-edit").remove();
+  }
+
+  if (boxLayer) {
+    drawBoxes();
+    let start = null;   // {x, y (picture pixels), cx, cy (screen), target box index or null, the box drawn}
+    const at = (e) => {
+      const r = boxLayer.getBoundingClientRect();
+      const W = Number(boxForm.dataset.width);
+      const H = Number(boxForm.dataset.height);
+      return { x: Math.max(0, Math.min(W, ((e.clientX - r.left) / r.width) * W)),
+        y: Math.max(0, Math.min(H, ((e.clientY - r.top) / r.height) * H)) };
+    };
+    boxLayer.addEventListener("pointerdown", (e) => {
+      if (e.button !== 0) return;
+      e.preventDefault();
+      const p = at(e);
+      const hit = e.target.closest(".pbox");
+      start = { ...p, cx: e.clientX, cy: e.clientY, target: hit ? Number(hit.dataset.index) : null, el: null };
+      boxLayer.setPointerCapture(e.pointerId);
+    });
+    boxLayer.addEventListener("pointermove", (e) => {
+      if (!start) return;
+      const p = at(e);
+      const W = Number(boxForm.dataset.width);
+      const H = Number(boxForm.dataset.height);
+      if (!start.el) {
+        if (Math.hypot(e.clientX - start.cx, e.clientY - start.cy) < 5) return;
+        start.el = document.createElement("div");
+        start.el.className = "pbox drawing";
+        boxLayer.appendChild(start.el);
+      }
+      Object.assign(start.el.style, { left: `${(100 * Math.min(p.x, start.x)) / W}%`, top: `${(100 * Math.min(p.y, start.y)) / H}%`,
+        width: `${(100 * Math.abs(p.x - start.x)) / W}%`, height: `${(100 * Math.abs(p.y - start.y)) / H}%` });
+    });
+    const finish = (e) => {
+      if (!start) return;
+      const s = start;
+      start = null;
+      if (s.el) s.el.remove();
+      const p = at(e);
+      const moved = Math.hypot(e.clientX - s.cx, e.clientY - s.cy) >= 5;
+      if (!moved) {   // a click: on a box, it goes
+        if (s.target !== null) editBoxes(boxes.filter((_, i) => i !== s.target));
+        return;
+      }
+      const box = { x1: Math.round(Math.min(p.x, s.x)), y1: Math.round(Math.min(p.y, s.y)),
+        x2: Math.round(Math.max(p.x, s.x)), y2: Math.round(Math.max(p.y, s.y)), origin: "owner", kind: "owner" };
+      if (box.x2 - box.x1 >= 2 && box.y2 - box.y1 >= 2) editBoxes([...boxes, box]);
+    };
+    boxLayer.addEventListener("pointerup", finish);
+    boxLayer.addEventListener("pointercancel", () => {
+      if (start && start.el) start.el.remove();
+      start = null;
+    });
+  }
+
+  const boxKeys = { Enter: "accept", a: "accept", s: "skip", z: "undo", Backspace: "undo" };
+
+  function boxesKey(e) {
+    const what = boxKeys[e.key];
+    if (!what || (what !== "skip" && !boxLayer)) return;   // a pruned picture: only skip
+    if (e.key === "Enter" && e.target.closest && e.target.closest("a, button")) return;   // it clicks what has the focus
+    e.preventDefault();
+    if (what === "undo") undoBox();
+    else answerBoxes(what === "skip");
+  }
+
   // Tables fit the window (style.css): a cell with a long unbroken word is marked "long" (it
   // may break anywhere); on a phone, where a table is stacked, each cell shows its column's name,
   // taken from the header row (the cells of one <tr> all <th>).
@@ -243,6 +374,10 @@
     }
     if (compare || undoCompare) {
       compareKey(e);
+      return;
+    }
+    if (boxForm) {
+      boxesKey(e);
       return;
     }
     if (cards.length && moveKeys[e.key]) {
