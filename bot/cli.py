@@ -78,7 +78,10 @@ def reading(cfg):
 # ---- run -------------------------------------------------------------------------------------
 def cmd_run(cfg, args) -> int:
     from bot.daemon import Daemon
+    from bot.memory import limit_arenas
     from storage.lock import DaemonRunning, daemon_pid
+
+    limit_arenas()   # before the daemon's threads start (bot/memory.py)
 
     if (pid := daemon_pid(cfg.data_path)) is not None:   # say so before anything else is printed
         return _fail(f"{DaemonRunning(cfg.data_path, pid)}; stop it first (two daemons on one data folder "

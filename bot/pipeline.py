@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bot.config import Config
 from scorer.analyze import Analyzer
+from bot.memory import trim
 from scorer.detect_pool import DetectionFailed, DetectionPool
 from sources import SourceError, TransientError
 from sources.http import Http, TooLarge, short_url
@@ -204,36 +205,49 @@ class Pipeline:
                 self._score_wake.set()
 
     async def score(self, image_ids: list[int]) -> None:
-        pictures, rows = [], []
-        for image_id in image_ids:
+        """Detect and score a batch: each picture is read, detected (in the detection workers)
+        and reduced to its face crops and a slimmed copy (``Analyzer.prepare``) a few at a time,
+        so the batch never holds every full-size picture at once; then all its crops are scored
+        together."""
+        analyzer = self.analyzer
+        width = (self.detection.workers + 1) if self.detection is not None else 1
+        reading = asyncio.Semaphore(width)   # full-size pictures in memory at once
+        stopped = False
+
+        async def one(image_id: int):
+            nonlocal stopped
             row = await self.store.get_image(image_id)
             if row is None or row["status"] != DOWNLOADED:
-                continue
-            try:
-                im = await asyncio.to_thread(load_media, self.cfg.media_path, row["media_path"],
-                                             max_pixels=self.cfg.download.max_pixels)
-            except (OSError, BadImage) as e:
-                await self.store.mark_failed(image_id, f"stored picture unreadable: {e}")
-                log.warning("image %d: stored picture unreadable: %s", image_id, e)
-                continue
-            pictures.append(im)
-            rows.append(row)
-        found = None
-        if self.detection is not None and pictures:
-            found = await self.detection.detect_all(pictures)
-            if self.stopping.is_set() and any(isinstance(faces, DetectionFailed) for faces in found):
-                return   # the workers were stopped under it: the batch stays downloaded for the next start
-            for row, faces in zip(rows, found):
-                if isinstance(faces, DetectionFailed):
-                    await self.store.mark_failed(row["id"], str(faces))
-                    log.warning("image %d: %s", row["id"], faces)
-                    self.stats["failed"] += 1
-            kept = [i for i, faces in enumerate(found) if not isinstance(faces, DetectionFailed)]
-            pictures, rows, found = [pictures[i] for i in kept], [rows[i] for i in kept], [found[i] for i in kept]
-        if not pictures:
+                return None
+            async with reading:
+                try:
+                    im = await asyncio.to_thread(load_media, self.cfg.media_path, row["media_path"],
+                                                 max_pixels=self.cfg.download.max_pixels)
+                except (OSError, BadImage) as e:
+                    await self.store.mark_failed(image_id, f"stored picture unreadable: {e}")
+                    log.warning("image %d: stored picture unreadable: %s", image_id, e)
+                    return None
+                if self.detection is None:
+                    faces = await asyncio.to_thread(analyzer.detect, im)
+                else:
+                    faces = (await self.detection.detect_all([im]))[0]
+                    if isinstance(faces, DetectionFailed):
+                        if self.stopping.is_set():
+                            stopped = True   # the workers were stopped under it: it stays downloaded
+                            return None
+                        await self.store.mark_failed(row["id"], str(faces))
+                        log.warning("image %d: %s", row["id"], faces)
+                        self.stats["failed"] += 1
+                        return None
+                return row, await asyncio.to_thread(analyzer.prepare, im, faces)
+
+        done = [r for r in await asyncio.gather(*(one(i) for i in image_ids)) if r is not None]
+        if stopped or not done:
             return
-        analyzer = self.analyzer
-        analyses = await asyncio.to_thread(analyzer.analyze, pictures, found)
+        rows = [row for row, _ in done]
+        analyses = await asyncio.to_thread(analyzer.analyze_prepared, [p for _, p in done])
+        del done
+        await asyncio.to_thread(trim)      # the batch's pictures and activations go back (bot/memory.py)
         version = analyzer.scorer.version
         for row, res in zip(rows, analyses):
             if not await self.store.record_analysis(row["id"], res.faces, res.score, res.uncertainty, version,

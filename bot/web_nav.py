@@ -63,18 +63,32 @@ class Step:
 def neighbours(image_id: int, at: int, size: int,
                page_ids: Callable[[int], list[int]]) -> tuple[Step | None, Step | None]:
     """(previous, next) of ``image_id`` in a list whose page ``n`` (``size`` pictures) is
-    ``page_ids(n)``, looked for on the pages around position ``at``."""
+    ``page_ids(n)``, looked for on the page of position ``at`` and, only where needed (the
+    picture is first or last there, or not on it), the pages either side."""
     page = at // size
-    first = max(0, page - 1)
-    ids: list[int] = []
-    for n in range(first, page + 2):
-        ids += page_ids(n)
-    start = first * size
-    if image_id in ids:
-        i = ids.index(image_id)
-        before, after = i - 1, i + 1
-    else:                             # it left the list: the one now in its place comes next
-        before, after = at - start - 1, at - start
-    prev = Step(ids[before], start + before) if 0 <= before < len(ids) else None
-    nxt = Step(ids[after], start + after) if 0 <= after < len(ids) else None
-    return prev, nxt
+    pages: dict[int, list[int]] = {}
+
+    def ids_of(n: int) -> list[int]:
+        if n < 0:
+            return []
+        if n not in pages:
+            pages[n] = page_ids(n)
+        return pages[n]
+
+    def at_position(pos: int) -> Step | None:
+        if pos < 0:
+            return None
+        ids = ids_of(pos // size)
+        i = pos - (pos // size) * size
+        return Step(ids[i], pos) if i < len(ids) else None
+
+    here = ids_of(page)
+    if image_id in here:
+        pos = page * size + here.index(image_id)
+        return at_position(pos - 1), at_position(pos + 1)
+    for n in (page - 1, page + 1):                 # moved by a page's worth of changes
+        if image_id in ids_of(n):
+            pos = n * size + ids_of(n).index(image_id)
+            return at_position(pos - 1), at_position(pos + 1)
+    # it left the list: the one now in its place comes next
+    return at_position(at - 1), at_position(at)

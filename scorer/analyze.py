@@ -4,6 +4,11 @@ The picture's score is the max (or mean, per config) over its faces. A picture w
 scored as a whole or skipped (``detector.no_face``); a picture imported as a face crop
 (``import-labels --crops``) has one box, detector ``crop``, covering all of it.
 
+Memory: only the face crops and the picture at most ``WHOLE_SIDE`` pixels a side (:func:`slim`,
+all the whole-picture branch and a whole-picture box need: the networks see 224 px or less) are
+kept once a picture is detected (:meth:`Analyzer.prepare`), so a batch of large pictures being
+scored does not hold every full-size picture at once.
+
 ``build_analyzer`` puts together the configured detector and the active model (creating the
 untrained one first if the registry is empty), as the daemon, ``score`` and ``import-labels`` use it.
 """
@@ -22,6 +27,27 @@ from scorer.registry import ensure_active_model, load_scorer, untrained_scorer
 from scorer.settings import ScorerConfig
 from storage.paths import DataPaths
 from storage.records import WHOLE, Face
+
+
+WHOLE_SIDE = 1024    # the whole picture is kept (and seen by the scorer) at most this size
+
+
+def slim(im: Image.Image) -> Image.Image:
+    """The picture at most :data:`WHOLE_SIDE` pixels a side (itself when it is that small): what
+    the whole-picture branch and a whole-picture box are computed from, everywhere."""
+    if max(im.size) <= WHOLE_SIDE:
+        return im
+    scale = WHOLE_SIDE / max(im.size)
+    return im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BILINEAR)
+
+
+@dataclass
+class Prepared:
+    """A detected picture reduced to what scoring needs: its faces, each face's crop and the
+    slimmed picture (a whole-picture box's crop is that same object)."""
+    faces: list[Face]
+    crops: list[Image.Image]
+    whole: Image.Image
 
 
 @dataclass
@@ -54,20 +80,30 @@ class Analyzer:
     def detect(self, im: Image.Image) -> list[Face]:
         return faces_or_whole(self.detector.detect(im), im, self.no_face)
 
+    def prepare(self, im: Image.Image, faces: list[Face]) -> Prepared:
+        """What scoring needs of a detected picture (the full picture can then go)."""
+        whole = slim(im)
+        return Prepared(faces, [whole if f.detector in WHOLE else crop_face(im, f, self.margin) for f in faces],
+                        whole)
+
     def analyze(self, pictures: list[Image.Image], found: list[list[Face]] | None = None) -> list[Analysis]:
         """Analyse several pictures, scoring all their crops in shared batches.
 
         ``found`` gives the faces instead of detecting them (e.g. pictures that are face crops).
         """
         found = [self.detect(im) for im in pictures] if found is None else found
-        crops = [face_crop(im, face, self.margin) for im, faces in zip(pictures, found) for face in faces]
-        wholes = [im for im, faces in zip(pictures, found) for _ in faces]
+        return self.analyze_prepared([self.prepare(im, faces) for im, faces in zip(pictures, found)])
+
+    def analyze_prepared(self, prepared: list[Prepared]) -> list[Analysis]:
+        """Score pictures reduced by :meth:`prepare`, all their crops in shared batches."""
+        crops = [c for p in prepared for c in p.crops]
+        wholes = [p.whole for p in prepared for _ in p.crops]
         features = self.scorer.features(crops, wholes) if crops else []
         scores, spreads = self.scorer.predict_features(features)
-        results = [Analysis() for _ in pictures]
+        results = [Analysis() for _ in prepared]
         k = 0
-        for i, faces in enumerate(found):
-            for face in faces:
+        for i, p in enumerate(prepared):
+            for face in p.faces:
                 results[i].faces.append(face.scored(scores[k], spreads[k]))
                 results[i].features.append(features[k])
                 k += 1
@@ -94,8 +130,8 @@ def build_analyzer(store, detector: DetectorConfig, scorer: ScorerConfig, paths:
 
 
 def face_crop(im: Image.Image, face: Face, margin: float) -> Image.Image:
-    """The crop the model sees for a face (the picture itself for whole-picture boxes)."""
-    return im if face.detector in WHOLE else crop_face(im, face, margin)
+    """The crop the model sees for a face (the picture, :func:`slim`, for whole-picture boxes)."""
+    return slim(im) if face.detector in WHOLE else crop_face(im, face, margin)
 
 
 def aggregate(scored: list[tuple[float, float | None]], how: str = "max") -> tuple[float, float | None]:

@@ -9,7 +9,14 @@ a decoded picture and send back its faces. The event loop only awaits the answer
 A worker that dies (killed, crashed in C) breaks the pool: a new one is started and each picture
 that was in flight is tried again once, alone, so that one bad picture cannot fail its neighbours;
 a picture that kills its worker twice raises :class:`DetectionFailed`, and so does one still
-detecting after ``hang_seconds`` (its stuck worker is killed and replaced). ``close()`` stops the
+detecting after ``hang_seconds`` (its stuck worker is killed and replaced).
+
+The hard time cap: with ``detector.time_cap`` set, a picture still detecting after
+``HARD_CAP_FACTOR`` times it (12 s by default) has its worker killed and replaced and is detected
+again at half ``detector.max_side`` (the predictive cap in :class:`scorer.detect.Detector` sends
+most slow pictures there before they start); one that runs past the cap at that size too fails.
+At most one picture per worker is handed out at a time, so the caps count detection time, not
+time spent waiting for a free worker. ``close()`` stops the
 workers (terminating one still busy after a short grace), and a worker whose daemon died without
 closing it exits by itself within a second: no orphan processes.
 
@@ -37,10 +44,15 @@ from storage.records import Face
 log = logging.getLogger("tastefeed.daemon")
 
 HANG_SECONDS = 120.0   # no picture takes this long (the slowest measured: ~7 s): its worker is stuck
+HARD_CAP_FACTOR = 4.0  # a picture detecting past this many detector.time_cap is retried smaller
 
 
 class DetectionFailed(Exception):
     """A picture whose detection could not finish; the message says why."""
+
+
+class _Overran(Exception):
+    """A detection ran past its time limit (its worker was killed)."""
 
 
 def faces_or_whole(faces: list[Face], im: Image.Image, no_face: str) -> list[Face]:
@@ -75,8 +87,8 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(0)
 
 
-def _detect(im: Image.Image) -> list[Face]:
-    return faces_or_whole(_detector.detect(im), im, _no_face)
+def _detect(im: Image.Image, side: int | None = None) -> list[Face]:
+    return faces_or_whole(_detector.detect(im, side=side), im, _no_face)
 
 
 # ---- in the daemon --------------------------------------------------------------------------
@@ -84,17 +96,23 @@ class DetectionPool:
     """``workers`` detection processes running ``factory()``'s detector (a picklable callable)."""
 
     def __init__(self, factory: Callable[[], Detector], no_face: str = "whole", workers: int = 1, *,
-                 grace: float = 2.0, hang_seconds: float = HANG_SECONDS):
+                 grace: float = 2.0, hang_seconds: float = HANG_SECONDS, hard_cap: float = 0.0,
+                 fallback_side: int = 800):
         self.factory, self.no_face, self.workers, self.grace = factory, no_face, pool_size(workers), grace
         self.hang_seconds = hang_seconds  # a picture still detecting after this is given up on
+        self.hard_cap = hard_cap          # 0: none; else past this, detected again at fallback_side
+        self.fallback_side = fallback_side
+        self.overruns = 0                 # pictures detected again smaller after the hard cap
         self._executor: ProcessPoolExecutor | None = None
+        self._slots = asyncio.Semaphore(self.workers)   # one picture per worker at a time
         self._retry = asyncio.Lock()    # pictures tried again after a crash go one at a time
         self.restarts = 0               # pools replaced after a worker died
         self.closed = False
 
     @classmethod
     def from_config(cls, cfg: DetectorConfig, data_dir: str | Path) -> DetectionPool:
-        return cls(functools.partial(make_detector, cfg, data_dir), cfg.no_face, cfg.workers)
+        return cls(functools.partial(make_detector, cfg, data_dir), cfg.no_face, cfg.workers,
+                   hard_cap=HARD_CAP_FACTOR * cfg.time_cap, fallback_side=max(1, cfg.max_side // 2))
 
     def _pool(self) -> ProcessPoolExecutor:
         if self.closed:
@@ -112,36 +130,56 @@ class DetectionPool:
             self.restarts += 1
             log.warning("a face detection worker died; starting a new one")
 
-    async def _once(self, im: Image.Image) -> list[Face]:
-        pool = self._pool()
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(pool.submit(_detect, im)), self.hang_seconds)
-        except BrokenProcessPool:
-            self._replace(pool)
-            raise
-        except asyncio.TimeoutError:
-            # A worker stuck on this picture (a detector that never returns) would hold it for
-            # good: stop the pool's workers (pictures in flight on the others are tried again,
-            # as after a crash) and give this one up.
-            for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                proc.kill()
-            self._replace(pool)
-            raise DetectionFailed(f"face detection ran past {self.hang_seconds:g} s on this picture; "
-                                  "not tried again") from None
+    async def _once(self, im: Image.Image, side: int | None = None, limit: float | None = None) -> list[Face]:
+        async with self._slots:
+            pool = self._pool()
+            limit = limit or self.hang_seconds
+            try:
+                return await asyncio.wait_for(asyncio.wrap_future(pool.submit(_detect, im, side)), limit)
+            except BrokenProcessPool:
+                self._replace(pool)
+                raise
+            except asyncio.TimeoutError:
+                # A worker stuck on this picture would hold it for good: stop the pool's workers
+                # (pictures in flight on the others are tried again, as after a crash).
+                for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                    proc.kill()
+                self._replace(pool)
+                raise _Overran(limit) from None
 
     async def detect(self, im: Image.Image) -> list[Face]:
         """The picture's faces (whole-picture box per ``no_face``); DetectionFailed when its
-        worker died on it twice, or the pool is closed."""
+        worker died on it twice, it ran past the time limits, or the pool is closed."""
         try:
-            return await self._once(im)
+            return await self._capped(im)
         except BrokenProcessPool:
             pass
         async with self._retry:
             try:
-                return await self._once(im)
+                return await self._capped(im)
             except BrokenProcessPool:
                 raise DetectionFailed("face detection crashed on this picture twice (its worker process "
                                       "died); not tried again") from None
+
+    async def _capped(self, im: Image.Image) -> list[Face]:
+        if not self.hard_cap or self.hard_cap >= self.hang_seconds:
+            try:
+                return await self._once(im)
+            except _Overran:
+                raise DetectionFailed(f"face detection ran past {self.hang_seconds:g} s on this picture; "
+                                      "not tried again") from None
+        try:
+            return await self._once(im, limit=self.hard_cap)
+        except _Overran:
+            self.overruns += 1
+            log.info("face detection ran past %g s (%g x detector.time_cap) on a %dx%d picture: its worker "
+                     "was replaced; detecting it again at %d px", self.hard_cap, HARD_CAP_FACTOR, im.width,
+                     im.height, self.fallback_side)
+        try:
+            return await self._once(im, side=self.fallback_side, limit=self.hard_cap)
+        except _Overran:
+            raise DetectionFailed(f"face detection ran past {self.hard_cap:g} s on this picture, at full and "
+                                  f"at half size ({self.fallback_side} px); not tried again") from None
 
     async def detect_all(self, pictures: list[Image.Image]) -> list[list[Face] | DetectionFailed]:
         """Each picture's faces, detected in parallel; a DetectionFailed in place of a picture's

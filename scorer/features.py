@@ -63,6 +63,7 @@ class FeatureExtractor:
                 only: set[str] | None = None) -> list[dict[str, np.ndarray]]:
         """Each crop's blocks as {source: vector}; ``pictures``: the whole picture each crop comes
         from (the whole block is left out without it); ``only``: just these sources."""
+        from scorer.analyze import slim
         from scorer.model import colour_stats_arrays, resize_crop
 
         out: list[dict[str, np.ndarray]] = [{} for _ in crops]
@@ -93,7 +94,7 @@ class FeatureExtractor:
             for p in pictures:
                 if id(p) not in unique and id(p) not in reuse:
                     unique[id(p)] = len(ims)
-                    ims.append(p)
+                    ims.append(slim(p))     # what the daemon keeps of a picture (scorer.analyze)
             vectors = self.backbone.features_of(ims) if ims else []
             put("whole", [reuse[id(p)] if id(p) in reuse else vectors[unique[id(p)]] for p in pictures])
         if wanted("colour"):

@@ -62,7 +62,7 @@ def untrained_scorer(scorer_cfg) -> Scorer:
     torch.manual_seed(0)
     net = build_model(scorer_cfg.arch, scorer_cfg.pretrained)
     return Scorer(net, arch=scorer_cfg.arch, version=initial_version(scorer_cfg.arch, scorer_cfg.pretrained),
-                  image_size=scorer_cfg.image_size, device=scorer_cfg.device, batch_size=scorer_cfg.batch_size,
+                  image_size=scorer_cfg.image_size, device=scorer_cfg.device, batch_size=inference_batch(scorer_cfg),
                   tta=scorer_cfg.tta, backbone=configured_backbone(scorer_cfg), whole=scorer_cfg.whole)
 
 
@@ -83,15 +83,29 @@ def configured_backbone(scorer_cfg):
         _BACKBONES[key] = load_backbone(spec, weights=scorer_cfg.backbone_weights, output=scorer_cfg.backbone_output,
                                         onnx_preprocess=scorer_cfg.backbone_preprocess,
                                         image_size=scorer_cfg.backbone_size or None, device=scorer_cfg.device,
-                                        batch_size=scorer_cfg.batch_size)
+                                        batch_size=inference_batch(scorer_cfg))
     return _BACKBONES[key]
+
+
+CPU_INFERENCE_BATCH = 8   # crops per forward pass on a CPU
+
+
+def inference_batch(scorer_cfg) -> int:
+    """Crops per forward pass when scoring: ``scorer.batch_size`` on a GPU; on a CPU at most
+    :data:`CPU_INFERENCE_BATCH`, because larger batches are no faster there and hold about
+    2 MiB of activations per crop more (32 crops: +250 MiB at the daemon's peak, measured in
+    bench/RESULTS.md)."""
+    from scorer.model import pick_device
+
+    size = scorer_cfg.batch_size
+    return size if pick_device(scorer_cfg.device).type != "cpu" else min(size, CPU_INFERENCE_BATCH)
 
 
 def load_scorer(row: dict, scorer_cfg, models_dir: str | Path) -> Scorer:
     path = Path(models_dir) / row["path"]
     if not path.exists():
         raise ModelError(f"model file {path} of version {row['version']} is missing")
-    return Scorer.load(path, device=scorer_cfg.device, batch_size=scorer_cfg.batch_size, tta=scorer_cfg.tta,
+    return Scorer.load(path, device=scorer_cfg.device, batch_size=inference_batch(scorer_cfg), tta=scorer_cfg.tta,
                        backbone=configured_backbone(scorer_cfg), whole=scorer_cfg.whole)
 
 

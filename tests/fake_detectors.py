@@ -67,3 +67,19 @@ class Scripted(Detector):
         if self.fail:
             raise RuntimeError("scripted failure")
         return [Face(x1, y1, x2, y2, c, self.name) for x1, y1, x2, y2, c in self.boxes.get(size, [])]
+
+
+class SlowWhenLarge(GilHog):
+    """A GilHog that never finishes on pictures it is asked to search above ``limit`` pixels a
+    side (and ``always`` on a HANG-sized picture, at any size), as animeface crawls on a huge
+    picture full of faces."""
+
+    def __init__(self, seconds: float = 0.05, limit: int = 100, **kw):
+        super().__init__(seconds, **kw)
+        self.limit = limit
+
+    def _detect(self, im, scale, size):
+        if max(im.size) > self.limit or size == HANG:
+            import time
+            time.sleep(3600)
+        return super()._detect(im, scale, size)

@@ -17,7 +17,7 @@ from PIL import Image
 from bot.daemon import Daemon
 from scorer.detect import DetectorConfig, make_detector
 from scorer.detect_pool import DetectionFailed, DetectionPool, faces_or_whole
-from tests.fake_detectors import HANG, POISON, Crasher, GilHog, Hanger
+from tests.fake_detectors import HANG, POISON, Crasher, GilHog, Hanger, SlowWhenLarge
 from tests.helpers import ROOT, SHARED, make_config, picture, wait_for
 
 def _image(seed: int, size=(160, 120)) -> Image.Image:
@@ -93,6 +93,7 @@ async def test_a_picture_that_kills_its_worker_fails_alone_and_nothing_hangs():
             pool.detect_all([_image(0), _image(1, POISON), _image(2)]), timeout=30)
         assert [f.detector for f in found[0]] == ["hog"] and [f.detector for f in found[2]] == ["hog"]
         assert isinstance(found[1], DetectionFailed) and "crashed on this picture twice" in str(found[1])
+        assert [f.detector for f in await pool.detect(_image(3))] == ["hog"]    # a new worker goes on
         pids = pool.pids()
     finally:
         await pool.close()
@@ -109,6 +110,30 @@ async def test_a_picture_whose_detection_never_ends_is_given_up_and_its_worker_r
         assert pool.restarts == 1
     finally:
         await pool.close()
+
+
+async def test_a_picture_past_the_hard_cap_is_detected_again_smaller_and_others_wait_for_no_one():
+    pool = DetectionPool(functools.partial(SlowWhenLarge, 0.05, 100, max_side=160, min_size=1), workers=1,
+                         hard_cap=1.5, fallback_side=80)
+    try:
+        t = time.monotonic()
+        # eight pictures for one worker: the cap counts detection time, not the wait for a free worker
+        found = await asyncio.wait_for(pool.detect_all([_image(i, (90, 90)) for i in range(8)]), timeout=60)
+        assert all([f.detector for f in faces] == ["hog"] for faces in found) and pool.overruns == 0
+        slow = await asyncio.wait_for(pool.detect_all([_image(1, (150, 150)), _image(2, (90, 90))]), timeout=60)
+        assert [f.detector for f in slow[0]] == ["hog"] and [f.detector for f in slow[1]] == ["hog"]
+        assert pool.overruns == 1 and pool.restarts >= 1          # its worker replaced, found at 80 px
+        stuck = await asyncio.wait_for(pool.detect_all([_image(3, HANG)]), timeout=60)
+        assert isinstance(stuck[0], DetectionFailed) and "at full and at half size (80 px)" in str(stuck[0])
+        assert time.monotonic() - t < 30
+    finally:
+        await pool.close()
+
+
+def test_the_hard_cap_follows_the_time_cap():
+    pool = DetectionPool.from_config(DetectorConfig(time_cap=3.0, max_side=1600), "data")
+    assert (pool.hard_cap, pool.fallback_side) == (12.0, 800)
+    assert DetectionPool.from_config(DetectorConfig(time_cap=0), "data").hard_cap == 0
 
 
 async def test_the_daemon_fails_a_picture_that_kills_its_worker_and_scores_the_others(tmp_path):
