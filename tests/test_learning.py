@@ -334,6 +334,7 @@ def test_cold_start_ranks_by_popularity_and_explores_more(tmp_path):
     store.save_poll(b, [{"external_id": "none"}], {})
     with store.db.conn:  # scores that disagree with popularity
         store.db.execute("UPDATE images SET status = 'scored', score = 6 - id")
+    store.refresh_popularity()   # scored behind the store's back: its kept percentiles recomputed
     ids = {(r["source_id"], r["external_id"]): r["id"] for r in store.execute("SELECT * FROM images")}
     assert is_cold(store, cfg.train.min_labels)
     picks = pick(store, cfg.ranking, cfg.train.min_labels, 6, channel="web")
