@@ -66,6 +66,7 @@ class Pipeline:
         self.stats = stats
         self.analyzer: Analyzer | None = None
         self.detection: DetectionPool | None = None   # None: the analyzer detects in its thread
+        self.detector_tag: str = "config"   # the detector in use (images.detector_version; bot/detector_watch.py)
         self.download_queue: asyncio.Queue[int] = asyncio.Queue(cfg.download.queue_size)
         self.score_queue: asyncio.Queue[int] = asyncio.Queue(cfg.daemon.score_queue_size)
         self._download_wake = asyncio.Event()
@@ -219,6 +220,7 @@ class Pipeline:
             pictures.append(im)
             rows.append(row)
         found = None
+        tag = self.detector_tag   # before detecting: a switch meanwhile leaves the picture to detect again
         if self.detection is not None and pictures:
             found = await self.detection.detect_all(pictures)
             if self.stopping.is_set() and any(isinstance(faces, DetectionFailed) for faces in found):
@@ -238,7 +240,7 @@ class Pipeline:
         for row, res in zip(rows, analyses):
             if not await self.store.record_analysis(row["id"], res.faces, res.score, res.uncertainty, version,
                                                     skipped=res.skipped, expect=DOWNLOADED,
-                                                    features=res.features):
+                                                    features=res.features, detector_version=tag):
                 continue  # an import took the picture meanwhile: its analysis stands
             await self.store.name_from_tags(row["id"])  # booru: one character tag, one face -> a weak name
             self.stats["scored"] += 1

@@ -18,6 +18,7 @@ from PIL import Image
 from scorer.detect import Detector, DetectorConfig, crop_face, make_detector
 from scorer.detect_pool import faces_or_whole
 from scorer.model import Scorer
+from scorer.own_detector import effective_detector
 from scorer.registry import ensure_active_model, load_scorer, untrained_scorer
 from scorer.settings import ScorerConfig
 from storage.paths import DataPaths
@@ -83,7 +84,9 @@ class Analyzer:
 def build_analyzer(store, detector: DetectorConfig, scorer: ScorerConfig, paths: DataPaths) -> Analyzer:
     """Detector plus the active model (created untrained if none); ``store`` is a sync Store, or
     None where nothing may be written (``score`` before any data folder exists): then the
-    untrained model is kept in memory. The detector comes first: it fails faster."""
+    untrained model is kept in memory. The detector is the one in use: the owner's own active
+    version in place of the configured one (scorer/own_detector.py). It comes first: it fails faster."""
+    detector = effective_detector(detector, paths)
     if store is None:
         found = make_detector(detector, Path(tempfile.gettempdir()) / "tastefeed")
         model = untrained_scorer(scorer)

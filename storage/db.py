@@ -317,6 +317,15 @@ def m009_detector_boxes(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX boxes_image ON boxes(image_id, kind)")
 
 
+@migrations()
+def m010_detector_version(db: sqlite_utils.Database) -> None:
+    # Which detector found each picture's faces: "own:VERSION" (the owner's own detector,
+    # scorer/own_detector.py), NULL for the configured one. After a switch, pictures found by
+    # another detector are detected again in the background (bot/detector_watch.py), and a
+    # restart resumes from this column.
+    db.execute("ALTER TABLE images ADD COLUMN detector_version TEXT")
+
+
 SCHEMA_VERSION = len(migrations._migrations)
 
 
