@@ -212,6 +212,12 @@ def training_data(store, cfg) -> tuple[list[Sample], list[Sample], int]:
     return train + extra, val, len(extra)
 
 
+def batch_size(pictures: int) -> int:
+    """Pictures per step: 16, fewer for a small set so that an epoch still has several steps
+    (ultralytics warms up over the first 100 steps at least)."""
+    return max(2, min(16, pictures // 6))
+
+
 def device() -> str:
     import torch
     return "0" if torch.cuda.is_available() else "cpu"
@@ -271,9 +277,9 @@ def train_detector(cfg, *, epochs: int | None = None, model: str = "yolov8n.yaml
     if epochs <= 0 or imgsz < 32:
         raise DetectorTrainError(f"--epochs must be positive and --imgsz at least 32, got {epochs} and {imgsz}")
     paths = cfg.paths
-    threads.apply(cfg.scorer.threads)
     with Store.open(cfg.db_path) as store:
         train, val, proposals = training_data(store, cfg)
+    threads.apply(cfg.scorer.threads)
     paths.detectors.mkdir(parents=True, exist_ok=True)
     clean_leftovers(paths)
     data_yaml = write_dataset(paths.detectors / DATASET, train, val)
@@ -283,7 +289,7 @@ def train_detector(cfg, *, epochs: int | None = None, model: str = "yolov8n.yaml
         + (f" ({proposals} of them confident proposals)" if proposals else "") + f"; {len(val)} held out")
     start = time.monotonic()
     try:
-        weights = train_yolo(data_yaml, tmp, model=model, epochs=epochs, imgsz=imgsz, batch=min(16, len(train)),
+        weights = train_yolo(data_yaml, tmp, model=model, epochs=epochs, imgsz=imgsz, batch=batch_size(len(train)),
                              config_dir=paths.root / "ultralytics", progress=progress)
         seconds = time.monotonic() - start
         shutil.copyfile(weights, tmp / own_detector.WEIGHTS)

@@ -70,3 +70,197 @@ def store_face_pictures(cfg, n: int, seed: int = 0, verify: bool = True) -> dict
                 store.verify_boxes(image_id, [Box(*b) for b in boxes])
             out[image_id] = boxes
     return out
+
+
+# ---- matching, curves, AP (hand-made boxes) ----------------------------------------------------
+def test_match_takes_predictions_best_first_and_each_true_box_once():
+    from scorer.box_metrics import iou, match
+
+    assert iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert iou((0, 0, 10, 10), (5, 0, 15, 10)) == 50 / 150
+    assert iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0 and iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0
+    truths = [(0, 0, 10, 10), (20, 0, 30, 10)]
+    preds = [((0, 0, 10, 10), 0.5),            # exact, but ranked second
+             ((1, 0, 11, 10), 0.9),            # IoU .82 with the first face: takes it
+             ((21, 0, 31, 10), 0.7),           # the second face
+             ((50, 50, 60, 60), 0.8)]          # nowhere
+    assert match(preds, truths) == [(0.9, True), (0.8, False), (0.7, True), (0.5, False)]
+    assert match(preds, truths, threshold=0.9) == [(0.9, False), (0.8, False), (0.7, False), (0.5, True)]
+    assert match([], truths) == [] and match(preds[:1], []) == [(0.5, False)]
+
+
+def test_pr_curve_and_average_precision():
+    from scorer.box_metrics import Curve, average_precision, pr_curve, recall_at_precision
+
+    curve = pr_curve([(0.9, True), (0.8, False), (0.7, True), (0.5, False)], n_true=4)
+    assert curve.precision == [1.0, 0.5, 2 / 3, 0.5] and curve.recall == [0.25, 0.25, 0.5, 0.5]
+    assert curve.confidence == [0.9, 0.8, 0.7, 0.5]
+    # envelope: precision 1 up to recall .25, 2/3 up to .5, nothing after
+    assert abs(average_precision(curve) - (0.25 * 1 + 0.25 * 2 / 3)) < 1e-9
+    assert average_precision(pr_curve([(0.9, True), (0.1, True)], 2)) == 1.0
+    assert average_precision(pr_curve([], 3)) == 0.0 and average_precision(Curve()) == 0.0
+    assert recall_at_precision(curve, 0.6) == 0.5 and recall_at_precision(curve, 0.9) == 0.25
+    assert recall_at_precision(curve, 1.01) == 0.0
+
+
+def test_score_reports_the_operating_point_and_map_over_iou_steps():
+    from scorer.box_metrics import score
+
+    pictures = [([((0, 0, 10, 10), 0.9), ((40, 40, 50, 50), 0.3)], [(0, 0, 10, 10)]),
+                ([((0, 0, 10, 12), 0.6)], [(0, 0, 10, 10), (30, 30, 40, 40)])]
+    s = score(pictures, min_confidence=0.5)
+    assert s.pictures == 2 and s.true_boxes == 3
+    assert s.precision == 1.0 and abs(s.recall - 2 / 3) < 1e-9        # the .3 box is under the threshold
+    assert abs(s.map50 - 2 / 3) < 1e-9                                 # both hits rank first
+    assert s.map50 > s.map50_95 > 0                                    # the 10x12 box fails IoU .85 and up
+    assert score([([], [(0, 0, 5, 5)])]).precision is None
+
+
+def test_promotion_is_recall_at_the_active_detectors_precision():
+    from scorer.box_metrics import Scores, pr_curve, promotion
+
+    def scores(matches, n_true, precision, recall):
+        return Scores(pr_curve(matches, n_true), 0, 0, precision, recall, 3, n_true)
+
+    active = scores([(0.9, True), (0.8, False)], 4, precision=0.5, recall=0.25)
+    better = scores([(0.9, True), (0.8, True), (0.7, False), (0.6, True), (0.5, False)], 4, None, 0)
+    ok, why = promotion(better, active)
+    assert ok and "recall 0.750 at precision >= 0.500" in why
+    # more recall only at a lower precision than the active one's: not better
+    sloppy = scores([(0.9, False), (0.8, False), (0.7, True), (0.6, False), (0.5, True), (0.4, True)], 4, None, 0)
+    ok, why = promotion(sloppy, scores([(0.9, True), (0.8, True), (0.7, False)], 4, 2 / 3, 0.5))
+    assert not ok and "recall 0.000 at precision >= 0.667" in why
+    equal = scores([(0.9, True), (0.8, False)], 4, None, 0)
+    assert not promotion(equal, active)[0]                    # as good is not better
+    nothing = scores([], 4, None, 0.0)                        # an active detector that finds nothing
+    assert promotion(better, nothing)[0]
+    assert promotion(better, scores([], 0, None, 0.0)) == (False, "no held-out verified face to compare on")
+
+
+def test_operating_confidence_is_best_f1_or_most_recall_at_a_precision():
+    from scorer.box_metrics import pr_curve
+    from scorer.detector_train import at_confidence, operating_confidence
+
+    curve = pr_curve([(0.9, True), (0.8, True), (0.7, False), (0.6, True), (0.2, False)], 3)
+    assert operating_confidence(curve) == 0.6            # P .75 R 1: best F1
+    assert operating_confidence(curve, precision=0.9) == 0.8
+    assert at_confidence(curve, 0.8) == (1.0, 2 / 3) and at_confidence(curve, 0.95) == (None, 0.0)
+    assert operating_confidence(pr_curve([], 2)) == 0.25
+
+
+# ---- dataset and refusals (no training) -------------------------------------------------------
+def test_yolo_labels_are_normalised_and_the_dataset_links_the_media(tmp_path):
+    from scorer.detector_train import Sample, write_dataset, yolo_label
+
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    s = Sample(7, tmp_path / "a.jpg", 200, 100, [(10, 20, 50, 60), (150, 0, 250, 40)])
+    assert yolo_label(s) == "0 0.150000 0.400000 0.200000 0.400000\n0 0.875000 0.200000 0.250000 0.400000\n"
+    assert yolo_label(Sample(8, s.path, 10, 10, [])) == ""
+    data = write_dataset(tmp_path / "ds", [s], [Sample(9, s.path, 10, 10, [])])
+    assert (tmp_path / "ds" / "train" / "images" / "7.jpg").resolve() == s.path.resolve()
+    assert (tmp_path / "ds" / "train" / "labels" / "7.txt").read_text() == yolo_label(s)
+    assert (tmp_path / "ds" / "val" / "labels" / "9.txt").read_text() == ""
+    assert "train: train/images" in data.read_text() and "0: face" in data.read_text()
+
+
+def test_train_with_too_few_verified_pictures_says_how_to_get_them(tmp_path):
+    from tests.helpers import cli, make_config
+
+    cfg = make_config(tmp_path)
+    store_face_pictures(cfg, 4)
+    out = cli(tmp_path, "detector", "train", "--epochs", "1")
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.startswith("error: too few verified pictures to train a detector: ")
+    assert "detector bootstrap" in out.stderr and "Boxes page" in out.stderr and out.stderr.count("\n") == 1
+    assert not (cfg.paths.detectors / "ACTIVE").exists()
+
+
+def test_detector_use_and_list(tmp_path):
+    from scorer import own_detector
+    from tests.helpers import cli, make_config
+
+    cfg = make_config(tmp_path)
+    out = cli(tmp_path, "detector", "use", "d1")
+    assert out.returncode == 1 and out.stderr == ("error: no detector version 'd1' (versions: none yet "
+                                                  "(python main.py detector train))\n")
+    version = cfg.paths.detectors / "d20260101-000000"
+    version.mkdir(parents=True)
+    (version / "weights.pt").write_bytes(b"w")
+    (version / "metrics.json").write_text('{"mAP50": 0.8, "mAP50-95": 0.4, "confidence": 0.3, "model": "yolov8n.yaml"}')
+    listing = cli(tmp_path, "detector", "list").stdout
+    assert listing.splitlines()[0].startswith("* config  animeface") and "  d20260101-000000  yolov8n.yaml" in listing
+    assert "mAP50 0.800 mAP50-95 0.400" in listing
+    out = cli(tmp_path, "detector", "use", "d20260101-000000")
+    assert out.returncode == 0 and "detector in use: d20260101-000000" in out.stdout
+    assert own_detector.active_version(cfg.paths) == "d20260101-000000"
+    assert cli(tmp_path, "detector", "list").stdout.splitlines()[1].startswith("* d20260101-000000")
+    eff = own_detector.effective_detector(cfg.detector, cfg.paths)
+    assert eff.name == "yolo" and eff.min_confidence == 0.3 and eff.weights.endswith("d20260101-000000/weights.pt")
+    assert own_detector.tag(cfg.paths) == "own:d20260101-000000"
+    assert cli(tmp_path, "detector", "use", "config").returncode == 0
+    assert own_detector.active_version(cfg.paths) is None and own_detector.tag(cfg.paths) == "config"
+
+
+def test_leftovers_of_killed_runs_are_removed_but_a_live_runs_folder_stays(tmp_path):
+    import os
+
+    from scorer.detector_train import clean_leftovers
+    from storage.paths import DataPaths
+
+    paths = DataPaths(tmp_path)
+    dead = paths.detectors / ".train-d1-999999999"
+    live = paths.detectors / f".train-d2-{os.getpid()}"
+    for d in (dead, live):
+        (d / "run").mkdir(parents=True)
+    assert clean_leftovers(paths) == [dead.name]
+    assert not dead.exists() and live.exists()
+
+
+def test_config_keys_auto_and_train_proposals(tmp_path):
+    import pytest
+
+    from bot.config import ConfigError, load_config
+    from tests.helpers import write_config
+
+    cfg = load_config(write_config(tmp_path, "[detector]\nauto = true\ntrain_proposals = 0.9\n"))
+    assert cfg.detector.auto is True and cfg.detector.train_proposals == 0.9
+    with pytest.raises(ConfigError, match="detector.train_proposals"):
+        load_config(write_config(tmp_path, "[detector]\ntrain_proposals = 2\n"))
+
+
+# ---- re-detection in the store (storage/redetect.py) --------------------------------------------
+def test_redetection_replaces_faces_keeps_labels_and_names_and_marks_for_rescoring(tmp_path):
+    from storage import Store
+    from storage.records import Face
+    from tests.helpers import make_config, seed
+
+    cfg = make_config(tmp_path)
+    a, b, c, d = seed(cfg, [{"popularity": i, "faces": 2} for i in range(4)])   # faces (20,20,90,100), (110,20,180,100)
+    with Store.open(cfg.db_path) as store:
+        fa = [f["id"] for f in store.faces_of(a)]
+        store.add_label(a, 5, origin="gallery", face_id=fa[0])
+        store.add_label(a, 2, origin="gallery", ref="second", face_id=fa[1])
+        store.name_face(fa[0], store.character_id("Miku", create=True), origin="gallery")
+        with store.db.conn:          # c was imported as a crop, d is posted: neither is detected again
+            store.db.execute("UPDATE faces SET detector = 'crop' WHERE image_id = ?", [c])
+        post = store.post_intent(d, "discord", "1")
+        store.post_sent(post, "m1")
+        assert [r["id"] for r in store.redetect_candidates("own:v1", 10)] == [a, b]
+        assert store.count_redetect_candidates("config") == 0          # NULL: the configured detector found them
+        new = [Face(22, 18, 92, 98, 0.8, "yolo"), Face(0, 120, 30, 150, 0.6, "yolo")]
+        assert store.record_redetection(a, new, "own:v1")
+        faces = store.faces_of(a)
+        assert [(f["x1"], f["detector"]) for f in faces] == [(22, "yolo"), (0, "yolo")]
+        labels = store.execute("SELECT value, face_id FROM labels WHERE image_id = ? ORDER BY id", [a])
+        assert [(r["value"], r["face_id"]) for r in labels] == [(5, faces[0]["id"]), (2, None)]   # both kept
+        names = store.execute("SELECT face_id FROM face_names")
+        assert [r["face_id"] for r in names] == [faces[0]["id"]]
+        row = store.get_image(a)
+        assert row["detector_version"] == "own:v1" and row["model_version"] is None and row["score"] == 3.0
+        assert [r["id"] for r in store.rescore_candidates("resnet18-random-init", 10)] == [a]
+        assert not store.record_redetection(a, new, "own:v1")            # done already
+        assert [r["id"] for r in store.redetect_candidates("own:v1", 10)] == [b]
+        assert [r["id"] for r in store.redetect_candidates("own:v1", 10, after_id=b)] == []
+        store.mark_redetected(b, "own:v1")
+        assert store.count_redetect_candidates("own:v1") == 0
+        assert store.count_redetect_candidates("config") == 2            # switching back: a and b again
