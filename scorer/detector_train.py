@@ -30,6 +30,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -253,12 +254,16 @@ def train_yolo(data_yaml: Path, out: Path, *, model: str, epochs: int, imgsz: in
         bar.update(1)
 
     net.add_callback("on_train_epoch_end", epoch_end)
+    quiet = logging.getLogger("ultralytics")      # also when ultralytics was imported before YOLO_VERBOSE
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     try:
         net.train(data=str(data_yaml), epochs=epochs, imgsz=imgsz, batch=batch, device=dev,
                   workers=0 if dev == "cpu" else min(4, os.cpu_count() or 1), amp=False, plots=False,
                   val=False, project=str(out), name="run", exist_ok=True, verbose=False, patience=0)
     finally:
         bar.close()
+        quiet.setLevel(level)
     weights = out / "run" / "weights" / "last.pt"
     if not weights.is_file():
         raise DetectorTrainError("training ended without weights (see the log above)")

@@ -4,8 +4,17 @@
 from __future__ import annotations
 
 import io
+import os
 import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
 
+import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from storage.boxes import Box
@@ -217,8 +226,6 @@ def test_leftovers_of_killed_runs_are_removed_but_a_live_runs_folder_stays(tmp_p
 
 
 def test_config_keys_auto_and_train_proposals(tmp_path):
-    import pytest
-
     from bot.config import ConfigError, load_config
     from tests.helpers import write_config
 
@@ -264,3 +271,193 @@ def test_redetection_replaces_faces_keeps_labels_and_names_and_marks_for_rescori
         store.mark_redetected(b, "own:v1")
         assert store.count_redetect_candidates("own:v1") == 0
         assert store.count_redetect_candidates("config") == 2            # switching back: a and b again
+
+
+# ---- training (slow: a tiny YOLO on synthetic faces) --------------------------------------------
+EPOCHS, IMGSZ, PICTURES = 30, 96, 30
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny training run through ``train_detector``, with every network connection refused
+    and recorded."""
+    pytest.importorskip("ultralytics", reason="the yolo extra is not installed")
+    from scorer.detector_train import train_detector
+    from tests.helpers import make_config
+
+    root = tmp_path_factory.mktemp("own")
+    cfg = make_config(root)
+    truths = store_face_pictures(cfg, PICTURES)
+    attempts, lines = [], []
+
+    def refuse(sock, address, *a, **kw):
+        attempts.append(address)
+        raise OSError("no network in this test")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", refuse)
+        mp.setattr(socket.socket, "connect_ex", refuse)
+        mp.chdir(root)                                  # ultralytics would drop downloaded weights here
+        metrics = train_detector(cfg, epochs=EPOCHS, imgsz=IMGSZ, progress=False, say=lines.append)
+    return SimpleNamespace(cfg=cfg, root=root, metrics=metrics, lines=lines, attempts=attempts, truths=truths)
+
+
+def copy_of(trained, tmp_path, auto: bool = False):
+    """A config on a copy of the trained data folder (so a test can switch detectors freely)."""
+    from tests.helpers import make_config
+
+    shutil.copytree(trained.cfg.data_path, tmp_path / "data", symlinks=True)
+    cfg = make_config(tmp_path)
+    if auto:
+        from dataclasses import replace
+        cfg.detector = replace(cfg.detector, auto=True)
+    return cfg
+
+
+@pytest.mark.slow
+def test_a_tiny_training_run_finds_the_held_out_faces_offline(trained):
+    from scorer import own_detector
+
+    m, cfg = trained.metrics, trained.cfg
+    version = m["version"]
+    assert own_detector.versions(cfg.paths) == [version]
+    assert sorted(p.name for p in (cfg.paths.detectors / version).iterdir()) == ["metrics.json", "weights.pt"]
+    assert not [p for p in cfg.paths.detectors.iterdir() if p.name.startswith(".train-")]
+    assert m["mAP50"] > 0.2 and m["mAP50-95"] > 0.05, m            # clearly above zero on held-out pictures
+    assert m["heldout_pictures"] >= 2 and m["train_pictures"] + m["heldout_pictures"] == PICTURES
+    assert m["epochs"] == EPOCHS and m["imgsz"] == IMGSZ and m["model"] == "yolov8n.yaml"
+    assert own_detector.metrics_of(cfg.paths, version)["mAP50"] == m["mAP50"]
+    assert any(f"held-out mAP50 {m['mAP50']:.3f}, mAP50-95 {m['mAP50-95']:.3f}" in line for line in trained.lines)
+    assert trained.lines[-1].startswith(f"to use it: python main.py detector use {version}")
+    assert own_detector.active_version(cfg.paths) is None                  # without detector.auto: not used
+    labels = sorted((cfg.paths.detectors / "dataset" / "train" / "labels").glob("*.txt"))
+    assert len(labels) == m["train_pictures"]
+    for line in labels[0].read_text().splitlines():
+        assert all(0 <= float(v) <= 1 for v in line.split()[1:])
+    # nothing was downloaded: no connection tried, offline mode on, no stock weights fetched anywhere
+    assert trained.attempts == [] and os.environ["YOLO_OFFLINE"] == "1"
+    assert not [p for p in trained.root.rglob("*.pt") if p.name != "weights.pt" and "models" not in p.parts]
+    assert not [p for p in trained.root.rglob("yolo*") if p.suffix in (".pt", ".onnx")]
+
+
+@pytest.mark.slow
+def test_eval_compares_with_the_bootstrap_detectors_and_plots_their_curves(trained, tmp_path):
+    from tests.helpers import cli
+
+    cfg = copy_of(trained, tmp_path)
+    out = cli(tmp_path, "detector", "eval")
+    assert out.returncode == 0, out.stderr
+    table = out.stdout.splitlines()
+    assert table[0].split() == ["detector", "precision", "recall", "mAP50", "mAP50-95", "ms/picture"]
+    names = [line.split()[0] for line in table[1:] if line and not line.startswith(("own:", "precision")) or
+             line.startswith("own:")]
+    assert f"own:{trained.metrics['version']}" in names and "animeface" in names and "opencv" in names
+    own = next(line for line in table if line.startswith("own:")).split()
+    assert float(own[3]) == pytest.approx(trained.metrics["mAP50"], abs=0.02)
+    png = next(line for line in table if line.startswith("precision-recall curves: ")).split(": ", 1)[1]
+    assert png.startswith(str(cfg.eval_path / "detectors")) and open(png, "rb").read(4) == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_auto_promotes_only_a_detector_that_beats_the_active_one(trained, tmp_path, monkeypatch):
+    """The same trained weights come out of two more "runs" (training itself stubbed): against the
+    configured animeface, which finds none of the synthetic faces, the first is promoted; the
+    second ties with it, the active one, and is kept but not used."""
+    from scorer import detector_train, own_detector
+
+    cfg = copy_of(trained, tmp_path, auto=True)
+    first = own_detector.weights_of(cfg.paths, trained.metrics["version"])
+
+    def no_training(data_yaml, out, **kw):
+        (out / "run" / "weights").mkdir(parents=True)
+        return shutil.copyfile(first, out / "run" / "weights" / "last.pt")
+
+    monkeypatch.setattr(detector_train, "train_yolo", no_training)
+    said = []
+    won = detector_train.train_detector(cfg, epochs=1, imgsz=IMGSZ, progress=False, say=said.append)
+    assert won["promoted"] and own_detector.active_version(cfg.paths) == won["version"]
+    assert "(animeface)" in won["reason"] and said[-1].startswith(f"now in use: {won['version']}")
+    tied = detector_train.train_detector(cfg, epochs=1, imgsz=IMGSZ, progress=False, say=said.append)
+    assert not tied["promoted"] and own_detector.active_version(cfg.paths) == won["version"]
+    assert f"(own:{won['version']})" in tied["reason"]
+    assert said[-1].startswith(f"kept, not used: {tied['version']} does not beat the active detector: recall ")
+    assert tied["version"] in own_detector.versions(cfg.paths)
+
+
+@pytest.mark.slow
+def test_a_training_run_killed_half_way_leaves_the_detector_in_use(trained, tmp_path):
+    from scorer import own_detector
+    from scorer.detector_train import clean_leftovers
+    from tests.helpers import MAIN, cli
+
+    cfg = copy_of(trained, tmp_path)
+    version = trained.metrics["version"]
+    own_detector.set_active(cfg.paths, version)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(MAIN), "detector", "train", "--epochs", "300", "--imgsz", "64"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while not list(cfg.paths.detectors.glob(".train-*/run/weights")):   # training is under way
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-2000:]
+            time.sleep(0.3)
+        time.sleep(2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    assert own_detector.versions(cfg.paths) == [version]                 # no half version
+    assert own_detector.active_version(cfg.paths) == version            # still in use
+    assert cli(tmp_path, "detector", "list").stdout.splitlines()[1].startswith(f"* {version}")
+    assert len(clean_leftovers(cfg.paths)) == 1                          # the next run tidies up
+    assert sorted(p.name for p in cfg.paths.detectors.iterdir()) == sorted(["ACTIVE", "dataset", version])
+
+
+@pytest.mark.slow
+async def test_the_daemon_follows_a_switch_and_detects_stored_pictures_again(trained, tmp_path):
+    import asyncio
+
+    from bot.daemon import Daemon
+    from scorer import own_detector
+    from storage import Store
+    from tests.helpers import wait_for
+
+    cfg = copy_of(trained, tmp_path)
+    version = trained.metrics["version"]
+    tag = own_detector.PREFIX + version
+    with Store.open(cfg.db_path) as store:
+        ids = sorted(trained.truths)
+        labelled = ids[0]
+        store.add_label(labelled, 4, origin="gallery", face_id=store.faces_of(labelled)[0]["id"])
+        model = store.active_model()["version"]
+
+    async def all_done():
+        rows = await daemon.store.execute("SELECT detector_version, model_version FROM images")
+        return all(r["detector_version"] == tag and r["model_version"] == model for r in rows)
+
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        assert daemon.detection is not None                          # animeface, in worker processes
+        old = daemon.detection
+        own_detector.set_active(cfg.paths, version)
+        assert await daemon.detectors.check()                        # what the 30 s check does
+        assert daemon.detection is None and old.closed               # yolo detects in the scoring thread
+        await wait_for(all_done, timeout=120)                        # detected again, then rescored
+        assert daemon.stats["redetected"] == PICTURES
+    finally:
+        await daemon.stop()
+    with Store.open(cfg.db_path) as store:
+        found = store.execute("SELECT COUNT(*) AS n FROM faces WHERE detector = 'yolo'")[0]["n"]
+        assert found >= PICTURES // 2                                 # the own detector's faces now
+        labels = store.execute("SELECT image_id, value FROM labels")
+        assert [(r["image_id"], r["value"]) for r in labels] == [(labelled, 4)]   # the label is kept
+        with store.db.conn:          # a stop half way: some pictures still carry the old detector
+            store.db.execute("UPDATE images SET detector_version = NULL WHERE id IN (?, ?)", ids[:2])
+    daemon = Daemon(cfg)
+    await daemon.start()             # starts with the active own version and resumes
+    try:
+        assert daemon.analyzer.detector.name == "yolo" and daemon.detection is None
+        await wait_for(all_done, timeout=60)
+    finally:
+        await daemon.stop()
+    await asyncio.sleep(0)
