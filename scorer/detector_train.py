@@ -225,9 +225,10 @@ def device() -> str:
 
 
 def train_yolo(data_yaml: Path, out: Path, *, model: str, epochs: int, imgsz: int, batch: int, config_dir: Path,
-               progress: bool = True) -> Path:
+               progress: bool = True, on_epoch=None) -> Path:
     """Train ultralytics YOLO from ``model`` (a yaml: built from scratch, nothing downloaded) into
-    ``out``; returns the last weights. A tqdm bar moves once per epoch."""
+    ``out``; returns the last weights. A tqdm bar moves once per epoch; ``on_epoch(trainer)`` is
+    called after each (bench/detector.py times them)."""
     os.environ.setdefault("YOLO_VERBOSE", "False")    # its own per-batch bars and logs: ours is per epoch
     from tqdm import tqdm
 
@@ -252,6 +253,8 @@ def train_yolo(data_yaml: Path, out: Path, *, model: str, epochs: int, imgsz: in
         except (AttributeError, TypeError, ValueError):
             pass
         bar.update(1)
+        if on_epoch is not None:
+            on_epoch(trainer)
 
     net.add_callback("on_train_epoch_end", epoch_end)
     quiet = logging.getLogger("ultralytics")      # also when ultralytics was imported before YOLO_VERBOSE
