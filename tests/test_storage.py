@@ -25,7 +25,7 @@ def test_open_creates_schema_with_wal_and_foreign_keys(tmp_path):
                                                   "m009_detector_boxes", "m010_detector_version"]
     db.close()
     db = open_db(tmp_path / "a" / "t.db")  # reopening applies nothing twice
-    assert len(migrations.applied(db)) == SCHEMA_VERSION == 8
+    assert len(migrations.applied(db)) == SCHEMA_VERSION == 10
 
 
 def test_save_poll_is_idempotent_and_stores_cursor(tmp_path):
