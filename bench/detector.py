@@ -143,9 +143,11 @@ def main() -> None:
     with Store.open(cfg.db_path) as store:
         train = samples(store.verified_box_pictures(holdout=False), cfg.media_path)
         val = samples(store.verified_box_pictures(holdout=True), cfg.media_path)
+        titles = {r["id"]: r["title"] for r in store.execute("SELECT id, title FROM images")}
     n_faces = lambda items: sum(len(s.boxes) for s in items)  # noqa: E731
+    held_out = ", ".join(titles[s.image_id] for s in val)
     print(f"verified: {len(train)} training pictures ({n_faces(train)} faces), {len(val)} held out "
-          f"({n_faces(val)} faces): {[s.path.name for s in val]}", file=sys.stderr)
+          f"({n_faces(val)} faces): {held_out}", file=sys.stderr)
 
     timing = {}
     for imgsz in (320, 640):
@@ -166,7 +168,7 @@ def main() -> None:
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, no GPU, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; work folder {out}\n")
     print(f"Verified pictures: {len(train) + len(val)} ({n_faces(train) + n_faces(val)} faces): "
-          f"{len(train)} for training, {len(val)} held out ({n_faces(val)} faces).\n")
+          f"{len(train)} for training, {len(val)} held out ({n_faces(val)} faces: {held_out}).\n")
     print("| imgsz | seconds per epoch per 100 pictures (each epoch) |\n| --- | --- |")
     for imgsz, t in timing.items():
         print(f"| {imgsz} | {', '.join(f'{x:.1f}' for x in t)} |")

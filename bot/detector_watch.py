@@ -71,7 +71,7 @@ class DetectorWatcher:
         pool = None if dcfg.name == "yolo" else DetectionPool.from_config(dcfg, self.cfg.data_path)
         old = self.pipeline.detection
         analyzer = self.pipeline.analyzer
-        analyzer.detector = detector
+        analyzer.detector, analyzer.detector_tag = detector, tag
         self.pipeline.detection = pool
         self.tag = self.pipeline.detector_tag = tag
         self._failed = None

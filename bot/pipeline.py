@@ -221,10 +221,12 @@ class Pipeline:
             rows.append(row)
         found = None
         tag = self.detector_tag   # before detecting: a switch meanwhile leaves the picture to detect again
-        if self.detection is not None and pictures:
-            found = await self.detection.detect_all(pictures)
-            if self.stopping.is_set() and any(isinstance(faces, DetectionFailed) for faces in found):
-                return   # the workers were stopped under it: the batch stays downloaded for the next start
+        pool = self.detection
+        if pool is not None and pictures:
+            found = await pool.detect_all(pictures)
+            if (self.stopping.is_set() or pool is not self.detection) and \
+                    any(isinstance(faces, DetectionFailed) for faces in found):
+                return   # the workers were stopped under it (a stop, a detector switch): the batch stays downloaded
             for row, faces in zip(rows, found):
                 if isinstance(faces, DetectionFailed):
                     await self.store.mark_failed(row["id"], str(faces))
