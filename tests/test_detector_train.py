@@ -461,3 +461,27 @@ async def test_the_daemon_follows_a_switch_and_detects_stored_pictures_again(tra
     finally:
         await daemon.stop()
     await asyncio.sleep(0)
+
+
+async def test_a_switch_to_a_broken_version_keeps_the_detector_in_use_and_says_so_once(tmp_path, caplog):
+    import asyncio
+    import logging
+
+    from bot.detector_watch import DetectorWatcher
+    from scorer import own_detector
+    from tests.helpers import make_config
+
+    cfg = make_config(tmp_path)
+    version = cfg.paths.detectors / "d1"
+    version.mkdir(parents=True)
+    (version / "weights.pt").write_bytes(b"not a model")
+    own_detector.set_active(cfg.paths, "d1")
+    analyzer = SimpleNamespace(detector="animeface", detector_tag="config")
+    pipeline = SimpleNamespace(detection=None, analyzer=analyzer, detector_tag="config")
+    watcher = DetectorWatcher(cfg, None, pipeline, None, asyncio.Event(), {})
+    caplog.set_level(logging.ERROR, "tastefeed.daemon")
+    assert not await watcher.check()
+    assert analyzer.detector == "animeface" and watcher.tag == pipeline.detector_tag == "config"
+    assert "cannot switch the face detector to own:d1, still detecting with config: " in caplog.text
+    caplog.clear()
+    assert not await watcher.check() and caplog.text == ""          # said once, not every 30 s
