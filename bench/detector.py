@@ -118,7 +118,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=40, help="epochs of the detector trained for the comparison")
     ap.add_argument("--imgsz", type=int, default=320, help="its training size")
-    ap.add_argument("--time-epochs", type=int, default=2, help="epochs timed at imgsz 320 and 640")
+    ap.add_argument("--time-epochs", type=int, default=2, help="epochs timed at imgsz 320 and 640 (0: no timing)")
     ap.add_argument("--out", help="work folder (default: a temporary one)")
     ap.add_argument("--data", default=str(SHARED))
     args = ap.parse_args()
@@ -150,7 +150,7 @@ def main() -> None:
           f"({n_faces(val)} faces): {held_out}", file=sys.stderr)
 
     timing = {}
-    for imgsz in (320, 640):
+    for imgsz in (320, 640) if args.time_epochs else ():
         t = epoch_times(cfg, train, val, imgsz, args.time_epochs, out)
         timing[imgsz] = t
         print(f"imgsz {imgsz}: epochs of 100 pictures took {[round(x, 1) for x in t]} s", file=sys.stderr)
