@@ -271,7 +271,23 @@ def yolo_class(config_dir: str | Path):
     except ImportError as e:
         raise DetectorError(f'cannot import ultralytics for the yolo detector: {e} '
                             '(reinstall it: pip install -e ".[yolo]")') from None
+    _unpatch_pillow()
     return YOLO
+
+
+def _unpatch_pillow() -> None:
+    """Undo ultralytics' replacement of ``PIL.Image.open``: on a file Pillow cannot identify, it
+    tries to install ``pi-heif`` (a download) and raises ModuleNotFoundError instead of Pillow's
+    error, so a corrupt picture stopped being refused as one (storage/media.py) once ultralytics
+    was imported."""
+    from PIL import Image as PILImage
+    try:
+        from ultralytics.utils import patches
+    except ImportError:  # pragma: no cover - another ultralytics layout
+        return
+    original = getattr(patches, "_image_open", None)
+    if original is not None and PILImage.open is getattr(patches, "image_open", None):
+        PILImage.open = original
 
 
 def prepare_ultralytics(config_dir: str | Path) -> None:

@@ -485,3 +485,17 @@ async def test_a_switch_to_a_broken_version_keeps_the_detector_in_use_and_says_s
     assert "cannot switch the face detector to own:d1, still detecting with config: " in caplog.text
     caplog.clear()
     assert not await watcher.check() and caplog.text == ""          # said once, not every 30 s
+
+
+def test_ultralytics_does_not_change_how_a_corrupt_picture_is_refused(tmp_path):
+    """ultralytics replaces PIL.Image.open with one that tries to install pi-heif for a file
+    Pillow cannot identify; the yolo detector's set-up undoes that."""
+    pytest.importorskip("ultralytics", reason="the yolo extra is not installed")
+    from scorer.detect import yolo_class
+    from storage.media import BadImage, inspect
+
+    yolo_class(tmp_path)
+    import PIL.Image
+    assert PIL.Image.open.__module__ == "PIL.Image"
+    with pytest.raises(BadImage):
+        inspect(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
