@@ -88,7 +88,7 @@ def effective_detector(cfg: DetectorConfig, paths: DataPaths) -> DetectorConfig:
 
 
 def tag(paths: DataPaths) -> str:
-    """What the detector in use is called in ``images.detector_version`` (migration m010): the
+    """What the detector in use is called in ``images.detector_version`` (migration m011): the
     active own version as ``own:VERSION``, or ``config`` for the configured detector."""
     version = active_version(paths)
     return PREFIX + version if version else CONFIG

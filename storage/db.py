@@ -318,7 +318,8 @@ def m009_detector_boxes(db: sqlite_utils.Database) -> None:
 
 
 @migrations()
-def m010_detector_version(db: sqlite_utils.Database) -> None:
+def m011_detector_version(db: sqlite_utils.Database) -> None:
+    # (m010 is main's kept-ranking indexes, written beside this branch: it comes first after a merge.)
     # Which detector found each picture's faces: "own:VERSION" (the owner's own detector,
     # scorer/own_detector.py), NULL for the configured one. After a switch, pictures found by
     # another detector are detected again in the background (bot/detector_watch.py), and a

@@ -1,7 +1,7 @@
-"""Detecting stored pictures again after a detector switch (``images.detector_version``, m010).
+"""Detecting stored pictures again after a detector switch (``images.detector_version``, m011).
 
 Each scored picture records the detector that found its faces: ``own:VERSION`` for the owner's
-own detector, ``config`` (or NULL, from before m010) for the configured one. When another
+own detector, ``config`` (or NULL, from before m011) for the configured one. When another
 detector comes into use (``detector use``, a promotion), the pictures found by a different one
 are *candidates*: the daemon detects them again (bot/detector_watch.py) and stores the new faces
 with :meth:`RedetectMethods.record_redetection`, which marks them for rescoring. The column makes
