@@ -7,9 +7,10 @@ are *candidates*: the daemon detects them again (bot/detector_watch.py) and stor
 with :meth:`RedetectMethods.record_redetection`, which marks them for rescoring. The column makes
 the work resumable: a restart finds the pictures still to do.
 
-Not detected again: pictures imported as face crops (their box is the picture), pictures whose
-media was pruned, and pictures already posted (they keep what they were posted with, as
-rescoring keeps their scores).
+Only scored pictures are detected again. Not: pictures skipped for having no face
+(``detector.no_face = "skip"``), pictures imported as face crops (their box is the picture),
+pictures whose media was pruned, and pictures already posted (they keep what they were posted
+with, as rescoring keeps their scores).
 
 Nothing the owner gave is lost: labels (which reference a face, ON DELETE SET NULL) and given
 character names (``face_names``, ON DELETE CASCADE) of a replaced face move to the new face that
@@ -19,12 +20,12 @@ overlaps it most (IoU at least :data:`CARRY_IOU`); a label with no such face sta
 """
 from __future__ import annotations
 
-from storage.records import CROP, SCORED, SKIPPED, Face
+from storage.records import CROP, SCORED, Face
 
 CARRY_IOU = 0.3
 CONFIG = "config"
 
-_CANDIDATES = (f"FROM images WHERE status IN ('{SCORED}', '{SKIPPED}') AND media_path IS NOT NULL "
+_CANDIDATES = (f"FROM images WHERE status = '{SCORED}' AND media_path IS NOT NULL "
                "AND media_pruned_at IS NULL AND COALESCE(detector_version, ?) != ? "
                f"AND id NOT IN (SELECT image_id FROM faces WHERE detector = '{CROP}') "
                "AND id NOT IN (SELECT image_id FROM posts WHERE status = 'sent')")
@@ -56,7 +57,7 @@ class RedetectMethods:
         rescoring (``model_version`` NULL: its score stays until then). False when the picture is
         no candidate any more (posted, pruned, gone, already done)."""
         with self.db.conn:
-            row = self.db.execute(f"SELECT status {_CANDIDATES} AND id = ?", [CONFIG, tag, int(image_id)]).fetchone()
+            row = self.db.execute(f"SELECT id {_CANDIDATES} AND id = ?", [CONFIG, tag, int(image_id)]).fetchone()
             if row is None:
                 return False
             old = {r[0]: (r[1], r[2], r[3], r[4]) for r in self.db.execute(
@@ -90,9 +91,8 @@ class RedetectMethods:
                     taken.add(target)
                     self.db.execute("INSERT INTO face_names (face_id, character_id, origin, weak, created_at) "
                                     "VALUES (?, ?, ?, ?, ?)", [target, character_id, origin, weak, created])
-            status = SCORED if faces else row[0]   # a skipped picture with faces now is scored
-            self.db.execute("UPDATE images SET detector_version = ?, model_version = NULL, status = ? WHERE id = ?",
-                            [tag, status, image_id])
+            self.db.execute("UPDATE images SET detector_version = ?, model_version = NULL WHERE id = ?",
+                            [tag, image_id])
         return True
 
     def mark_redetected(self, image_id: int, tag: str) -> None:

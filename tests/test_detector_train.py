@@ -242,14 +242,15 @@ def test_redetection_replaces_faces_keeps_labels_and_names_and_marks_for_rescori
     from tests.helpers import make_config, seed
 
     cfg = make_config(tmp_path)
-    a, b, c, d = seed(cfg, [{"popularity": i, "faces": 2} for i in range(4)])   # faces (20,20,90,100), (110,20,180,100)
+    a, b, c, d, e = seed(cfg, [{"popularity": i, "faces": 2} for i in range(5)])  # faces (20,20,90,100), (110,20,180,100)
     with Store.open(cfg.db_path) as store:
         fa = [f["id"] for f in store.faces_of(a)]
         store.add_label(a, 5, origin="gallery", face_id=fa[0])
         store.add_label(a, 2, origin="gallery", ref="second", face_id=fa[1])
         store.name_face(fa[0], store.character_id("Miku", create=True), origin="gallery")
-        with store.db.conn:          # c was imported as a crop, d is posted: neither is detected again
+        with store.db.conn:          # c was imported as a crop, d is posted, e skipped: not detected again
             store.db.execute("UPDATE faces SET detector = 'crop' WHERE image_id = ?", [c])
+            store.db.execute("UPDATE images SET status = 'skipped' WHERE id = ?", [e])
         post = store.post_intent(d, "discord", "1")
         store.post_sent(post, "m1")
         assert [r["id"] for r in store.redetect_candidates("own:v1", 10)] == [a, b]
