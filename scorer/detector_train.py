@@ -202,11 +202,7 @@ def training_data(store, cfg) -> tuple[list[Sample], list[Sample], int]:
     train = samples(store.verified_box_pictures(holdout=False), cfg.media_path)
     val = samples(store.verified_box_pictures(holdout=True), cfg.media_path)
     if len(train) < MIN_TRAIN or len(val) < MIN_HELDOUT:
-        raise DetectorTrainError(
-            f"too few verified pictures to train a detector: {len(train)} for training and {len(val)} held out, "
-            f"at least {MIN_TRAIN} and {MIN_HELDOUT} are needed (about {5 * max(MIN_TRAIN, 4 * MIN_HELDOUT) // 4} "
-            "verified in all; one in five is held out): propose boxes with `python main.py detector bootstrap`, "
-            "then check and accept them on the gallery's Boxes page")
+        raise DetectorTrainError(_too_few(len(train), len(val)))
     extra = []
     if cfg.detector.train_proposals > 0:
         extra = samples(store.proposed_box_pictures(cfg.detector.train_proposals), cfg.media_path, "proposed")
@@ -217,6 +213,13 @@ def batch_size(pictures: int) -> int:
     """Pictures per step: 16, fewer for a small set so that an epoch still has several steps
     (ultralytics warms up over the first 100 steps at least)."""
     return max(2, min(16, pictures // 6))
+
+
+def _too_few(train: int, val: int) -> str:
+    return (f"too few verified pictures to train a detector: {train} for training and {val} held out, "
+            f"at least {MIN_TRAIN} and {MIN_HELDOUT} are needed (about {5 * max(MIN_TRAIN, 4 * MIN_HELDOUT) // 4} "
+            "verified in all; one in five is held out): propose boxes with `python main.py detector bootstrap`, "
+            "then check and accept them on the gallery's Boxes page")
 
 
 def device() -> str:
@@ -285,6 +288,8 @@ def train_detector(cfg, *, epochs: int | None = None, model: str = "yolov8n.yaml
     if epochs <= 0 or imgsz < 32:
         raise DetectorTrainError(f"--epochs must be positive and --imgsz at least 32, got {epochs} and {imgsz}")
     paths = cfg.paths
+    if not cfg.db_path.exists():      # no data folder yet: refuse without creating one
+        raise DetectorTrainError(_too_few(0, 0))
     with Store.open(cfg.db_path) as store:
         train, val, proposals = training_data(store, cfg)
     threads.apply(cfg.scorer.threads)
@@ -437,8 +442,10 @@ def evaluate_detectors(cfg, say=print) -> tuple[list[dict], Path]:
     the table and the PNG of the curves."""
     from storage import Store
 
-    with Store.open(cfg.db_path) as store:
-        val = samples(store.verified_box_pictures(holdout=True), cfg.media_path)
+    val = []
+    if cfg.db_path.exists():          # no data folder yet: nothing to evaluate, and none is created
+        with Store.open(cfg.db_path) as store:
+            val = samples(store.verified_box_pictures(holdout=True), cfg.media_path)
     if not val:
         raise DetectorTrainError("no held-out verified pictures to evaluate on: propose boxes with "
                                  "`python main.py detector bootstrap` and accept them on the gallery's Boxes page "
@@ -454,7 +461,7 @@ def evaluate_detectors(cfg, say=print) -> tuple[list[dict], Path]:
                      "confidence": dcfg.min_confidence, "curve": scores.curve})
     out = cfg.eval_path / "detectors" / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     png = plot_curves(rows, out / "precision-recall.png",
-                      title=f"{len(val)} held-out verified pictures, {val and sum(len(s.boxes) for s in val)} faces")
+                      title=f"{len(val)} held-out verified pictures, {sum(len(s.boxes) for s in val)} faces")
     return rows, png
 
 

@@ -182,6 +182,12 @@ def test_train_with_too_few_verified_pictures_says_how_to_get_them(tmp_path):
     assert out.stderr.startswith("error: too few verified pictures to train a detector: ")
     assert "detector bootstrap" in out.stderr and "Boxes page" in out.stderr and out.stderr.count("\n") == 1
     assert not (cfg.paths.detectors / "ACTIVE").exists()
+    fresh = tmp_path / "fresh"                      # before any data folder: refused, none created
+    fresh.mkdir()
+    for command in (["train"], ["eval"], ["list"]):
+        out = cli(fresh, "detector", *command)
+        assert out.returncode == (0 if command == ["list"] else 1) and out.stderr.count("\n") <= 1, out
+    assert sorted(p.name for p in fresh.iterdir()) == []
 
 
 def test_detector_use_and_list(tmp_path):
