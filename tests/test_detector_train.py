@@ -212,6 +212,8 @@ def test_detector_use_and_list(tmp_path):
     eff = own_detector.effective_detector(cfg.detector, cfg.paths)
     assert eff.name == "yolo" and eff.min_confidence == 0.3 and eff.weights.endswith("d20260101-000000/weights.pt")
     assert own_detector.tag(cfg.paths) == "own:d20260101-000000"
+    doctor = [line for line in cli(tmp_path, "doctor").stdout.splitlines() if line.startswith("detector")]
+    assert len(doctor) == 1 and "FAIL" in doctor[0] and "d20260101-000000" in doctor[0]   # checks the one in use
     assert cli(tmp_path, "detector", "use", "config").returncode == 0
     assert own_detector.active_version(cfg.paths) is None and own_detector.tag(cfg.paths) == "config"
 
