@@ -76,7 +76,7 @@ class DetectorWatcher:
         self.tag = self.pipeline.detector_tag = tag
         self._failed = None
         if old is not None:
-            await old.close()          # pictures in flight on it fail over to the next start's batch
+            await old.close()          # a batch in flight on it stays downloaded and is detected again
         log.info("face detector switched to %s (%s)%s; detecting the stored pictures again in the background",
                  tag, dcfg.name, f" in {pool.workers} worker process(es)" if pool else "")
         self._start_redetection()
