@@ -50,7 +50,8 @@ EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130  # see the module docstri
 # Each package's base error (module, class name): its message is written for the user.
 USER_ERRORS = {"storage.db": "StorageError", "storage.media": "BadImage", "sources": "SourceError",
                "scorer.detect": "DetectorError", "scorer.model": "ModelError", "scorer.train": "TrainError",
-               "bot.manage": "ManageError", "bot.service": "ServiceError"}
+               "bot.manage": "ManageError", "bot.service": "ServiceError",
+               "scorer.detector_train": "DetectorTrainError"}
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -331,9 +332,13 @@ def _doctor_checks(cfg, opened: contextlib.ExitStack) -> list[tuple[str, bool, s
         checks.append(("media folder", *_creatable(cfg.media_path, "created on first use")))
     try:
         from scorer.detect import make_detector
-        det = make_detector(cfg.detector, Path(tempfile.gettempdir()) / "tastefeed" if fresh else cfg.data_path)
+        from scorer.own_detector import effective_detector, tag
+        det = make_detector(effective_detector(cfg.detector, cfg.paths),
+                            Path(tempfile.gettempdir()) / "tastefeed" if fresh else cfg.data_path)
         det.detect(Image.new("RGB", (64, 64), "white"))
-        checks.append(("detector", True, cfg.detector.name))
+        in_use = tag(cfg.paths)
+        checks.append(("detector", True, cfg.detector.name if in_use == "config" else f"{in_use} (yolo; "
+                       f"configured: {cfg.detector.name})"))
     except Exception as e:  # noqa: BLE001
         checks.append(("detector", False, str(e)))
     try:
@@ -687,7 +692,8 @@ def _characters_identify(cfg, args, store) -> int:
     if not len(recognizer):
         print("note: no character is enrolled yet: every face is unknown "
               "(python main.py characters import DIR, or characters add NAME PICTURE...)", file=sys.stderr)
-    detector = None if args.crops else make_detector(cfg.detector, cfg.data_path)
+    from scorer.own_detector import effective_detector
+    detector = None if args.crops else make_detector(effective_detector(cfg.detector, cfg.paths), cfg.data_path)
     results = identify_pictures([Path(p) for p in args.pictures], detector, embedder, recognizer,
                                 store.character_names(), margin=cfg.detector.margin, crops=args.crops,
                                 max_pixels=cfg.download.max_pixels)

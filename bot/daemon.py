@@ -38,6 +38,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from bot import notify
 from bot.backups import BackupJob
 from bot.config import Config, ConfigError, load_config
+from bot.detector_watch import DetectorWatcher
 from bot.disk import DiskKeeper
 from bot.health import LoopMonitor, live_report, remove_state, write_state
 from bot.manage import sync_config_sources
@@ -47,7 +48,7 @@ from bot.pipeline import Pipeline
 from bot.polling import SourcePoller
 from bot.recognition import Recognition
 from bot.reload import Reloaded, apply_live, summary
-from scorer import threads
+from scorer import own_detector, threads
 from scorer.analyze import Analyzer, build_analyzer
 from scorer.detect_pool import DetectionPool
 from sources.http import Http
@@ -64,7 +65,6 @@ class Daemon:
         self.http = Http.from_config(cfg.download)
         self.scheduler = AsyncIOScheduler(timezone=timezone.utc)
         self.analyzer: Analyzer | None = None
-        self.detection: DetectionPool | None = None   # face detection processes (not for yolo)
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
         self.stats = {"polls": 0, "downloaded": 0, "scored": 0, "failed": 0, "rescored": 0, "identified": 0,
@@ -77,6 +77,7 @@ class Daemon:
                                    on_new_items=self.pipeline.wake_downloads)
         self.models = ModelWatcher(cfg, self.store, self.scheduler, self.stopping, self.stats)
         self.learner = Learner(cfg, self.store, self.models, self.stopping, self.stats)
+        self.detectors = DetectorWatcher(cfg, self.store, self.pipeline, self.models, self.stopping, self.stats)
         self.backups = BackupJob(cfg, self.stopping)
         self.discord = None           # bot.discord_bot.DiscordBot when a token is configured
         self.gallery = None           # bot.web.Gallery when the web gallery is on
@@ -89,6 +90,16 @@ class Daemon:
         self.stats["restart_needed"] = []             # config keys changed by a reload (bot/reload.py)
         self.stats["config_read_at"] = time.time()    # when the config file was last read
         self._reloads: set[asyncio.Task] = set()
+
+    @property
+    def detection(self) -> DetectionPool | None:
+        """The face detection processes (None for yolo, which detects in the scoring thread); the
+        pipeline's, swapped on a detector switch (bot/detector_watch.py)."""
+        return self.pipeline.detection
+
+    @detection.setter
+    def detection(self, pool: DetectionPool | None) -> None:
+        self.pipeline.detection = pool
 
     # ---- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -103,9 +114,11 @@ class Daemon:
         for name in await self.store.call(sync_config_sources, self.cfg):
             log.info("source %s: removed (no longer in the config)", name)
         threads.apply(self.cfg.scorer.threads)
+        tag = own_detector.tag(self.cfg.paths)             # the owner's own detector, or the configured one
+        detector = own_detector.effective_detector(self.cfg.detector, self.cfg.paths)
         self.analyzer = await self.store.call(lambda s: build_analyzer(s, self.cfg.detector, self.cfg.scorer, self.cfg.paths))
-        if self.cfg.detector.name != "yolo":   # yolo releases the GIL: it detects in the scoring thread
-            self.detection = DetectionPool.from_config(self.cfg.detector, self.cfg.data_path)
+        if detector.name != "yolo":   # yolo releases the GIL: it detects in the scoring thread
+            self.detection = DetectionPool.from_config(detector, self.cfg.data_path)
         log.info("scoring with model %s on %s, detector %s%s", self.analyzer.scorer.version,
                  self.analyzer.scorer.device, self.analyzer.detector.name,
                  f" in {self.detection.workers} worker process(es)" if self.detection else "")
@@ -117,6 +130,7 @@ class Daemon:
         self.backups.start(self.scheduler)
         await self.disk.start(self.scheduler)
         self.pipeline.start(self.analyzer, self.detection)
+        await self.detectors.start(self.scheduler, tag)
         self.start_discord()
         await self.start_gallery()
         write_state(self.cfg.data_path, self.gallery_url)   # where `status` finds the gallery
@@ -216,7 +230,7 @@ class Daemon:
             self._discord_task.cancel()
             await asyncio.wait([self._discord_task], timeout=5)
         work = self.pipeline.running() + self.poller.running() + self.models.running() + self.recognition.running() \
-            + self.learner.running() + self.backups.running() + self.disk.running()
+            + self.learner.running() + self.backups.running() + self.disk.running() + self.detectors.running()
         pending = [t for t in work if not t.done()]
         if pending:
             done, still = await asyncio.wait(pending, timeout=self.cfg.daemon.stop_timeout)

@@ -67,6 +67,7 @@ class Pipeline:
         self.stats = stats
         self.analyzer: Analyzer | None = None
         self.detection: DetectionPool | None = None   # None: the analyzer detects in its thread
+        self.detector_tag: str = "config"   # the detector in use (images.detector_version; bot/detector_watch.py)
         self.download_queue: asyncio.Queue[int] = asyncio.Queue(cfg.download.queue_size)
         self.score_queue: asyncio.Queue[int] = asyncio.Queue(cfg.daemon.score_queue_size)
         self._download_wake = asyncio.Event()
@@ -210,7 +211,9 @@ class Pipeline:
         so the batch never holds every full-size picture at once; then all its crops are scored
         together."""
         analyzer = self.analyzer
-        width = (self.detection.workers + 1) if self.detection is not None else 1
+        tag = self.detector_tag   # before detecting: a switch meanwhile leaves the picture to detect again
+        pool = self.detection
+        width = (pool.workers + 1) if pool is not None else 1
         reading = asyncio.Semaphore(width)   # full-size pictures in memory at once
         stopped = False
 
@@ -227,14 +230,14 @@ class Pipeline:
                     await self.store.mark_failed(image_id, f"stored picture unreadable: {e}")
                     log.warning("image %d: stored picture unreadable: %s", image_id, e)
                     return None
-                if self.detection is None:
+                if pool is None:
                     faces = await asyncio.to_thread(analyzer.detect, im)
                 else:
-                    faces = (await self.detection.detect_all([im]))[0]
+                    faces = (await pool.detect_all([im]))[0]
                     if isinstance(faces, DetectionFailed):
-                        if self.stopping.is_set():
-                            stopped = True   # the workers were stopped under it: it stays downloaded
-                            return None
+                        if self.stopping.is_set() or pool is not self.detection:
+                            stopped = True   # its workers were stopped under it (a stop, a detector switch):
+                            return None      # the batch stays downloaded
                         await self.store.mark_failed(row["id"], str(faces))
                         log.warning("image %d: %s", row["id"], faces)
                         self.stats["failed"] += 1
@@ -252,7 +255,7 @@ class Pipeline:
         for row, res in zip(rows, analyses):
             if not await self.store.record_analysis(row["id"], res.faces, res.score, res.uncertainty, version,
                                                     skipped=res.skipped, expect=DOWNLOADED,
-                                                    features=res.features):
+                                                    features=res.features, detector_version=tag):
                 continue  # an import took the picture meanwhile: its analysis stands
             await self.store.name_from_tags(row["id"])  # booru: one character tag, one face -> a weak name
             self.stats["scored"] += 1

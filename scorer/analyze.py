@@ -23,6 +23,8 @@ from PIL import Image
 from scorer.detect import Detector, DetectorConfig, crop_face, make_detector
 from scorer.detect_pool import faces_or_whole
 from scorer.model import Scorer
+from scorer.own_detector import effective_detector
+from scorer.own_detector import tag as own_detector_tag
 from scorer.registry import ensure_active_model, load_scorer, untrained_scorer
 from scorer.settings import ScorerConfig
 from storage.paths import DataPaths
@@ -76,6 +78,7 @@ class Analyzer:
                  no_face: str = "whole", aggregate: str = "max"):
         self.detector, self.scorer = detector, scorer
         self.margin, self.no_face, self.aggregate = margin, no_face, aggregate
+        self.detector_tag = "config"   # images.detector_version of what it detects (scorer/own_detector.py tag)
 
     def detect(self, im: Image.Image) -> list[Face]:
         return faces_or_whole(self.detector.detect(im), im, self.no_face)
@@ -119,14 +122,19 @@ class Analyzer:
 def build_analyzer(store, detector: DetectorConfig, scorer: ScorerConfig, paths: DataPaths) -> Analyzer:
     """Detector plus the active model (created untrained if none); ``store`` is a sync Store, or
     None where nothing may be written (``score`` before any data folder exists): then the
-    untrained model is kept in memory. The detector comes first: it fails faster."""
+    untrained model is kept in memory. The detector is the one in use: the owner's own active
+    version in place of the configured one (scorer/own_detector.py). It comes first: it fails faster."""
+    tag = own_detector_tag(paths)
+    detector = effective_detector(detector, paths)
     if store is None:
         found = make_detector(detector, Path(tempfile.gettempdir()) / "tastefeed")
         model = untrained_scorer(scorer)
     else:
         found = make_detector(detector, paths.root)
         model = load_scorer(ensure_active_model(store, scorer, paths.models), scorer, paths.models)
-    return Analyzer(found, model, margin=detector.margin, no_face=detector.no_face, aggregate=scorer.aggregate)
+    analyzer = Analyzer(found, model, margin=detector.margin, no_face=detector.no_face, aggregate=scorer.aggregate)
+    analyzer.detector_tag = tag
+    return analyzer
 
 
 def face_crop(im: Image.Image, face: Face, margin: float) -> Image.Image:

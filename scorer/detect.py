@@ -271,7 +271,23 @@ def yolo_class(config_dir: str | Path):
     except ImportError as e:
         raise DetectorError(f'cannot import ultralytics for the yolo detector: {e} '
                             '(reinstall it: pip install -e ".[yolo]")') from None
+    _unpatch_pillow()
     return YOLO
+
+
+def _unpatch_pillow() -> None:
+    """Undo ultralytics' replacement of ``PIL.Image.open``: on a file Pillow cannot identify, it
+    tries to install ``pi-heif`` (a download) and raises ModuleNotFoundError instead of Pillow's
+    error, so a corrupt picture stopped being refused as one (storage/media.py) once ultralytics
+    was imported."""
+    from PIL import Image as PILImage
+    try:
+        from ultralytics.utils import patches
+    except ImportError:  # pragma: no cover - another ultralytics layout
+        return
+    original = getattr(patches, "_image_open", None)
+    if original is not None and PILImage.open is getattr(patches, "image_open", None):
+        PILImage.open = original
 
 
 def prepare_ultralytics(config_dir: str | Path) -> None:
@@ -336,6 +352,8 @@ class DetectorConfig:
     max_side: int = 1600                  # pictures are downscaled to this for detection
     no_face: Literal["whole", "skip"] = "whole"  # score the whole picture, or skip it
     workers: int = 0                      # daemon's detection processes; 0: half the cores (scorer/detect_pool.py)
+    auto: bool = False                    # detector train: use the new own version only when it beats the active one
+    train_proposals: float = 0.0          # detector train: add proposed pictures at least this certain (0: none)
 
     def check(self):
         """(key, problem) for the first bad value, or None."""
@@ -349,6 +367,8 @@ class DetectorConfig:
             return "margin", f"expected a number from 0 to 2, got {self.margin!r}"
         if not 0 <= self.merge_iou < 1:
             return "merge_iou", f"expected a number from 0 to below 1, got {self.merge_iou!r}"
+        if not 0 <= self.train_proposals <= 1:
+            return "train_proposals", f"expected a certainty from 0 (off) to 1, got {self.train_proposals!r}"
         if self.time_cap < 0:
             return "time_cap", f"expected seconds (0 or more; 0 turns the cap off), got {self.time_cap!r}"
         if self.name == "yolo" and not self.weights:

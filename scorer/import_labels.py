@@ -338,4 +338,5 @@ def analyse_imported(store, analyzer, todo: dict[int, Image.Image], *, crops: bo
     found = [[Face.whole(im.width, im.height, CROP)] for im in pictures] if crops else None
     for image_id, res in zip(todo, analyzer.analyze(pictures, found)):
         store.record_analysis(image_id, res.faces, res.score, res.uncertainty, analyzer.scorer.version,
-                              skipped=res.skipped, features=res.features)
+                              skipped=res.skipped, features=res.features,
+                              detector_version=None if crops else getattr(analyzer, "detector_tag", None))

@@ -25,6 +25,7 @@ WEIGHTS = "weights.pt"
 METRICS = "metrics.json"
 ACTIVE = "ACTIVE"
 PREFIX = "own:"        # detector names of own versions in proposals and reports: "own:VERSION"
+CONFIG = "config"      # images.detector_version of pictures detected by the configured detector
 
 
 def versions(paths: DataPaths) -> list[str]:
@@ -75,8 +76,20 @@ def set_active(paths: DataPaths, version: str | None) -> None:
 
 def effective_detector(cfg: DetectorConfig, paths: DataPaths) -> DetectorConfig:
     """The ``[detector]`` settings actually in use: the configured ones, with the active own
-    version (if any) as a ``yolo`` detector in place of the configured one."""
+    version (if any) as a ``yolo`` detector in place of the configured one, at the operating
+    confidence its training chose (``confidence`` in its metrics; else ``min_confidence``)."""
     version = active_version(paths)
     if version is None:
         return cfg
-    return replace(cfg, name="yolo", weights=str(weights_of(paths, version)))
+    confidence = metrics_of(paths, version).get("confidence")
+    if not isinstance(confidence, (int, float)) or not 0 <= confidence <= 1:
+        confidence = cfg.min_confidence
+    return replace(cfg, name="yolo", weights=str(weights_of(paths, version)), min_confidence=float(confidence))
+
+
+def tag(paths: DataPaths) -> str:
+    """What the detector in use is called in ``images.detector_version`` (migration m011): the
+    active own version as ``own:VERSION``, or ``config`` for the configured detector."""
+    version = active_version(paths)
+    return PREFIX + version if version else CONFIG
+

@@ -321,8 +321,7 @@ def m009_detector_boxes(db: sqlite_utils.Database) -> None:
 def m010_kept_ranking(db: sqlite_utils.Database) -> None:
     # 100,000 pictures stay instant (storage/ranking.py): each order of the ranking has a partial
     # index over the stored scored pictures, so a page is read along an index instead of sorting
-    # every candidate; the popularity percentile within a source is kept in a column; the
-    # near-duplicate lookup reads the perceptual hashes along their own index.
+    # every candidate; the popularity percentile within a source is kept in a column.
     from storage.ranking import ranking_indexes
 
     db.execute("ALTER TABLE images ADD COLUMN pop_rank REAL")
@@ -331,6 +330,15 @@ def m010_kept_ranking(db: sqlite_utils.Database) -> None:
                "AND duplicate_of IS NULL AND popularity IS NOT NULL) AS ranked WHERE images.id = ranked.id")
     for sql in ranking_indexes():
         db.execute(sql)
+
+
+@migrations()
+def m011_detector_version(db: sqlite_utils.Database) -> None:
+    # Which detector found each picture's faces: "own:VERSION" (the owner's own detector,
+    # scorer/own_detector.py), NULL for the configured one. After a switch, pictures found by
+    # another detector are detected again in the background (bot/detector_watch.py), and a
+    # restart resumes from this column.
+    db.execute("ALTER TABLE images ADD COLUMN detector_version TEXT")
 
 
 SCHEMA_VERSION = len(migrations._migrations)

@@ -24,6 +24,7 @@ from storage.db import open_db
 from storage.features import FeatureMethods
 from storage.media import ImageInfo, PhashIndex
 from storage.ranking import RankingMethods
+from storage.redetect import RedetectMethods
 from storage.records import (DOWNLOADED, DUPLICATE, FAILED, IMPORTING, NEAR_DUPLICATE, PENDING, SCORED,
                              SKIPPED, Face)
 
@@ -54,7 +55,7 @@ class NewItem:
     skip: str | None = None        # recorded but not downloaded or scored, and why (e.g. a video)
 
 
-class Store(BoxMethods, CharacterMethods, ComparisonMethods, FeatureMethods, RankingMethods):
+class Store(BoxMethods, CharacterMethods, ComparisonMethods, FeatureMethods, RankingMethods, RedetectMethods):
     def __init__(self, db: sqlite_utils.Database, path: Path | None = None):
         self.db = db
         self.path = path
@@ -262,12 +263,14 @@ class Store(BoxMethods, CharacterMethods, ComparisonMethods, FeatureMethods, Ran
     # ---- scoring stage -------------------------------------------------------------------
     def record_analysis(self, image_id: int, faces: list[Face], score: float | None,
                         uncertainty: float | None, model_version: str, *, skipped: bool = False,
-                        expect: str | None = None, features: list[dict] | None = None) -> bool:
+                        expect: str | None = None, features: list[dict] | None = None,
+                        detector_version: str | None = None) -> bool:
         """Replace the picture's faces and store this model's predictions, in one transaction.
         With ``expect``, only while the picture's status is still that (the daemon's scorer passes
         ``downloaded``, so a picture an import claimed meanwhile keeps the import's analysis);
         False when nothing was written. ``features``: each face's cached features ({source:
-        vector}, in the order of ``faces``; see ``storage/features.py``)."""
+        vector}, in the order of ``faces``; see ``storage/features.py``). ``detector_version``:
+        the detector that found the faces (``images.detector_version``; None: the configured one)."""
         stamp = now()
         with self.db.conn:
             if expect is not None:
@@ -292,9 +295,9 @@ class Store(BoxMethods, CharacterMethods, ComparisonMethods, FeatureMethods, Ran
                     "INSERT INTO predictions (image_id, face_id, model_version, score, uncertainty, created_at) "
                     "VALUES (?, NULL, ?, ?, ?, ?)", [image_id, model_version, score, uncertainty, stamp])
             self.db.execute(
-                "UPDATE images SET status = ?, score = ?, uncertainty = ?, model_version = ?, scored_at = ? "
-                "WHERE id = ?",
-                [SKIPPED if skipped else SCORED, score, uncertainty, model_version, stamp, image_id])
+                "UPDATE images SET status = ?, score = ?, uncertainty = ?, model_version = ?, scored_at = ?, "
+                "detector_version = ? WHERE id = ?",
+                [SKIPPED if skipped else SCORED, score, uncertainty, model_version, stamp, detector_version, image_id])
             if not skipped:
                 self.keep_popularity(image_id)
         return True
