@@ -3,7 +3,13 @@ and the daemon's memory: idle (started, nothing to do) and at its peak while it 
 of pictures.
 
     python bench/pipeline.py [--device auto|cpu|cuda] [--repeat 2] [--daemon-pictures 40]
-    python bench/pipeline.py --daemon-only      # only the daemon, so its memory is not the benchmark's
+    python bench/pipeline.py --daemon-only      # only the daemon's memory (the real `main.py run`)
+    python bench/pipeline.py --device cuda --yolo W.pt --no-daemon   # the GPU path with a YOLO detector
+
+The daemon part runs ``main.py run`` in its own process and samples the memory of it and its
+detection workers together (proportional set size). ``--yolo`` adds the device-batched path:
+JPEG decoding on the device (nvJPEG), YOLO on a batch, crops scored in batches, the next batch's
+bytes read by threads meanwhile; on a CPU it runs too (decode_jpeg and YOLO on the CPU).
 
 Uses ../shared/data/illustrations (falls back to synthetic pictures) and prints a Markdown block
 to paste into bench/RESULTS.md.
@@ -113,6 +119,97 @@ def run_daemon(cfg_path: Path, work: Path, n: int):
     return elapsed, counts, idle, idle_pss, peak
 
 
+def device_batched(data: list[bytes], weights: str, device: str, scorer: Scorer, *, batch: int, imgsz: int,
+                   repeat: int, workers: int) -> tuple:
+    """The GPU path, end to end: JPEG bytes decoded in batches on the device (torchvision's
+    nvJPEG ``decode_jpeg``; PIL for other formats), resized there to ``imgsz`` and detected by
+    YOLO as one batch, the faces cropped and scored in batches; the next batch's bytes are read
+    and handed over by ``workers`` threads while the device works (the download stage's part).
+    Returns (pictures/s, decode ms/pic, detect ms/pic, crop+score ms/pic, crops/s, device)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import torch.nn.functional as F
+    import torchvision
+    from PIL import Image
+
+    from scorer.detect import yolo_class
+    from scorer.model import pick_device
+
+    dev = pick_device(device)
+    YOLO = yolo_class(Path(tempfile.gettempdir()) / "tastefeed-bench-ultralytics")
+    model = YOLO(weights, task="detect")
+
+    def to_tensor(raw: bytes) -> torch.Tensor:
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+    def decode(raws: list[bytes]) -> list[torch.Tensor]:
+        jpegs = [i for i, r in enumerate(raws) if r[:3] == b"\xff\xd8\xff"]
+        out: list = [None] * len(raws)
+        if jpegs:
+            decoded = torchvision.io.decode_jpeg([to_tensor(raws[i]) for i in jpegs], device=dev,
+                                                 mode=torchvision.io.ImageReadMode.RGB)
+            for i, t in zip(jpegs, decoded):
+                out[i] = t
+        for i, r in enumerate(raws):
+            if out[i] is None:
+                import io
+                im = Image.open(io.BytesIO(r)).convert("RGB")
+                out[i] = torch.from_numpy(np.asarray(im)).permute(2, 0, 1).to(dev)
+        return out
+
+    pool = ThreadPoolExecutor(workers)
+    batches = [data[i:i + batch] for _ in range(repeat) for i in range(0, len(data), batch)]
+    ahead = pool.submit(lambda b: [bytes(r) for r in b], batches[0])
+    t_decode = t_detect = t_score = 0.0
+    n_faces = n_pics = 0
+    start = time.perf_counter()
+    for k in range(len(batches)):
+        raws = ahead.result()
+        if k + 1 < len(batches):
+            ahead = pool.submit(lambda b: [bytes(r) for r in b], batches[k + 1])
+        t0 = time.perf_counter()
+        ims = decode(raws)
+        x = torch.stack([F.interpolate(im[None].float(), size=(imgsz, imgsz), mode="bilinear",
+                                       antialias=False)[0] for im in ims]).div_(255.0)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        results = model.predict(x, imgsz=imgsz, conf=0.25, device=dev, verbose=False)
+        t2 = time.perf_counter()
+        crops = []
+        for im, res in zip(ims, results):
+            h, w = im.shape[1:]
+            for x1, y1, x2, y2 in res.boxes.xyxy.tolist():
+                box = [int(x1 * w / imgsz), int(y1 * h / imgsz), int(x2 * w / imgsz) + 1, int(y2 * h / imgsz) + 1]
+                crop = im[:, box[1]:box[3], box[0]:box[2]]
+                if crop.numel():
+                    crops.append(Image.fromarray(crop.permute(1, 2, 0).cpu().numpy()))
+        scorer.predict(crops)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        t_decode, t_detect, t_score = t_decode + t1 - t0, t_detect + t2 - t1, t_score + t3 - t2
+        n_faces += len(crops)
+        n_pics += len(raws)
+    total = time.perf_counter() - start
+    pool.shutdown()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev)
+    return (n_pics / total, t_decode / n_pics * 1000, t_detect / n_pics * 1000, t_score / n_pics * 1000,
+            n_faces / max(t_score, 1e-9), name)
+
+
+def print_rows(rows: list, args, data: list) -> None:
+    cpu = platform.processor() or platform.machine()
+    devices = sorted({r[6] for r in rows}) or [args.device]
+    print(f"Machine: {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+          f"device {', '.join(devices)}; scorer at {args.image_size} px; {len(data)} pictures\n")
+    print("| mode | pictures/s | decode ms/pic | detect ms/pic | crop+score ms/pic | face crops/s (scoring) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for label, ips, dec, det_ms, sc, fps, _ in rows:
+        print(f"| {label} | {ips:.2f} | {dec:.1f} | {det_ms:.1f} | {sc:.1f} | {fps:.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="auto")
@@ -121,6 +218,12 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=ScorerConfig().image_size,
                     help="scorer input size (default: the scorer.image_size default)")
     ap.add_argument("--daemon-only", action="store_true", help="skip the throughput part: measure only the daemon")
+    ap.add_argument("--yolo", default="", help="YOLO weights (.pt): also measure the device-batched path "
+                                               "(decode_jpeg + YOLO + scoring on --device)")
+    ap.add_argument("--yolo-batch", type=int, default=64)
+    ap.add_argument("--yolo-imgsz", type=int, default=640)
+    ap.add_argument("--yolo-repeat", type=int, default=20, help="passes over the pictures for the YOLO path")
+    ap.add_argument("--no-daemon", action="store_true", help="skip the daemon's memory part")
     args = ap.parse_args()
     data = pictures()
     tmp = Path(tempfile.mkdtemp())
@@ -157,6 +260,14 @@ def main() -> None:
         rows.append((label, n / total, t_decode / n * 1000, t_detect / n * 1000, t_score / n * 1000,
                      n_faces / max(t_score, 1e-9), str(scorer.device)))
 
+    if args.yolo:
+        scorer = Scorer.load(tmp / "m.pt", device=args.device, batch_size=256, tta=True)
+        ips, dec, det_ms, sc, fps, name = device_batched(data, args.yolo, args.device, scorer, batch=args.yolo_batch,
+                                                         imgsz=args.yolo_imgsz, repeat=args.yolo_repeat, workers=8)
+        rows.append((f"YOLO, device-batched ({args.yolo_batch}, {args.yolo_imgsz} px)", ips, dec, det_ms, sc, fps, name))
+    if args.no_daemon:
+        print_rows(rows, args, data)
+        return
     # The daemon's memory while it ingests a folder: the real `main.py run` in its own process
     # (so that nothing of this benchmark is counted), sampled with its detection workers.
     work = tmp / "daemon"
@@ -172,13 +283,7 @@ def main() -> None:
     elapsed, counts, idle, idle_pss, sampled = run_daemon(cfg_path, work, args.daemon_pictures)
     shutil.rmtree(tmp, ignore_errors=True)
 
-    cpu = platform.processor() or platform.machine()
-    print(f"Machine: {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-          f"device {rows[0][6] if rows else args.device}; scorer at {args.image_size} px; {len(data)} pictures x {args.repeat}\n")
-    print("| mode | pictures/s | decode ms/pic | detect ms/pic | crop+score ms/pic | face crops/s (scoring) |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for label, ips, dec, det_ms, sc, fps, _ in rows:
-        print(f"| {label} | {ips:.2f} | {dec:.0f} | {det_ms:.0f} | {sc:.0f} | {fps:.1f} |")
+    print_rows(rows, args, data)
     print(f"\nDaemon (`main.py run` in its own process): {args.daemon_pictures} pictures dropped in the inbox were "
           f"ingested in {elapsed:.1f}s ({args.daemon_pictures / elapsed:.2f}/s, statuses {counts}); idle RSS "
           f"{idle:.0f} MiB once started (the process and its children).")

@@ -950,13 +950,16 @@ def build_parser() -> argparse.ArgumentParser:
                                               "for checking in the gallery's Boxes page")
     db_.add_argument("--limit", type=int, default=200, help="pictures to propose boxes for (default 200)")
     dt = de_sub.add_parser("train", help="train a YOLO detector on the verified boxes (no download)")
-    dt.add_argument("--epochs", type=int, default=None, help="training epochs")
-    dt.add_argument("--model", default="yolov8n.yaml", help="ultralytics model yaml (yolov8n.yaml, yolo11n.yaml)")
-    dt.add_argument("--imgsz", type=int, default=640, help="training picture size (pixels)")
+    dt.add_argument("--epochs", type=int, default=None, help="training epochs (default: 50)")
+    dt.add_argument("--model", default="yolov8n.yaml", help="ultralytics model yaml: yolov8n.yaml (the default), "
+                                                            "yolo11n.yaml")
+    dt.add_argument("--imgsz", type=int, default=640, help="training picture size in pixels (default: 640)")
     de_sub.add_parser("eval", help="compare the trained detector with the bootstrap detectors on held-out "
                                    "verified pictures; writes a precision-recall plot")
     du = de_sub.add_parser("use", help="switch the detector in use to VERSION ('config': the configured one)")
     du.add_argument("version")
+    du.add_argument("--force", action="store_true", help="use a version even though it found almost no face right "
+                                                         "on the held-out pictures")
     de_sub.add_parser("list", help="trained detectors with their metrics; * marks the one in use")
     sv = sub.add_parser("service", help="run the daemon as a systemd service: install, uninstall, status")
     sv_sub = sv.add_subparsers(dest="action", required=True)
@@ -1003,6 +1006,10 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](cfg, args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader went away (`... | head`): nothing more to say, and nothing to flush at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except ConfigError as e:
         return _fail(str(e), EXIT_CONFIG)
     except Exception as e:

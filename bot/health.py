@@ -119,9 +119,11 @@ def _rank(values: list[float], q: float) -> float:
 
 
 # ---- the facts ---------------------------------------------------------------------------------
-def read_database(db_path: Path) -> dict:
+def read_database(db_path: Path, detector_tag: str | None = None) -> dict:
     """Counts, the last scored picture, the sources and the model, from a read-only connection
-    (indexed queries only). Raises (sqlite3.Error, OSError) when the database cannot be read."""
+    (indexed queries only); with ``detector_tag`` (the detector in use, ``scorer.own_detector.tag``)
+    also how many stored pictures wait to be detected again by it. Raises (sqlite3.Error,
+    OSError) when the database cannot be read."""
     db_path = Path(db_path)
     if not db_path.is_file():
         raise FileNotFoundError(f"{db_path}: no database")
@@ -144,9 +146,16 @@ def read_database(db_path: Path) -> dict:
                             "healthy": bool(r["healthy"]), "failures": r["failures"],
                             "last_error": r["last_error"], "last_poll": r["last_poll_at"],
                             "next_poll": r["next_poll_at"]})
+        again = None
+        if detector_tag is not None:
+            from storage.redetect import _CANDIDATES, CONFIG
+            try:
+                again = conn.execute(f"SELECT COUNT(*) {_CANDIDATES}", [CONFIG, detector_tag]).fetchone()[0]
+            except sqlite3.OperationalError:     # a database from before m011 (not upgraded yet)
+                again = None
         return {"pending": count("pending"), "downloaded": count("downloaded"), "failed": count("failed"),
                 "last_scored_at": last[0] if last else None, "sources": sources,
-                "model": model[0] if model else None}
+                "model": model[0] if model else None, "to_detect_again": again}
     finally:
         conn.close()
 
@@ -191,14 +200,26 @@ def _report(cfg: Config, *, store_error: str | None, database: dict, **live) -> 
               "last_scored_at": database.get("last_scored_at"), "sources": database.get("sources", []),
               "discord": live.get("discord", "off" if cfg.discord.off_reason() else "unknown"),
               "disk_free_gb": disk_free_gb(cfg.data_path), "downloads_paused": live.get("downloads_paused"),
-              "model": database.get("model"), "uptime_s": live.get("uptime_s")}
+              "model": database.get("model"), "detector": detector_in_use(cfg),
+              "to_detect_again": database.get("to_detect_again"), "uptime_s": live.get("uptime_s")}
     report["status"], report["reasons"] = judge(report, cfg.storage.min_free_gb, store_error)
     return report
 
 
+def detector_in_use(cfg: Config) -> str:
+    """The face detector in use: ``own:VERSION`` (the owner's own, ``detector use``) or the
+    configured one's name."""
+    from scorer.own_detector import active_version
+
+    version = active_version(cfg.paths)
+    return f"own:{version}" if version else cfg.detector.name
+
+
 def _read(cfg: Config) -> tuple[dict, str | None]:
+    from scorer.own_detector import tag
+
     try:
-        return read_database(cfg.db_path), None
+        return read_database(cfg.db_path, tag(cfg.paths)), None
     except Exception as e:  # noqa: BLE001 - whatever keeps the database from being read is "failing"
         return {}, _one_line(e)
 
@@ -322,6 +343,10 @@ def format_report(r: dict) -> list[str]:
                      f"failed {r['failed']}")
     lines.append(f"last scored: {r.get('last_scored_at') or 'never'}")
     lines.append(f"model: {r.get('model') or 'none yet'}")
+    if r.get("detector"):
+        again = r.get("to_detect_again")
+        lines.append(f"detector: {r['detector']}" + (f"; {again} stored picture(s) to detect again with it"
+                                                      if again else ""))
     lines.append(f"Discord: {r.get('discord')}")
     if r.get("disk_free_gb") is not None:
         lines.append(f"disk free: {r['disk_free_gb']:g} GB")

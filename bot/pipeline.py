@@ -223,6 +223,9 @@ class Pipeline:
             if row is None or row["status"] != DOWNLOADED:
                 return None
             async with reading:
+                if self.stopping.is_set():
+                    stopped = True           # stopping: it stays downloaded for the next start
+                    return None
                 try:
                     im = await asyncio.to_thread(load_media, self.cfg.media_path, row["media_path"],
                                                  max_pixels=self.cfg.download.max_pixels)
@@ -244,7 +247,11 @@ class Pipeline:
                         return None
                 return row, await asyncio.to_thread(analyzer.prepare, im, faces)
 
-        done = [r for r in await asyncio.gather(*(one(i) for i in image_ids)) if r is not None]
+        results = await asyncio.gather(*(one(i) for i in image_ids), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:       # every picture's task has ended: the batch fails as one (logged by the caller)
+            raise errors[0]
+        done = [r for r in results if r is not None]
         if stopped or not done:
             return
         rows = [row for row, _ in done]

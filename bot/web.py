@@ -74,18 +74,17 @@ def for_you(store, cfg: Config, page: int, size: int, character: str | None = No
     state = model_state(store, cfg)
     share = exploration_share(store, cfg.ranking, state["cold"])
     total = store.count_candidates(CHANNEL, character)
-    start = page * size
-    shown = max(0, min(size, total - start))
-    cards, next_after = [], ""
-    if shown:
+    cards, next_after, more = [], "", False
+    if total:
         feed = Feed(CHANNEL, "popularity" if state["cold"] else "score", "shuffled" if state["cold"] else "uncertain",
                     share, size, character, (store.active_model() or {}).get("version"))
-        placed, end = feed_page(store, feed, page, shown, Cursor.from_token(after) if after else None)
+        placed, end, more = feed_page(store, feed, page, Cursor.from_token(after, feed) if after else None)
         cards = [dict(row, exploration=explored) for row, explored in placed]
-        next_after = end.token()
+        next_after = end.token(feed)
+    # Pictures rated or arrived meanwhile move the page count: it is what is left, at least.
+    pages = max(math.ceil(total / size), page + 2) if more else page + 1 if cards else max(1, math.ceil(total / size))
     return {"cards": _cards(store, cards), "model_state": state, "cold": state["cold"], "total": total,
-            "page": page, "pages": max(1, math.ceil(total / size)), "next_after": next_after,
-            **character_choices(store, character)}
+            "page": page, "pages": pages, "next_after": next_after, **character_choices(store, character)}
 
 
 def model_state(store, cfg: Config) -> dict:

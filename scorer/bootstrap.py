@@ -187,9 +187,12 @@ def pruned_count(store, exclude: Iterable[int] = ()) -> int:
 
 # ---- the detectors -----------------------------------------------------------------------------
 def own_detector(cfg, version: str, **common) -> Detector:
-    """The owner's own YOLO detector ``version`` (its ``weights.pt``)."""
+    """The owner's own YOLO detector ``version`` (its ``weights.pt``), at the confidence it runs
+    at in the daemon, so its boxes here are the ones it would find there."""
     from scorer.detect import YoloDetector
-    from scorer.own_detector import weights_of
+    from scorer.own_detector import operating_confidence, weights_of
+
+    common = dict(common, min_confidence=operating_confidence(cfg.paths, version, common["min_confidence"]))
     return YoloDetector(str(weights_of(cfg.paths, version)), config_dir=cfg.data_path / "ultralytics", **common)
 
 

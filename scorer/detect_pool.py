@@ -55,6 +55,14 @@ class _Overran(Exception):
     """A detection ran past its time limit (its worker was killed)."""
 
 
+class _Bystander(Exception):
+    """The pool was stopped on purpose under this picture (another picture overran): not its
+    fault, so it is tried again without counting a crash."""
+
+
+BYSTANDER_RETRIES = 3
+
+
 def faces_or_whole(faces: list[Face], im: Image.Image, no_face: str) -> list[Face]:
     """The detector's faces, or one whole-picture box when it found none and ``no_face`` is whole."""
     if not faces and no_face == "whole":
@@ -105,6 +113,7 @@ class DetectionPool:
         self.overruns = 0                 # pictures detected again smaller after the hard cap
         self._executor: ProcessPoolExecutor | None = None
         self._slots = asyncio.Semaphore(self.workers)   # one picture per worker at a time
+        self._stopped: set[int] = set()   # ids of pools stopped on purpose (an overrun)
         self._retry = asyncio.Lock()    # pictures tried again after a crash go one at a time
         self.restarts = 0               # pools replaced after a worker died
         self.closed = False
@@ -137,11 +146,15 @@ class DetectionPool:
             try:
                 return await asyncio.wait_for(asyncio.wrap_future(pool.submit(_detect, im, side)), limit)
             except BrokenProcessPool:
+                if id(pool) in self._stopped:
+                    raise _Bystander() from None
                 self._replace(pool)
                 raise
             except asyncio.TimeoutError:
                 # A worker stuck on this picture would hold it for good: stop the pool's workers
-                # (pictures in flight on the others are tried again, as after a crash).
+                # (ProcessPoolExecutor cannot stop one of them). Pictures in flight on the others
+                # are bystanders: tried again, not counted as crashing.
+                self._stopped.add(id(pool))
                 for proc in list((getattr(pool, "_processes", None) or {}).values()):
                     proc.kill()
                 self._replace(pool)
@@ -150,16 +163,24 @@ class DetectionPool:
     async def detect(self, im: Image.Image) -> list[Face]:
         """The picture's faces (whole-picture box per ``no_face``); DetectionFailed when its
         worker died on it twice, it ran past the time limits, or the pool is closed."""
-        try:
-            return await self._capped(im)
-        except BrokenProcessPool:
-            pass
-        async with self._retry:
+        for _ in range(BYSTANDER_RETRIES):
             try:
                 return await self._capped(im)
+            except _Bystander:
+                continue
             except BrokenProcessPool:
-                raise DetectionFailed("face detection crashed on this picture twice (its worker process "
-                                      "died); not tried again") from None
+                break
+        async with self._retry:
+            for _ in range(BYSTANDER_RETRIES):
+                try:
+                    return await self._capped(im)
+                except _Bystander:
+                    continue
+                except BrokenProcessPool:
+                    raise DetectionFailed("face detection crashed on this picture twice (its worker process "
+                                          "died); not tried again") from None
+        raise DetectionFailed("face detection was stopped under this picture again and again (other "
+                              "pictures ran past the time cap); not tried again")
 
     async def _capped(self, im: Image.Image) -> list[Face]:
         if not self.hard_cap or self.hard_cap >= self.hang_seconds:
@@ -180,6 +201,7 @@ class DetectionPool:
         except _Overran:
             raise DetectionFailed(f"face detection ran past {self.hard_cap:g} s on this picture, at full and "
                                   f"at half size ({self.fallback_side} px); not tried again") from None
+        # (a _Bystander here goes up to detect(), which tries the picture again from the start)
 
     async def detect_all(self, pictures: list[Image.Image]) -> list[list[Face] | DetectionFailed]:
         """Each picture's faces, detected in parallel; a DetectionFailed in place of a picture's

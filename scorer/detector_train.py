@@ -387,14 +387,17 @@ def cli_use(cfg, args) -> int:
     paths = cfg.paths
     if args.version == "config":
         own_detector.set_active(paths, None)
-        print(f"detector in use: the configured one ({cfg.detector.name}); a running daemon switches within a "
-              "minute and re-detects the stored pictures")
+        print(f"detector in use: the configured one ({cfg.detector.name}); a running daemon switches within "
+              "30 s and re-detects the stored pictures")
         return 0
+    reason = own_detector.unusable_reason(paths, args.version) if args.version in own_detector.versions(paths) else None
+    if reason and not getattr(args, "force", False):
+        raise DetectorTrainError(reason)
     try:
         own_detector.set_active(paths, args.version)
     except ValueError as e:
         raise DetectorTrainError(str(e)) from None
-    print(f"detector in use: {args.version}; a running daemon switches within a minute and re-detects the "
+    print(f"detector in use: {args.version}; a running daemon switches within 30 s and re-detects the "
           "stored pictures ('detector use config' goes back)")
     return 0
 

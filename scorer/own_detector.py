@@ -61,13 +61,12 @@ def active_version(paths: DataPaths) -> str | None:
 def set_active(paths: DataPaths, version: str | None) -> None:
     """Make ``version`` the detector in use (None: back to the configured one); written
     atomically. ValueError for a version that does not exist."""
-    paths.detectors.mkdir(parents=True, exist_ok=True)
     target = paths.detectors / ACTIVE
     if version is None:
         target.unlink(missing_ok=True)
         return
     if version not in versions(paths):
-        known = ", ".join(versions(paths)) or "none yet (python main.py detector train)"
+        known = ", ".join(versions(paths)) or f"none yet in {paths.detectors} (python main.py detector train)"
         raise ValueError(f"no detector version {version!r} (versions: {known})")
     tmp = target.with_name(ACTIVE + ".tmp")
     tmp.write_text(version + "\n")
@@ -81,10 +80,33 @@ def effective_detector(cfg: DetectorConfig, paths: DataPaths) -> DetectorConfig:
     version = active_version(paths)
     if version is None:
         return cfg
+    return replace(cfg, name="yolo", weights=str(weights_of(paths, version)),
+                   min_confidence=operating_confidence(paths, version, cfg.min_confidence))
+
+
+MIN_CONFIDENCE = 0.1     # an own detector never runs below this: a weak one finds nothing, not hundreds of boxes
+MIN_USABLE_MAP50 = 0.1   # `detector use` refuses a version below this held-out mAP50 (unless --force)
+
+
+def operating_confidence(paths: DataPaths, version: str, default: float) -> float:
+    """The confidence an own version runs at: the one its training chose on the held-out
+    pictures (``confidence`` in its metrics; else ``default``), never below
+    :data:`MIN_CONFIDENCE`."""
     confidence = metrics_of(paths, version).get("confidence")
     if not isinstance(confidence, (int, float)) or not 0 <= confidence <= 1:
-        confidence = cfg.min_confidence
-    return replace(cfg, name="yolo", weights=str(weights_of(paths, version)), min_confidence=float(confidence))
+        confidence = default
+    return max(MIN_CONFIDENCE, float(confidence))
+
+
+def unusable_reason(paths: DataPaths, version: str) -> str | None:
+    """Why a version is not fit for use (its held-out mAP50 under :data:`MIN_USABLE_MAP50`), or None."""
+    m = metrics_of(paths, version)
+    map50 = m.get("mAP50")
+    if isinstance(map50, (int, float)) and map50 < MIN_USABLE_MAP50:
+        return (f"{version} finds almost no face right on the held-out pictures (mAP50 {map50:.3f}, "
+                f"precision {m.get('precision', 0) or 0:.3f}, recall {m.get('recall', 0) or 0:.3f}); verify more "
+                "pictures on the Boxes page and train longer (--epochs), or add --force to use it anyway")
+    return None
 
 
 def tag(paths: DataPaths) -> str:

@@ -33,7 +33,7 @@ import base64
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 BATCH = 10
@@ -215,6 +215,29 @@ def _next(store, channel, order, passed, accept, seen, near_distance, rng, boost
 
 # ---- pages of a feed (the gallery's For you) ------------------------------------------------
 @dataclass(frozen=True)
+class Feed:
+    """One feed: its candidates (channel, character) and how they are laid out. The exploration
+    share is not part of its identity: it moves with every rating once trained, and a page start
+    kept under the old share still places the same pictures (only the layout of later pages
+    follows the new share)."""
+    channel: str
+    best: str              # the ranked order: score | popularity
+    explore: str           # the exploration order: uncertain | shuffled
+    share: float = field(compare=False)   # the exploration share
+    size: int = 30         # pictures per page
+    character: str | None = None
+    model: str | None = None   # the active model's version (its scores make the order)
+
+    def slots(self, shown: int) -> list[bool]:
+        return exploration_slots(shown, self.share)
+
+    @property
+    def tag(self) -> str:
+        """What a cursor of this feed is only valid for: its orders and the model that scored it."""
+        return f"{self.best}/{self.explore}/{self.model}"
+
+
+@dataclass(frozen=True)
 class Cursor:
     """Where a feed page starts: the key (``storage.ranking.key``) of the last picture taken so
     far from the ranked order and from the exploration order (None: none yet). Every picture at
@@ -222,64 +245,65 @@ class Cursor:
     best: tuple | None = None
     explore: tuple | None = None
 
-    def token(self) -> str:
-        """The cursor as a short string for a page's address."""
-        raw = json.dumps([self.best, self.explore], separators=(",", ":")).encode()
+    def token(self, feed: Feed) -> str:
+        """The cursor as a short string for a page's address (valid for ``feed`` only)."""
+        raw = json.dumps([feed.tag, self.best, self.explore], separators=(",", ":")).encode()
         return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
     @classmethod
-    def from_token(cls, token: str) -> "Cursor | None":
-        """The cursor of :meth:`token`, or None for anything malformed."""
+    def from_token(cls, token: str, feed: Feed) -> "Cursor | None":
+        """The cursor of :meth:`token`, or None for anything malformed or made for another feed
+        (other orders, another model: after a training run, say), so the page falls back to the
+        kept start of its number."""
+        from storage.ranking import ORDERS
+
         try:
-            best, explore = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-            parts = [None if k is None else tuple(k) for k in (best, explore)]
-            if any(k is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in k)
-                   for k in parts):
+            tag, best, explore = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+            if tag != feed.tag:
                 return None
+            parts = []
+            for order, k in ((feed.best, best), (feed.explore, explore)):
+                if k is None:
+                    parts.append(None)
+                    continue
+                if not isinstance(k, list) or len(k) != len(ORDERS[order].keys) or not all(
+                        isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 2 ** 62 and v == v
+                        for v in k):
+                    return None
+                parts.append(tuple(k))
             return cls(*parts)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, KeyError):
             return None
-
-
-@dataclass(frozen=True)
-class Feed:
-    """One feed: its candidates (channel, character) and how they are laid out."""
-    channel: str
-    best: str              # the ranked order: score | popularity
-    explore: str           # the exploration order: uncertain | shuffled
-    share: float           # the exploration share
-    size: int              # pictures per page
-    character: str | None = None
-    model: str | None = None   # the active model's version (its scores make the order)
-
-    def slots(self, shown: int) -> list[bool]:
-        return exploration_slots(shown, self.share)
 
 
 PAGE_STARTS_KEPT = 4096   # page start cursors a store keeps (page numbers of feeds seen)
 
 
-def feed_page(store, feed: Feed, page: int, shown: int, start: Cursor | None = None
-              ) -> tuple[list[tuple[dict, bool]], Cursor]:
-    """Page ``page`` (from 0) of ``feed``: ``shown`` (row, explored) pairs laid out by
-    :func:`interleave`, and the cursor where the next page starts. Every page is cut from one
-    sequence, as if the whole feed were laid out from the start (each full page before it alike):
-    keyset paging, reading only the rows of this page from each order's index. ``start``: the
-    cursor the previous page gave (a page's address carries it); without one, the store's kept
-    cursor of that page number, found by walking from the nearest page it knows."""
+def feed_page(store, feed: Feed, page: int, start: Cursor | None = None
+              ) -> tuple[list[tuple[dict, bool]], Cursor, bool]:
+    """Page ``page`` (from 0) of ``feed``: up to ``feed.size`` (row, explored) pairs laid out by
+    :func:`interleave`, the cursor where the next page starts, and whether any picture is left
+    after it. Every page is cut from one sequence, as if the whole feed were laid out from the
+    start (each full page before it alike): keyset paging, reading only the rows of this page
+    from each order's index. ``start``: the cursor the previous page gave (a page's address
+    carries it); without one, the store's kept cursor of that page number, found by walking from
+    the nearest page it knows."""
     if start is None:
+        if page * feed.size >= store.count_candidates(feed.channel, feed.character):
+            return [], Cursor(), False        # past the end (by number): nothing to lay out
         start = _page_start(store, feed, page)
-    else:
-        _keep(store, feed, page, start)
-    slots = feed.slots(shown)
     beyond = [(feed.best, start.best), (feed.explore, start.explore)]
-    best = store.ranked_candidates(feed.channel, feed.best, shown, character=feed.character, beyond=beyond)
-    explore = store.ranked_candidates(feed.channel, feed.explore, shown, character=feed.character,
+    best = store.ranked_candidates(feed.channel, feed.best, feed.size, character=feed.character, beyond=beyond)
+    slots = feed.slots(len(best))     # fewer than a page's worth left: the last page's layout
+    explore = store.ranked_candidates(feed.channel, feed.explore, len(best), character=feed.character,
                                       beyond=beyond) if any(slots) else []
     placed = interleave(slots, best, explore)
     end = _advance(feed, start, placed)
     _keep(store, feed, page + 1, end)
-    return placed, end
+    more = bool(placed) and bool(store.ranked_candidates(
+        feed.channel, feed.best, 1, character=feed.character,
+        beyond=[(feed.best, end.best), (feed.explore, end.explore)], light=True))
+    return placed, end, more
 
 
 def _advance(feed: Feed, start: Cursor, placed: list[tuple[dict, bool]]) -> Cursor:

@@ -322,14 +322,25 @@ def m010_kept_ranking(db: sqlite_utils.Database) -> None:
     # 100,000 pictures stay instant (storage/ranking.py): each order of the ranking has a partial
     # index over the stored scored pictures, so a page is read along an index instead of sorting
     # every candidate; the popularity percentile within a source is kept in a column.
-    from storage.ranking import ranking_indexes
-
     db.execute("ALTER TABLE images ADD COLUMN pop_rank REAL")
     db.execute("UPDATE images SET pop_rank = ranked.r FROM (SELECT id, PERCENT_RANK() OVER "
                "(PARTITION BY source_id ORDER BY popularity) AS r FROM images WHERE status = 'scored' "
                "AND duplicate_of IS NULL AND popularity IS NOT NULL) AS ranked WHERE images.id = ranked.id")
-    for sql in ranking_indexes():
+    for sql in M010_INDEXES:
         db.execute(sql)
+
+
+# m010's indexes, frozen here (storage/ranking.py ranking_indexes() says the same; a test checks it).
+_SCORED = "WHERE status = 'scored' AND duplicate_of IS NULL AND media_pruned_at IS NULL"
+M010_INDEXES = (
+    f"CREATE INDEX images_rank_score ON images(COALESCE(score, -1e9) DESC, id DESC) {_SCORED}",
+    "CREATE INDEX images_rank_popularity ON images(COALESCE(pop_rank, -1.0) DESC, COALESCE(popularity, 0) DESC, "
+    f"id DESC) {_SCORED}",
+    f"CREATE INDEX images_rank_uncertain ON images(COALESCE(uncertainty, -1.0) DESC, id DESC) {_SCORED}",
+    f"CREATE INDEX images_rank_shuffled ON images(((id * 2654435761) % 4294967291) ASC, id ASC) {_SCORED}",
+    "CREATE INDEX images_popularity ON images(source_id, popularity) WHERE status = 'scored' "
+    "AND duplicate_of IS NULL AND popularity IS NOT NULL",
+)
 
 
 @migrations()

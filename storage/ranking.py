@@ -90,7 +90,8 @@ POPULATION = f"status = '{SCORED}' AND duplicate_of IS NULL AND popularity IS NO
 
 
 def ranking_indexes() -> list[str]:
-    """The CREATE INDEX statements of the kept ranking (migration m010)."""
+    """The CREATE INDEX statements of the kept ranking (migration m010 has a frozen copy; a test
+    checks they are the same)."""
     return [f"CREATE INDEX images_rank_{name} ON images({order.sql()}) WHERE {STORED_SCORED}"
             for name, order in ORDERS.items() if name != "recent"] + [
         f"CREATE INDEX images_popularity ON images(source_id, popularity) WHERE {POPULATION}"]
@@ -158,15 +159,28 @@ class RankingMethods:
 
         def boosted_key(row):
             k = key(order, row)
+            if order == "popularity" and row.get("pop_rank") is None:
+                return k          # without a popularity a picture stays after those with one, followed or not
             return (k[0] + (bonus if row["id"] in boosted else 0), *k[1:])
         return sorted(rows, key=boosted_key, reverse=True)[:limit]
 
     def _random_candidates(self, channel, limit, exclude, character) -> list[dict]:
-        """Candidates in the shuffled order from a random point (wrapping round): uniform random
-        picks without sorting every candidate by RANDOM()."""
-        start = random.randrange(SHUFFLE_MOD)
-        rows = self.ranked_candidates(channel, "shuffled", limit, exclude, character,
-                                      beyond=[("shuffled", (start, -1))])
+        """``limit`` candidates from a uniformly random place in the shuffled order (an offset
+        drawn from the kept count; a random key would favour pictures after large gaps between
+        keys), wrapping round: random picks without sorting every candidate by RANDOM()."""
+        exclude = list(exclude)
+        total = self.count_candidates(channel, character)
+        if not total:
+            return []
+        base, params = self._candidates(channel, "shuffled")
+        skip = ""
+        if character:
+            skip += f" AND id IN ({PICTURES_OF_CHARACTER})"
+            params.append(character)
+        start = self.db.execute(f"SELECT {SHUFFLE}, id {base}{skip} ORDER BY {ORDERS['shuffled'].sql()} "
+                                "LIMIT 1 OFFSET ?", [*params, random.randrange(total)]).fetchone()
+        cursor = [("shuffled", (start[0], start[1] - 1))] if start else []
+        rows = self.ranked_candidates(channel, "shuffled", limit, exclude, character, beyond=cursor)
         if len(rows) < limit:
             rows += self.ranked_candidates(channel, "shuffled", limit - len(rows), [*exclude, *(r["id"] for r in rows)],
                                            character)

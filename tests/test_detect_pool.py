@@ -130,6 +130,20 @@ async def test_a_picture_past_the_hard_cap_is_detected_again_smaller_and_others_
         await pool.close()
 
 
+async def test_pictures_beside_one_past_the_hard_cap_are_not_failed_with_it():
+    # Stopping an overrunning worker stops the pool (ProcessPoolExecutor cannot stop one worker):
+    # the pictures in flight on the other one are tried again, not counted as crashing.
+    pool = DetectionPool(functools.partial(Hanger, 0.8, min_size=1), workers=2, hard_cap=1.5, fallback_side=80)
+    try:
+        found = await asyncio.wait_for(
+            pool.detect_all([_image(0, HANG)] + [_image(i, (90 + i, 90)) for i in range(1, 6)]), timeout=120)
+        assert isinstance(found[0], DetectionFailed) and "at full and at half size" in str(found[0])
+        assert [type(f).__name__ for f in found[1:]] == ["list"] * 5, found
+        assert all([x.detector for x in f] == ["hog"] for f in found[1:])
+    finally:
+        await pool.close()
+
+
 def test_the_hard_cap_follows_the_time_cap():
     pool = DetectionPool.from_config(DetectorConfig(time_cap=3.0, max_side=1600), "data")
     assert (pool.hard_cap, pool.fallback_side) == (12.0, 800)

@@ -196,8 +196,9 @@ def test_detector_use_and_list(tmp_path):
 
     cfg = make_config(tmp_path)
     out = cli(tmp_path, "detector", "use", "d1")
-    assert out.returncode == 1 and out.stderr == ("error: no detector version 'd1' (versions: none yet "
-                                                  "(python main.py detector train))\n")
+    assert out.returncode == 1 and out.stderr == ("error: no detector version 'd1' (versions: none yet in "
+                                                  f"{cfg.paths.detectors} (python main.py detector train))\n")
+    assert not cfg.paths.detectors.exists()                       # a failed use writes nothing
     version = cfg.paths.detectors / "d20260101-000000"
     version.mkdir(parents=True)
     (version / "weights.pt").write_bytes(b"w")
@@ -216,6 +217,16 @@ def test_detector_use_and_list(tmp_path):
     assert len(doctor) == 1 and "FAIL" in doctor[0] and "d20260101-000000" in doctor[0]   # checks the one in use
     assert cli(tmp_path, "detector", "use", "config").returncode == 0
     assert own_detector.active_version(cfg.paths) is None and own_detector.tag(cfg.paths) == "config"
+    # A version that finds almost nothing right is refused (its boxes would replace every face)
+    weak = cfg.paths.detectors / "d20260102-000000"
+    weak.mkdir()
+    (weak / "weights.pt").write_bytes(b"w")
+    (weak / "metrics.json").write_text('{"mAP50": 0.0, "precision": 0.005, "recall": 0.079, "confidence": 0.0033}')
+    out = cli(tmp_path, "detector", "use", "d20260102-000000")
+    assert out.returncode == 1 and "finds almost no face right on the held-out pictures (mAP50 0.000" in out.stderr
+    assert "--force" in out.stderr and own_detector.active_version(cfg.paths) is None
+    assert cli(tmp_path, "detector", "use", "d20260102-000000", "--force").returncode == 0
+    assert own_detector.effective_detector(cfg.detector, cfg.paths).min_confidence == own_detector.MIN_CONFIDENCE
 
 
 def test_leftovers_of_killed_runs_are_removed_but_a_live_runs_folder_stays(tmp_path):

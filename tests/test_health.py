@@ -104,7 +104,8 @@ async def test_healthz_of_a_running_daemon_ok_degraded_and_failing(tmp_path, mon
         assert status == 200 and report["status"] == "ok" and report["reasons"] == []
         assert list(report) == ["status", "reasons", "loop_lag_ms", "queues", "pending", "downloaded", "failed",
                                 "last_scored_at", "sources", "discord", "disk_free_gb", "downloads_paused",
-                                "model", "uptime_s"]
+                                "model", "detector", "to_detect_again", "uptime_s"]
+        assert report["detector"] == "animeface" and report["to_detect_again"] == 0
         assert report["loop_lag_ms"]["samples"] > 0 and report["queues"] == {"download": 0, "score": 0}
         assert (report["pending"], report["failed"], report["discord"]) == (0, 0, "off")
         assert report["model"] == "resnet18-random-init" and report["uptime_s"] > 0
@@ -124,7 +125,7 @@ async def test_healthz_of_a_running_daemon_ok_degraded_and_failing(tmp_path, mon
         assert status == 200 and report["status"] == "degraded"
         assert report["reasons"] == ["downloads paused: low disk: 0.4 GB free < storage.min_free_gb 1.0"]
 
-        def unreadable(path):
+        def unreadable(path, tag=None):
             raise sqlite3.DatabaseError("database disk image is malformed")
         monkeypatch.setattr("bot.health.read_database", unreadable)
         status, report = await _healthz(daemon.gallery_url)

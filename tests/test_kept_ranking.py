@@ -150,32 +150,57 @@ def test_keyset_paging_over_100000_rows_shows_each_picture_once(store, best, exp
     total = store.count_candidates("web")
     assert total == 99_000
     feed = Feed("web", best, explore, share, 1000)
-    seen, cursor, page, explored = [], Cursor(), 0, 0
-    while True:
-        shown = max(0, min(feed.size, total - page * feed.size))
-        if not shown:
-            break
-        placed, cursor = feed_page(store, feed, page, shown, Cursor.from_token(cursor.token()))
-        assert len(placed) == shown
+    seen, cursor, page, explored, more = [], Cursor(), 0, 0, True
+    while more:
+        placed, cursor, more = feed_page(store, feed, page, Cursor.from_token(cursor.token(feed), feed))
+        assert len(placed) == feed.size or not more
         explored += sum(e for _, e in placed)
         seen += [r["id"] for r, _ in placed]
         page += 1
+    assert page == 99
     assert len(seen) == len(set(seen)) == total                     # every candidate once
     assert set(seen) == set(scratch(store, "web", "recent"))
     assert abs(explored / total - share) < 0.01
     # A page asked for by number (no cursor) is the same page, laid out from the start.
     fresh = Store.open(store.path)
     try:
-        placed, _ = feed_page(fresh, feed, 57, feed.size)
+        placed, _, _ = feed_page(fresh, feed, 57)
         assert [r["id"] for r, _ in placed] == seen[57 * feed.size:58 * feed.size]
     finally:
         fresh.close()
 
 
-def test_a_bad_cursor_token_is_no_cursor():
-    assert Cursor.from_token(Cursor((3.5, 7), None).token()) == Cursor((3.5, 7), None)
-    for token in ("", "x", "W10", "WyJhIiwxXQ", Cursor((True, 1), None).token()):
-        assert Cursor.from_token(token) is None
+def test_paging_on_while_pictures_are_rated_shows_every_other_picture_once(store):
+    """Ratings between pages take pictures off the feed before the cursor: the next page still
+    starts where the last one ended, and "more" goes on until nothing is left."""
+    rnd = random.Random(9)
+    fill(store, 100, rnd)
+    feed = Feed("web", "score", "uncertain", 0.2, 10)
+    seen, rated, cursor, page, more = [], [], Cursor(), 0, True
+    while more:
+        placed, cursor, more = feed_page(store, feed, page, cursor)
+        ids = [r["id"] for r, _ in placed]
+        seen += ids
+        for i in ids[:5]:                     # rate half of what each page shows
+            store.add_label(i, 3, origin="web")
+            rated.append(i)
+        page += 1
+    assert len(seen) == len(set(seen)) == 100 and page == 10
+
+
+def test_a_bad_or_foreign_cursor_token_is_no_cursor():
+    trained = Feed("web", "score", "uncertain", 0.2, 30, model="m2")
+    cold = Feed("web", "popularity", "shuffled", 0.5, 30, model="m1")
+    good = Cursor((3.5, 7), None)
+    assert Cursor.from_token(good.token(trained), trained) == good
+    assert Cursor.from_token(Cursor((0.5, 10, 7), (1234, 7)).token(cold), cold) == Cursor((0.5, 10, 7), (1234, 7))
+    for token in ("", "x", "W10", "WyJhIiwxXQ",
+                  Cursor((0.5, 10, 7), None).token(cold),          # a cold feed's cursor, now trained
+                  good.token(Feed("web", "score", "uncertain", 0.2, 30, model="m1")),   # another model
+                  Cursor((True, 1), None).token(trained), Cursor((3.5,), None).token(trained),
+                  Cursor((3.5, 2 ** 70), None).token(trained), Cursor((float("nan"), 1), None).token(trained)):
+        assert Cursor.from_token(token, trained) is None, token
+    assert Feed("web", "score", "uncertain", 0.1, 30) == Feed("web", "score", "uncertain", 0.3, 30)   # share moves
 
 
 def test_kept_counts_follow_this_connections_and_other_processes_changes(store):
@@ -219,3 +244,21 @@ def test_random_picks_are_candidates_spread_over_all_of_them(store):
     assert ids[0] not in firsts and len(set(firsts)) > 25
     assert len({r["id"] for r in store.ranked_candidates("web", "random", 39)}) == 39
     assert json.dumps(store.ranked_candidates("web", "random", 50)[0]["tags"]) == "[]"
+
+
+def test_the_migration_creates_the_indexes_the_ranking_reads():
+    from storage.db import M010_INDEXES
+    from storage.ranking import ranking_indexes
+    assert list(M010_INDEXES) == ranking_indexes()
+
+
+def test_followed_pictures_without_popularity_stay_after_those_with_one(store):
+    rnd = random.Random(11)
+    ids = add_scored(store, rnd, 30)
+    miku = store.character_id("Miku", create=True)
+    unpopular = [i for i in ids if store.get_image(i)["popularity"] is None]
+    for i in unpopular:
+        store.name_face(store.faces_of(i)[0]["id"], miku, origin="import")
+    rows = store.ranked_candidates("web", "popularity", 100, follow=["Miku"], follow_boost=8.0)
+    with_pop = [r["id"] for r in rows if r["popularity"] is not None]
+    assert [r["id"] for r in rows][:len(with_pop)] == with_pop and unpopular
