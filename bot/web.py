@@ -72,12 +72,10 @@ def for_you(store, cfg: Config, page: int, size: int, character: str | None = No
     the previous page's "more" link carries (``after``; keyset paging, :func:`feed_page`), or
     from the store's kept cursor of that page number."""
     state = model_state(store, cfg)
-    share = exploration_share(store, cfg.ranking, state["cold"])
     total = store.count_candidates(CHANNEL, character)
     cards, next_after, more = [], "", False
     if total:
-        feed = Feed(CHANNEL, "popularity" if state["cold"] else "score", "shuffled" if state["cold"] else "uncertain",
-                    share, size, character, (store.active_model() or {}).get("version"))
+        feed = _feed(store, cfg, state, size, character)
         placed, end, more = feed_page(store, feed, page, Cursor.from_token(after, feed) if after else None)
         cards = [dict(row, exploration=explored) for row, explored in placed]
         next_after = end.token(feed)
@@ -85,6 +83,20 @@ def for_you(store, cfg: Config, page: int, size: int, character: str | None = No
     pages = max(math.ceil(total / size), page + 2) if more else page + 1 if cards else max(1, math.ceil(total / size))
     return {"cards": _cards(store, cards), "model_state": state, "cold": state["cold"], "total": total,
             "page": page, "pages": pages, "next_after": next_after, **character_choices(store, character)}
+
+
+def for_you_ids(store, cfg: Config, page: int, size: int, character: str | None = None) -> list[int]:
+    """The ids on a page of For you, as :func:`for_you` lays it out (for the Picture page's
+    previous and next): the page alone, nothing more looked up."""
+    state = model_state(store, cfg)
+    feed = _feed(store, cfg, state, size, character)
+    return [row["id"] for row, _ in feed_page(store, feed, page, check_more=False)[0]]
+
+
+def _feed(store, cfg: Config, state: dict, size: int, character: str | None) -> Feed:
+    return Feed(CHANNEL, "popularity" if state["cold"] else "score", "shuffled" if state["cold"] else "uncertain",
+                exploration_share(store, cfg.ranking, state["cold"]), size, character,
+                (store.active_model() or {}).get("version"))
 
 
 def model_state(store, cfg: Config) -> dict:
@@ -139,8 +151,8 @@ def picture_nav(store, cfg: Config, image_id: int, origin: Origin) -> dict:
     list's page, or None) and ``list`` (its name, "" for none)."""
     size = cfg.web.page_size
     if origin.name == "for-you":
-        steps = neighbours(image_id, origin.at, size, lambda n: [
-            c["id"] for c in for_you(store, cfg, n, size, origin.filters.get("character"))["cards"]])
+        steps = neighbours(image_id, origin.at, size, lambda n: for_you_ids(store, cfg, n, size,
+                                                                           origin.filters.get("character")))
     elif origin.name == "rated":
         value = origin.filters.get("rating")
         steps = neighbours(image_id, origin.at, size, lambda n: [r["id"] for r in store.rated(

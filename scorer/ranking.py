@@ -279,7 +279,7 @@ class Cursor:
 PAGE_STARTS_KEPT = 4096   # page start cursors a store keeps (page numbers of feeds seen)
 
 
-def feed_page(store, feed: Feed, page: int, start: Cursor | None = None
+def feed_page(store, feed: Feed, page: int, start: Cursor | None = None, *, check_more: bool = True
               ) -> tuple[list[tuple[dict, bool]], Cursor, bool]:
     """Page ``page`` (from 0) of ``feed``: up to ``feed.size`` (row, explored) pairs laid out by
     :func:`interleave`, the cursor where the next page starts, and whether any picture is left
@@ -287,9 +287,11 @@ def feed_page(store, feed: Feed, page: int, start: Cursor | None = None
     start (each full page before it alike): keyset paging, reading only the rows of this page
     from each order's index. ``start``: the cursor the previous page gave (a page's address
     carries it); without one, the store's kept cursor of that page number, found by walking from
-    the nearest page it knows."""
+    the nearest page it knows. ``check_more``: False when only the page is wanted (the Picture
+    page's neighbours): "more" is then left False."""
+    total = store.count_candidates(feed.channel, feed.character)
     if start is None:
-        if page * feed.size >= store.count_candidates(feed.channel, feed.character):
+        if page * feed.size >= total:
             return [], Cursor(), False        # past the end (by number): nothing to lay out
         start = _page_start(store, feed, page)
     beyond = [(feed.best, start.best), (feed.explore, start.explore)]
@@ -300,9 +302,13 @@ def feed_page(store, feed: Feed, page: int, start: Cursor | None = None
     placed = interleave(slots, best, explore)
     end = _advance(feed, start, placed)
     _keep(store, feed, page + 1, end)
-    more = bool(placed) and bool(store.ranked_candidates(
-        feed.channel, feed.best, 1, character=feed.character,
-        beyond=[(feed.best, end.best), (feed.explore, end.explore)], light=True))
+    if not check_more or len(placed) < feed.size:
+        more = False                    # a short page is the last one
+    elif (page + 1) * feed.size < total:
+        more = True                     # more candidates than pages so far (cheap; a picture arrived
+    else:                               # ahead of the cursor may leave the next page empty)
+        more = bool(store.ranked_candidates(feed.channel, feed.best, 1, character=feed.character,
+                                            beyond=[(feed.best, end.best), (feed.explore, end.explore)], light=True))
     return placed, end, more
 
 

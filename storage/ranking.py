@@ -35,6 +35,7 @@ from storage.records import SCORED
 STORED_SCORED = f"status = '{SCORED}' AND duplicate_of IS NULL AND media_pruned_at IS NULL"
 SHUFFLE = "((id * 2654435761) % 4294967291)"
 SHUFFLE_MOD = 4294967291
+SPREAD = 64          # random picks: steps taken from a random key (see _random_candidates)
 
 
 @dataclass(frozen=True)
@@ -165,9 +166,10 @@ class RankingMethods:
         return sorted(rows, key=boosted_key, reverse=True)[:limit]
 
     def _random_candidates(self, channel, limit, exclude, character) -> list[dict]:
-        """``limit`` candidates from a uniformly random place in the shuffled order (an offset
-        drawn from the kept count; a random key would favour pictures after large gaps between
-        keys), wrapping round: random picks without sorting every candidate by RANDOM()."""
+        """``limit`` candidates from a random place in the shuffled order, wrapping round: random
+        picks without sorting every candidate by RANDOM(). A random key alone would favour the
+        pictures after large gaps between keys (ids far apart); a random step after it evens
+        that out."""
         exclude = list(exclude)
         total = self.count_candidates(channel, character)
         if not total:
@@ -177,8 +179,19 @@ class RankingMethods:
         if character:
             skip += f" AND id IN ({PICTURES_OF_CHARACTER})"
             params.append(character)
-        start = self.db.execute(f"SELECT {SHUFFLE}, id {base}{skip} ORDER BY {ORDERS['shuffled'].sql()} "
-                                "LIMIT 1 OFFSET ?", [*params, random.randrange(total)]).fetchone()
+        # A random key, then a random step of up to SPREAD candidates from it: the chance of each
+        # candidate is the mean of SPREAD gaps between keys (near uniform) at the cost of a seek
+        # and SPREAD steps (an offset drawn over all of them would walk half the index).
+        key_start = random.randrange(SHUFFLE_MOD)
+        step = random.randrange(min(SPREAD, total))
+        start = self.db.execute(f"SELECT {SHUFFLE}, id {base}{skip} AND {SHUFFLE} >= ? "
+                                f"ORDER BY {ORDERS['shuffled'].sql()} LIMIT 1 OFFSET ?",
+                                [*params, key_start, step]).fetchone()
+        if start is None:              # ran off the end: go on from the start
+            left = self.db.execute(f"SELECT COUNT(*) FROM (SELECT 1 {base}{skip} AND {SHUFFLE} >= ? LIMIT ?)",
+                                   [*params, key_start, SPREAD]).fetchone()[0]
+            start = self.db.execute(f"SELECT {SHUFFLE}, id {base}{skip} ORDER BY {ORDERS['shuffled'].sql()} "
+                                    "LIMIT 1 OFFSET ?", [*params, (step - left) % total]).fetchone()
         cursor = [("shuffled", (start[0], start[1] - 1))] if start else []
         rows = self.ranked_candidates(channel, "shuffled", limit, exclude, character, beyond=cursor)
         if len(rows) < limit:

@@ -5,6 +5,7 @@ every change; the near-duplicate lookup finds what a full comparison finds."""
 from __future__ import annotations
 
 import bisect
+import collections
 import json
 import random
 
@@ -262,3 +263,18 @@ def test_followed_pictures_without_popularity_stay_after_those_with_one(store):
     rows = store.ranked_candidates("web", "popularity", 100, follow=["Miku"], follow_boost=8.0)
     with_pop = [r["id"] for r in rows if r["popularity"] is not None]
     assert [r["id"] for r in rows][:len(with_pop)] == with_pop and unpopular
+
+
+def test_random_picks_are_near_uniform_even_with_ids_far_apart(store):
+    # Sparse ids leave uneven gaps between shuffle keys: a random key alone would pick the
+    # pictures after large gaps many times more often than the others.
+    rnd = random.Random(12)
+    ids = sorted(rnd.sample(range(1, 2000), 100))
+    with store.db.conn:
+        store.db.conn.executemany(
+            "INSERT INTO images (id, source_id, external_id, status, sha256, media_path, score, model_version, "
+            "created_at) VALUES (?, ?, ?, 'scored', ?, 'x.jpg', 3, ?, ?)",
+            [(i, store.sources[0], str(i), f"{i:064x}", store.model, now()) for i in ids])
+    counts = collections.Counter(store.ranked_candidates("web", "random", 1)[0]["id"] for _ in range(5000))
+    spread = sorted(counts.get(i, 0) for i in ids)                  # 50 each if uniform
+    assert spread[10] > 30 and spread[90] < 70 and spread[0] > 15, spread
