@@ -76,6 +76,33 @@ def pss_mib(pid: int | str = "self") -> dict[str, float]:
     return out
 
 
+def footprint_mib(pid: int) -> tuple[float, dict[str, float]]:
+    """The daemon's physical memory with its workers, counted once: the daemon's resident memory
+    (all its pages, the libraries included) plus each descendant's private memory (a spawned
+    worker shares little but the same library files, already counted in the daemon's). Unlike
+    PSS it does not shrink when other processes on the machine map the same libraries."""
+    def private(p) -> float:
+        rollup = Path(f"/proc/{p}/smaps_rollup").read_text()
+        return sum(int(line.split()[1]) for line in rollup.splitlines()
+                   if line.startswith(("Private_Clean:", "Private_Dirty:"))) / 1024
+    parts = {}
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        parts[f"{pid} daemon (resident)"] = next(int(line.split()[1]) for line in status.splitlines()
+                                                 if line.startswith("VmRSS:")) / 1024
+        todo = " ".join(p.read_text() for p in Path(f"/proc/{pid}/task").glob("*/children")).split()
+        while todo:
+            child = todo.pop()
+            try:
+                parts[f"{child} {Path(f'/proc/{child}/comm').read_text().strip()} (private)"] = private(child)
+                todo += " ".join(p.read_text() for p in Path(f"/proc/{child}/task").glob("*/children")).split()
+            except OSError:
+                pass
+    except (OSError, StopIteration):
+        pass
+    return sum(parts.values()), parts
+
+
 def run_daemon(cfg_path: Path, work: Path, n: int):
     """Start ``main.py run``, measure it idle, move the pictures into its inbox, sample its memory
     every 0.2 s until all are done, stop it. Returns (seconds, statuses, idle RSS, idle PSS, peak)."""
@@ -93,15 +120,18 @@ def run_daemon(cfg_path: Path, work: Path, n: int):
                 raise SystemExit("the daemon did not start:\n" + (work / "daemon.log").read_text())
             time.sleep(0.2)
         time.sleep(3)                     # started, nothing to do yet: its idle memory
-        idle, idle_pss = rss_mib(proc.pid), sum(pss_mib(proc.pid).values())
+        idle, idle_pss = footprint_mib(proc.pid)[0], sum(pss_mib(proc.pid).values())
         for path in sorted((work / "incoming").iterdir()):
             path.rename(work / "inbox" / path.name)
         t0 = time.perf_counter()
-        peak = {"rss": 0.0, "pss": 0.0, "parts": {}}
+        peak = {"rss": 0.0, "pss": 0.0, "parts": {}, "foot": 0.0, "foot_parts": {}}
         db = sqlite3.connect(f"file:{work / 'data' / 'tastefeed.db'}?mode=ro", uri=True)
         while True:
             rss, parts = rss_mib(proc.pid), pss_mib(proc.pid)
             peak["rss"] = max(peak["rss"], rss)
+            foot, foot_parts = footprint_mib(proc.pid)
+            if foot > peak["foot"]:
+                peak["foot"], peak["foot_parts"] = foot, foot_parts
             if sum(parts.values()) > peak["pss"]:
                 peak["pss"], peak["parts"] = sum(parts.values()), parts
             counts = dict(db.execute("SELECT status, COUNT(*) FROM images GROUP BY status").fetchall())
@@ -285,10 +315,12 @@ def main() -> None:
 
     print_rows(rows, args, data)
     print(f"\nDaemon (`main.py run` in its own process): {args.daemon_pictures} pictures dropped in the inbox were "
-          f"ingested in {elapsed:.1f}s ({args.daemon_pictures / elapsed:.2f}/s, statuses {counts}); idle RSS "
-          f"{idle:.0f} MiB once started (the process and its children).")
-    print(f"\nAll the daemon's processes together, sampled every 0.2 s while ingesting: peak **{sampled['pss']:.0f} MiB "
-          f"proportional** (PSS: shared pages divided among the processes; idle {idle_pss:.0f} MiB), "
+          f"ingested in {elapsed:.1f}s ({args.daemon_pictures / elapsed:.2f}/s, statuses {counts}).")
+    print(f"\nMemory of the daemon and its workers together (the daemon's resident memory plus each child's "
+          f"private memory), sampled every 0.2 s: idle **{idle:.0f} MiB** once started, peak **{sampled['foot']:.0f} "
+          f"MiB** while ingesting (" + ", ".join(f"{k} {v:.0f}" for k, v in sampled["foot_parts"].items()) + ").")
+    print(f"\nFor comparison, proportional memory (PSS: shared pages divided among every process mapping them, "
+          f"on the whole machine): peak {sampled['pss']:.0f} MiB (idle {idle_pss:.0f} MiB), "
           f"{sampled['rss']:.0f} MiB summed resident (shared pages counted in each process). At the peak: "
           + ", ".join(f"{k} {v:.0f}" for k, v in sampled["parts"].items()) + " MiB.")
 

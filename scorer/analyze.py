@@ -31,7 +31,7 @@ from storage.paths import DataPaths
 from storage.records import WHOLE, Face
 
 
-WHOLE_SIDE = 1024    # the whole picture is kept (and seen by the scorer) at most this size
+WHOLE_SIDE = 512     # the whole picture is kept (and seen by the scorer) at most this size
 
 
 def slim(im: Image.Image) -> Image.Image:
