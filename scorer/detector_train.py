@@ -163,8 +163,18 @@ def detect_samples(detector, items: list[Sample], max_pixels: int = 90_000_000):
 
 
 def curve_config(cfg: DetectorConfig) -> DetectorConfig:
-    """``cfg`` keeping every box (confidence 0 up): the whole precision-recall curve; no time cap."""
-    return replace(cfg, min_confidence=0.0, time_cap=0.0)
+    """``cfg`` keeping every box it could ever run with: the whole precision-recall curve from
+    confidence 0 up (an own version's from ``own_detector.MIN_CONFIDENCE``, the least it runs
+    at, so its curve promises nothing it cannot do in use); no time cap."""
+    return replace(cfg, min_confidence=confidence_floor(cfg), time_cap=0.0)
+
+
+def confidence_floor(cfg: DetectorConfig) -> float:
+    """The least confidence the detector ``cfg`` names can run at: an own version's floor
+    (its weights are in a folder of the data folder's ``detectors/``), else 0."""
+    if cfg.name == "yolo" and cfg.weights and Path(cfg.weights).parent.parent.name == "detectors":
+        return own_detector.MIN_CONFIDENCE
+    return 0.0
 
 
 def measure(cfg: DetectorConfig, items: list[Sample], data_dir: Path, max_pixels: int = 90_000_000):
@@ -183,7 +193,8 @@ def _warm_picture():
 
 def operating_confidence(curve: box_metrics.Curve, precision: float | None = None) -> float:
     """The confidence a version runs with: the point of its held-out curve with the most recall at
-    ``precision`` or more (given), else the best-F1 point; 0.25 when the curve is empty."""
+    ``precision`` or more (given), else the best-F1 point; 0.25 when the curve is empty; never
+    below ``own_detector.MIN_CONFIDENCE`` (its curve starts there: :func:`curve_config`)."""
     best, best_key = 0.25, None
     for p, r, c in zip(curve.precision, curve.recall, curve.confidence):
         if precision is not None:
@@ -192,7 +203,7 @@ def operating_confidence(curve: box_metrics.Curve, precision: float | None = Non
             key = (2 * p * r / (p + r) if p + r else 0.0, r)
         if key is not None and (best_key is None or key > best_key):
             best, best_key = c, key
-    return max(0.001, math.floor(best * 1e4) / 1e4)   # down: the chosen point stays in
+    return max(own_detector.MIN_CONFIDENCE, math.floor(best * 1e4) / 1e4)   # down: the chosen point stays in
 
 
 # ---- train -----------------------------------------------------------------------------------
@@ -430,8 +441,8 @@ def candidates(cfg) -> list[tuple[str, DetectorConfig]]:
     out = []
     version = own_detector.active_version(paths) or (own_detector.versions(paths) or [None])[-1]
     if version:
-        conf = own_detector.metrics_of(paths, version).get("confidence", cfg.detector.min_confidence)
-        out.append((own_detector.PREFIX + version, replace(cfg.detector, name="yolo", min_confidence=float(conf),
+        conf = own_detector.operating_confidence(paths, version, cfg.detector.min_confidence)
+        out.append((own_detector.PREFIX + version, replace(cfg.detector, name="yolo", min_confidence=conf,
                                                            weights=str(own_detector.weights_of(paths, version)))))
     names = [n for n in BOOTSTRAP if n != "lbp" or cfg.detector.cascade]
     if cfg.detector.name not in names:
