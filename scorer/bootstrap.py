@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scorer import box_metrics
+from scorer.box_metrics import iou
 from scorer.detect import LBP_URL, Detector, DetectorError
 from storage.boxes import Box
 
@@ -51,14 +53,6 @@ HAAR = "haar"              # the proposals' name of OpenCV's Haar frontal-face c
 
 
 # ---- merging (pure) ----------------------------------------------------------------------------
-def _iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _xyxy(f) -> tuple[float, float, float, float]:
     return float(f.x1), float(f.y1), float(f.x2), float(f.y2)
 
@@ -94,7 +88,7 @@ def merge_boxes(found: Mapping[str, Sequence], threshold: float = 0.3) -> list[B
         for c in clusters:
             if name in c.names:
                 continue
-            v = _iou(c.box, _xyxy(face))
+            v = iou(c.box, _xyxy(face))
             if v > best_iou:
                 best, best_iou = c, v
         if best is None:
@@ -121,20 +115,16 @@ def picture_certainty(boxes: Sequence[Box]) -> float:
     return min(b.confidence for b in boxes)
 
 
-def f1_score(proposed: Sequence, truth: Sequence, iou: float = MATCH_IOU) -> float:
+def f1_score(proposed: Sequence, truth: Sequence, threshold: float = MATCH_IOU) -> float:
     """F1 of ``proposed`` boxes against ``truth`` boxes, matched one to one (the most confident
-    proposal first, each to the unmatched true box it overlaps most, at IoU ``iou`` or more).
+    proposal first, each to the unmatched true box it overlaps most, at IoU ``threshold`` or more:
+    ``box_metrics.match``).
     1.0 when both are empty."""
     if not proposed and not truth:
         return 1.0
-    left = [_xyxy(t) for t in truth]
-    hits = 0
-    for p in sorted(proposed, key=lambda b: -float(getattr(b, "confidence", 1.0))):
-        scores = [_iou(_xyxy(p), t) for t in left]
-        if scores and max(scores) >= iou:
-            left.pop(scores.index(max(scores)))
-            hits += 1
-    return 2 * hits / (len(proposed) + len(truth))
+    matches = box_metrics.match([(_xyxy(p), float(getattr(p, "confidence", 1.0))) for p in proposed],
+                                [_xyxy(t) for t in truth], threshold)
+    return 2 * sum(hit for _, hit in matches) / (len(proposed) + len(truth))
 
 
 # ---- which pictures ----------------------------------------------------------------------------

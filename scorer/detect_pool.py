@@ -163,24 +163,29 @@ class DetectionPool:
     async def detect(self, im: Image.Image) -> list[Face]:
         """The picture's faces (whole-picture box per ``no_face``); DetectionFailed when its
         worker died on it twice, it ran past the time limits, or the pool is closed."""
-        for _ in range(BYSTANDER_RETRIES):
+        try:
+            return await self._past_bystanders(im)
+        except (BrokenProcessPool, _Bystander):
+            pass
+        async with self._retry:
+            try:
+                return await self._past_bystanders(im)
+            except BrokenProcessPool:
+                raise DetectionFailed("face detection crashed on this picture twice (its worker process "
+                                      "died); not tried again") from None
+            except _Bystander:
+                raise DetectionFailed("face detection was stopped under this picture again and again (other "
+                                      "pictures ran past the time cap); not tried again") from None
+
+    async def _past_bystanders(self, im: Image.Image) -> list[Face]:
+        """:meth:`_capped`, tried again each time the pool is stopped under the picture for
+        another one (up to BYSTANDER_RETRIES times, then _Bystander)."""
+        for _ in range(BYSTANDER_RETRIES - 1):
             try:
                 return await self._capped(im)
             except _Bystander:
                 continue
-            except BrokenProcessPool:
-                break
-        async with self._retry:
-            for _ in range(BYSTANDER_RETRIES):
-                try:
-                    return await self._capped(im)
-                except _Bystander:
-                    continue
-                except BrokenProcessPool:
-                    raise DetectionFailed("face detection crashed on this picture twice (its worker process "
-                                          "died); not tried again") from None
-        raise DetectionFailed("face detection was stopped under this picture again and again (other "
-                              "pictures ran past the time cap); not tried again")
+        return await self._capped(im)
 
     async def _capped(self, im: Image.Image) -> list[Face]:
         if not self.hard_cap or self.hard_cap >= self.hang_seconds:

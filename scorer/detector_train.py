@@ -42,6 +42,7 @@ from pathlib import Path
 
 from scorer import box_metrics, own_detector
 from scorer.detect import DetectorConfig, DetectorError, make_detector
+from scorer.progress import pid_alive
 
 MIN_TRAIN = 8          # verified training pictures a run needs at least
 MIN_HELDOUT = 2        # and held-out verified pictures to measure it on
@@ -131,19 +132,11 @@ def clean_leftovers(paths) -> list[str]:
     for d in paths.detectors.iterdir():
         if d.is_dir() and d.name.startswith(TMP_PREFIX):
             pid = d.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and _alive(int(pid)):
+            if pid.isdigit() and pid_alive(int(pid)):
                 continue
             shutil.rmtree(d, ignore_errors=True)
             gone.append(d.name)
     return gone
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
 
 
 # ---- running a detector on held-out pictures -------------------------------------------------

@@ -61,7 +61,8 @@ class TrainProgress:
             pass  # progress is for show: a full disk must not stop the training run
 
 
-def _alive(pid) -> bool:
+def pid_alive(pid) -> bool:
+    """Whether a process with this id runs (False for anything that is not a pid)."""
     try:
         os.kill(int(pid), 0)
     except (OSError, ValueError, TypeError):
@@ -78,7 +79,7 @@ def read_progress(root: str | Path) -> dict | None:
         return None
     if not isinstance(data, dict):
         return None
-    if data.get("state") == "running" and not _alive(data.get("pid")):
+    if data.get("state") == "running" and not pid_alive(data.get("pid")):
         data["state"] = "stopped"
     try:
         started = datetime.fromisoformat(data["started_at"]).timestamp()

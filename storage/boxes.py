@@ -90,8 +90,7 @@ class BoxMethods:
         boxes = list(boxes)
         stamp = _now()
         with self.db.conn:
-            if self.db.execute("SELECT 1 FROM images WHERE id = ?", [image_id]).fetchone() is None:
-                raise ValueError(f"no picture #{image_id}")
+            self._require_picture(image_id)
             state = self.db.execute("SELECT state FROM box_pictures WHERE image_id = ?", [image_id]).fetchone()
             if state is None:
                 self.db.execute(
@@ -114,8 +113,7 @@ class BoxMethods:
         boxes = list(boxes)
         stamp = _now()
         with self.db.conn:
-            if self.db.execute("SELECT 1 FROM images WHERE id = ?", [image_id]).fetchone() is None:
-                raise ValueError(f"no picture #{image_id}")
+            self._require_picture(image_id)
             self.db.execute(
                 "INSERT INTO box_pictures (image_id, state, certainty, disagreement, verified_at, holdout) "
                 "VALUES (?, ?, 1, 0, ?, ?) ON CONFLICT(image_id) DO UPDATE SET state = excluded.state, "
@@ -123,6 +121,10 @@ class BoxMethods:
                 [image_id, VERIFIED, stamp, int(is_holdout(image_id))])
             self.db.execute("DELETE FROM boxes WHERE image_id = ?", [image_id])
             self._insert_boxes(image_id, VERIFIED, boxes)
+
+    def _require_picture(self, image_id: int) -> None:
+        if self.db.execute("SELECT 1 FROM images WHERE id = ?", [image_id]).fetchone() is None:
+            raise ValueError(f"no picture #{image_id}")
 
     def _insert_boxes(self, image_id: int, kind: str, boxes: list[Box]) -> None:
         for b in boxes:

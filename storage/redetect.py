@@ -20,6 +20,7 @@ overlaps it most (IoU at least :data:`CARRY_IOU`); a label with no such face sta
 """
 from __future__ import annotations
 
+from scorer.box_metrics import iou
 from storage.records import CROP, SCORED, Face
 
 CARRY_IOU = 0.3
@@ -29,14 +30,6 @@ _CANDIDATES = (f"FROM images WHERE status = '{SCORED}' AND media_path IS NOT NUL
                "AND media_pruned_at IS NULL AND COALESCE(detector_version, ?) != ? "
                f"AND id NOT IN (SELECT image_id FROM faces WHERE detector = '{CROP}') "
                "AND id NOT IN (SELECT image_id FROM posts WHERE status = 'sent')")
-
-
-def _iou(a, b) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 class RedetectMethods:
@@ -79,8 +72,8 @@ class RedetectMethods:
                 box = old.get(old_id)
                 if box is None or not new:
                     return None
-                best = max(new, key=lambda k: _iou(box, new[k]))
-                return best if _iou(box, new[best]) >= CARRY_IOU else None
+                best = max(new, key=lambda k: iou(box, new[k]))
+                return best if iou(box, new[best]) >= CARRY_IOU else None
 
             for label_id, face_id in labels:         # SET NULL already happened; point it at the heir
                 self.db.execute("UPDATE labels SET face_id = ? WHERE id = ?", [heir(face_id), label_id])
