@@ -122,7 +122,8 @@ def _rank(values: list[float], q: float) -> float:
 def read_database(db_path: Path, detector_tag: str | None = None) -> dict:
     """Counts, the last scored picture, the sources and the model, from a read-only connection
     (indexed queries only); with ``detector_tag`` (the detector in use, ``scorer.own_detector.tag``)
-    also how many stored pictures wait to be detected again by it. Raises (sqlite3.Error,
+    also how many stored pictures wait to be detected again by it (the one query that reads every
+    scored picture). Raises (sqlite3.Error,
     OSError) when the database cannot be read."""
     db_path = Path(db_path)
     if not db_path.is_file():
