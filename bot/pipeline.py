@@ -206,36 +206,59 @@ class Pipeline:
                 self._score_wake.set()
 
     async def score(self, image_ids: list[int]) -> None:
-        """Detect and score a batch: each picture is read, detected (in the detection workers)
-        and reduced to its face crops and a slimmed copy (``Analyzer.prepare``) a few at a time,
-        so the batch never holds every full-size picture at once; then all its crops are scored
-        together."""
+        """Detect and score a batch: each picture is read, detected and reduced to its face crops
+        and a slimmed copy (``Analyzer.prepare``) a few at a time, so the batch never holds every
+        full-size picture at once; then all its crops are scored together. Detection runs in the
+        detection workers, one picture per worker; without them (yolo) in a thread, several
+        pictures in one pass (``Analyzer.detection_batch``: a GPU's batch)."""
         analyzer = self.analyzer
         tag = self.detector_tag   # before detecting: a switch meanwhile leaves the picture to detect again
         pool = self.detection
-        width = (pool.workers + 1) if pool is not None else 1
-        reading = asyncio.Semaphore(width)   # full-size pictures in memory at once
         stopped = False
 
-        async def one(image_id: int):
+        async def load(image_id: int):
+            """(row, decoded picture), or None: gone, stopping, or unreadable (marked failed)."""
             nonlocal stopped
             row = await self.store.get_image(image_id)
             if row is None or row["status"] != DOWNLOADED:
                 return None
-            async with reading:
-                if self.stopping.is_set():
-                    stopped = True           # stopping: it stays downloaded for the next start
-                    return None
-                try:
-                    im = await asyncio.to_thread(load_media, self.cfg.media_path, row["media_path"],
-                                                 max_pixels=self.cfg.download.max_pixels)
-                except (OSError, BadImage) as e:
-                    await self.store.mark_failed(image_id, f"stored picture unreadable: {e}")
-                    log.warning("image %d: stored picture unreadable: %s", image_id, e)
-                    return None
-                if pool is None:
-                    faces = await asyncio.to_thread(analyzer.detect, im)
-                else:
+            if self.stopping.is_set():
+                stopped = True           # stopping: it stays downloaded for the next start
+                return None
+            try:
+                im = await asyncio.to_thread(load_media, self.cfg.media_path, row["media_path"],
+                                             max_pixels=self.cfg.download.max_pixels)
+            except (OSError, BadImage) as e:
+                await self.store.mark_failed(image_id, f"stored picture unreadable: {e}")
+                log.warning("image %d: stored picture unreadable: %s", image_id, e)
+                return None
+            return row, im
+
+        if pool is None:
+            results = []
+            chunk = max(1, analyzer.detection_batch)
+            for at in range(0, len(image_ids), chunk):
+                loaded = await asyncio.gather(*(load(i) for i in image_ids[at:at + chunk]), return_exceptions=True)
+                results += [r for r in loaded if isinstance(r, BaseException)]
+                loaded = [r for r in loaded if r is not None and not isinstance(r, BaseException)]
+                if loaded:
+                    ims = [im for _, im in loaded]
+                    found = await asyncio.to_thread(analyzer.detect_many, ims)
+                    prepared = await asyncio.to_thread(list, map(analyzer.prepare, ims, found))
+                    results += [(row, p) for (row, _), p in zip(loaded, prepared)]
+                    del ims, loaded
+                if stopped:
+                    break
+        else:
+            reading = asyncio.Semaphore(pool.workers + 1)   # full-size pictures in memory at once
+
+            async def one(image_id: int):
+                nonlocal stopped
+                async with reading:
+                    got = await load(image_id)
+                    if got is None:
+                        return None
+                    row, im = got
                     faces = (await pool.detect_all([im]))[0]
                     if isinstance(faces, DetectionFailed):
                         if self.stopping.is_set() or pool is not self.detection:
@@ -245,9 +268,9 @@ class Pipeline:
                         log.warning("image %d: %s", row["id"], faces)
                         self.stats["failed"] += 1
                         return None
-                return row, await asyncio.to_thread(analyzer.prepare, im, faces)
+                    return row, await asyncio.to_thread(analyzer.prepare, im, faces)
 
-        results = await asyncio.gather(*(one(i) for i in image_ids), return_exceptions=True)
+            results = await asyncio.gather(*(one(i) for i in image_ids), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:       # every picture's task has ended: the batch fails as one (logged by the caller)
             raise errors[0]

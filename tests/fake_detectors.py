@@ -83,3 +83,22 @@ class SlowWhenLarge(GilHog):
             import time
             time.sleep(3600)
         return super()._detect(im, scale, size)
+
+
+class Batched(Scripted):
+    """A :class:`Scripted` detector that searches several pictures in one pass (as yolo does),
+    ``batch`` at a time, recording how many pictures each pass took."""
+    batched = True
+
+    def __init__(self, name: str, boxes: dict | None = None, batch: int = 4, **kw):
+        super().__init__(name, boxes, **kw)
+        self.batch = batch
+        self.passes: list[int] = []
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch
+
+    def _detect_batch(self, ims, scales, sizes):
+        self.passes.append(len(ims))
+        return super()._detect_batch(ims, scales, sizes)

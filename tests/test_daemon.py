@@ -474,3 +474,52 @@ def test_a_look_at_the_lock_does_not_stop_a_daemon_from_starting(tmp_path):
     lock = DaemonLock(tmp_path).acquire()                       # waits the look out
     assert (tmp_path / "daemon.lock").read_text().strip() == str(__import__("os").getpid())
     lock.release()
+
+
+async def test_without_detection_workers_pictures_are_detected_several_in_one_pass(tmp_path, monkeypatch):
+    """The in-process path (yolo: no detection workers) hands the detector several pictures at a
+    time (``Analyzer.detection_batch``), and each picture gets its own faces."""
+    import io
+    import random
+    import threading
+
+    from PIL import Image
+
+    import bot.daemon
+    import scorer.analyze
+    from tests.fake_detectors import Batched
+
+    sizes = [(200 + 10 * i, 150) for i in range(7)]
+    boxes = {size: [(20, 20, 80 + i, 90, 0.9)] for i, size in enumerate(sizes)}
+    first = threading.Event()
+
+    class Slow(Batched):
+        def _detect_batch(self, ims, scales, sizes):
+            if not first.is_set():       # the first pass waits: the others pile up behind it
+                first.set()
+                time.sleep(1.5)
+            return super()._detect_batch(ims, scales, sizes)
+
+    det = Slow("batched", boxes, batch=4, min_size=1)
+    monkeypatch.setattr(scorer.analyze, "make_detector", lambda *a, **k: det)
+    monkeypatch.setattr(bot.daemon.DetectionPool, "from_config", classmethod(lambda cls, *a, **k: None))
+    cfg = make_config(tmp_path)
+    (tmp_path / "inbox").mkdir(exist_ok=True)
+    for i, size in enumerate(sizes):
+        buf = io.BytesIO()
+        Image.frombytes("RGB", size, random.Random(i).randbytes(size[0] * size[1] * 3)).save(buf, "PNG")
+        (tmp_path / "inbox" / f"p{i}.png").write_bytes(buf.getvalue())
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        assert daemon.detection is None
+        await wait_for(lambda: _count(daemon, "scored", len(sizes)), timeout=30)
+        rows = await daemon.store.execute("SELECT * FROM images WHERE status = 'scored'")
+        assert len(rows) == len(sizes)
+        for row in rows:
+            (face,) = await daemon.store.faces_of(row["id"])
+            i = sizes.index((row["width"], row["height"]))
+            assert (face["x1"], face["y1"], face["x2"], face["y2"], face["detector"]) == (20, 20, 80 + i, 90, "batched")
+        assert det.passes and all(1 < n <= 4 for n in det.passes)   # several at once, never over the batch
+    finally:
+        await daemon.stop()

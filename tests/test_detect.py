@@ -187,3 +187,22 @@ def test_time_cap_off_or_fast_keeps_max_side():
         for _ in range(3):
             det.detect(Image.new("RGB", (2000, 1000)))
         assert det.sizes == [(1000, 500)] * 3
+
+
+def test_a_batched_detector_searches_several_pictures_in_one_pass_with_the_same_faces():
+    from tests.fake_detectors import Batched, Scripted
+
+    boxes = {(300, 200): [(10, 10, 60, 60, 0.9), (100, 20, 160, 80, 0.95)], (2000, 1000): [(0, 0, 400, 400, 0.8)],
+             (120, 90): [(5, 5, 10, 10, 0.9)]}        # too small: min_size drops it either way
+    pictures = [Image.new("RGB", size) for size in ((300, 200), (2000, 1000), (120, 90), (64, 64))]
+    batched = Batched("b", boxes, max_side=1000, min_size=24)
+    serial = Scripted("b", boxes, max_side=1000, min_size=24)
+    found = batched.detect_many(pictures)
+    assert batched.passes == [4]                                  # one pass for all four
+    assert found == [serial.detect(im) for im in pictures]        # what one at a time finds
+    assert [f.confidence for f in found[0]] == [0.95, 0.9]        # best first, as detect() gives
+    assert batched.seen == serial.seen == [(300, 200), (2000, 1000), (120, 90), (64, 64)]
+    assert Scripted("s").detect_many(pictures[:2]) and Scripted("s").batch_size == 1  # no pass of several
+    one = Batched("b", boxes)
+    one.detect_many(pictures[:1])
+    assert one.passes == []                                       # a single picture goes through detect

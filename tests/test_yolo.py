@@ -78,3 +78,29 @@ def test_without_ultralytics_the_yolo_detector_is_one_line_naming_the_extra(tmp_
     assert doctor.returncode == 1
     assert [line for line in doctor.stdout.splitlines() if line.startswith("detector")] == \
         [f"detector      FAIL  {e.value}"]
+
+
+@pytest.mark.slow
+def test_yolo_detects_several_pictures_in_one_pass_finding_what_it_finds_one_at_a_time(tiny_weights, tmp_path):
+    from scorer.box_metrics import iou
+
+    def box(f):
+        return (f.x1, f.y1, f.x2, f.y2)
+
+    det = YoloDetector(str(tiny_weights), config_dir=tmp_path, min_confidence=0.0, min_size=1)
+    pictures = []
+    for i, size in enumerate(((128, 96), (96, 128), (200, 200), (64, 64))):
+        im = Image.new("RGB", size, (200, 200, 200))
+        ImageDraw.Draw(im).ellipse([10 + i, 12, 50 + i, 52], fill=(240, 190, 160), outline=(0, 0, 0))
+        pictures.append(im)
+    calls = []
+    predict = det.model.predict
+    det.model.predict = lambda source, **kw: calls.append(len(source)) or predict(source, **kw)
+    together = det.detect_many(pictures)
+    assert calls == [4]                                        # one pass for the four
+    alone = [det.detect(im) for im in pictures]
+    assert calls == [4, 1, 1, 1, 1]
+    for im, a, b in zip(pictures, together, alone):
+        # the same pictures letterboxed to one shape: its best box is the same as alone
+        assert a and b and all(f.detector == "yolo" and 0 <= f.x1 <= f.x2 <= im.width for f in a)
+        assert iou(box(a[0]), box(b[0])) >= 0.8 and abs(a[0].confidence - b[0].confidence) < 0.05
