@@ -7,9 +7,10 @@ of pictures.
     python bench/pipeline.py --device cuda --yolo W.pt --no-daemon   # the GPU path with a YOLO detector
 
 The daemon part runs ``main.py run`` in its own process and samples the memory of it and its
-detection workers together (proportional set size). ``--yolo`` adds the device-batched path:
-JPEG decoding on the device (nvJPEG), YOLO on a batch, crops scored in batches, the next batch's
-bytes read by threads meanwhile; on a CPU it runs too (decode_jpeg and YOLO on the CPU).
+detection workers together (proportional set size). ``--yolo`` adds the device-batched path, the
+daemon's own code for yolo on a GPU: JPEG decoding on the device (nvJPEG), YOLO on a letterboxed
+batch, crops cut there and scored in batches, the next batch's bytes read by threads meanwhile;
+on a CPU it runs too (the same path with the CPU as the device).
 
 Uses ../shared/data/illustrations (falls back to synthetic pictures) and prints a Markdown block
 to paste into bench/RESULTS.md.
@@ -151,42 +152,26 @@ def run_daemon(cfg_path: Path, work: Path, n: int):
 
 def device_batched(data: list[bytes], weights: str, device: str, scorer: Scorer, *, batch: int, imgsz: int,
                    repeat: int, workers: int) -> tuple:
-    """The GPU path, end to end: JPEG bytes decoded in batches on the device (torchvision's
-    nvJPEG ``decode_jpeg``; PIL for other formats), resized there to ``imgsz`` and detected by
-    YOLO as one batch, the faces cropped and scored in batches; the next batch's bytes are read
-    and handed over by ``workers`` threads while the device works (the download stage's part).
+    """The GPU path, end to end, through the daemon's own functions (bot/pipeline.py's in-process
+    path with yolo on a GPU): JPEG bytes decoded together on the device
+    (``storage.media.decode_on_device``: torchvision's nvJPEG ``decode_jpeg``), letterboxed there
+    and detected by YOLO as one batch (``YoloDetector.detect_tensors``), the faces cropped there
+    (``Analyzer.prepare_tensor``) and scored in batches (``Analyzer.analyze_prepared``); the next
+    batch's bytes are read by ``workers`` threads while the device works (the download stage's
+    part). On a CPU it runs too: the same path with the CPU as the device.
     Returns (pictures/s, decode ms/pic, detect ms/pic, crop+score ms/pic, crops/s, device)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import numpy as np
-    import torch.nn.functional as F
-    import torchvision
-    from PIL import Image
-
-    from scorer.detect import yolo_class
+    from scorer.detect import YoloDetector
     from scorer.model import pick_device
+    from storage.media import BadImage, decode_on_device
 
     dev = pick_device(device)
-    YOLO = yolo_class(Path(tempfile.gettempdir()) / "tastefeed-bench-ultralytics")
-    model = YOLO(weights, task="detect")
-
-    def to_tensor(raw: bytes) -> torch.Tensor:
-        return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-
-    def decode(raws: list[bytes]) -> list[torch.Tensor]:
-        jpegs = [i for i, r in enumerate(raws) if r[:3] == b"\xff\xd8\xff"]
-        out: list = [None] * len(raws)
-        if jpegs:
-            decoded = torchvision.io.decode_jpeg([to_tensor(raws[i]) for i in jpegs], device=dev,
-                                                 mode=torchvision.io.ImageReadMode.RGB)
-            for i, t in zip(jpegs, decoded):
-                out[i] = t
-        for i, r in enumerate(raws):
-            if out[i] is None:
-                import io
-                im = Image.open(io.BytesIO(r)).convert("RGB")
-                out[i] = torch.from_numpy(np.asarray(im)).permute(2, 0, 1).to(dev)
-        return out
+    det = YoloDetector(weights, config_dir=Path(tempfile.gettempdir()) / "tastefeed-bench-ultralytics",
+                       min_confidence=0.25)
+    det._decode_device = dev                  # the device path, whichever device was asked for
+    det.model.overrides["imgsz"] = imgsz
+    analyzer = Analyzer(det, scorer)
 
     pool = ThreadPoolExecutor(workers)
     batches = [data[i:i + batch] for _ in range(repeat) for i in range(0, len(data), batch)]
@@ -199,28 +184,19 @@ def device_batched(data: list[bytes], weights: str, device: str, scorer: Scorer,
         if k + 1 < len(batches):
             ahead = pool.submit(lambda b: [bytes(r) for r in b], batches[k + 1])
         t0 = time.perf_counter()
-        ims = decode(raws)
-        x = torch.stack([F.interpolate(im[None].float(), size=(imgsz, imgsz), mode="bilinear",
-                                       antialias=False)[0] for im in ims]).div_(255.0)
+        tensors = [t for t in decode_on_device(raws, dev) if not isinstance(t, BadImage)]
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()
-        results = model.predict(x, imgsz=imgsz, conf=0.25, device=dev, verbose=False)
+        found = analyzer.detect_tensors(tensors)
         t2 = time.perf_counter()
-        crops = []
-        for im, res in zip(ims, results):
-            h, w = im.shape[1:]
-            for x1, y1, x2, y2 in res.boxes.xyxy.tolist():
-                box = [int(x1 * w / imgsz), int(y1 * h / imgsz), int(x2 * w / imgsz) + 1, int(y2 * h / imgsz) + 1]
-                crop = im[:, box[1]:box[3], box[0]:box[2]]
-                if crop.numel():
-                    crops.append(Image.fromarray(crop.permute(1, 2, 0).cpu().numpy()))
-        scorer.predict(crops)
+        prepared = [analyzer.prepare_tensor(t, faces) for t, faces in zip(tensors, found)]
+        analyzer.analyze_prepared(prepared)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t3 = time.perf_counter()
         t_decode, t_detect, t_score = t_decode + t1 - t0, t_detect + t2 - t1, t_score + t3 - t2
-        n_faces += len(crops)
+        n_faces += sum(len(p.crops) for p in prepared)
         n_pics += len(raws)
     total = time.perf_counter() - start
     pool.shutdown()

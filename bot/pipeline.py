@@ -28,7 +28,7 @@ from bot.memory import trim
 from scorer.detect_pool import DetectionFailed, DetectionPool
 from sources import SourceError, TransientError
 from sources.http import Http, TooLarge, short_url
-from storage.media import BadImage, inspect, load_media, store_media
+from storage.media import BadImage, decode_on_device, inspect, load_media, store_media
 from storage.records import DOWNLOADED, FAILED, PENDING
 
 log = logging.getLogger("tastefeed.daemon")
@@ -205,6 +205,23 @@ class Pipeline:
                     self._in_score.discard(image_id)
                 self._score_wake.set()
 
+    async def _unreadable(self, image_id: int, e: Exception) -> None:
+        await self.store.mark_failed(image_id, f"stored picture unreadable: {e}")
+        log.warning("image %d: stored picture unreadable: %s", image_id, e)
+
+    async def _decode_on_device(self, loaded: list[tuple[dict, bytes]], device) -> list[tuple[dict, object]]:
+        """(row, bytes) pairs decoded on ``device`` together (``storage.media.decode_on_device``);
+        a picture that cannot be is marked failed."""
+        decoded = await asyncio.to_thread(decode_on_device, [data for _, data in loaded], device,
+                                          max_pixels=self.cfg.download.max_pixels)
+        kept = []
+        for (row, _), t in zip(loaded, decoded):
+            if isinstance(t, BadImage):
+                await self._unreadable(row["id"], t)
+            else:
+                kept.append((row, t))
+        return kept
+
     async def score(self, image_ids: list[int]) -> None:
         """Detect and score a batch: each picture is read, detected and reduced to its face crops
         and a slimmed copy (``Analyzer.prepare``) a few at a time, so the batch never holds every
@@ -216,8 +233,9 @@ class Pipeline:
         pool = self.detection
         stopped = False
 
-        async def load(image_id: int):
-            """(row, decoded picture), or None: gone, stopping, or unreadable (marked failed)."""
+        async def load(image_id: int, decode: bool = True):
+            """(row, decoded picture; its bytes when not ``decode``), or None: gone, stopping, or
+            unreadable (marked failed)."""
             nonlocal stopped
             row = await self.store.get_image(image_id)
             if row is None or row["status"] != DOWNLOADED:
@@ -226,27 +244,35 @@ class Pipeline:
                 stopped = True           # stopping: it stays downloaded for the next start
                 return None
             try:
-                im = await asyncio.to_thread(load_media, self.cfg.media_path, row["media_path"],
-                                             max_pixels=self.cfg.download.max_pixels)
+                if decode:
+                    im = await asyncio.to_thread(load_media, self.cfg.media_path, row["media_path"],
+                                                 max_pixels=self.cfg.download.max_pixels)
+                else:
+                    im = await asyncio.to_thread((self.cfg.media_path / row["media_path"]).read_bytes)
             except (OSError, BadImage) as e:
-                await self.store.mark_failed(image_id, f"stored picture unreadable: {e}")
-                log.warning("image %d: stored picture unreadable: %s", image_id, e)
+                await self._unreadable(image_id, e)
                 return None
             return row, im
 
         if pool is None:
             results = []
             chunk = max(1, analyzer.detection_batch)
+            device = analyzer.detector.decode_device     # yolo on a GPU: decoded there
             for at in range(0, len(image_ids), chunk):
-                loaded = await asyncio.gather(*(load(i) for i in image_ids[at:at + chunk]), return_exceptions=True)
+                ids = image_ids[at:at + chunk]
+                loaded = await asyncio.gather(*(load(i, device is None) for i in ids), return_exceptions=True)
                 results += [r for r in loaded if isinstance(r, BaseException)]
                 loaded = [r for r in loaded if r is not None and not isinstance(r, BaseException)]
+                if loaded and device is not None:
+                    loaded = await self._decode_on_device(loaded, device)
                 if loaded:
-                    ims = [im for _, im in loaded]
-                    found = await asyncio.to_thread(analyzer.detect_many, ims)
-                    prepared = await asyncio.to_thread(list, map(analyzer.prepare, ims, found))
+                    pictures = [im for _, im in loaded]
+                    detect, prepare = ((analyzer.detect_many, analyzer.prepare) if device is None
+                                       else (analyzer.detect_tensors, analyzer.prepare_tensor))
+                    found = await asyncio.to_thread(detect, pictures)
+                    prepared = await asyncio.to_thread(list, map(prepare, pictures, found))
                     results += [(row, p) for (row, _), p in zip(loaded, prepared)]
-                    del ims, loaded
+                    del pictures, loaded
                 if stopped:
                     break
         else:

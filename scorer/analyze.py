@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from scorer.detect import Detector, DetectorConfig, crop_face, make_detector
+from scorer.detect import Detector, DetectorConfig, crop_box, crop_face, make_detector
 from scorer.detect_pool import faces_or_whole
 from scorer.model import Scorer
 from scorer.own_detector import effective_detector
@@ -87,6 +87,33 @@ class Analyzer:
         """:meth:`detect` for several pictures, in one pass where the detector can (yolo)."""
         return [faces_or_whole(faces, im, self.no_face)
                 for im, faces in zip(pictures, self.detector.detect_many(pictures))]
+
+    def detect_tensors(self, pictures: list) -> list[list[Face]]:
+        """:meth:`detect_many` for pictures decoded on the detector's device (the GPU path:
+        ``YoloDetector.detect_tensors``)."""
+        return [faces or ([Face.whole(int(t.shape[2]), int(t.shape[1]))] if self.no_face == "whole" else [])
+                for t, faces in zip(pictures, self.detector.detect_tensors(pictures))]
+
+    def prepare_tensor(self, picture, faces: list[Face]) -> Prepared:
+        """:meth:`prepare` for a picture decoded on the device: its face crops are cut there and
+        only they and the slimmed picture come over to the CPU."""
+        import torch.nn.functional as F
+
+        h, w = int(picture.shape[1]), int(picture.shape[2])
+
+        def to_pil(t) -> Image.Image:
+            return Image.fromarray(t.permute(1, 2, 0).contiguous().cpu().numpy())
+
+        scale = min(1.0, WHOLE_SIDE / max(w, h))
+        small = picture if scale == 1.0 else F.interpolate(
+            picture[None].float(), size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear",
+            antialias=True, align_corners=False)[0].round_().clamp_(0, 255).byte()
+        whole = to_pil(small)
+        crops = []
+        for f in faces:
+            box = None if f.detector in WHOLE else crop_box(f, self.margin, w, h)
+            crops.append(whole if box is None else to_pil(picture[:, box[1]:box[3], box[0]:box[2]]))
+        return Prepared(faces, crops, whole)
 
     @property
     def detection_batch(self) -> int:

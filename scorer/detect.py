@@ -110,6 +110,7 @@ class Detector:
         return [sorted(self._keep(faces), key=lambda f: -f.confidence) for faces in found]
 
     batched = False   # True: _detect_batch searches several pictures in one pass
+    decode_device = None   # a torch device: pictures are decoded there for detect_tensors (yolo on a GPU)
 
     @property
     def batch_size(self) -> int:
@@ -359,6 +360,49 @@ class YoloDetector(Detector):
             import torch
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return self.GPU_BATCH if device.startswith("cuda") else self.CPU_BATCH
+
+    @property
+    def decode_device(self):
+        """The torch device pictures are decoded onto for :meth:`detect_tensors` (the GPU the
+        model runs on), or None: decode with Pillow and :meth:`detect_many` (on a CPU)."""
+        if self._decode_device is None and self.batch_size == self.GPU_BATCH:
+            import torch
+            self._decode_device = torch.device(self.device or "cuda")
+        return self._decode_device
+
+    _decode_device = None   # tests set "cpu" to run the GPU path on a CPU
+
+    def detect_tensors(self, pictures: list) -> list[list[Face]]:
+        """Faces in pictures already decoded on :attr:`decode_device` (uint8 RGB tensors, 3 x h x
+        w, as ``storage.media.decode_on_device`` gives), in one pass: each is letterboxed there
+        to the model's size (as ultralytics does with a picture, gray borders centred), so no
+        full-size picture goes through the CPU; the boxes are mapped back to its pixels."""
+        import torch
+        import torch.nn.functional as F
+
+        imgsz = self.model.overrides.get("imgsz", 640)
+        imgsz = int(max(imgsz) if isinstance(imgsz, (list, tuple)) else imgsz)
+        batch = torch.full((len(pictures), 3, imgsz, imgsz), 114 / 255, device=pictures[0].device)
+        places = []
+        for k, t in enumerate(pictures):
+            h, w = t.shape[1:]
+            r = min(imgsz / h, imgsz / w)
+            nh, nw = max(1, round(h * r)), max(1, round(w * r))
+            top, left = (imgsz - nh) // 2, (imgsz - nw) // 2
+            batch[k, :, top:top + nh, left:left + nw] = F.interpolate(
+                t[None].float(), size=(nh, nw), mode="bilinear", antialias=r < 1,
+                align_corners=False)[0].clamp_(0, 255) / 255   # over 1.0, ultralytics would divide by 255 again
+            places.append((r, left, top, (w, h)))
+        start = time.perf_counter()
+        results = self.model.predict(batch, imgsz=imgsz, conf=max(0.001, self.min_confidence), verbose=False,
+                                     device=batch.device)
+        self.last_seconds = time.perf_counter() - start
+        found = []
+        for res, (r, left, top, size) in zip(results, places):
+            faces = [_box(x1 - left, y1 - top, x2 - x1, y2 - y1, r, size, conf, self.name)
+                     for (x1, y1, x2, y2), conf in zip(res.boxes.xyxy.tolist(), res.boxes.conf.tolist())]
+            found.append(sorted(self._keep(faces), key=lambda f: -f.confidence))
+        return found
 
     def _detect(self, im, scale, size):
         return self._detect_batch([im], [scale], [size])[0]

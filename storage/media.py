@@ -171,6 +171,69 @@ def load_media(root: str | Path, rel: str, *, max_pixels: int = 90_000_000) -> I
     return decode_image((Path(root) / rel).read_bytes(), max_pixels=max_pixels)
 
 
+def decode_on_device(datas: list[bytes], device, *, max_pixels: int = 90_000_000) -> list:
+    """Pictures decoded straight onto ``device`` (a torch device: nvJPEG on a GPU), as uint8 RGB
+    tensors (3 x height x width), or a :class:`BadImage` for each that cannot be: the GPU path of
+    the daemon, where a full-size picture never goes through the CPU's memory.
+
+    JPEGs are decoded together in one call (torchvision's ``decode_jpeg``; its size is checked
+    against ``max_pixels`` from the header first); a batch that fails is decoded one by one, and
+    a picture torchvision cannot decode (or another format) goes through :func:`decode_image`
+    and is copied over."""
+    import numpy as np
+    import torch
+
+    out: list = [None] * len(datas)
+    jpegs = []
+    for i, data in enumerate(datas):
+        if sniff_format(data) == "jpeg":
+            try:
+                w, h = Image.open(io.BytesIO(data)).size
+            except (OSError, SyntaxError, ValueError, EOFError) as e:
+                out[i] = BadImage(f"corrupt or truncated jpeg: {e}")
+                continue
+            if w * h > max_pixels:
+                out[i] = BadImage(f"image too large ({w}x{h} pixels, limit {max_pixels})")
+            else:
+                jpegs.append(i)
+    decode = _decode_jpeg()
+    if decode is not None and jpegs:
+        raw = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in jpegs]
+        try:
+            for i, t in zip(jpegs, decode(raw, device)):
+                out[i] = t
+        except RuntimeError:            # one bad picture fails the batch: one at a time
+            for i, r in zip(jpegs, raw):
+                try:
+                    out[i] = decode([r], device)[0]
+                except RuntimeError:
+                    pass                # left to Pillow, which says what is wrong
+    for i, data in enumerate(datas):
+        if out[i] is None:
+            try:
+                im = decode_image(data, max_pixels=max_pixels)
+            except BadImage as e:
+                out[i] = e
+                continue
+            out[i] = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).to(device)
+    return out
+
+
+def _decode_jpeg():
+    """torchvision's batched ``decode_jpeg`` (RGB), or None where torchvision no longer has it
+    (its image decoding is deprecated since 0.29): Pillow then decodes every picture."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+
+    def decode(raw, device):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+    return decode
+
+
 class PhashIndex:
     """The stored pictures' perceptual hashes, for the near-duplicate lookup of each new picture:
     kept in arrays and compared all at once (XOR and bit count over 100,000 hashes take 0.1-0.2 ms,

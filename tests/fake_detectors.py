@@ -102,3 +102,19 @@ class Batched(Scripted):
     def _detect_batch(self, ims, scales, sizes):
         self.passes.append(len(ims))
         return super()._detect_batch(ims, scales, sizes)
+
+
+class OnDevice(Batched):
+    """A :class:`Batched` detector that takes pictures decoded on a torch device (the CPU here),
+    as yolo on a GPU does (``decode_device``, ``detect_tensors``), recording each pass's size."""
+
+    def __init__(self, name: str, boxes: dict | None = None, batch: int = 4, **kw):
+        super().__init__(name, boxes, batch, **kw)
+        import torch
+        self.decode_device = torch.device("cpu")
+        self.tensor_passes: list[int] = []
+
+    def detect_tensors(self, pictures):
+        self.tensor_passes.append(len(pictures))
+        sizes = [(int(t.shape[2]), int(t.shape[1])) for t in pictures]
+        return [self._keep(self._detect(None, 1.0, size)) for size in sizes]

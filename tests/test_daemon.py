@@ -3,6 +3,7 @@ import shutil
 import time
 from datetime import datetime, timezone
 
+import pytest
 from aiohttp import web
 
 from bot.daemon import Daemon
@@ -476,9 +477,12 @@ def test_a_look_at_the_lock_does_not_stop_a_daemon_from_starting(tmp_path):
     lock.release()
 
 
-async def test_without_detection_workers_pictures_are_detected_several_in_one_pass(tmp_path, monkeypatch):
+@pytest.mark.parametrize("on_device", [False, True], ids=["pillow", "decoded-on-device"])
+async def test_without_detection_workers_pictures_are_detected_several_in_one_pass(tmp_path, monkeypatch, on_device):
     """The in-process path (yolo: no detection workers) hands the detector several pictures at a
-    time (``Analyzer.detection_batch``), and each picture gets its own faces."""
+    time (``Analyzer.detection_batch``), and each picture gets its own faces; with a detector on
+    a GPU (``decode_device``; the CPU device here) the pictures are decoded onto it and detected
+    and cropped there."""
     import io
     import random
     import threading
@@ -487,18 +491,29 @@ async def test_without_detection_workers_pictures_are_detected_several_in_one_pa
 
     import bot.daemon
     import scorer.analyze
-    from tests.fake_detectors import Batched
+    from tests.fake_detectors import Batched, OnDevice
 
     sizes = [(200 + 10 * i, 150) for i in range(7)]
     boxes = {size: [(20, 20, 80 + i, 90, 0.9)] for i, size in enumerate(sizes)}
     first = threading.Event()
 
-    class Slow(Batched):
+    class Slow(OnDevice if on_device else Batched):
         def _detect_batch(self, ims, scales, sizes):
+            self.wait_once()
+            return super()._detect_batch(ims, scales, sizes)
+
+        def _detect(self, im, scale, size):
+            self.wait_once()
+            return super()._detect(im, scale, size)
+
+        def detect_tensors(self, pictures):
+            self.wait_once()
+            return super().detect_tensors(pictures)
+
+        def wait_once(self):
             if not first.is_set():       # the first pass waits: the others pile up behind it
                 first.set()
                 time.sleep(1.5)
-            return super()._detect_batch(ims, scales, sizes)
 
     det = Slow("batched", boxes, batch=4, min_size=1)
     monkeypatch.setattr(scorer.analyze, "make_detector", lambda *a, **k: det)
@@ -507,8 +522,9 @@ async def test_without_detection_workers_pictures_are_detected_several_in_one_pa
     (tmp_path / "inbox").mkdir(exist_ok=True)
     for i, size in enumerate(sizes):
         buf = io.BytesIO()
-        Image.frombytes("RGB", size, random.Random(i).randbytes(size[0] * size[1] * 3)).save(buf, "PNG")
-        (tmp_path / "inbox" / f"p{i}.png").write_bytes(buf.getvalue())
+        fmt = "JPEG" if i % 2 else "PNG"    # the device path decodes JPEGs together, others with Pillow
+        Image.frombytes("RGB", size, random.Random(i).randbytes(size[0] * size[1] * 3)).save(buf, fmt)
+        (tmp_path / "inbox" / f"p{i}.{fmt.lower()}").write_bytes(buf.getvalue())
     daemon = Daemon(cfg)
     await daemon.start()
     try:
@@ -520,6 +536,9 @@ async def test_without_detection_workers_pictures_are_detected_several_in_one_pa
             (face,) = await daemon.store.faces_of(row["id"])
             i = sizes.index((row["width"], row["height"]))
             assert (face["x1"], face["y1"], face["x2"], face["y2"], face["detector"]) == (20, 20, 80 + i, 90, "batched")
-        assert det.passes and all(1 < n <= 4 for n in det.passes)   # several at once, never over the batch
+        passes = det.tensor_passes if on_device else det.passes
+        assert passes and max(passes) > 1 and all(n <= 4 for n in passes)   # several at once, never over the batch
+        assert not on_device or det.passes == []
+        assert all(row["score"] is not None for row in rows)
     finally:
         await daemon.stop()

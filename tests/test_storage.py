@@ -208,3 +208,32 @@ def test_a_picture_claimed_by_an_import_keeps_the_imports_analysis(tmp_path):
     assert store.get_image(image_id)["status"] == "scored"
     assert not store.claim_for_import(image_id)   # analysed: nothing left to claim
     store.close()
+
+
+def test_decode_on_device_gives_pillows_pixels_and_refuses_what_pillow_refuses():
+    """The GPU path's decoding (run here on the CPU device): JPEGs decoded together, other
+    formats through Pillow, each bad picture refused alone with Pillow's reason."""
+    import io
+
+    import numpy as np
+    import torch
+
+    from storage.media import BadImage, decode_image, decode_on_device
+
+    def encoded(seed, size, fmt):
+        buf = io.BytesIO()
+        rnd = np.random.default_rng(seed)
+        Image.fromarray(rnd.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(buf, fmt)
+        return buf.getvalue()
+
+    good = [encoded(1, (120, 80), "JPEG"), encoded(2, (64, 96), "JPEG"), encoded(3, (50, 40), "PNG")]
+    truncated = good[0][:len(good[0]) // 2]
+    huge = encoded(4, (300, 300), "JPEG")
+    out = decode_on_device([good[0], truncated, good[1], b"\xff\xd8\xffgarbage", good[2], huge],
+                           torch.device("cpu"), max_pixels=200 * 200)
+    for data, t in zip(good, (out[0], out[2], out[4])):
+        assert t.dtype == torch.uint8 and t.device.type == "cpu"
+        assert np.array_equal(t.permute(1, 2, 0).numpy(), np.asarray(decode_image(data)))
+    assert isinstance(out[1], BadImage) and "truncated" in str(out[1])
+    assert isinstance(out[3], BadImage)
+    assert isinstance(out[5], BadImage) and "too large (300x300 pixels" in str(out[5])

@@ -104,3 +104,48 @@ def test_yolo_detects_several_pictures_in_one_pass_finding_what_it_finds_one_at_
         # the same pictures letterboxed to one shape: its best box is the same as alone
         assert a and b and all(f.detector == "yolo" and 0 <= f.x1 <= f.x2 <= im.width for f in a)
         assert iou(box(a[0]), box(b[0])) >= 0.8 and abs(a[0].confidence - b[0].confidence) < 0.05
+
+
+@pytest.mark.slow
+def test_yolo_on_pictures_decoded_on_the_device_finds_and_crops_what_the_pillow_path_does(tiny_weights, tmp_path):
+    """The GPU path (decode on the device, letterbox there, crop there), run on the CPU device:
+    the same best box as ultralytics' own letterboxing of the picture, and the same crops."""
+    import io
+
+    import numpy as np
+    import torch
+
+    from scorer.analyze import Analyzer
+    from scorer.box_metrics import iou
+    from storage.media import decode_on_device
+
+    det = YoloDetector(str(tiny_weights), config_dir=tmp_path, min_confidence=0.0, min_size=1)
+    assert det.decode_device is None                          # on a CPU: Pillow and detect_many
+    det._decode_device = torch.device("cpu")
+    datas = []
+    for i, size in enumerate(((128, 96), (96, 128), (700, 300))):
+        im = Image.new("RGB", size, (255, 255, 255) if i == 2 else (200, 200, 200))  # white: a resize overshoots 255
+        ImageDraw.Draw(im).ellipse([10 + i, 12, 50 + i, 52], fill=(240, 190, 160), outline=(0, 0, 0))
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=95)
+        datas.append(buf.getvalue())
+    tensors = decode_on_device(datas, det.decode_device)
+    pictures = [Image.open(io.BytesIO(d)).convert("RGB") for d in datas]
+    analyzer = Analyzer(det, scorer=None, margin=0.2)
+    seen = []
+    predict = det.model.predict
+    det.model.predict = lambda source, **kw: seen.append(source) or predict(source, **kw)
+    on_device = analyzer.detect_tensors(tensors)
+    (batch,) = seen                                           # one pass, in ultralytics' 0-1 range
+    assert batch.shape[0] == 3 and 0 <= float(batch.min()) and float(batch.max()) <= 1
+    with_pillow = [det.detect(im) for im in pictures]
+    for im, a, b in zip(pictures, on_device, with_pillow):
+        assert a and all(f.detector == "yolo" and 0 <= f.x1 <= f.x2 <= im.width and 0 <= f.y1 <= f.y2 <= im.height
+                         for f in a)
+        assert iou((a[0].x1, a[0].y1, a[0].x2, a[0].y2), (b[0].x1, b[0].y1, b[0].x2, b[0].y2)) >= 0.8
+    for t, im, faces in zip(tensors, pictures, with_pillow):
+        got, want = analyzer.prepare_tensor(t, faces[:3]), analyzer.prepare(im, faces[:3])
+        assert [c.size for c in got.crops] == [c.size for c in want.crops]
+        assert all(np.array_equal(np.asarray(c), np.asarray(w)) for c, w in zip(got.crops, want.crops))
+        assert got.whole.size == want.whole.size
+        assert np.abs(np.asarray(got.whole, dtype=int) - np.asarray(want.whole, dtype=int)).mean() < 3
