@@ -5,6 +5,8 @@ of pictures.
     python bench/pipeline.py [--device auto|cpu|cuda] [--repeat 2] [--daemon-pictures 40]
     python bench/pipeline.py --daemon-only      # only the daemon's memory (the real `main.py run`)
     python bench/pipeline.py --device cuda --yolo W.pt --no-daemon   # the GPU path with a YOLO detector
+    python bench/pipeline.py --device cuda --yolo W.pt --daemon-yolo --daemon-only --daemon-pictures 2000
+                                                # the real daemon detecting with YOLO, end to end
 
 The daemon part runs ``main.py run`` in its own process and samples the memory of it and its
 detection workers together (proportional set size). ``--yolo`` adds the device-batched path, the
@@ -230,6 +232,8 @@ def main() -> None:
     ap.add_argument("--yolo-imgsz", type=int, default=640)
     ap.add_argument("--yolo-repeat", type=int, default=20, help="passes over the pictures for the YOLO path")
     ap.add_argument("--no-daemon", action="store_true", help="skip the daemon's memory part")
+    ap.add_argument("--daemon-yolo", action="store_true",
+                    help="the daemon part detects with the --yolo weights (on a GPU: its device path, end to end)")
     args = ap.parse_args()
     data = pictures()
     tmp = Path(tempfile.mkdtemp())
@@ -266,7 +270,7 @@ def main() -> None:
         rows.append((label, n / total, t_decode / n * 1000, t_detect / n * 1000, t_score / n * 1000,
                      n_faces / max(t_score, 1e-9), str(scorer.device)))
 
-    if args.yolo:
+    if args.yolo and not args.daemon_only:
         scorer = Scorer.load(tmp / "m.pt", device=args.device, batch_size=256, tta=True)
         ips, dec, det_ms, sc, fps, name = device_batched(data, args.yolo, args.device, scorer, batch=args.yolo_batch,
                                                          imgsz=args.yolo_imgsz, repeat=args.yolo_repeat, workers=8)
@@ -283,14 +287,17 @@ def main() -> None:
     cfg_path.write_text(f'data_dir = "{work / "data"}"\n[scorer]\ndevice = "{args.device}"\n'
                         '[download]\nnear_duplicate_distance = -1\n[web]\nport = 0\n'
                         f'[[sources]]\nname = "inbox"\nkind = "folder"\ninterval = 1\npath = "{work / "inbox"}"\n'
-                        'settle = 0\n')
+                        'settle = 0\n'
+                        + (f'[detector]\nname = "yolo"\nweights = "{Path(args.yolo).resolve()}"\n'
+                           if args.yolo and args.daemon_yolo else ''))
     for i in range(args.daemon_pictures):   # distinct bytes; near-duplicates are scored too (distance -1)
         (work / "incoming" / f"{i}.jpg").write_bytes(data[i % len(data)] + i.to_bytes(4, "big"))
     elapsed, counts, idle, idle_pss, sampled = run_daemon(cfg_path, work, args.daemon_pictures)
     shutil.rmtree(tmp, ignore_errors=True)
 
     print_rows(rows, args, data)
-    print(f"\nDaemon (`main.py run` in its own process): {args.daemon_pictures} pictures dropped in the inbox were "
+    detector = f"yolo {Path(args.yolo).name}" if args.yolo and args.daemon_yolo else "animeface"
+    print(f"\nDaemon (`main.py run` in its own process, detector {detector}): {args.daemon_pictures} pictures dropped in the inbox were "
           f"ingested in {elapsed:.1f}s ({args.daemon_pictures / elapsed:.2f}/s, statuses {counts}).")
     print(f"\nMemory of the daemon and its workers together (the daemon's resident memory plus each child's "
           f"private memory), sampled every 0.2 s: idle **{idle:.0f} MiB** once started, peak **{sampled['foot']:.0f} "
