@@ -92,15 +92,19 @@ async def test_a_plain_form_post_accepts_the_boxes_as_shown(proposed, gallery):
                                                                                ((120, 30, 170, 80), "haar")]
 
 
-async def test_skipping_shows_the_next_until_none_is_left(proposed, gallery):
-    cfg, a, b, _ = proposed
+async def test_skipping_sends_the_picture_to_the_back_of_the_queue_even_across_a_restart(proposed, gallery):
+    cfg, a, b, c = proposed
     client = await gallery(cfg)
-    for skip, then in ((a, b), (b, None)):
+    for skip, then in ((a, b), (b, a)):          # skipped: the next; once all were seen, the first skipped again
         resp = await client.post("/boxes", json={"id": skip, "skip": True}, headers=same_origin(client))
-        assert resp.status == 200
+        assert resp.status == 200 and await resp.json() == {"ok": True, "skipped": skip}
         html = await (await client.get("/boxes")).text()
         assert shown_id(html) == then
-    assert "You skipped the 2 picture(s) left to review" in html
+    assert "You skipped it before" in html and "2 to review" in html
+    resp = await client.post("/boxes", json={"id": c, "skip": True}, headers=same_origin(client))
+    assert resp.status == 404                    # not in the box set
+    restarted = await gallery(cfg)               # a new gallery (a daemon restart) keeps the order
+    assert shown_id(await (await restarted.get("/boxes")).text()) == a
     with Store.open(cfg.db_path) as store:
         assert store.box_picture(a).state == "proposed"
 
@@ -219,9 +223,11 @@ async def test_in_a_browser_a_face_is_drawn_a_proposal_deleted_and_the_boxes_acc
                 (kept, drawn) = pic.verified
                 assert (kept.xyxy, kept.origin) == ((20, 20, 80, 80), "animeface,lbp")
                 assert drawn.origin == "owner" and all(abs(v - w) <= 2 for v, w in zip(drawn.xyxy, (100, 100, 150, 150)))
-            # s skips the next one: the queue is empty, and the page says so
+            # s skips the next one; the only one left, it comes back, marked as skipped before
+            assert await page.locator(".skipped-before").count() == 0
             await page.keyboard.press("s")
-            await page.wait_for_selector("p.empty:has-text('You skipped')")
+            await page.wait_for_selector(".skipped-before:has-text('You skipped it before')")
+            assert await page.locator("form.boxes").get_attribute("data-id") == str(b)
             await browser.close()
     finally:
         await gallery.stop()
