@@ -360,11 +360,11 @@ def _doctor_checks(cfg, opened: contextlib.ExitStack) -> list[tuple[str, bool, s
         try:
             from scorer.registry import ensure_active_model, load_scorer, untrained_scorer
             if fresh:
-                scorer = untrained_scorer(cfg.scorer)
+                scorer = untrained_scorer(cfg.scorer, margin=cfg.detector.margin)
                 detail = f"no model yet: the first run creates the untrained {scorer.version}"
             else:
                 row = ensure_active_model(store, cfg.scorer, cfg.models_path)
-                scorer = load_scorer(row, cfg.scorer, cfg.models_path)
+                scorer = load_scorer(row, cfg.scorer, cfg.models_path, margin=cfg.detector.margin)
                 detail = f"{row['version']}{'' if row['metrics'] else ' (untrained)'}"
             scorer.predict([Image.new("RGB", (64, 64), "gray")])
             checks.append(("model", True, detail))
@@ -536,7 +536,7 @@ def cmd_rescore(cfg, args) -> int:
         try:
             await store.open()
             row = await store.call(ensure_active_model, cfg.scorer, cfg.models_path)
-            scorer = await asyncio.to_thread(load_scorer, row, cfg.scorer, cfg.models_path)
+            scorer = await asyncio.to_thread(load_scorer, row, cfg.scorer, cfg.models_path, margin=cfg.detector.margin)
             n = await rescore_all(store, scorer, media_root=cfg.media_path, margin=cfg.detector.margin,
                                   how=cfg.scorer.aggregate, max_pixels=cfg.download.max_pixels,
                                   batch_size=cfg.scorer.batch_size, progress=None)
