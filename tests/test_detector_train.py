@@ -531,7 +531,10 @@ async def test_detecting_stored_pictures_again_logs_its_progress_and_the_counts(
     async def check_model():
         rescored.append(1)
 
-    analyzer = SimpleNamespace(detect=lambda im: [Face(5, 5, 40, 40, 0.8, "yolo")])
+    def detect(im):
+        return [Face(5, 5, 40, 40, 0.8, "yolo")]
+
+    analyzer = SimpleNamespace(detect=detect, detect_many=lambda ims: [detect(im) for im in ims])
     pipeline = SimpleNamespace(detection=None, analyzer=analyzer, detector_tag="own:v2")
     store = await AsyncStore(cfg.db_path).open()
     try:
