@@ -52,7 +52,7 @@ def child(kind: str, config: str) -> dict:
         from scorer.registry import untrained_scorer
         from scorer.settings import ScorerConfig
 
-        scorer = untrained_scorer(ScorerConfig(device="cpu"))
+        scorer = untrained_scorer(ScorerConfig(device="cpu"), margin=0.2)
         crops = [Image.open(p).convert("RGB") for p in sorted((DATA / "test").rglob("*.*g"))[:20]]
         scorer.predict(crops[:1], crops[:1])  # warm up
         wall, cpu = time.perf_counter(), time.process_time()

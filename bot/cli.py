@@ -173,13 +173,18 @@ def picture_paths(args: list[str]) -> list[Path]:
 def _score(cfg, args, paths: list[Path], analyzer, untrained: str | None = None) -> int:
     """Score the pictures. With ``untrained`` (what to do, while the model is untrained) its
     scores mean nothing, so the text says "not trained yet" instead (``--json`` keeps them,
-    with ``"trained": false``)."""
+    with ``"trained": false``). The detector in use is named (bot/health.py ``detector_in_use``:
+    the configured one's name or ``own:VERSION``): a line after the pictures, ``"detector"`` in
+    each JSON entry; with ``--crops`` nothing is detected (``"detector": null``)."""
     from tqdm import tqdm
 
+    from bot.health import detector_in_use
+    from scorer.own_detector import PREFIX
     from storage.media import BadImage, decode_image
     from storage.records import CROP, Face
 
     trained = untrained is None
+    detector = None if args.crops else detector_in_use(cfg)
     results, failures = [], 0
     bar = tqdm(paths, desc="scoring", unit="img", disable=len(paths) < 2 or not sys.stderr.isatty(),
                file=sys.stderr)
@@ -196,7 +201,8 @@ def _score(cfg, args, paths: list[Path], analyzer, untrained: str | None = None)
         # --crops: the picture is a face crop (as import-labels --crops takes it), not run through detection
         found = [[Face.whole(im.width, im.height, CROP)]] if args.crops else None
         res = analyzer.analyze([im], found)[0]
-        entry = {"path": str(path), "model": analyzer.scorer.version, "trained": trained, **res.as_dict()}
+        entry = {"path": str(path), "model": analyzer.scorer.version, "detector": detector, "trained": trained,
+                 **res.as_dict()}
         results.append(entry)
         if not args.json:
             kind = ("face crop" if args.crops else "no face" if res.whole or res.skipped
@@ -212,7 +218,11 @@ def _score(cfg, args, paths: list[Path], analyzer, untrained: str | None = None)
             tqdm.write("\n".join(lines), file=sys.stdout)
     if args.json:
         print(json.dumps(results, indent=2))
-    elif not trained and failures < len(paths):
+        return 1 if failures and failures == len(paths) else 0
+    if detector is not None and failures < len(paths):
+        print(f"faces found by the detector {detector}"
+              + (" (your own, `detector use`)" if detector.startswith(PREFIX) else " (configured in [detector])"))
+    if not trained and failures < len(paths):
         print(f'The model is not trained yet, so its scores mean nothing (--json shows them, marked "trained": '
               f"false): {untrained}.")
     return 1 if failures and failures == len(paths) else 0
@@ -350,11 +360,11 @@ def _doctor_checks(cfg, opened: contextlib.ExitStack) -> list[tuple[str, bool, s
         try:
             from scorer.registry import ensure_active_model, load_scorer, untrained_scorer
             if fresh:
-                scorer = untrained_scorer(cfg.scorer)
+                scorer = untrained_scorer(cfg.scorer, margin=cfg.detector.margin)
                 detail = f"no model yet: the first run creates the untrained {scorer.version}"
             else:
                 row = ensure_active_model(store, cfg.scorer, cfg.models_path)
-                scorer = load_scorer(row, cfg.scorer, cfg.models_path)
+                scorer = load_scorer(row, cfg.scorer, cfg.models_path, margin=cfg.detector.margin)
                 detail = f"{row['version']}{'' if row['metrics'] else ' (untrained)'}"
             scorer.predict([Image.new("RGB", (64, 64), "gray")])
             checks.append(("model", True, detail))
@@ -526,7 +536,7 @@ def cmd_rescore(cfg, args) -> int:
         try:
             await store.open()
             row = await store.call(ensure_active_model, cfg.scorer, cfg.models_path)
-            scorer = await asyncio.to_thread(load_scorer, row, cfg.scorer, cfg.models_path)
+            scorer = await asyncio.to_thread(load_scorer, row, cfg.scorer, cfg.models_path, margin=cfg.detector.margin)
             n = await rescore_all(store, scorer, media_root=cfg.media_path, margin=cfg.detector.margin,
                                   how=cfg.scorer.aggregate, max_pixels=cfg.download.max_pixels,
                                   batch_size=cfg.scorer.batch_size, progress=None)

@@ -13,11 +13,17 @@ uses (the event loop only awaits them), their faces replaced (the owner's labels
 carried to the new faces) and the pictures marked for rescoring; the model watcher rescores them
 (bot/model_watch.py). The column makes it resumable: after a restart the daemon goes on where it
 stopped, and a later switch ends a run early and starts over for the new detector.
+
+The run logs what it does: a line when it starts (how many pictures), a progress line after a
+batch at most every :data:`PROGRESS_SECONDS` ("re-detecting with detector own:v2: 8/22
+pictures"), and a line when it ends — done, with how many pictures got new faces and how many
+were skipped (unreadable media, a failed detection), or stopped early by another switch or a stop.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from bot.config import Config
 from scorer import own_detector
@@ -29,6 +35,7 @@ log = logging.getLogger("tastefeed.daemon")
 
 CHECK_SECONDS = 30
 BATCH = 8          # pictures detected again at a time
+PROGRESS_SECONDS = 10   # at most one progress line this often
 
 
 class DetectorWatcher:
@@ -95,10 +102,7 @@ class DetectorWatcher:
         try:
             while not self.stopping.is_set():
                 tag = self.tag
-                n = await self._run(tag)
-                done += n
-                if n:
-                    log.info("detected %d stored picture(s) again with %s", n, tag)
+                done += await self._run(tag)
                 if tag == self.tag:
                     break
         except asyncio.CancelledError:
@@ -108,10 +112,16 @@ class DetectorWatcher:
         return done
 
     async def _run(self, tag: str) -> int:
-        done, after = 0, 0
+        total = await self.store.count_redetect_candidates(tag)
+        if not total or self.stopping.is_set() or tag != self.tag:
+            return 0
+        log.info("re-detecting %d stored picture(s) with detector %s in the background", total, tag)
+        started = said = time.monotonic()
+        done, skipped, seen, after, finished = 0, 0, 0, 0, False
         while not self.stopping.is_set() and tag == self.tag:
             rows = await self.store.redetect_candidates(tag, BATCH, after)
             if not rows:
+                finished = True
                 break
             after = rows[-1]["id"]
             pictures, kept = [], []
@@ -122,6 +132,7 @@ class DetectorWatcher:
                 except (OSError, BadImage) as e:
                     log.warning("image %d: not detected again (%s)", row["id"], e)
                     await self.store.mark_redetected(row["id"], tag)
+                    skipped += 1
                     continue
                 pictures.append(im)
                 kept.append(row)
@@ -132,11 +143,24 @@ class DetectorWatcher:
                 if isinstance(faces, DetectionFailed):
                     log.warning("image %d: not detected again: %s", row["id"], faces)
                     await self.store.mark_redetected(row["id"], tag)
+                    skipped += 1
                     continue
                 if await self.store.record_redetection(row["id"], faces, tag):
                     done += 1
                     self.stats["redetected"] += 1
+            seen += len(rows)
+            if time.monotonic() - said >= PROGRESS_SECONDS:
+                said = time.monotonic()
+                log.info("re-detecting with detector %s: %d/%d pictures", tag, seen, max(total, seen))
             await self.models.check_model()     # rescore what was detected again
+        seconds = time.monotonic() - started
+        if finished:
+            log.info("re-detection with detector %s done: %d picture(s) detected again, %d skipped, in %.0f s; "
+                     "rescoring them", tag, done, skipped, seconds)
+        else:
+            log.info("re-detection with detector %s stopped at %d/%d pictures (%s); %s", tag, seen,
+                     max(total, seen), "the daemon is stopping" if self.stopping.is_set() else f"now {self.tag}",
+                     "the rest resumes after a restart" if self.stopping.is_set() else "starting over")
         return done
 
     async def _detect(self, pictures) -> list:

@@ -103,7 +103,8 @@ class ModelWatcher:
             return
         if row["version"] != self.analyzer.scorer.version:
             try:
-                scorer = await asyncio.to_thread(load_scorer, row, self.cfg.scorer, self.cfg.models_path)
+                scorer = await asyncio.to_thread(load_scorer, row, self.cfg.scorer, self.cfg.models_path,
+                                                 margin=self.cfg.detector.margin)
             except Exception as e:  # noqa: BLE001 - a bad file must not stop the daemon
                 log.error("cannot load the active model %s, still scoring with %s: %s", row["version"],
                           self.analyzer.scorer.version, e)

@@ -249,15 +249,15 @@ def review_boxes(pic) -> list[dict]:
     return shown
 
 
-def boxes_data(store, skip: set[int]) -> dict:
+def boxes_data(store) -> dict:
     """The Boxes page: the next picture of the review queue (``storage/boxes.py``: a newer
-    detector's disagreements with verified boxes first, then the least certain proposals),
-    passing over those skipped in ``skip``; its ``image`` row, the boxes shown
-    (:func:`review_boxes`), and the box set's counts."""
-    queue = store.box_review_queue(1, exclude=skip)
+    detector's disagreements with verified boxes first, then the least certain proposals, the
+    skipped ones last); its ``image`` row, the boxes shown (:func:`review_boxes`), and the box
+    set's counts."""
+    queue = store.box_review_queue(1)
     pic = queue[0] if queue else None
     return {"pic": pic, "image": store.get_image(pic.image_id) if pic else None,
-            "shown": review_boxes(pic) if pic else [], "counts": store.box_counts(), "skipped": len(skip)}
+            "shown": review_boxes(pic) if pic else [], "counts": store.box_counts()}
 
 
 def sources_data(store) -> dict:
@@ -466,7 +466,7 @@ class Gallery:
         return self.render("compare.html", request, **data)
 
     async def page_boxes(self, request):
-        data = await self.store.call(boxes_data, set(self.actions.boxes_skipped))
+        data = await self.store.call(boxes_data)
         return self.render("boxes.html", request, **data)
 
     async def page_model(self, request):

@@ -104,7 +104,6 @@ class GalleryActions:
         self.train_now = train_now        # starts `train --full` in the daemon's retrainer; False if one runs
         self.sources_page = sources_page  # Gallery.sources_page: the page again after a refused add
         self.skipped: set[frozenset] = set()   # pairs skipped on the Compare page (until a restart)
-        self.boxes_skipped: set[int] = set()   # pictures skipped on the Boxes page (until a restart)
         self._embedders: dict = {}    # identity model version -> scorer.identity.Embedder
         self._embed_lock = threading.Lock()
 
@@ -232,8 +231,8 @@ class GalleryActions:
     # ---- face boxes for the owner's own detector ---------------------------------------------
     async def boxes(self, request):
         """The Boxes page's answer: ``id`` (the picture shown) and ``boxes`` (:func:`parse_boxes`),
-        which become its verified boxes (none: verified with no face); or ``skip`` (it is not
-        shown again until a restart). A box kept as proposed (or as verified) keeps its origin
+        which become its verified boxes (none: verified with no face); or ``skip`` (it goes to the
+        back of the review queue, storage/boxes.py). A box kept as proposed (or as verified) keeps its origin
         (the detectors that found it); a drawn or moved one is the owner's. Then the next picture."""
         from storage.boxes import OWNER, Box
         form = await self._form(request)
@@ -242,7 +241,8 @@ class GalleryActions:
         except ValueError:
             raise web.HTTPBadRequest(text="id: expected the id of the picture shown\n") from None
         if form.get("skip"):
-            self.boxes_skipped.add(image_id)
+            if not await self.store.skip_box_picture(image_id):
+                raise web.HTTPNotFound(text="No such picture in the box set.\n")
             log.info("boxes: picture %d skipped in the gallery", image_id)
             return self._done(request, {"ok": True, "skipped": image_id}, "/boxes")
         image = await self.store.get_image(image_id)
@@ -258,7 +258,6 @@ class GalleryActions:
         known = {b.xyxy: b.origin for b in (current.verified + current.proposed)} if current else {}
         boxes = [Box(*xyxy, origin=known.get(xyxy, OWNER)) for xyxy in coords]
         await self.store.verify_boxes(image_id, boxes)
-        self.boxes_skipped.discard(image_id)
         log.info("boxes: picture %d verified in the gallery with %d face box(es)", image_id, len(boxes))
         return self._done(request, {"ok": True, "image_id": image_id, "boxes": len(boxes)}, "/boxes")
 

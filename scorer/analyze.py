@@ -166,10 +166,11 @@ def build_analyzer(store, detector: DetectorConfig, scorer: ScorerConfig, paths:
     detector = effective_detector(detector, paths)
     if store is None:
         found = make_detector(detector, Path(tempfile.gettempdir()) / "tastefeed")
-        model = untrained_scorer(scorer)
+        model = untrained_scorer(scorer, margin=detector.margin)
     else:
         found = make_detector(detector, paths.root)
-        model = load_scorer(ensure_active_model(store, scorer, paths.models), scorer, paths.models)
+        model = load_scorer(ensure_active_model(store, scorer, paths.models), scorer, paths.models,
+                            margin=detector.margin)
     analyzer = Analyzer(found, model, margin=detector.margin, no_face=detector.no_face, aggregate=scorer.aggregate)
     analyzer.detector_tag = tag
     return analyzer

@@ -194,7 +194,7 @@ def evaluate_version(store, paths, scfg, tcfg, version: str | None = None, out_d
     if row is None:
         raise ModelError(f"no model {version!r} (see `python main.py models list`)" if version
                          else "no active model yet: run `python main.py train`")
-    scorer = load_scorer(row, scfg, paths.models)
+    scorer = load_scorer(row, scfg, paths.models, margin=margin)
     recorded = json.loads(row["metrics"]) if row["metrics"] else {}
     val_share = recorded.get("val_share", tcfg.val_share)
     examples = [e for e in build_examples(store.training_rows(), faces=tcfg.faces, val_share=val_share)

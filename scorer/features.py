@@ -13,6 +13,14 @@ block by, then the *source* it is cached under, see ``storage/features.py``):
     net        ``net:<network version>``      the taste network's (score, flip spread): blended
                                               with the head's score, not one of its inputs
 
+The crop blocks (backbone, colour, net) depend on the crop, so on ``detector.margin``: at any
+margin but the default 0.2 their sources carry it, ``@m<percent>`` (``<backbone version>@m30``,
+``colour@m30``, ``net:<version>@m30``; :func:`crop_source`), and vectors of two margins never
+mix. After a margin change the cache fills again at the new one; a taste head fitted at the
+old one is left out until it is refitted (``scorer/model.py``), and the daemon drops the old
+vectors as it does a retired model's. The whole-picture block does not depend on the margin;
+identity embeddings are kept per embedder version (``storage/characters.py``).
+
 :func:`ensure_features` returns the cached vectors of stored faces and computes (and stores) the
 missing ones, decoding each picture once; so a refit of the head, a rescoring after it, and an
 evaluation read vectors, not pictures.
@@ -33,31 +41,42 @@ log = logging.getLogger(__name__)
 
 COLOUR = "colour"
 COLOUR_SIZE = 64      # colour statistics are taken at this size (any size gives nearly the same)
+DEFAULT_MARGIN = 0.2  # detector.margin's default: crop sources computed at it keep their plain names
+
+
+def crop_source(source: str, margin: float) -> str:
+    """The name a crop block's ``source`` is cached under at crop margin ``margin``: unchanged at
+    :data:`DEFAULT_MARGIN`, else with ``@m<margin in percent>`` appended."""
+    percent = round(float(margin) * 100)
+    return source if percent == round(DEFAULT_MARGIN * 100) else f"{source}@m{percent}"
 
 
 @dataclass
 class FeatureExtractor:
     """Computes the blocks of face crops. ``backbone``: a :class:`scorer.backbones.Backbone` (or
     None: no backbone blocks); ``network``: a callable taking crops (PIL) and returning (scores,
-    spreads), with ``network_version`` naming it; ``embedder``: an identity embedder or None."""
+    spreads), with ``network_version`` naming it; ``embedder``: an identity embedder or None;
+    ``margin``: the crop margin (``detector.margin``) the crops it is given were cut with, which
+    names the crop blocks' sources (:func:`crop_source`)."""
     backbone: object | None = None
     whole: bool = True
     network: object | None = None
     network_version: str | None = None
     embedder: object | None = None
+    margin: float = DEFAULT_MARGIN
     sources: dict[str, str] = field(init=False)
 
     def __post_init__(self):
         self.sources = {}
         if self.backbone is not None:
-            self.sources["backbone"] = self.backbone.version
+            self.sources["backbone"] = crop_source(self.backbone.version, self.margin)
             if self.whole:
                 self.sources["whole"] = "whole:" + self.backbone.version
-        self.sources["colour"] = COLOUR
+        self.sources["colour"] = crop_source(COLOUR, self.margin)
         if self.embedder is not None:
             self.sources["identity"] = "identity:" + self.embedder.version
         if self.network is not None:
-            self.sources["net"] = "net:" + self.network_version
+            self.sources["net"] = crop_source("net:" + self.network_version, self.margin)
 
     def compute(self, crops: list[Image.Image], pictures: list[Image.Image] | None = None,
                 only: set[str] | None = None) -> list[dict[str, np.ndarray]]:
@@ -119,13 +138,16 @@ def ensure_features(store, extractor: FeatureExtractor, faces: list[dict], media
                     progress: bool | None = False) -> dict[int, dict[str, np.ndarray]]:
     """Cached vectors of stored ``faces`` (rows with ``id``, ``image_id``, ``media_path`` and the
     box) for ``sources`` (default: all of the extractor's), the missing ones computed from the
-    stored pictures (each decoded once) and saved. A face whose picture cannot be read is left
-    out of the result (one warning per picture)."""
+    stored pictures (each decoded once, cropped with ``margin``: the extractor's, which names
+    its sources) and saved. A face whose picture cannot be read is left out of the result (one
+    warning per picture)."""
     from tqdm import tqdm
 
     from scorer.analyze import face_crop
     from storage.media import BadImage, load_media
 
+    if round(margin * 100) != round(extractor.margin * 100):
+        raise ValueError(f"crops cut with margin {margin} would be cached as margin {extractor.margin}'s")
     wanted = set(extractor.sources.values()) if sources is None else set(sources)
     have = store.face_features([f["id"] for f in faces], wanted)
     todo: dict[str, list[dict]] = {}

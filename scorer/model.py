@@ -232,12 +232,14 @@ class Scorer:
     A face's score is the network's blended with the head's; its uncertainty is the network's
     flip spread (None without flip TTA) blended with the head's predictive uncertainty. The
     :attr:`extractor` computes every block the daemon caches for a face (``scorer/features.py``),
-    whether or not the head uses it yet, so the next refit needs no picture decoded.
+    whether or not the head uses it yet, so the next refit needs no picture decoded; ``margin``
+    (``detector.margin``, the margin its crops are cut with) names the crop blocks' sources.
     """
 
     def __init__(self, net: RatingNet, *, arch: str, version: str, image_size: int = 64,
                  device: str = "auto", batch_size: int = 32, tta: bool = True, head: AppliedHead | None = None,
-                 backbone=None, whole: bool = True, embedder=None, network_version: str | None = None):
+                 backbone=None, whole: bool = True, embedder=None, network_version: str | None = None,
+                 margin: float = 0.2):
         from scorer.features import FeatureExtractor
 
         self.device = pick_device(device)
@@ -248,7 +250,8 @@ class Scorer:
         self.network_file: str | None = None     # the model file holding the network's weights
         self.head = head
         self.extractor = FeatureExtractor(backbone, whole, self.network_crops, self.network_version,
-                                          embedder if head is not None and "identity" in head.sources else None)
+                                          embedder if head is not None and "identity" in head.sources else None,
+                                          margin=margin)
         if head is not None:
             missing = {b: s for b, s in head.sources.items() if self.extractor.sources.get(b) != s}
             if missing:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from scorer.features import DEFAULT_MARGIN
 from scorer.model import ModelError, Scorer, build_model, save_model
 
 log = logging.getLogger(__name__)
@@ -56,14 +57,15 @@ def ensure_active_model(store, scorer_cfg, models_dir: str | Path) -> dict:
     return store.active_model()
 
 
-def untrained_scorer(scorer_cfg) -> Scorer:
+def untrained_scorer(scorer_cfg, *, margin: float) -> Scorer:
     """The untrained model :func:`ensure_active_model` would create, kept in memory: for a
-    command that must write nothing (``score`` before any data folder exists)."""
+    command that must write nothing (``score`` before any data folder exists). ``margin``: the
+    crop margin (``detector.margin``), as for :func:`load_scorer`."""
     torch.manual_seed(0)
     net = build_model(scorer_cfg.arch, scorer_cfg.pretrained)
     return Scorer(net, arch=scorer_cfg.arch, version=initial_version(scorer_cfg.arch, scorer_cfg.pretrained),
                   image_size=scorer_cfg.image_size, device=scorer_cfg.device, batch_size=inference_batch(scorer_cfg),
-                  tta=scorer_cfg.tta, backbone=configured_backbone(scorer_cfg), whole=scorer_cfg.whole)
+                  tta=scorer_cfg.tta, backbone=configured_backbone(scorer_cfg), whole=scorer_cfg.whole, margin=margin)
 
 
 _BACKBONES: dict[tuple, object] = {}
@@ -101,12 +103,15 @@ def inference_batch(scorer_cfg) -> int:
     return size if pick_device(scorer_cfg.device).type != "cpu" else min(size, CPU_INFERENCE_BATCH)
 
 
-def load_scorer(row: dict, scorer_cfg, models_dir: str | Path) -> Scorer:
+def load_scorer(row: dict, scorer_cfg, models_dir: str | Path, *, margin: float) -> Scorer:
+    """The model of registry row ``row``, with the configured feature backbone; ``margin``: the
+    crop margin (``detector.margin``) its crops are cut with, which names the cached crop
+    features it reads and writes (``scorer/features.py`` ``crop_source``)."""
     path = Path(models_dir) / row["path"]
     if not path.exists():
         raise ModelError(f"model file {path} of version {row['version']} is missing")
     return Scorer.load(path, device=scorer_cfg.device, batch_size=inference_batch(scorer_cfg), tta=scorer_cfg.tta,
-                       backbone=configured_backbone(scorer_cfg), whole=scorer_cfg.whole)
+                       backbone=configured_backbone(scorer_cfg), whole=scorer_cfg.whole, margin=margin)
 
 
 def use_model(store, scorer_cfg, models_dir: str | Path, version: str) -> dict:
@@ -115,7 +120,7 @@ def use_model(store, scorer_cfg, models_dir: str | Path, version: str) -> dict:
     if row is None:
         known = ", ".join(r["version"] for r in store.list_models()) or "none"
         raise ModelError(f"no model {version!r} (known: {known})")
-    load_scorer(row, scorer_cfg, models_dir)
+    load_scorer(row, scorer_cfg, models_dir, margin=DEFAULT_MARGIN)     # only that it loads
     store.activate_model(version)
     log.info("active model is now %s", version)
     return store.get_model(version)

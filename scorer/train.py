@@ -342,7 +342,7 @@ def head_extractor(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainConfi
             except ModelError as e:
                 log.warning("identity block left out: %s", e)
                 report = {"used": False, "reason": str(e)}
-    return FeatureExtractor(ex.backbone, ex.whole, ex.network, ex.network_version, embedder), report
+    return FeatureExtractor(ex.backbone, ex.whole, ex.network, ex.network_version, embedder, ex.margin), report
 
 
 def fit_taste_head(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainConfig, base: Scorer, version: str,
@@ -391,7 +391,8 @@ def fit_taste_head(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainConfi
                           describe_backbone(base.extractor.backbone))
     scorer = Scorer(base.net, arch=base.arch, version=version, image_size=base.image_size, device=str(base.device),
                     batch_size=base.batch_size, tta=base.tta, head=applied, backbone=base.extractor.backbone,
-                    whole=base.extractor.whole, embedder=extractor.embedder, network_version=base.network_version)
+                    whole=base.extractor.whole, embedder=extractor.embedder, network_version=base.network_version,
+                    margin=base.extractor.margin)
     scorer.network_file = base.network_file
     report.update({"used": True, **applied.describe(), "pairs": len(pairs),
                    "seconds": round(time.monotonic() - started, 2)})
@@ -451,7 +452,7 @@ def _train_from_store(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainCo
     clear_temporary_files(paths.models)
     active = ensure_active_model(store, scfg, paths.models)
     try:
-        current = load_scorer(active, scfg, paths.models)
+        current = load_scorer(active, scfg, paths.models, margin=margin)
     except ModelError as e:
         if not full:
             raise TrainError(f"cannot load the active model {active['version']} ({e}); "
@@ -486,14 +487,16 @@ def _train_from_store(store, paths: DataPaths, scfg: ScorerConfig, tcfg: TrainCo
         history, best_epoch, net_seconds = result.history, result.best_epoch, result.seconds
         version = new_version(store.get_model, arch)
         base = Scorer(result.net, arch=arch, version=version, image_size=size, device=str(device),
-                      batch_size=scfg.batch_size, tta=scfg.tta, backbone=configured_backbone(scfg), whole=scfg.whole)
+                      batch_size=scfg.batch_size, tta=scfg.tta, backbone=configured_backbone(scfg), whole=scfg.whole,
+                      margin=margin)
         base.network_file = f"{version}.pt"
     else:
         ex_tr, ex_val = training_examples(store, tcfg)
         version = new_version(store.get_model, "head")
         base = Scorer(current.net, arch=current.arch, version=version, image_size=current.image_size,
                       device=scfg.device, batch_size=scfg.batch_size, tta=scfg.tta,
-                      backbone=configured_backbone(scfg), whole=scfg.whole, network_version=current.network_version)
+                      backbone=configured_backbone(scfg), whole=scfg.whole, network_version=current.network_version,
+                      margin=margin)
         base.network_file = current.network_file
     n_train_pics, n_val_pics = len({e.image_id for e in ex_tr}), len({e.image_id for e in ex_val})
     how = scfg.aggregate

@@ -7,6 +7,11 @@ training and evaluation read. A verified picture can be proposed again (by a new
 detector): its verified boxes stay, the new proposals sit beside them, and their disagreement
 (0..1, measured by the caller) brings it back to the front of the review queue.
 
+Skipping a picture (the Boxes page's **s**) sends it to the back of the review queue
+(``skip_order``, migration m012): it comes back once every picture not skipped was seen, the
+longest skipped first, and a restart keeps that order. New proposals (a newer detector's) or
+accepting it end the skip.
+
 Verified pictures are split once, for good, into training and *held-out* pictures (about one in
 five, chosen from the picture's id so the split never moves): held-out ones are only evaluated on.
 
@@ -70,6 +75,7 @@ class BoxPicture:
     height: int | None
     proposed: list[Box]
     verified: list[Box]
+    skipped: bool = False      # skipped on the Boxes page: it waits at the back of the review queue
 
 
 def _box(row) -> Box:
@@ -99,8 +105,8 @@ class BoxMethods:
             else:
                 dis = float(disagreement) if state[0] == VERIFIED else 0.0
                 self.db.execute(
-                    "UPDATE box_pictures SET certainty = ?, disagreement = ?, proposed_by = ?, proposed_at = ? "
-                    "WHERE image_id = ?", [float(certainty), dis, proposed_by, stamp, image_id])
+                    "UPDATE box_pictures SET certainty = ?, disagreement = ?, proposed_by = ?, proposed_at = ?, "
+                    "skip_order = NULL WHERE image_id = ?", [float(certainty), dis, proposed_by, stamp, image_id])
             self.db.execute("DELETE FROM boxes WHERE image_id = ? AND kind = ?", [image_id, PROPOSED])
             self._insert_boxes(image_id, PROPOSED, boxes)
 
@@ -117,7 +123,8 @@ class BoxMethods:
             self.db.execute(
                 "INSERT INTO box_pictures (image_id, state, certainty, disagreement, verified_at, holdout) "
                 "VALUES (?, ?, 1, 0, ?, ?) ON CONFLICT(image_id) DO UPDATE SET state = excluded.state, "
-                "certainty = 1, disagreement = 0, verified_at = excluded.verified_at, holdout = excluded.holdout",
+                "certainty = 1, disagreement = 0, verified_at = excluded.verified_at, holdout = excluded.holdout, "
+                "skip_order = NULL",
                 [image_id, VERIFIED, stamp, int(is_holdout(image_id))])
             self.db.execute("DELETE FROM boxes WHERE image_id = ?", [image_id])
             self._insert_boxes(image_id, VERIFIED, boxes)
@@ -154,21 +161,27 @@ class BoxMethods:
                            disagreement=r["disagreement"], proposed_by=r["proposed_by"], holdout=bool(r["holdout"]),
                            media_path=r["media_path"], width=r["width"], height=r["height"],
                            proposed=boxes.get((r["image_id"], PROPOSED), []),
-                           verified=boxes.get((r["image_id"], VERIFIED), []))
+                           verified=boxes.get((r["image_id"], VERIFIED), []), skipped=r["skip_order"] is not None)
                 for r in rows]
 
-    def box_review_queue(self, limit: int = 1, exclude: Iterable[int] = ()) -> list[BoxPicture]:
+    def box_review_queue(self, limit: int = 1) -> list[BoxPicture]:
         """The pictures to review next: verified ones a newer detector disagrees with (most
-        disagreement first), then proposed ones, least certain first. ``exclude``: ids to pass over
-        (those skipped in this session)."""
-        exclude = [int(i) for i in exclude]
-        skip = f"AND bp.image_id NOT IN ({','.join('?' * len(exclude))})" if exclude else ""
+        disagreement first), then proposed ones, least certain first; the skipped ones after
+        all of those, the longest skipped first (:meth:`skip_box_picture`)."""
         rows = list(self.db.query(
             "SELECT bp.*, i.media_path, i.width, i.height FROM box_pictures bp JOIN images i ON i.id = bp.image_id "
-            f"WHERE (bp.state = ? OR bp.disagreement > 0) AND i.media_path IS NOT NULL {skip} "
-            "ORDER BY bp.disagreement DESC, bp.certainty, bp.image_id LIMIT ?",
-            [PROPOSED, *exclude, int(limit)]))
+            "WHERE (bp.state = ? OR bp.disagreement > 0) AND i.media_path IS NOT NULL "
+            "ORDER BY bp.skip_order IS NOT NULL, bp.skip_order, bp.disagreement DESC, bp.certainty, bp.image_id "
+            "LIMIT ?", [PROPOSED, int(limit)]))
         return self._box_pictures(rows)
+
+    def skip_box_picture(self, image_id: int) -> bool:
+        """Send a picture to the back of the review queue (the Boxes page's skip); False when it
+        is not in the box set."""
+        with self.db.conn:
+            cur = self.db.execute("UPDATE box_pictures SET skip_order = (SELECT COALESCE(MAX(skip_order), 0) + 1 "
+                                  "FROM box_pictures) WHERE image_id = ?", [int(image_id)])
+        return cur.rowcount > 0
 
     def verified_box_pictures(self, holdout: bool | None = None) -> list[BoxPicture]:
         """Every verified picture with its boxes, by id: all of them, or only the held-out ones

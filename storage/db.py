@@ -352,6 +352,15 @@ def m011_detector_version(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE images ADD COLUMN detector_version TEXT")
 
 
+@migrations()
+def m012_box_skips(db: sqlite_utils.Database) -> None:
+    # Skipping a picture on the gallery's Boxes page sends it to the back of the review queue
+    # (storage/boxes.py): skip_order counts the skips (1, 2, ...: later skips higher), NULL while
+    # it is not skipped. It comes back once every picture not skipped was seen, the longest
+    # skipped first, and a restart keeps the order.
+    db.execute("ALTER TABLE box_pictures ADD COLUMN skip_order INTEGER")
+
+
 SCHEMA_VERSION = len(migrations._migrations)
 
 

@@ -11,6 +11,10 @@ one's features:
     ``identity:<embedder version>`` the identity embedding: stored in ``face_embeddings``, where
                                     recognition reads it (so a face is embedded once)
 
+The crop sources (the backbone's, ``colour`` and ``net:``) carry the crop margin when it is not
+the default 0.2: ``<backbone version>@m30`` for ``detector.margin = 0.3`` (``scorer/features.py``
+``crop_source``), so crops of two margins never mix.
+
 Identity embeddings live beside them in ``face_embeddings`` (per identity embedder version, see
 ``storage/characters.py``). Vectors are stored as float16 bytes. A face's rows go when the face
 goes (``ON DELETE CASCADE``); :meth:`FeatureMethods.retire_feature_sources` removes the rows of

@@ -266,3 +266,11 @@ def unprivileged(fn, timeout: float = 60.0) -> str:
         out = pipe.read().decode() if ready else "the unprivileged child timed out"
     os.waitpid(pid, 0)
     return out
+
+
+# ---- browser tests ---------------------------------------------------------------------------
+# Headless Chromium from the system (no download), driven by playwright: the ``browser`` and
+# ``live_gallery`` fixtures in conftest.py use these.
+CHROMIUM = "/usr/bin/chromium"
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -55,13 +55,45 @@ def test_review_queue_puts_disagreements_first_then_least_certain(store):
     assert [p.image_id for p in queue] == [c, b, a]
     assert queue[0].state == "verified" and [v.xyxy for v in queue[0].verified] == [(1, 1, 20, 20)]
     assert [p.xyxy for p in queue[0].proposed] == [(100, 1, 120, 20)]
-    assert [p.image_id for p in store.box_review_queue(10, exclude=[c])] == [b, a]
     assert store.box_counts() == {"proposed": 2, "verified": 2, "holdout": int(is_holdout(c)) + int(is_holdout(d)),
                                   "to_review": 3, "boxes": 2}
     store.verify_boxes(c, [Box(1, 1, 20, 20), Box(100, 1, 120, 20)])       # accepting clears the disagreement
     assert [p.image_id for p in store.box_review_queue(10)] == [b, a]
     assert [p.image_id for p in store.proposed_box_pictures(min_certainty=0.5)] == [a]
     assert store.box_picture_ids() == {a, b, c, d}
+
+
+def test_a_skipped_picture_goes_to_the_back_of_the_queue_and_stays_there_after_a_restart(store):
+    a, b, c, d = store.ids[:4]
+    store.propose_boxes(a, [], proposed_by="x", certainty=0.1)
+    store.propose_boxes(b, [], proposed_by="x", certainty=0.2)
+    store.propose_boxes(c, [], proposed_by="x", certainty=0.3)
+
+    def queue(s=store):
+        return [p.image_id for p in s.box_review_queue(10)]
+
+    assert queue() == [a, b, c]
+    assert store.skip_box_picture(a)
+    assert queue() == [b, c, a]                      # the back of the queue, not gone
+    assert store.skip_box_picture(b)
+    assert queue() == [c, a, b]                      # skipped ones come back in the order they were skipped
+    assert not store.skip_box_picture(d)             # not in the box set: nothing to skip
+    assert not store.skip_box_picture(9999)
+    path = store.path
+    store.close()
+    with Store.open(path) as again:                  # a restart keeps the order
+        assert queue(again) == [c, a, b]
+        again.skip_box_picture(c)
+        assert queue(again) == [a, b, c]             # every other one was seen: a comes back first
+        again.verify_boxes(d, [Box(1, 1, 20, 20)])
+        again.propose_boxes(d, [], proposed_by="own:v1", certainty=0.5, disagreement=0.4)
+        again.skip_box_picture(d)
+        assert queue(again) == [a, b, c, d]
+        again.propose_boxes(d, [], proposed_by="own:v2", certainty=0.5, disagreement=0.6)
+        assert queue(again) == [d, a, b, c]          # a new detector's proposals: to the front again
+        again.skip_box_picture(a)
+        again.verify_boxes(a, [])                    # accepting ends the skip (it leaves the queue)
+        assert queue(again) == [d, b, c] and again.box_picture(a).state == "verified"
 
 
 def test_holdout_split_is_fixed_by_id_and_about_one_in_five(store):

@@ -7,12 +7,11 @@ import re
 
 import pytest
 
-from bot.web import Gallery
 from bot.web_actions import MAX_BOXES, parse_boxes
-from storage import AsyncStore, Store
+from storage import Store
 from storage.boxes import Box
 from tests.helpers import make_config, seed
-from tests.test_web import BROWSER_ARGS, CHROMIUM, _browser, same_origin
+from tests.test_web import same_origin
 
 
 def shown_id(html: str) -> int | None:
@@ -92,15 +91,19 @@ async def test_a_plain_form_post_accepts_the_boxes_as_shown(proposed, gallery):
                                                                                ((120, 30, 170, 80), "haar")]
 
 
-async def test_skipping_shows_the_next_until_none_is_left(proposed, gallery):
-    cfg, a, b, _ = proposed
+async def test_skipping_sends_the_picture_to_the_back_of_the_queue_even_across_a_restart(proposed, gallery):
+    cfg, a, b, c = proposed
     client = await gallery(cfg)
-    for skip, then in ((a, b), (b, None)):
+    for skip, then in ((a, b), (b, a)):          # skipped: the next; once all were seen, the first skipped again
         resp = await client.post("/boxes", json={"id": skip, "skip": True}, headers=same_origin(client))
-        assert resp.status == 200
+        assert resp.status == 200 and await resp.json() == {"ok": True, "skipped": skip}
         html = await (await client.get("/boxes")).text()
         assert shown_id(html) == then
-    assert "You skipped the 2 picture(s) left to review" in html
+    assert "You skipped it before" in html and "2 to review" in html
+    resp = await client.post("/boxes", json={"id": c, "skip": True}, headers=same_origin(client))
+    assert resp.status == 404                    # not in the box set
+    restarted = await gallery(cfg)               # a new gallery (a daemon restart) keeps the order
+    assert shown_id(await (await restarted.get("/boxes")).text()) == a
     with Store.open(cfg.db_path) as store:
         assert store.box_picture(a).state == "proposed"
 
@@ -175,54 +178,47 @@ def test_parse_boxes_clips_rounds_and_reads_json_text():
 
 # ---- in a browser ---------------------------------------------------------------------------------
 @pytest.mark.slow
-async def test_in_a_browser_a_face_is_drawn_a_proposal_deleted_and_the_boxes_accepted_with_enter(proposed, tmp_path):
-    pw = _browser()
+async def test_in_a_browser_a_face_is_drawn_a_proposal_deleted_and_the_boxes_accepted_with_enter(
+        proposed, tmp_path, browser, live_gallery):
     cfg, a, b, _ = proposed
-    astore = await AsyncStore(cfg.db_path).open()
-    gallery = Gallery(cfg, astore)
-    url = await gallery.start()
-    try:
-        async with pw.async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-            page = await browser.new_page(viewport={"width": 1200, "height": 800})
-            await page.goto(url + "boxes")
-            assert await page.locator("form.boxes").get_attribute("data-id") == str(a)
-            boxes = page.locator(".box-layer .pbox")
-            assert await boxes.count() == 2
-            img = await page.locator("#box-picture").bounding_box()
-            scale = img["width"] / 200
-            actions = await page.locator("p.box-actions").bounding_box()
-            assert img["y"] + img["height"] <= actions["y"] <= 800 - actions["height"]   # all in view
+    url = await live_gallery(cfg)
+    page = await browser.new_page(viewport={"width": 1200, "height": 800})
+    await page.goto(url + "boxes")
+    assert await page.locator("form.boxes").get_attribute("data-id") == str(a)
+    boxes = page.locator(".box-layer .pbox")
+    assert await boxes.count() == 2
+    img = await page.locator("#box-picture").bounding_box()
+    scale = img["width"] / 200
+    actions = await page.locator("p.box-actions").bounding_box()
+    assert img["y"] + img["height"] <= actions["y"] <= 800 - actions["height"]   # all in view
 
-            async def drag(x1, y1, x2, y2):
-                await page.mouse.move(img["x"] + x1 * scale, img["y"] + y1 * scale)
-                await page.mouse.down()
-                await page.mouse.move(img["x"] + (x1 + x2) / 2 * scale, img["y"] + (y1 + y2) / 2 * scale, steps=4)
-                await page.mouse.move(img["x"] + x2 * scale, img["y"] + y2 * scale, steps=4)
-                await page.mouse.up()
+    async def drag(x1, y1, x2, y2):
+        await page.mouse.move(img["x"] + x1 * scale, img["y"] + y1 * scale)
+        await page.mouse.down()
+        await page.mouse.move(img["x"] + (x1 + x2) / 2 * scale, img["y"] + (y1 + y2) / 2 * scale, steps=4)
+        await page.mouse.move(img["x"] + x2 * scale, img["y"] + y2 * scale, steps=4)
+        await page.mouse.up()
 
-            await drag(100, 100, 150, 150)                      # a missing face, drawn
-            await page.wait_for_selector(".box-layer .pbox.owner")
-            await drag(10, 110, 40, 150)                        # another, then taken back with z
-            assert await boxes.count() == 4
-            await page.keyboard.press("z")
-            assert await boxes.count() == 3
-            await page.locator(".box-layer .pbox.unsure").click()     # the unsure proposal, deleted
-            assert await boxes.count() == 2 and await page.locator(".box-layer .pbox.unsure").count() == 0
-            assert await page.locator(".box-count").inner_text() == "2 box(es)"
-            await page.screenshot(path=str(tmp_path / "boxes.png"))
-            await page.keyboard.press("Enter")
-            await page.wait_for_function(f"() => document.querySelector('form.boxes')?.dataset.id === '{b}'")
-            with Store.open(cfg.db_path) as store:
-                pic = store.box_picture(a)
-                assert pic.state == "verified"
-                (kept, drawn) = pic.verified
-                assert (kept.xyxy, kept.origin) == ((20, 20, 80, 80), "animeface,lbp")
-                assert drawn.origin == "owner" and all(abs(v - w) <= 2 for v, w in zip(drawn.xyxy, (100, 100, 150, 150)))
-            # s skips the next one: the queue is empty, and the page says so
-            await page.keyboard.press("s")
-            await page.wait_for_selector("p.empty:has-text('You skipped')")
-            await browser.close()
-    finally:
-        await gallery.stop()
-        await astore.close()
+    await drag(100, 100, 150, 150)                      # a missing face, drawn
+    await page.wait_for_selector(".box-layer .pbox.owner")
+    await drag(10, 110, 40, 150)                        # another, then taken back with z
+    assert await boxes.count() == 4
+    await page.keyboard.press("z")
+    assert await boxes.count() == 3
+    await page.locator(".box-layer .pbox.unsure").click()     # the unsure proposal, deleted
+    assert await boxes.count() == 2 and await page.locator(".box-layer .pbox.unsure").count() == 0
+    assert await page.locator(".box-count").inner_text() == "2 box(es)"
+    await page.screenshot(path=str(tmp_path / "boxes.png"))
+    await page.keyboard.press("Enter")
+    await page.wait_for_function(f"() => document.querySelector('form.boxes')?.dataset.id === '{b}'")
+    with Store.open(cfg.db_path) as store:
+        pic = store.box_picture(a)
+        assert pic.state == "verified"
+        (kept, drawn) = pic.verified
+        assert (kept.xyxy, kept.origin) == ((20, 20, 80, 80), "animeface,lbp")
+        assert drawn.origin == "owner" and all(abs(v - w) <= 2 for v, w in zip(drawn.xyxy, (100, 100, 150, 150)))
+    # s skips the next one; the only one left, it comes back, marked as skipped before
+    assert await page.locator(".skipped-before").count() == 0
+    await page.keyboard.press("s")
+    await page.wait_for_selector(".skipped-before:has-text('You skipped it before')")
+    assert await page.locator("form.boxes").get_attribute("data-id") == str(b)

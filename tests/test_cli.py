@@ -14,6 +14,7 @@ def test_score_prints_faces_and_scores_as_json(tmp_path):
     assert out.returncode == 0, out.stderr
     results = json.loads(out.stdout)
     assert results[0]["path"] == "a.png" and results[0]["whole_image"] and 1 <= results[0]["score"] <= 5
+    assert results[0]["detector"] == "animeface"                  # the configured detector's name
     assert "corrupt or truncated" in results[1]["error"]
     if real:
         assert results[2]["faces"] and results[2]["faces"][0]["detector"] == "animeface"
@@ -26,6 +27,35 @@ def test_score_text_output(tmp_path):
     out = cli(tmp_path, "score", "a.jpg")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("a.jpg: no face, not trained yet (whole picture)")  # untrained: no score
+    assert "\nfaces found by the detector animeface (configured in [detector])\n" in out.stdout
+
+
+def test_score_names_the_owners_own_detector_when_one_is_in_use(tmp_path, monkeypatch):
+    """With an own version in use (`detector use`), score detects with it and says so."""
+    from scorer import analyze, own_detector
+    from tests.fake_detectors import Scripted
+
+    cfg = make_config(tmp_path)
+    (cfg.paths.detectors / "v7").mkdir(parents=True)
+    (cfg.paths.detectors / "v7" / own_detector.WEIGHTS).write_bytes(b"weights")
+    own_detector.set_active(cfg.paths, "v7")
+    used = []
+
+    def make(dcfg, root):
+        used.append(dcfg.name)
+        return Scripted("yolo", {(160, 120): [(10, 10, 60, 60, 0.9)]})
+
+    monkeypatch.setattr(analyze, "make_detector", make)
+    (tmp_path / "a.jpg").write_bytes(picture(2))
+    out = cli(tmp_path, "score", "a.jpg")
+    assert out.returncode == 0, out.stderr
+    assert used == ["yolo"] and out.stdout.startswith("a.jpg: 1 face(s), not trained yet")
+    assert "\nfaces found by the detector own:v7 (your own, `detector use`)\n" in out.stdout
+    [entry] = json.loads(cli(tmp_path, "score", "--json", "a.jpg").stdout)
+    assert entry["detector"] == "own:v7" and entry["faces"][0]["detector"] == "yolo"
+    crops = cli(tmp_path, "score", "--crops", "a.jpg").stdout           # nothing detected: no detector named
+    assert "detector" not in crops
+    assert json.loads(cli(tmp_path, "score", "--crops", "--json", "a.jpg").stdout)[0]["detector"] is None
 
 
 def test_bad_config_key_stops_with_one_line(tmp_path):

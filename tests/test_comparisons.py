@@ -6,11 +6,10 @@ import re
 
 import pytest
 
-from bot.web import Gallery
 from scorer.pairs import choose_pair, p_wrong
 from storage import AsyncStore, Store
 from tests.helpers import cli, make_config, picture, seed
-from tests.test_web import BROWSER_ARGS, CHROMIUM, _browser, same_origin, web_config
+from tests.test_web import same_origin, web_config
 
 
 def row(i: int, score: float | None, uncertainty: float | None = None) -> dict:
@@ -202,61 +201,51 @@ async def test_gallery_compare_with_fewer_than_two_pictures_says_so(tmp_path, ga
 
 
 @pytest.mark.slow
-async def test_in_a_browser_the_arrow_keys_pick_skip_and_the_pair_stacks_on_a_phone(tmp_path):
-    pw = _browser()
+async def test_in_a_browser_the_arrow_keys_pick_skip_and_the_pair_stacks_on_a_phone(tmp_path, browser, live_gallery):
     cfg = web_config(tmp_path)
     seed(cfg, [{"popularity": 1, "score": 3.0 + i / 10, "uncertainty": 0.3} for i in range(6)])
     store = Store.open(cfg.db_path)
-    astore = await AsyncStore(cfg.db_path).open()
-    web = Gallery(cfg, astore)
-    url = await web.start()
+    url = await live_gallery(cfg)
 
     async def pair(page) -> list[int]:
         return [int(await page.locator(f"figure.side.{s}").get_attribute("data-id")) for s in ("left", "right")]
 
-    try:
-        async with pw.async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-            page = await browser.new_page(viewport={"width": 1200, "height": 800})
-            await page.goto(url + "compare")
-            left, right = await pair(page)
-            box_l = await page.locator("figure.side.left").bounding_box()
-            box_r = await page.locator("figure.side.right").bounding_box()
-            assert abs(box_l["y"] - box_r["y"]) < 2 and box_r["x"] > box_l["x"] + box_l["width"] - 1   # side by side
-            await page.screenshot(path=str(tmp_path / "compare.png"))
-            async with page.expect_navigation():
-                await page.keyboard.press("ArrowLeft")
-            assert [(c["winner_id"], c["loser_id"]) for c in store.comparisons()] == [(left, right)]
-            left2, right2 = await pair(page)
-            async with page.expect_navigation():
-                await page.keyboard.press("ArrowRight")
-            assert [(c["winner_id"], c["loser_id"]) for c in store.comparisons()][-1] == (right2, left2)
-            skipped = await pair(page)
-            async with page.expect_navigation():
-                await page.keyboard.press("ArrowDown")
-            after_skip = await pair(page)
-            assert set(after_skip) != set(skipped) and store.comparison_count() == 2
-            async with page.expect_navigation():
-                await page.keyboard.press("s")
-            assert set(await pair(page)) != set(after_skip) and store.comparison_count() == 2
-            async with page.expect_navigation():
-                await page.keyboard.press("u")              # undo last: the → answer is taken back
-            assert [(c["winner_id"], c["loser_id"]) for c in store.comparisons()] == [(left, right)]
-            # At phone width the two pictures are stacked, and a tap on a button answers.
-            phone = await browser.new_page(viewport={"width": 390, "height": 800}, is_mobile=True, has_touch=True)
-            await phone.goto(url + "compare")
-            box_l = await phone.locator("figure.side.left").bounding_box()
-            box_r = await phone.locator("figure.side.right").bounding_box()
-            assert box_r["y"] >= box_l["y"] + box_l["height"] - 1 and box_l["width"] > 300
-            await phone.screenshot(path=str(tmp_path / "compare-phone.png"), full_page=True)
-            b_left, b_right = await pair(phone)
-            async with phone.expect_navigation():
-                await phone.locator("button.pick.right").tap()
-            assert [(c["winner_id"], c["loser_id"]) for c in store.comparisons()][-1] == (b_right, b_left)
-            await browser.close()
-    finally:
-        await web.stop()
-        await astore.close()
+    page = await browser.new_page(viewport={"width": 1200, "height": 800})
+    await page.goto(url + "compare")
+    left, right = await pair(page)
+    box_l = await page.locator("figure.side.left").bounding_box()
+    box_r = await page.locator("figure.side.right").bounding_box()
+    assert abs(box_l["y"] - box_r["y"]) < 2 and box_r["x"] > box_l["x"] + box_l["width"] - 1   # side by side
+    await page.screenshot(path=str(tmp_path / "compare.png"))
+    async with page.expect_navigation():
+        await page.keyboard.press("ArrowLeft")
+    assert [(c["winner_id"], c["loser_id"]) for c in store.comparisons()] == [(left, right)]
+    left2, right2 = await pair(page)
+    async with page.expect_navigation():
+        await page.keyboard.press("ArrowRight")
+    assert [(c["winner_id"], c["loser_id"]) for c in store.comparisons()][-1] == (right2, left2)
+    skipped = await pair(page)
+    async with page.expect_navigation():
+        await page.keyboard.press("ArrowDown")
+    after_skip = await pair(page)
+    assert set(after_skip) != set(skipped) and store.comparison_count() == 2
+    async with page.expect_navigation():
+        await page.keyboard.press("s")
+    assert set(await pair(page)) != set(after_skip) and store.comparison_count() == 2
+    async with page.expect_navigation():
+        await page.keyboard.press("u")              # undo last: the → answer is taken back
+    assert [(c["winner_id"], c["loser_id"]) for c in store.comparisons()] == [(left, right)]
+    # At phone width the two pictures are stacked, and a tap on a button answers.
+    phone = await browser.new_page(viewport={"width": 390, "height": 800}, is_mobile=True, has_touch=True)
+    await phone.goto(url + "compare")
+    box_l = await phone.locator("figure.side.left").bounding_box()
+    box_r = await phone.locator("figure.side.right").bounding_box()
+    assert box_r["y"] >= box_l["y"] + box_l["height"] - 1 and box_l["width"] > 300
+    await phone.screenshot(path=str(tmp_path / "compare-phone.png"), full_page=True)
+    b_left, b_right = await pair(phone)
+    async with phone.expect_navigation():
+        await phone.locator("button.pick.right").tap()
+    assert [(c["winner_id"], c["loser_id"]) for c in store.comparisons()][-1] == (b_right, b_left)
 
 
 # ---- import-labels ---------------------------------------------------------------------------------

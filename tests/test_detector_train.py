@@ -507,6 +507,65 @@ async def test_a_switch_to_a_broken_version_keeps_the_detector_in_use_and_says_s
     assert not await watcher.check() and caplog.text == ""          # said once, not every 30 s
 
 
+async def test_detecting_stored_pictures_again_logs_its_progress_and_the_counts(tmp_path, caplog, monkeypatch):
+    """Re-detection after a switch says when it starts, how far it is after a batch (at most every
+    PROGRESS_SECONDS) and what it did when done: a long run is not silent."""
+    import asyncio
+    import logging
+
+    from bot import detector_watch
+    from bot.detector_watch import DetectorWatcher
+    from storage import AsyncStore
+    from storage.records import Face
+    from tests.helpers import make_config, seed
+
+    cfg = make_config(tmp_path)
+    ids = seed(cfg, [{"popularity": i} for i in range(5)])
+    monkeypatch.setattr(detector_watch, "BATCH", 2)
+    monkeypatch.setattr(detector_watch, "PROGRESS_SECONDS", 0)          # a line after every batch
+    rescored = []
+
+    def said():
+        return [r.getMessage() for r in caplog.records if r.name == "tastefeed.daemon"]
+
+    async def check_model():
+        rescored.append(1)
+
+    def detect(im):
+        return [Face(5, 5, 40, 40, 0.8, "yolo")]
+
+    analyzer = SimpleNamespace(detect=detect, detect_many=lambda ims: [detect(im) for im in ims])
+    pipeline = SimpleNamespace(detection=None, analyzer=analyzer, detector_tag="own:v2")
+    store = await AsyncStore(cfg.db_path).open()
+    try:
+        [gone] = await store.execute("SELECT media_path FROM images WHERE id = ?", [ids[-1]])
+        (cfg.media_path / gone["media_path"]).unlink()                    # unreadable: skipped
+        watcher = DetectorWatcher(cfg, store, pipeline, SimpleNamespace(check_model=check_model),
+                                  asyncio.Event(), {"redetected": 0})
+        watcher.tag = "own:v2"
+        caplog.set_level(logging.INFO, "tastefeed.daemon")
+        assert await watcher.redetect() == 4
+        lines = said()
+        assert lines[0] == "re-detecting 5 stored picture(s) with detector own:v2 in the background"
+        progress = [line for line in lines if line.startswith("re-detecting with detector own:v2: ")]
+        assert progress == [f"re-detecting with detector own:v2: {n}/5 pictures" for n in (2, 4, 5)]
+        assert lines[-1].startswith("re-detection with detector own:v2 done: 4 picture(s) detected again, "
+                                    "1 skipped, in ")
+        assert len(rescored) == 3 and await store.count_redetect_candidates("own:v2") == 0
+        caplog.clear()
+        monkeypatch.setattr(detector_watch, "PROGRESS_SECONDS", 3600)   # the default rate: no line per batch
+        watcher.tag = "config"
+        assert await watcher.redetect() == 4
+        lines = said()
+        assert lines[0] == "re-detecting 5 stored picture(s) with detector config in the background"
+        assert not any(line.startswith("re-detecting with detector") for line in lines)
+        assert lines[-1].startswith("re-detection with detector config done: 4 picture(s) detected again, ")
+        caplog.clear()
+        assert await watcher.redetect() == 0 and said() == []      # nothing to do: nothing said
+    finally:
+        await store.close()
+
+
 def test_ultralytics_does_not_change_how_a_corrupt_picture_is_refused(tmp_path):
     """ultralytics replaces PIL.Image.open with one that tries to install pi-heif for a file
     Pillow cannot identify; the yolo detector's set-up undoes that."""

@@ -245,7 +245,7 @@ def test_promotion_only_on_improvement_rollback_eval_and_rescore(rated_crops, tm
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths)
 
     # Rescoring: every unposted picture gets the new model's score; the posted one keeps its own.
-    scorer = load_scorer(store.active_model(), cfg.scorer, cfg.models_path)
+    scorer = load_scorer(store.active_model(), cfg.scorer, cfg.models_path, margin=cfg.detector.margin)
     n = rescore_now(cfg, scorer)
     versions = {r["id"]: r["model_version"] for r in store.execute("SELECT id, model_version FROM images")}
     assert n == len(versions) - 1

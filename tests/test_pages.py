@@ -21,11 +21,11 @@ from PIL import Image
 
 from bot.daemon import Daemon
 from bot.retrain import Retrainer
-from bot.web import Gallery, relative_time
+from bot.web import relative_time
 from scorer.evaluate import dark_style, plot_evaluation, plot_figures
 from scorer.progress import FILE, TrainProgress, read_progress
 from scorer.registry import ensure_active_model
-from storage import AsyncStore, Store
+from storage import Store
 from tests.helpers import make_config, seed, wait_for
 
 SHOTS = Path(os.environ.get("TASTEFEED_SHOTS", "")) if os.environ.get("TASTEFEED_SHOTS") else None
@@ -417,9 +417,7 @@ def test_plots_are_dark_with_titles_and_legends_inside_and_off_the_curves(tmp_pa
 
 # ---- in a browser: screenshots at phone and desktop widths --------------------------------------
 @pytest.mark.slow
-async def test_in_a_browser_sources_and_model_at_390_and_1366_px(tmp_path):
-    from tests.test_web import BROWSER_ARGS, CHROMIUM, _browser
-    pw = _browser()
+async def test_in_a_browser_sources_and_model_at_390_and_1366_px(tmp_path, browser, live_gallery):
     shots = SHOTS or tmp_path
     shots.mkdir(parents=True, exist_ok=True)
     cfg = make_config(tmp_path)
@@ -444,28 +442,19 @@ async def test_in_a_browser_sources_and_model_at_390_and_1366_px(tmp_path):
 
     async def yes():
         return True
-    astore = await AsyncStore(cfg.db_path).open()
-    gallery = Gallery(cfg, astore, poll_now=poll_now, reload=yes, train_now=yes,
-                      live={"restart_needed": [], "config_read_at": 0})
-    url = await gallery.start()
-    try:
-        async with pw.async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-            for width in (390, 1366):
-                page = await browser.new_page(viewport={"width": width, "height": 900})
-                await page.goto(url + "sources")
-                await page.fill("form.add input[name=name]", "x")
-                await page.select_option("form.add select", "rss")
-                await page.click("form.add button")
-                await page.wait_for_selector("p.message.error")
-                assert await page.input_value("form.add input[name=name]") == "x"
-                await page.screenshot(path=str(shots / f"sources-{width}.png"), full_page=True)
-                await page.goto(url + "model")
-                await page.wait_for_selector("p.message.running")
-                await page.screenshot(path=str(shots / f"model-{width}.png"), full_page=True)
-                await page.close()
-            await browser.close()
-    finally:
-        await gallery.stop()
-        await astore.close()
+    url = await live_gallery(cfg, poll_now=poll_now, reload=yes, train_now=yes,
+                             live={"restart_needed": [], "config_read_at": 0})
+    for width in (390, 1366):
+        page = await browser.new_page(viewport={"width": width, "height": 900})
+        await page.goto(url + "sources")
+        await page.fill("form.add input[name=name]", "x")
+        await page.select_option("form.add select", "rss")
+        await page.click("form.add button")
+        await page.wait_for_selector("p.message.error")
+        assert await page.input_value("form.add input[name=name]") == "x"
+        await page.screenshot(path=str(shots / f"sources-{width}.png"), full_page=True)
+        await page.goto(url + "model")
+        await page.wait_for_selector("p.message.running")
+        await page.screenshot(path=str(shots / f"model-{width}.png"), full_page=True)
+        await page.close()
     assert all((shots / f"{n}-{w}.png").stat().st_size > 5000 for n in ("sources", "model") for w in (390, 1366))

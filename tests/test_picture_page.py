@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from bot.web import Gallery
 from bot.web_nav import neighbours
-from storage import AsyncStore, Store
+from storage import Store
 from storage.media import inspect, load_media, store_media
 from storage.prune import prune, thumbnails_of
 from storage.records import Face
 from tests.helpers import make_config, picture, seed
-from tests.test_web import BROWSER_ARGS, CHROMIUM, _browser, card_ids, same_origin
+from tests.test_web import card_ids, same_origin
 
 SHOTS = Path("/tmp/shots-U3")
 
@@ -232,8 +231,8 @@ def rects_overlap(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.slow
-async def test_in_a_browser_face_labels_stay_inside_the_picture_apart_and_labels_follow_a_rating(tmp_path):
-    pw = _browser()
+async def test_in_a_browser_face_labels_stay_inside_the_picture_apart_and_labels_follow_a_rating(
+        tmp_path, browser, live_gallery):
     cfg = config(tmp_path)
     image_id = with_faces(cfg, (1200, 800), EDGE_FACES)
     after = with_faces(cfg, (300, 200), [(10, 10, 60, 60)], seed_no=8)
@@ -243,53 +242,44 @@ async def test_in_a_browser_face_labels_stay_inside_the_picture_apart_and_labels
                                   "Megurine Luka", "Kaito")):
         store.name_face(face, store.character_id(name, create=True), origin="import")
     SHOTS.mkdir(parents=True, exist_ok=True)
-    astore = await AsyncStore(cfg.db_path).open()
-    gallery = Gallery(cfg, astore)
-    url = await gallery.start()
-    try:
-        async with pw.async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-            for width, height in ((390, 844), (1366, 900)):
-                page = await browser.new_page(viewport={"width": width, "height": height})
-                await page.goto(url + f"picture/{image_id}")
-                await page.wait_for_function("document.getElementById('full').complete")
-                labels = page.locator(".faces a.face-label")
-                assert await labels.count() == len(EDGE_FACES)
-                img, rects = await label_rects(page)
-                for i, r in enumerate(rects):
-                    assert r["width"] > 10 and rect_inside(r, img), (width, i, r, img)
-                    for j in range(i):
-                        assert not rects_overlap(r, rects[j]), (width, i, j, r, rects[j])
-                # the numbers match the list; at desktop width every name fits
-                assert await labels.nth(0).locator("b").inner_text() == "1"
-                if width == 1366:
-                    assert await page.locator(".faces a.face-label.short").count() == 0
-                # the crops show, not broken
-                assert await page.evaluate("[...document.querySelectorAll('img.face-crop')].every("
-                                           "i => i.complete && i.naturalWidth > 0)")
-                await page.evaluate("window.scrollTo(0, 0)")
-                await page.screenshot(path=str(SHOTS / f"picture-{width}.png"), full_page=True)
-                await page.locator("#full").screenshot(path=str(SHOTS / f"picture-{width}-labels.png"))
-                # a rating shows in the labels list at once, without a reload
-                await page.evaluate("window.notReloaded = true")
-                await page.locator("form.rate button[value='4']").click()
-                await page.wait_for_selector("ul.labels li:has-text('4 by owner')")
-                assert await page.evaluate("window.notReloaded === true")
-                # resized, the labels are placed again: still inside and apart
-                await page.set_viewport_size({"width": 700 if width == 390 else 1000, "height": 800})
-                await page.wait_for_timeout(200)
-                img, rects = await label_rects(page)
-                assert all(rect_inside(r, img) for r in rects)
-                assert not any(rects_overlap(a, b) for i, a in enumerate(rects) for b in rects[:i])
-                await page.close()
-            # ] opens the next picture, [ the previous one (by id here)
-            page = await browser.new_page(viewport={"width": 1366, "height": 900})
-            await page.goto(url + f"picture/{image_id}")
-            await page.keyboard.press("]")
-            await page.wait_for_url(f"**/picture/{after}")
-            await page.keyboard.press("[")
-            await page.wait_for_url(f"**/picture/{image_id}")
-            await browser.close()
-    finally:
-        await gallery.stop()
-        await astore.close()
+    url = await live_gallery(cfg)
+    for width, height in ((390, 844), (1366, 900)):
+        page = await browser.new_page(viewport={"width": width, "height": height})
+        await page.goto(url + f"picture/{image_id}")
+        await page.wait_for_function("document.getElementById('full').complete")
+        labels = page.locator(".faces a.face-label")
+        assert await labels.count() == len(EDGE_FACES)
+        img, rects = await label_rects(page)
+        for i, r in enumerate(rects):
+            assert r["width"] > 10 and rect_inside(r, img), (width, i, r, img)
+            for j in range(i):
+                assert not rects_overlap(r, rects[j]), (width, i, j, r, rects[j])
+        # the numbers match the list; at desktop width every name fits
+        assert await labels.nth(0).locator("b").inner_text() == "1"
+        if width == 1366:
+            assert await page.locator(".faces a.face-label.short").count() == 0
+        # the crops show, not broken
+        assert await page.evaluate("[...document.querySelectorAll('img.face-crop')].every("
+                                   "i => i.complete && i.naturalWidth > 0)")
+        await page.evaluate("window.scrollTo(0, 0)")
+        await page.screenshot(path=str(SHOTS / f"picture-{width}.png"), full_page=True)
+        await page.locator("#full").screenshot(path=str(SHOTS / f"picture-{width}-labels.png"))
+        # a rating shows in the labels list at once, without a reload
+        await page.evaluate("window.notReloaded = true")
+        await page.locator("form.rate button[value='4']").click()
+        await page.wait_for_selector("ul.labels li:has-text('4 by owner')")
+        assert await page.evaluate("window.notReloaded === true")
+        # resized, the labels are placed again: still inside and apart
+        await page.set_viewport_size({"width": 700 if width == 390 else 1000, "height": 800})
+        await page.wait_for_timeout(200)
+        img, rects = await label_rects(page)
+        assert all(rect_inside(r, img) for r in rects)
+        assert not any(rects_overlap(a, b) for i, a in enumerate(rects) for b in rects[:i])
+        await page.close()
+    # ] opens the next picture, [ the previous one (by id here)
+    page = await browser.new_page(viewport={"width": 1366, "height": 900})
+    await page.goto(url + f"picture/{image_id}")
+    await page.keyboard.press("]")
+    await page.wait_for_url(f"**/picture/{after}")
+    await page.keyboard.press("[")
+    await page.wait_for_url(f"**/picture/{image_id}")

@@ -242,75 +242,62 @@ async def test_favicon_is_served_and_linked_and_404_pages_have_the_navigation(tm
 # ---- in a browser ------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("width", [390, 1366])
-async def test_in_a_browser_for_you_marks_and_orders_ten_pictures(tmp_path, width):
-    from bot.web import Gallery
-    from storage import AsyncStore
-    from tests.test_web import BROWSER_ARGS, CHROMIUM, _browser
+async def test_in_a_browser_for_you_marks_and_orders_ten_pictures(tmp_path, width, browser, live_gallery):
 
-    pw = _browser()
     cfg = web_config(tmp_path)
     ids = seed(cfg, [{"popularity": p + 1, "score": 3 + p / 100} for p in range(10)])
     by_popularity = list(reversed(ids))
-    astore = await AsyncStore(cfg.db_path).open()
-    gallery = Gallery(cfg, astore)
-    url = await gallery.start()
+    url = await live_gallery(cfg)
     SHOTS.mkdir(parents=True, exist_ok=True)
-    try:
-        async with pw.async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-            page = await browser.new_page(viewport={"width": width, "height": 900})
+    page = await browser.new_page(viewport={"width": width, "height": 900})
 
-            async def shown():
-                await page.goto(url)
-                cards = page.locator("article.card")
-                out = []
-                for i in range(await cards.count()):
-                    card = cards.nth(i)
-                    badge = card.locator(".badge")
-                    marked = await badge.count() == 1
-                    if marked:   # a text badge, drawn inside its card, no emoji font needed
-                        assert (await badge.text_content()).strip() == "explore"
-                        b, c = await badge.bounding_box(), await card.bounding_box()
-                        assert c["x"] <= b["x"] and b["x"] + b["width"] <= c["x"] + c["width"]
-                    out.append((int(await card.get_attribute("data-id")), marked,
-                                (await card.locator(".score").text_content()).strip()))
-                return out
+    async def shown():
+        await page.goto(url)
+        cards = page.locator("article.card")
+        out = []
+        for i in range(await cards.count()):
+            card = cards.nth(i)
+            badge = card.locator(".badge")
+            marked = await badge.count() == 1
+            if marked:   # a text badge, drawn inside its card, no emoji font needed
+                assert (await badge.text_content()).strip() == "explore"
+                b, c = await badge.bounding_box(), await card.bounding_box()
+                assert c["x"] <= b["x"] and b["x"] + b["width"] <= c["x"] + c["width"]
+            out.append((int(await card.get_attribute("data-id")), marked,
+                        (await card.locator(".score").text_content()).strip()))
+        return out
 
-            cold = await shown()
-            await page.screenshot(path=str(SHOTS / f"for-you-cold-{width}.png"), full_page=True)
-            assert [m for _, m, _ in cold] == [False, True] * 5
-            assert cold[0][0] == by_popularity[0] and cold[0][2] == "popularity 10"
-            ranked = [i for i, m, _ in cold if not m]
-            assert ranked == [i for i in by_popularity if i in ranked]
-            # The cards read top to bottom (and left to right) in that order.
-            boxes = [await page.locator("article.card").nth(i).bounding_box() for i in range(10)]
-            assert [(b["y"], b["x"]) for b in boxes] == sorted((b["y"], b["x"]) for b in boxes)
-            assert await page.evaluate("document.documentElement.scrollWidth") <= width
+    cold = await shown()
+    await page.screenshot(path=str(SHOTS / f"for-you-cold-{width}.png"), full_page=True)
+    assert [m for _, m, _ in cold] == [False, True] * 5
+    assert cold[0][0] == by_popularity[0] and cold[0][2] == "popularity 10"
+    ranked = [i for i, m, _ in cold if not m]
+    assert ranked == [i for i in by_popularity if i in ranked]
+    # The cards read top to bottom (and left to right) in that order.
+    boxes = [await page.locator("article.card").nth(i).bounding_box() for i in range(10)]
+    assert [(b["y"], b["x"]) for b in boxes] == sorted((b["y"], b["x"]) for b in boxes)
+    assert await page.evaluate("document.documentElement.scrollWidth") <= width
 
-            # Trained: the share (0.2) of the ten, after the four best; scores shown.
-            with Store.open(cfg.db_path) as store, store.db.conn:
-                store.db.execute("UPDATE models SET metrics = ?", ['{"val": {"pearson": 0.5}}'])
-                store.db.execute("UPDATE images SET score = 5 - id / 10.0, uncertainty = id / 10.0")
-            cfg.train.min_labels = 0
-            trained = await shown()
-            await page.screenshot(path=str(SHOTS / f"for-you-trained-{width}.png"), full_page=True)
-            assert [m for _, m, _ in trained] == [False] * 4 + [True] + [False] * 4 + [True]
-            assert [i for i, _, _ in trained[:4]] == sorted(ids)[:4]
-            scores = [float(s) for _, m, s in trained if not m]
-            assert scores == sorted(scores, reverse=True)
+    # Trained: the share (0.2) of the ten, after the four best; scores shown.
+    with Store.open(cfg.db_path) as store, store.db.conn:
+        store.db.execute("UPDATE models SET metrics = ?", ['{"val": {"pearson": 0.5}}'])
+        store.db.execute("UPDATE images SET score = 5 - id / 10.0, uncertainty = id / 10.0")
+    cfg.train.min_labels = 0
+    trained = await shown()
+    await page.screenshot(path=str(SHOTS / f"for-you-trained-{width}.png"), full_page=True)
+    assert [m for _, m, _ in trained] == [False] * 4 + [True] + [False] * 4 + [True]
+    assert [i for i, _, _ in trained[:4]] == sorted(ids)[:4]
+    scores = [float(s) for _, m, s in trained if not m]
+    assert scores == sorted(scores, reverse=True)
 
-            # Rated: the owner's rating stands out, the prediction is second.
-            await page.locator("article.card").nth(0).locator("form.rate button[value='4']").click()
-            await page.wait_for_selector("article.card.rated")
-            await page.goto(url + "rated")
-            size = await page.evaluate("""() => ['.label', '.predicted'].map(s =>
-                parseFloat(getComputedStyle(document.querySelector('.rated-card ' + s)).fontSize))""")
-            assert size[0] > 1.5 * size[1]
-            await page.screenshot(path=str(SHOTS / f"rated-{width}.png"))
-            resp = await page.goto(url + "picture/99999")
-            assert resp.status == 404 and await page.locator("nav a").count() == 6
-            await page.screenshot(path=str(SHOTS / f"not-found-{width}.png"))
-            await browser.close()
-    finally:
-        await gallery.stop()
-        await astore.close()
+    # Rated: the owner's rating stands out, the prediction is second.
+    await page.locator("article.card").nth(0).locator("form.rate button[value='4']").click()
+    await page.wait_for_selector("article.card.rated")
+    await page.goto(url + "rated")
+    size = await page.evaluate("""() => ['.label', '.predicted'].map(s =>
+        parseFloat(getComputedStyle(document.querySelector('.rated-card ' + s)).fontSize))""")
+    assert size[0] > 1.5 * size[1]
+    await page.screenshot(path=str(SHOTS / f"rated-{width}.png"))
+    resp = await page.goto(url + "picture/99999")
+    assert resp.status == 404 and await page.locator("nav a").count() == 6
+    await page.screenshot(path=str(SHOTS / f"not-found-{width}.png"))

@@ -22,10 +22,11 @@ def test_open_creates_schema_with_wal_and_foreign_keys(tmp_path):
     assert [m.name for m in migrations.applied(db)] == ["m001_initial", "m002_labels_by_time", "m003_discord",
                                                   "m004_characters", "m005_character_tags",
                                                   "m006_comparisons", "m007_features", "m008_media_pruned",
-                                                  "m009_detector_boxes", "m010_kept_ranking", "m011_detector_version"]
+                                                  "m009_detector_boxes", "m010_kept_ranking", "m011_detector_version",
+                                                  "m012_box_skips"]
     db.close()
     db = open_db(tmp_path / "a" / "t.db")  # reopening applies nothing twice
-    assert len(migrations.applied(db)) == SCHEMA_VERSION == 11
+    assert len(migrations.applied(db)) == SCHEMA_VERSION == 12
 
 
 def test_save_poll_is_idempotent_and_stores_cursor(tmp_path):

@@ -98,7 +98,7 @@ def test_features_are_computed_once_per_face_and_source(tmp_path, monkeypatch):
     cfg = taste_config(tmp_path)
     import_rated(cfg, tmp_path, 10)
     with Store.open(cfg.db_path) as store:
-        scorer = load_scorer(store.active_model(), cfg.scorer, cfg.models_path)
+        scorer = load_scorer(store.active_model(), cfg.scorer, cfg.models_path, margin=cfg.detector.margin)
         faces = store.execute("SELECT faces.*, images.media_path FROM faces JOIN images ON images.id = faces.image_id")
         counts = store.feature_counts()
         # the import cached every block the daemon caches: backbone, whole picture, colour, network
@@ -122,6 +122,55 @@ def test_features_are_computed_once_per_face_and_source(tmp_path, monkeypatch):
         assert sorted(seen) == sorted({f["media_path"] for f in faces})
         assert store.feature_counts()["net:another-network"] == len(faces)
         assert store.feature_counts()[scorer.extractor.sources["backbone"]] == len(faces)
+
+
+def test_crop_features_of_another_margin_are_cached_apart_and_a_head_fitted_at_the_old_one_waits(tmp_path,
+                                                                                                  monkeypatch):
+    """detector.margin changes the crops: their features are cached under other sources (the
+    whole-picture block, which does not depend on it, is shared), a head fitted at the old margin
+    is left out, and the daemon's retiring drops the old margin's vectors."""
+    import numpy as np
+
+    from scorer.detect import DetectorConfig
+    from scorer.model import AppliedHead, Scorer
+    from scorer.registry import ensure_active_model
+    from storage import media
+    from tests.helpers import make_config, seed
+
+    assert DetectorConfig().margin == features_module.DEFAULT_MARGIN
+    cfg = make_config(tmp_path)
+    seed(cfg, [{"popularity": i} for i in range(3)])
+    with Store.open(cfg.db_path) as store:
+        row = ensure_active_model(store, cfg.scorer, cfg.models_path)
+        plain = load_scorer(row, cfg.scorer, cfg.models_path, margin=0.2)
+        wide = load_scorer(row, cfg.scorer, cfg.models_path, margin=0.5)
+        a, b = plain.extractor.sources, wide.extractor.sources
+        assert a["whole"] == b["whole"] and "@" not in "".join(a.values())          # the default: plain names
+        for block in ("backbone", "colour", "net"):
+            assert b[block] == a[block] + "@m50"
+        faces = store.execute("SELECT faces.*, images.media_path FROM faces JOIN images ON images.id = faces.image_id")
+        old = features_module.ensure_features(store, plain.extractor, faces, cfg.media_path, margin=0.2)
+        decoded = []
+        real = media.load_media
+        monkeypatch.setattr(media, "load_media", lambda *a, **k: decoded.append(a[1]) or real(*a, **k))
+        new = features_module.ensure_features(store, wide.extractor, faces, cfg.media_path, margin=0.5)
+        assert sorted(decoded) == sorted(f["media_path"] for f in faces)             # not the old crops' vectors
+        for f in faces:
+            assert not np.allclose(new[f["id"]][b["backbone"]], old[f["id"]][a["backbone"]])
+            cached = store.face_features([f["id"]], [a["whole"]])[f["id"]][a["whole"]]
+            assert np.array_equal(new[f["id"]][b["whole"]], cached)                  # read, not computed again
+        counts = store.feature_counts()
+        assert counts[a["backbone"]] == counts[b["backbone"]] == counts[a["whole"]] == len(faces)
+        with pytest.raises(ValueError, match="margin"):                             # crops cut at one, named another
+            features_module.ensure_features(store, plain.extractor, faces, cfg.media_path, margin=0.5)
+        fitted = AppliedHead(object(), {k: v for k, v in a.items() if k != "net"})
+        kw = dict(arch=plain.arch, version="head-x", image_size=plain.image_size, device="cpu",
+                  backbone=plain.extractor.backbone, head=fitted)
+        assert Scorer(plain.net, margin=0.2, **kw).head is fitted
+        assert Scorer(plain.net, margin=0.5, **kw).head is None                   # fitted on other crops: left out
+        gone = store.retire_feature_sources(set(b.values()))
+        assert set(gone) == {a["backbone"], a["colour"], a["net"]}
+        assert set(store.feature_counts()) == set(b.values())
 
 
 def test_head_learns_in_seconds_rescores_from_cache_and_is_promoted_only_when_better(tmp_path, monkeypatch):
@@ -150,7 +199,7 @@ def test_head_learns_in_seconds_rescores_from_cache_and_is_promoted_only_when_be
 
         from tests.test_learning import rescore_now
         monkeypatch.setattr(rescore_module, "load_media", lambda *a, **k: pytest.fail("decoded a picture"))
-        scorer = load_scorer(active, cfg.scorer, cfg.models_path)
+        scorer = load_scorer(active, cfg.scorer, cfg.models_path, margin=cfg.detector.margin)
         assert rescore_now(cfg, scorer) == 24
         scores = store.execute("SELECT images.score, labels.value FROM images JOIN labels ON labels.image_id = images.id")
         warm = [r["score"] for r in scores if r["value"] == 5]
@@ -250,7 +299,7 @@ def test_kill_during_refits_loses_nothing_and_leaves_a_usable_active_model(tmp_p
             assert store.execute("SELECT * FROM labels ORDER BY id") == labels
             assert store.execute("PRAGMA integrity_check")[0]["integrity_check"] == "ok"
             active = store.active_model()
-            load_scorer(active, cfg.scorer, cfg.models_path)     # complete, whichever it is
+            load_scorer(active, cfg.scorer, cfg.models_path, margin=cfg.detector.margin)     # complete, whichever it is
     finished = subprocess.run([sys.executable, str(MAIN), "train"], cwd=tmp_path, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr
     assert not list(cfg.models_path.glob("*.tmp")) and not list(cfg.models_path.glob(".*.tmp"))  # litter cleared
@@ -278,7 +327,8 @@ def test_comparisons_import_and_train_the_head(tmp_path):
                     and split_of(sha[p["loser_id"]], cfg.train.val_share) == "train"]
         result = train(cfg, store)
         assert result.head["used"] and result.head["pairs"] == len(on_train) > 0
-        scorer = load_scorer(store.get_model(result.version), cfg.scorer, cfg.models_path)
+        scorer = load_scorer(store.get_model(result.version), cfg.scorer, cfg.models_path,
+                             margin=cfg.detector.margin)
         faces = {f["image_id"]: f for f in store.execute("SELECT faces.*, images.media_path FROM faces "
                                                          "JOIN images ON images.id = faces.image_id")}
         vectors = features_module.ensure_features(store, scorer.extractor, list(faces.values()), cfg.media_path,

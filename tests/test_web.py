@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,12 +17,8 @@ import pytest
 from bot.config import load_config
 from bot.web import Gallery
 from scorer.registry import ensure_active_model
-from storage import AsyncStore, Store
+from storage import Store
 from tests.helpers import MAIN, cli, make_config, picture, seed, write_config
-
-CHROMIUM = "/usr/bin/chromium"
-BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def web_config(tmp_path, web: str = "", ranking: str = "cold_exploration = 0.0\nexploration = 0.0", more: str = ""):
@@ -450,15 +445,9 @@ def test_non_loopback_without_a_token_is_a_config_error(tmp_path, monkeypatch):
 
 
 # ---- in a browser: the whole loop, from `main.py run` to `main.py train` ------------------------
-def _browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
-    return pytest.importorskip("playwright.async_api")
-
-
 @pytest.mark.slow
-async def test_in_a_browser_pictures_in_the_inbox_are_rated_by_click_and_key_and_train_uses_the_labels(tmp_path):
-    pw = _browser()
+async def test_in_a_browser_pictures_in_the_inbox_are_rated_by_click_and_key_and_train_uses_the_labels(
+        tmp_path, browser):
     (tmp_path / "inbox").mkdir()
     for i in range(14):
         (tmp_path / "inbox" / f"p{i:02d}.jpg").write_bytes(picture(300 + i, size=(180, 140)))
@@ -481,44 +470,41 @@ async def test_in_a_browser_pictures_in_the_inbox_are_rated_by_click_and_key_and
         deadline = time.monotonic() + 120
         while store.status_counts().get("scored", 0) < 14 and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
-        async with pw.async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-            page = await browser.new_page(viewport={"width": 1200, "height": 800})
-            await page.goto(url)
-            cards = page.locator("article.card")
-            assert await cards.count() == 14
-            await page.screenshot(path=str(tmp_path / "for-you.png"))
-            ids = [int(await cards.nth(i).get_attribute("data-id")) for i in range(14)]
-            # A click rates the first card, the focus moves on, and keys rate the following ones.
-            await cards.nth(0).locator("form.rate button[value='5']").click()
-            await page.wait_for_selector(f"article.card[data-id='{ids[0]}'].rated")
-            assert await cards.nth(1).evaluate("c => c.classList.contains('focused')")
-            for i, key in enumerate("1234512345123", start=1):
-                await page.keyboard.press(key)
-                await page.wait_for_selector(f"article.card[data-id='{ids[i]}'].rated")
-            await page.keyboard.press("ArrowLeft")
-            await page.keyboard.press("ArrowLeft")
-            assert await cards.nth(11).evaluate("c => c.classList.contains('focused')")
-            labels = {r["image_id"]: (r["value"], r["origin"]) for r in store.execute("SELECT * FROM labels")}
-            assert labels == {ids[0]: (5, "web"), **{ids[i]: (int(k), "web") for i, k in
-                                                     enumerate("1234512345123", start=1)}}
-            for name, path in [("picture", f"picture/{ids[0]}"), ("rated", "rated"), ("model", "model"),
-                               ("sources", "sources")]:
-                await page.goto(url + path)
-                await page.screenshot(path=str(tmp_path / f"{name}.png"))
-            # The picture page draws a box for each detected face, where the face is.
-            [two_faces] = seed(load_config(config), [{"popularity": 1, "faces": 2}])
-            await page.goto(url + f"picture/{two_faces}")
-            boxes = page.locator(".faces a.face")
-            assert await boxes.count() == 2
-            img = await page.locator("#full").bounding_box()
-            box = await boxes.nth(1).bounding_box()
-            scale = img["width"] / 200
-            assert abs(box["x"] - img["x"] - 110 * scale) < 5 and abs(box["width"] - 70 * scale) < 5  # +stroke
-            await page.screenshot(path=str(tmp_path / "picture-faces.png"))
-            await page.goto(url + f"picture/{ids[0]}")  # synthetic shapes: no face, scored whole, no box
-            assert await page.locator(".faces a.face").count() == 0
-            await browser.close()
+        page = await browser.new_page(viewport={"width": 1200, "height": 800})
+        await page.goto(url)
+        cards = page.locator("article.card")
+        assert await cards.count() == 14
+        await page.screenshot(path=str(tmp_path / "for-you.png"))
+        ids = [int(await cards.nth(i).get_attribute("data-id")) for i in range(14)]
+        # A click rates the first card, the focus moves on, and keys rate the following ones.
+        await cards.nth(0).locator("form.rate button[value='5']").click()
+        await page.wait_for_selector(f"article.card[data-id='{ids[0]}'].rated")
+        assert await cards.nth(1).evaluate("c => c.classList.contains('focused')")
+        for i, key in enumerate("1234512345123", start=1):
+            await page.keyboard.press(key)
+            await page.wait_for_selector(f"article.card[data-id='{ids[i]}'].rated")
+        await page.keyboard.press("ArrowLeft")
+        await page.keyboard.press("ArrowLeft")
+        assert await cards.nth(11).evaluate("c => c.classList.contains('focused')")
+        labels = {r["image_id"]: (r["value"], r["origin"]) for r in store.execute("SELECT * FROM labels")}
+        assert labels == {ids[0]: (5, "web"), **{ids[i]: (int(k), "web") for i, k in
+                                                 enumerate("1234512345123", start=1)}}
+        for name, path in [("picture", f"picture/{ids[0]}"), ("rated", "rated"), ("model", "model"),
+                           ("sources", "sources")]:
+            await page.goto(url + path)
+            await page.screenshot(path=str(tmp_path / f"{name}.png"))
+        # The picture page draws a box for each detected face, where the face is.
+        [two_faces] = seed(load_config(config), [{"popularity": 1, "faces": 2}])
+        await page.goto(url + f"picture/{two_faces}")
+        boxes = page.locator(".faces a.face")
+        assert await boxes.count() == 2
+        img = await page.locator("#full").bounding_box()
+        box = await boxes.nth(1).bounding_box()
+        scale = img["width"] / 200
+        assert abs(box["x"] - img["x"] - 110 * scale) < 5 and abs(box["width"] - 70 * scale) < 5  # +stroke
+        await page.screenshot(path=str(tmp_path / "picture-faces.png"))
+        await page.goto(url + f"picture/{ids[0]}")  # synthetic shapes: no face, scored whole, no box
+        assert await page.locator(".faces a.face").count() == 0
         assert all((tmp_path / f"{n}.png").stat().st_size > 5000
                    for n in ("for-you", "picture", "rated", "model", "sources"))
     finally:
@@ -536,68 +522,58 @@ async def test_in_a_browser_pictures_in_the_inbox_are_rated_by_click_and_key_and
 
 
 @pytest.mark.slow
-async def test_in_a_browser_a_face_is_named_by_clicking_its_box_and_typing(tmp_path):
-    pw = _browser()
+async def test_in_a_browser_a_face_is_named_by_clicking_its_box_and_typing(tmp_path, browser, live_gallery):
     cfg = web_config(tmp_path, more=IDENTITY)
     [image_id] = seed(cfg, [{"popularity": 1, "faces": 2}])
     store = Store.open(cfg.db_path)
     f1, f2 = (f["id"] for f in store.faces_of(image_id))
     store.character_id("Hatsune Miku", create=True)           # known already: offered in the datalist
-    astore = await AsyncStore(cfg.db_path).open()
-    gallery = Gallery(cfg, astore)
-    url = await gallery.start()
-    try:
-        async with pw.async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-            page = await browser.new_page(viewport={"width": 1200, "height": 800})
-            await page.goto(url + f"picture/{image_id}")
-            assert await page.locator("#character-names option").count() == 1
-            # From the keyboard: a box takes the focus, Enter opens its form, Escape closes it.
-            await page.locator(".faces a.face").nth(0).focus()
-            await page.keyboard.press("Enter")
-            assert await page.evaluate("document.activeElement.getAttribute('aria-label')") == "character of face 1"
-            await page.keyboard.press("Escape")
-            assert not await page.locator(f"#face-{f1} form.name-face").is_visible()
-            # A click on the second face's box opens its form with the focus in the name field.
-            await page.locator(".faces a.face").nth(1).click()
-            form = page.locator(f"#face-{f2} form.name-face")
-            assert await form.is_visible()
-            assert await page.evaluate("document.activeElement.getAttribute('aria-label')") == "character of face 2"
-            await page.keyboard.type("Miku/Rin")                 # a bad name: the message, no reload
-            await page.keyboard.press("Enter")
-            await page.wait_for_selector(f"#face-{f2} .name-state:has-text('no slashes allowed')")
-            await page.fill(f"#face-{f2} input[name=name]", "Kagamine Rin")
-            await page.screenshot(path=str(tmp_path / "picture-naming.png"))
-            await page.keyboard.press("Enter")
-            await page.wait_for_selector(".faces .face-label .who:has-text('Kagamine Rin')")
-            named = store.face_name(f2)
-            assert (named["name"], named["origin"]) == ("Kagamine Rin", "gallery")
-            assert store.embeddings(store.active_identity_model()["version"], [f2])
-            assert "named (gallery)" in await page.locator(f"#face-{f2}").inner_text()
-            # The list entry opens the first face's form too; a known name is picked by typing it.
-            await page.locator(f"#face-{f1}").click()
-            await page.keyboard.type("Hatsune Miku")
-            await page.keyboard.press("Enter")
-            await page.wait_for_selector(f"#face-{f1} .who.named:has-text('Hatsune Miku')")
-            assert store.face_name(f1)["origin"] == "gallery"
-            assert await page.locator("p.chips a.chip").all_inner_texts() == ["Hatsune Miku", "Kagamine Rin"]
-            await page.screenshot(path=str(tmp_path / "picture-named.png"))
-            # "Not this one": the name is taken back.
-            await page.locator(f"#face-{f1} summary").click()
-            await page.locator(f"#face-{f1} form.unname-face button").click()
-            await page.wait_for_selector(f"#face-{f1} .who.none")
-            assert store.face_name(f1) is None
-            # For you filtered by a character (typed or picked in the filter field): its cards, with chips.
-            await page.goto(url)
-            await page.fill("form.filters input[name=character]", "Kagamine Rin")
-            await page.keyboard.press("Enter")
-            await page.wait_for_url("**/?character=Kagamine+Rin")
-            assert await page.locator("article.card a.chip").all_inner_texts() == ["Kagamine Rin"]
-            await page.screenshot(path=str(tmp_path / "for-you-character.png"))
-            await page.goto(url + "model")
-            await page.screenshot(path=str(tmp_path / "model.png"), full_page=True)
-            await browser.close()
-        assert (tmp_path / "picture-naming.png").stat().st_size > 5000
-    finally:
-        await gallery.stop()
-        await astore.close()
+    url = await live_gallery(cfg)
+    page = await browser.new_page(viewport={"width": 1200, "height": 800})
+    await page.goto(url + f"picture/{image_id}")
+    assert await page.locator("#character-names option").count() == 1
+    # From the keyboard: a box takes the focus, Enter opens its form, Escape closes it.
+    await page.locator(".faces a.face").nth(0).focus()
+    await page.keyboard.press("Enter")
+    assert await page.evaluate("document.activeElement.getAttribute('aria-label')") == "character of face 1"
+    await page.keyboard.press("Escape")
+    assert not await page.locator(f"#face-{f1} form.name-face").is_visible()
+    # A click on the second face's box opens its form with the focus in the name field.
+    await page.locator(".faces a.face").nth(1).click()
+    form = page.locator(f"#face-{f2} form.name-face")
+    assert await form.is_visible()
+    assert await page.evaluate("document.activeElement.getAttribute('aria-label')") == "character of face 2"
+    await page.keyboard.type("Miku/Rin")                 # a bad name: the message, no reload
+    await page.keyboard.press("Enter")
+    await page.wait_for_selector(f"#face-{f2} .name-state:has-text('no slashes allowed')")
+    await page.fill(f"#face-{f2} input[name=name]", "Kagamine Rin")
+    await page.screenshot(path=str(tmp_path / "picture-naming.png"))
+    await page.keyboard.press("Enter")
+    await page.wait_for_selector(".faces .face-label .who:has-text('Kagamine Rin')")
+    named = store.face_name(f2)
+    assert (named["name"], named["origin"]) == ("Kagamine Rin", "gallery")
+    assert store.embeddings(store.active_identity_model()["version"], [f2])
+    assert "named (gallery)" in await page.locator(f"#face-{f2}").inner_text()
+    # The list entry opens the first face's form too; a known name is picked by typing it.
+    await page.locator(f"#face-{f1}").click()
+    await page.keyboard.type("Hatsune Miku")
+    await page.keyboard.press("Enter")
+    await page.wait_for_selector(f"#face-{f1} .who.named:has-text('Hatsune Miku')")
+    assert store.face_name(f1)["origin"] == "gallery"
+    assert await page.locator("p.chips a.chip").all_inner_texts() == ["Hatsune Miku", "Kagamine Rin"]
+    await page.screenshot(path=str(tmp_path / "picture-named.png"))
+    # "Not this one": the name is taken back.
+    await page.locator(f"#face-{f1} summary").click()
+    await page.locator(f"#face-{f1} form.unname-face button").click()
+    await page.wait_for_selector(f"#face-{f1} .who.none")
+    assert store.face_name(f1) is None
+    # For you filtered by a character (typed or picked in the filter field): its cards, with chips.
+    await page.goto(url)
+    await page.fill("form.filters input[name=character]", "Kagamine Rin")
+    await page.keyboard.press("Enter")
+    await page.wait_for_url("**/?character=Kagamine+Rin")
+    assert await page.locator("article.card a.chip").all_inner_texts() == ["Kagamine Rin"]
+    await page.screenshot(path=str(tmp_path / "for-you-character.png"))
+    await page.goto(url + "model")
+    await page.screenshot(path=str(tmp_path / "model.png"), full_page=True)
+    assert (tmp_path / "picture-naming.png").stat().st_size > 5000

@@ -11,11 +11,10 @@ import pytest
 from PIL import Image
 
 from bot.manage import PAUSED_SOURCES
-from bot.web import Gallery
-from storage import AsyncStore, Store
+from storage import Store
 from storage.boxes import Box
 from tests.helpers import seed
-from tests.test_web import BROWSER_ARGS, CHROMIUM, _browser, web_config
+from tests.test_web import web_config
 
 WIDTHS = [(390, 844), (1366, 768)]           # a phone (iPhone 12-15) and a common laptop
 LONG_SOURCE = "danbooru-hatsune_miku-solo-highres-absurdres-from-the-very-long-tag-query"
@@ -112,8 +111,7 @@ async def arrow_down_scrolls(page) -> bool:
 
 
 @pytest.mark.slow
-async def test_every_page_fits_a_phone_and_a_desktop_and_the_keys_scroll_it(tmp_path):
-    pw = _browser()
+async def test_every_page_fits_a_phone_and_a_desktop_and_the_keys_scroll_it(tmp_path, browser, live_gallery):
     cfg, ids = realistic_gallery(tmp_path)
     pages = {"for-you": "", "rated": "rated", "picture": f"picture/{ids[0]}", "picture-portrait": f"picture/{ids[1]}",
              "picture-panorama": f"picture/{ids[2]}", "picture-rated": f"picture/{ids[4]}",
@@ -122,59 +120,50 @@ async def test_every_page_fits_a_phone_and_a_desktop_and_the_keys_scroll_it(tmp_
              "no-route": "characters"}
     shots = Path(os.environ.get("SHOTS_DIR") or tmp_path / "shots")    # every page at both widths
     shots.mkdir(parents=True, exist_ok=True)
-    astore = await AsyncStore(cfg.db_path).open()
-    gallery = Gallery(cfg, astore)
-    url = await gallery.start()
+    url = await live_gallery(cfg)
     problems = []
-    try:
-        async with pw.async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-            for width, height in WIDTHS:
-                page = await browser.new_page(viewport={"width": width, "height": height})
-                for name, path in pages.items():
-                    await page.goto(url + path)
-                    await page.wait_for_load_state("networkidle")
-                    await page.screenshot(path=str(shots / f"{name}-{width}.png"), full_page=True)
-                    fit = await page.evaluate(OVERFLOW)
-                    if fit["scrollWidth"] > fit["innerWidth"] or fit["outside"]:
-                        problems.append(f"{name} at {width} px: {fit}")
-                    if name.startswith("picture"):   # opened with the picture in view, top to bottom
-                        await page.screenshot(path=str(shots / f"{name}-{width}-opened.png"))
-                        box = await page.locator("#full").bounding_box()
-                        scroll = await page.evaluate("window.scrollY")
-                        if scroll or box["y"] < 0 or box["y"] + box["height"] > height + 1:
-                            problems.append(f"{name} at {width} px: picture {box} not in view (scrollY {scroll})")
-                await page.close()
-            assert not problems, "\n".join(problems)
-            # The arrow keys scroll every page but Compare (where ↓ skips); the focus in a text
-            # field keeps them (and 1-5) for the field.
-            page = await browser.new_page(viewport={"width": 390, "height": 844})
-            for path in ["", "rated", f"picture/{ids[0]}", "sources", "model", "boxes"]:
-                await page.goto(url + path)
-                assert await arrow_down_scrolls(page), f"/{path}: ArrowDown was prevented"
-            await page.goto(url + f"picture/{ids[0]}")       # the picture's keys: 1-5 rate it
-            await page.keyboard.press("5")
-            await page.wait_for_selector("strong.current:has-text('5')")
-            await page.goto(url)
-            cards = page.locator("article.card")
-            assert await cards.nth(0).evaluate("c => c.classList.contains('focused')")
-            assert await page.evaluate("window.scrollY") == 0      # the first card is focused in place
-            await page.keyboard.press("ArrowRight")
-            assert await cards.nth(1).evaluate("c => c.classList.contains('focused')")
-            field = page.locator("form.filters input[name=character]")
-            await field.click()
-            await page.evaluate(WATCH_KEYS)
-            for key in ["ArrowDown", "ArrowRight", "ArrowLeft", "3"]:
-                await page.keyboard.press(key)
-                assert not await page.evaluate("window.prevented"), key
-            assert await field.input_value() == "3"
-            assert await cards.nth(1).evaluate("c => c.classList.contains('focused') && !c.classList.contains('rated')")
-            await page.goto(url + "sources")
-            await page.locator("form.add input[name=options]").click()
-            await page.evaluate(WATCH_KEYS)
-            await page.keyboard.press("ArrowDown")
-            assert not await page.evaluate("window.prevented")
-            await browser.close()
-    finally:
-        await gallery.stop()
-        await astore.close()
+    for width, height in WIDTHS:
+        page = await browser.new_page(viewport={"width": width, "height": height})
+        for name, path in pages.items():
+            await page.goto(url + path)
+            await page.wait_for_load_state("networkidle")
+            await page.screenshot(path=str(shots / f"{name}-{width}.png"), full_page=True)
+            fit = await page.evaluate(OVERFLOW)
+            if fit["scrollWidth"] > fit["innerWidth"] or fit["outside"]:
+                problems.append(f"{name} at {width} px: {fit}")
+            if name.startswith("picture"):   # opened with the picture in view, top to bottom
+                await page.screenshot(path=str(shots / f"{name}-{width}-opened.png"))
+                box = await page.locator("#full").bounding_box()
+                scroll = await page.evaluate("window.scrollY")
+                if scroll or box["y"] < 0 or box["y"] + box["height"] > height + 1:
+                    problems.append(f"{name} at {width} px: picture {box} not in view (scrollY {scroll})")
+        await page.close()
+    assert not problems, "\n".join(problems)
+    # The arrow keys scroll every page but Compare (where ↓ skips); the focus in a text
+    # field keeps them (and 1-5) for the field.
+    page = await browser.new_page(viewport={"width": 390, "height": 844})
+    for path in ["", "rated", f"picture/{ids[0]}", "sources", "model", "boxes"]:
+        await page.goto(url + path)
+        assert await arrow_down_scrolls(page), f"/{path}: ArrowDown was prevented"
+    await page.goto(url + f"picture/{ids[0]}")       # the picture's keys: 1-5 rate it
+    await page.keyboard.press("5")
+    await page.wait_for_selector("strong.current:has-text('5')")
+    await page.goto(url)
+    cards = page.locator("article.card")
+    assert await cards.nth(0).evaluate("c => c.classList.contains('focused')")
+    assert await page.evaluate("window.scrollY") == 0      # the first card is focused in place
+    await page.keyboard.press("ArrowRight")
+    assert await cards.nth(1).evaluate("c => c.classList.contains('focused')")
+    field = page.locator("form.filters input[name=character]")
+    await field.click()
+    await page.evaluate(WATCH_KEYS)
+    for key in ["ArrowDown", "ArrowRight", "ArrowLeft", "3"]:
+        await page.keyboard.press(key)
+        assert not await page.evaluate("window.prevented"), key
+    assert await field.input_value() == "3"
+    assert await cards.nth(1).evaluate("c => c.classList.contains('focused') && !c.classList.contains('rated')")
+    await page.goto(url + "sources")
+    await page.locator("form.add input[name=options]").click()
+    await page.evaluate(WATCH_KEYS)
+    await page.keyboard.press("ArrowDown")
+    assert not await page.evaluate("window.prevented")
