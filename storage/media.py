@@ -188,7 +188,12 @@ def decode_on_device(datas: list[bytes], device, *, max_pixels: int = 90_000_000
     for i, data in enumerate(datas):
         if sniff_format(data) == "jpeg":
             try:
-                w, h = Image.open(io.BytesIO(data)).size
+                with warnings.catch_warnings():     # the same bomb guard as decode_image's
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    w, h = Image.open(io.BytesIO(data)).size
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+                out[i] = BadImage("image too large (decompression bomb guard)")
+                continue
             except (OSError, SyntaxError, ValueError, EOFError) as e:
                 out[i] = BadImage(f"corrupt or truncated jpeg: {e}")
                 continue

@@ -238,3 +238,28 @@ def test_decode_on_device_gives_pillows_pixels_and_refuses_what_pillow_refuses()
     assert isinstance(out[1], BadImage) and "truncated" in str(out[1])
     assert isinstance(out[3], BadImage)
     assert isinstance(out[5], BadImage) and "too large (300x300 pixels" in str(out[5])
+
+
+def test_decode_on_device_refuses_a_jpeg_whose_header_is_a_decompression_bomb():
+    """A stored JPEG whose header claims more pixels than Pillow's bomb guard allows (a corrupt
+    or replaced file) is one BadImage, as decode_image says, not an error that fails the
+    daemon's whole batch (and is met again at every retry)."""
+    import io
+    import struct
+
+    import torch
+
+    from storage.media import BadImage, decode_image, decode_on_device
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 20, 30)).save(buf, "JPEG")
+    good = buf.getvalue()
+    bomb = bytearray(good)
+    at = bomb.index(b"\xff\xc0")                               # SOF0: length, precision, height, width
+    bomb[at + 5:at + 9] = struct.pack(">HH", 15000, 15000)     # 225 megapixels claimed
+    bomb = bytes(bomb)
+    with pytest.raises(BadImage, match="too large") as pillow:
+        decode_image(bomb, max_pixels=10**9)
+    out = decode_on_device([bomb, good], torch.device("cpu"), max_pixels=10**9)
+    assert isinstance(out[0], BadImage) and str(out[0]) == str(pillow.value)
+    assert out[1].shape == (3, 48, 64)
