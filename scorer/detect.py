@@ -380,6 +380,8 @@ class YoloDetector(Detector):
         import torch
         import torch.nn.functional as F
 
+        if not pictures:
+            return []
         imgsz = self.model.overrides.get("imgsz", 640)
         imgsz = int(max(imgsz) if isinstance(imgsz, (list, tuple)) else imgsz)
         batch = torch.full((len(pictures), 3, imgsz, imgsz), 114 / 255, device=pictures[0].device)

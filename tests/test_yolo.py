@@ -149,3 +149,15 @@ def test_yolo_on_pictures_decoded_on_the_device_finds_and_crops_what_the_pillow_
         assert all(np.array_equal(np.asarray(c), np.asarray(w)) for c, w in zip(got.crops, want.crops))
         assert got.whole.size == want.whole.size
         assert np.abs(np.asarray(got.whole, dtype=int) - np.asarray(want.whole, dtype=int)).mean() < 3
+
+
+@pytest.mark.slow
+def test_yolo_on_the_device_with_no_picture_left_finds_nothing_without_an_error(tiny_weights, tmp_path):
+    """Every picture of a batch can be refused by decode_on_device (bench/pipeline.py passes on
+    what is left): detecting none is no faces, not an IndexError."""
+    from scorer.analyze import Analyzer
+
+    det = YoloDetector(str(tiny_weights), config_dir=tmp_path, min_confidence=0.0, min_size=1)
+    det._decode_device = "cpu"
+    assert det.detect_tensors([]) == []
+    assert Analyzer(det, scorer=None).detect_tensors([]) == []
