@@ -161,3 +161,40 @@ def test_yolo_on_the_device_with_no_picture_left_finds_nothing_without_an_error(
     det._decode_device = "cpu"
     assert det.detect_tensors([]) == []
     assert Analyzer(det, scorer=None).detect_tensors([]) == []
+
+
+@pytest.mark.slow
+def test_yolo_on_the_device_maps_boxes_back_from_the_letterbox_to_each_pictures_pixels(tiny_weights, tmp_path):
+    """detect_tensors letterboxes each picture (scaled, centred on gray) and maps the model's
+    boxes back: with a stand-in model that boxes the white patch it sees in its input, each
+    picture's face is the patch drawn on it, whatever its shape (the tiny model's own boxes cover
+    whole pictures, so they could not show a wrong offset or scale)."""
+    import torch
+    from types import SimpleNamespace
+
+    det = YoloDetector(str(tiny_weights), config_dir=tmp_path, min_confidence=0.5, min_size=1)
+    det.model.overrides["imgsz"] = 640
+    patches = {(1000, 400): (700, 100, 900, 300), (300, 900): (40, 600, 200, 800), (200, 150): (20, 30, 120, 100),
+               (640, 640): (0, 0, 50, 60)}
+    pictures = []
+    for (w, h), (x1, y1, x2, y2) in patches.items():
+        t = torch.zeros((3, h, w), dtype=torch.uint8)
+        t[:, y1:y2, x1:x2] = 255
+        pictures.append(t)
+
+    def white_patch(batch, **kw):
+        assert batch.shape[1:] == (3, 640, 640) and kw["imgsz"] == 640
+        results = []
+        for img in batch:
+            ys, xs = torch.nonzero(img.min(0).values > 0.9, as_tuple=True)
+            box = [[float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]]
+            results.append(SimpleNamespace(boxes=SimpleNamespace(xyxy=torch.tensor(box), conf=torch.tensor([0.9]))))
+        return results
+
+    det.model.predict = white_patch
+    found = det.detect_tensors(pictures)
+    for (size, patch), faces in zip(patches.items(), found):
+        (face,) = faces
+        assert face.detector == "yolo" and face.confidence == pytest.approx(0.9)
+        tolerance = max(size) / 640 + 1                # one letterbox pixel, in the picture's pixels
+        assert all(abs(a - b) <= tolerance for a, b in zip((face.x1, face.y1, face.x2, face.y2), patch)), (size, face)
