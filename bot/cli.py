@@ -520,7 +520,7 @@ def cmd_models(cfg, args) -> int:
                 if r["notes"]:
                     print(f"    {r['notes']}")
             return 0
-        row = use_model(store, cfg.scorer, cfg.models_path, args.version)
+        row = use_model(store, cfg.scorer, cfg.models_path, args.version, margin=cfg.detector.margin)
         print(f"active model: {row['version']}; a running daemon switches within a minute and rescores "
               "unposted pictures (or run: python main.py rescore)")
         return 0

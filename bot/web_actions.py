@@ -346,7 +346,8 @@ class GalleryActions:
         from scorer.registry import use_model
         version = str((await self._form(request)).get("version", ""))
         try:
-            await self.store.call(lambda s: use_model(s, self.cfg.scorer, self.cfg.models_path, version))
+            await self.store.call(lambda s: use_model(s, self.cfg.scorer, self.cfg.models_path, version,
+                                                      margin=self.cfg.detector.margin))
         except ModelError as e:
             return self._done(request, {"ok": False, "error": str(e)}, "/model?" + urlencode({"message": str(e)}))
         if self.model_changed is not None:

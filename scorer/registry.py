@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from scorer.features import DEFAULT_MARGIN
 from scorer.model import ModelError, Scorer, build_model, save_model
 
 log = logging.getLogger(__name__)
@@ -114,13 +113,15 @@ def load_scorer(row: dict, scorer_cfg, models_dir: str | Path, *, margin: float)
                        backbone=configured_backbone(scorer_cfg), whole=scorer_cfg.whole, margin=margin)
 
 
-def use_model(store, scorer_cfg, models_dir: str | Path, version: str) -> dict:
-    """Make ``version`` the active model (rollback), after checking that its file loads."""
+def use_model(store, scorer_cfg, models_dir: str | Path, version: str, *, margin: float) -> dict:
+    """Make ``version`` the active model (rollback), after checking that its file loads (at crop
+    margin ``margin``, ``detector.margin``, as the daemon will load it: a head fitted at that
+    margin is its own, not one fitted on crops this configuration does not cut)."""
     row = store.get_model(version)
     if row is None:
         known = ", ".join(r["version"] for r in store.list_models()) or "none"
         raise ModelError(f"no model {version!r} (known: {known})")
-    load_scorer(row, scorer_cfg, models_dir, margin=DEFAULT_MARGIN)     # only that it loads
+    load_scorer(row, scorer_cfg, models_dir, margin=margin)     # only that it loads
     store.activate_model(version)
     log.info("active model is now %s", version)
     return store.get_model(version)

@@ -231,11 +231,11 @@ def test_promotion_only_on_improvement_rollback_eval_and_rescore(rated_crops, tm
     assert json.loads(versions[worse.version]["metrics"])["baseline_version"] == good.version
 
     # Rollback and forward again.
-    assert use_model(store, cfg.scorer, cfg.models_path, worse.version)["active"] == 1
+    assert use_model(store, cfg.scorer, cfg.models_path, worse.version, margin=cfg.detector.margin)["active"] == 1
     assert store.active_model()["version"] == worse.version
-    use_model(store, cfg.scorer, cfg.models_path, good.version)
+    use_model(store, cfg.scorer, cfg.models_path, good.version, margin=cfg.detector.margin)
     with pytest.raises(Exception, match="no model 'nope'"):
-        use_model(store, cfg.scorer, cfg.models_path, "nope")
+        use_model(store, cfg.scorer, cfg.models_path, "nope", margin=cfg.detector.margin)
 
     # Evaluation: the same numbers as training reported, and the plots.
     m, paths, row = evaluate_version(store, cfg.paths, cfg.scorer, cfg.train, margin=cfg.detector.margin,

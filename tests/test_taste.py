@@ -401,3 +401,24 @@ def test_taking_a_label_or_comparison_back_counts_as_new_feedback(tmp_path):
         time.sleep(0.01)
         store.remove_comparison(comparison)
         assert new_feedback(store, later)[0] == 1
+
+
+def test_models_use_loads_a_head_at_the_configured_margin_without_saying_it_is_left_out(tmp_path, caplog):
+    """`models use` checks that the version loads as the daemon will load it: at detector.margin.
+    A head fitted at margin 0.3 is its own there, not "fitted on crops this configuration does
+    not compute" (a false warning when the check loaded it at the default 0.2)."""
+    import logging
+
+    from scorer.registry import use_model
+
+    cfg = taste_config(tmp_path, extra="[detector]\nmargin = 0.3\n")
+    import_rated(cfg, tmp_path, 24)
+    with Store.open(cfg.db_path) as store:
+        result = train(cfg, store)
+        assert result.head["used"]
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert use_model(store, cfg.scorer, cfg.models_path, result.version,
+                             margin=cfg.detector.margin)["active"] == 1
+        assert not [r for r in caplog.records if "taste head" in r.getMessage()]
+        assert load_scorer(store.active_model(), cfg.scorer, cfg.models_path, margin=0.3).head is not None
