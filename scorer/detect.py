@@ -382,8 +382,7 @@ class YoloDetector(Detector):
 
         if not pictures:
             return []
-        imgsz = self.model.overrides.get("imgsz", 640)
-        imgsz = int(max(imgsz) if isinstance(imgsz, (list, tuple)) else imgsz)
+        imgsz = self._input_side(pictures[0].device)
         batch = torch.full((len(pictures), 3, imgsz, imgsz), 114 / 255, device=pictures[0].device)
         places = []
         for k, t in enumerate(pictures):
@@ -405,6 +404,22 @@ class YoloDetector(Detector):
                      for (x1, y1, x2, y2), conf in zip(res.boxes.xyxy.tolist(), res.boxes.conf.tolist())]
             found.append(sorted(self._keep(faces), key=lambda f: -f.confidence))
         return found
+
+    def _input_side(self, device) -> int:
+        """The side of the square :meth:`detect_tensors` letterboxes to: a ``.pt`` model's
+        training size (its ``imgsz``), or the size an ``.onnx`` file was exported at, which takes
+        no other (ultralytics reads it from the file's metadata once its predictor is set up: on
+        a first, tiny picture here); 640 for an export that takes any."""
+        imgsz = self.model.overrides.get("imgsz")
+        if imgsz is None:
+            if self.model.predictor is None:
+                import numpy as np
+                self.model.predict(np.zeros((32, 32, 3), np.uint8), verbose=False, device=device)
+            backend = getattr(self.model.predictor, "model", None)
+            if not getattr(backend, "dynamic", True):
+                imgsz = getattr(backend, "imgsz", None)
+        imgsz = imgsz or 640
+        return int(max(imgsz) if isinstance(imgsz, (list, tuple)) else imgsz)
 
     def _detect(self, im, scale, size):
         return self._detect_batch([im], [scale], [size])[0]

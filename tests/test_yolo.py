@@ -198,3 +198,25 @@ def test_yolo_on_the_device_maps_boxes_back_from_the_letterbox_to_each_pictures_
         assert face.detector == "yolo" and face.confidence == pytest.approx(0.9)
         tolerance = max(size) / 640 + 1                # one letterbox pixel, in the picture's pixels
         assert all(abs(a - b) <= tolerance for a, b in zip((face.x1, face.y1, face.x2, face.y2), patch)), (size, face)
+
+
+@pytest.mark.slow
+def test_yolo_onnx_exported_at_its_own_size_runs_on_the_device_path(tiny_weights, tmp_path):
+    """An .onnx file takes only the size it was exported at (not 640): the device path
+    letterboxes to that size, from the first batch on, as the Pillow path does."""
+    import shutil
+
+    import torch
+    from ultralytics import YOLO
+
+    exported = YOLO(str(tiny_weights)).export(format="onnx", imgsz=96, dynamic=False, verbose=False)
+    onnx = tmp_path / "face.onnx"
+    shutil.copy(exported, onnx)
+    det = YoloDetector(str(onnx), config_dir=tmp_path, min_confidence=0.0, min_size=1)
+    det._decode_device = torch.device("cpu")
+    pictures = [torch.full((3, h, w), 200, dtype=torch.uint8) for w, h in ((128, 96), (300, 700))]
+    found = det.detect_tensors(pictures)                        # the first call: nothing set up yet
+    assert len(found) == 2 and all(faces for faces in found)
+    for t, faces in zip(pictures, found):
+        assert all(0 <= f.x1 <= f.x2 <= t.shape[2] and 0 <= f.y1 <= f.y2 <= t.shape[1] for f in faces)
+    assert len(det.detect_tensors(pictures)) == 2
