@@ -257,7 +257,8 @@ class Pipeline:
         if pool is None:
             results = []
             chunk = max(1, analyzer.detection_batch)
-            device = analyzer.detector.decode_device     # yolo on a GPU: decoded there
+            detector = analyzer.detector      # a switch meanwhile: the batch keeps the detector it started with
+            device = detector.decode_device     # yolo on a GPU: decoded there
             for at in range(0, len(image_ids), chunk):
                 ids = image_ids[at:at + chunk]
                 loaded = await asyncio.gather(*(load(i, device is None) for i in ids), return_exceptions=True)
@@ -267,9 +268,12 @@ class Pipeline:
                     loaded = await self._decode_on_device(loaded, device)
                 if loaded:
                     pictures = [im for _, im in loaded]
-                    detect, prepare = ((analyzer.detect_many, analyzer.prepare) if device is None
-                                       else (analyzer.detect_tensors, analyzer.prepare_tensor))
-                    found = await asyncio.to_thread(detect, pictures)
+                    if device is None:
+                        found = await asyncio.to_thread(analyzer.detect_many, pictures)
+                        prepare = analyzer.prepare
+                    else:
+                        found = await asyncio.to_thread(analyzer.detect_tensors, pictures, detector)
+                        prepare = analyzer.prepare_tensor
                     prepared = await asyncio.to_thread(list, map(prepare, pictures, found))
                     results += [(row, p) for (row, _), p in zip(loaded, prepared)]
                     del pictures, loaded

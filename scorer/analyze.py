@@ -88,11 +88,14 @@ class Analyzer:
         return [faces_or_whole(faces, im, self.no_face)
                 for im, faces in zip(pictures, self.detector.detect_many(pictures))]
 
-    def detect_tensors(self, pictures: list) -> list[list[Face]]:
+    def detect_tensors(self, pictures: list, detector: Detector | None = None) -> list[list[Face]]:
         """:meth:`detect_many` for pictures decoded on the detector's device (the GPU path:
-        ``YoloDetector.detect_tensors``)."""
+        ``YoloDetector.detect_tensors``). ``detector``: the one they were decoded for (default:
+        the analyzer's), so that a detector switch meanwhile does not hand them to one that
+        cannot take them (the pictures then carry the old detector's tag and are detected again)."""
+        found = (detector or self.detector).detect_tensors(pictures)
         return [faces or ([Face.whole(int(t.shape[2]), int(t.shape[1]))] if self.no_face == "whole" else [])
-                for t, faces in zip(pictures, self.detector.detect_tensors(pictures))]
+                for t, faces in zip(pictures, found)]
 
     def prepare_tensor(self, picture, faces: list[Face]) -> Prepared:
         """:meth:`prepare` for a picture decoded on the device: its face crops are cut there and

@@ -542,3 +542,48 @@ async def test_without_detection_workers_pictures_are_detected_several_in_one_pa
         assert all(row["score"] is not None for row in rows)
     finally:
         await daemon.stop()
+
+
+async def test_a_detector_switch_during_a_device_pass_leaves_no_batch_failed(tmp_path, monkeypatch, caplog):
+    """A batch decoded for a detector on a GPU keeps that detector when the owner switches to
+    one that takes no decoded tensors meanwhile: nothing fails, every picture is scored."""
+    import io
+    import random
+
+    from PIL import Image
+
+    import bot.daemon
+    import scorer.analyze
+    from tests.fake_detectors import OnDevice, Scripted
+
+    sizes = [(200 + 10 * i, 150) for i in range(4)]
+    boxes = {size: [(20, 20, 80 + i, 90, 0.9)] for i, size in enumerate(sizes)}
+    holder = []
+
+    import bot.pipeline
+    decode = bot.pipeline.decode_on_device
+
+    def decode_then_switch(*args, **kw):
+        decoded = decode(*args, **kw)
+        holder[0].analyzer.detector = Scripted("batched", boxes, min_size=1)   # the switch, mid-batch
+        return decoded
+
+    monkeypatch.setattr(bot.pipeline, "decode_on_device", decode_then_switch)
+    det = OnDevice("batched", boxes, batch=4, min_size=1)
+    monkeypatch.setattr(scorer.analyze, "make_detector", lambda *a, **k: det)
+    monkeypatch.setattr(bot.daemon.DetectionPool, "from_config", classmethod(lambda cls, *a, **k: None))
+    cfg = make_config(tmp_path)
+    (tmp_path / "inbox").mkdir(exist_ok=True)
+    for i, size in enumerate(sizes):
+        buf = io.BytesIO()
+        Image.frombytes("RGB", size, random.Random(i).randbytes(size[0] * size[1] * 3)).save(buf, "JPEG")
+        (tmp_path / "inbox" / f"p{i}.jpg").write_bytes(buf.getvalue())
+    daemon = Daemon(cfg)
+    holder.append(daemon)
+    await daemon.start()
+    try:
+        await wait_for(lambda: _count(daemon, "scored", len(sizes)), timeout=30)
+        assert det.tensor_passes                                     # the device path ran, and was switched under
+        assert not [r for r in caplog.records if "scoring a batch" in r.getMessage()]
+    finally:
+        await daemon.stop()
