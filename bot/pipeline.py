@@ -34,6 +34,8 @@ from storage.records import DOWNLOADED, FAILED, PENDING
 log = logging.getLogger("tastefeed.daemon")
 
 ACCEPTED_CONTENT_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
+SCORE_TRIES = 3             # a picture whose scoring raised this many times (alone) is marked failed
+SCORE_RETRY_SECONDS = 30.0  # wait before the next try, times the failures so far
 
 
 async def fetch_bytes(http: Http, row: dict, limit: int) -> bytes:
@@ -75,6 +77,7 @@ class Pipeline:
         self._in_download: set[int] = set()
         self._in_score: set[int] = set()
         self._retry_at: dict[int, float] = {}
+        self._score_failures: dict[int, int] = {}   # image id -> failed scoring tries (in a row)
         self._tasks: list[asyncio.Task] = []
 
     def start(self, analyzer: Analyzer, detection: DetectionPool | None = None) -> None:
@@ -196,14 +199,50 @@ class Pipeline:
                 batch.append(self.score_queue.get_nowait())
             try:
                 await self.score(batch)
+                for image_id in batch:
+                    self._score_failures.pop(image_id, None)
+                    self._retry_at.pop(image_id, None)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001
                 log.error("scoring a batch of %d failed: %s: %s", len(batch), type(e).__name__, e)
+                try:
+                    await self._after_failure(batch, e)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e2:  # noqa: BLE001 - the database itself failing, say: tried again later
+                    log.error("scoring the batch's pictures one by one failed too: %s: %s", type(e2).__name__, e2)
             finally:
                 for image_id in batch:
                     self._in_score.discard(image_id)
                 self._score_wake.set()
+
+    async def _after_failure(self, batch: list[int], error: Exception) -> None:
+        """A batch whose scoring raised: each picture is scored again alone, so that one bad
+        picture cannot hold back the others; one that fails alone waits ``SCORE_RETRY_SECONDS``
+        (times its failures) before its next try, and is marked failed, with the reason, at its
+        ``SCORE_TRIES``-th failure (not retried for ever: the feeder would take it again at once)."""
+        for image_id in batch:
+            if len(batch) > 1:
+                if self.stopping.is_set():
+                    return
+                try:
+                    await self.score([image_id])
+                    self._score_failures.pop(image_id, None)
+                    continue
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    error = e
+            tries = self._score_failures[image_id] = self._score_failures.get(image_id, 0) + 1
+            if tries >= SCORE_TRIES:
+                self._score_failures.pop(image_id, None)
+                reason = f"scoring failed {tries} times: {type(error).__name__}: {error}"
+                await self.store.mark_failed(image_id, reason)
+                log.warning("image %d: %s", image_id, reason)
+                self.stats["failed"] += 1
+            else:
+                self._retry_at[image_id] = time.monotonic() + SCORE_RETRY_SECONDS * tries
 
     async def _unreadable(self, image_id: int, e: Exception) -> None:
         await self.store.mark_failed(image_id, f"stored picture unreadable: {e}")

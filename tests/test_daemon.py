@@ -587,3 +587,52 @@ async def test_a_detector_switch_during_a_device_pass_leaves_no_batch_failed(tmp
         assert not [r for r in caplog.records if "scoring a batch" in r.getMessage()]
     finally:
         await daemon.stop()
+
+
+async def test_a_picture_whose_scoring_raises_is_failed_alone_after_its_tries(tmp_path, monkeypatch):
+    """One picture that makes scoring raise (a detector bug on it, say) fails its batch; the
+    others are scored one by one at once, and it is tried alone again later and marked failed,
+    with the reason, at its third failure, not taken again for ever."""
+    import io
+    import random
+
+    from PIL import Image
+
+    import bot.daemon
+    import bot.pipeline
+    import scorer.analyze
+    from tests.fake_detectors import Batched
+
+    sizes = [(200 + 10 * i, 150) for i in range(5)]
+    poison = sizes[2]
+
+    class Breaks(Batched):
+        def _detect(self, im, scale, size):
+            if size == poison:
+                raise RuntimeError("the detector broke on this picture")
+            return super()._detect(im, scale, size)
+
+    det = Breaks("batched", {s: [(20, 20, 80, 90, 0.9)] for s in sizes}, batch=8, min_size=1)
+    monkeypatch.setattr(scorer.analyze, "make_detector", lambda *a, **k: det)
+    monkeypatch.setattr(bot.daemon.DetectionPool, "from_config", classmethod(lambda cls, *a, **k: None))
+    monkeypatch.setattr(bot.pipeline, "SCORE_RETRY_SECONDS", 0.3)
+    cfg = make_config(tmp_path)
+    (tmp_path / "inbox").mkdir(exist_ok=True)
+    for i, size in enumerate(sizes):
+        buf = io.BytesIO()
+        Image.frombytes("RGB", size, random.Random(i).randbytes(size[0] * size[1] * 3)).save(buf, "PNG")
+        (tmp_path / "inbox" / f"p{i}.png").write_bytes(buf.getvalue())
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        await wait_for(lambda: _count(daemon, "failed", 1), timeout=30)
+        counts = await daemon.store.status_counts()
+        assert counts == {"scored": len(sizes) - 1, "failed": 1}
+        (bad,) = await daemon.store.execute("SELECT * FROM images WHERE status = 'failed'")
+        assert (bad["width"], bad["height"]) == poison
+        assert bad["error"] == "scoring failed 3 times: RuntimeError: the detector broke on this picture"
+        tries = det.seen.count(poison)
+        await asyncio.sleep(1.5)
+        assert det.seen.count(poison) == tries                      # no longer taken again
+    finally:
+        await daemon.stop()
