@@ -477,20 +477,37 @@ def test_a_look_at_the_lock_does_not_stop_a_daemon_from_starting(tmp_path):
     lock.release()
 
 
+def _in_process_daemon(tmp_path, monkeypatch, detector, sizes, fmt=lambda i: "PNG") -> Daemon:
+    """A daemon detecting in its own process with ``detector`` (as with yolo: no detection
+    workers), its inbox holding one distinct noise picture of each of ``sizes`` (``fmt(i)``: the
+    i-th picture's format)."""
+    import io
+    import random
+
+    from PIL import Image
+
+    import bot.daemon
+    import scorer.analyze
+
+    monkeypatch.setattr(scorer.analyze, "make_detector", lambda *a, **k: detector)
+    monkeypatch.setattr(bot.daemon.DetectionPool, "from_config", classmethod(lambda cls, *a, **k: None))
+    cfg = make_config(tmp_path)
+    (tmp_path / "inbox").mkdir(exist_ok=True)
+    for i, size in enumerate(sizes):
+        buf = io.BytesIO()
+        Image.frombytes("RGB", size, random.Random(i).randbytes(size[0] * size[1] * 3)).save(buf, fmt(i))
+        (tmp_path / "inbox" / f"p{i}.{fmt(i).lower()}").write_bytes(buf.getvalue())
+    return Daemon(cfg)
+
+
 @pytest.mark.parametrize("on_device", [False, True], ids=["pillow", "decoded-on-device"])
 async def test_without_detection_workers_pictures_are_detected_several_in_one_pass(tmp_path, monkeypatch, on_device):
     """The in-process path (yolo: no detection workers) hands the detector several pictures at a
     time (``Analyzer.detection_batch``), and each picture gets its own faces; with a detector on
     a GPU (``decode_device``; the CPU device here) the pictures are decoded onto it and detected
     and cropped there."""
-    import io
-    import random
     import threading
 
-    from PIL import Image
-
-    import bot.daemon
-    import scorer.analyze
     from tests.fake_detectors import Batched, OnDevice
 
     sizes = [(200 + 10 * i, 150) for i in range(7)]
@@ -516,16 +533,8 @@ async def test_without_detection_workers_pictures_are_detected_several_in_one_pa
                 time.sleep(1.5)
 
     det = Slow("batched", boxes, batch=4, min_size=1)
-    monkeypatch.setattr(scorer.analyze, "make_detector", lambda *a, **k: det)
-    monkeypatch.setattr(bot.daemon.DetectionPool, "from_config", classmethod(lambda cls, *a, **k: None))
-    cfg = make_config(tmp_path)
-    (tmp_path / "inbox").mkdir(exist_ok=True)
-    for i, size in enumerate(sizes):
-        buf = io.BytesIO()
-        fmt = "JPEG" if i % 2 else "PNG"    # the device path decodes JPEGs together, others with Pillow
-        Image.frombytes("RGB", size, random.Random(i).randbytes(size[0] * size[1] * 3)).save(buf, fmt)
-        (tmp_path / "inbox" / f"p{i}.{fmt.lower()}").write_bytes(buf.getvalue())
-    daemon = Daemon(cfg)
+    # the device path decodes JPEGs together, other formats with Pillow
+    daemon = _in_process_daemon(tmp_path, monkeypatch, det, sizes, lambda i: "JPEG" if i % 2 else "PNG")
     await daemon.start()
     try:
         assert daemon.detection is None
@@ -547,13 +556,6 @@ async def test_without_detection_workers_pictures_are_detected_several_in_one_pa
 async def test_a_detector_switch_during_a_device_pass_leaves_no_batch_failed(tmp_path, monkeypatch, caplog):
     """A batch decoded for a detector on a GPU keeps that detector when the owner switches to
     one that takes no decoded tensors meanwhile: nothing fails, every picture is scored."""
-    import io
-    import random
-
-    from PIL import Image
-
-    import bot.daemon
-    import scorer.analyze
     from tests.fake_detectors import OnDevice, Scripted
 
     sizes = [(200 + 10 * i, 150) for i in range(4)]
@@ -570,15 +572,7 @@ async def test_a_detector_switch_during_a_device_pass_leaves_no_batch_failed(tmp
 
     monkeypatch.setattr(bot.pipeline, "decode_on_device", decode_then_switch)
     det = OnDevice("batched", boxes, batch=4, min_size=1)
-    monkeypatch.setattr(scorer.analyze, "make_detector", lambda *a, **k: det)
-    monkeypatch.setattr(bot.daemon.DetectionPool, "from_config", classmethod(lambda cls, *a, **k: None))
-    cfg = make_config(tmp_path)
-    (tmp_path / "inbox").mkdir(exist_ok=True)
-    for i, size in enumerate(sizes):
-        buf = io.BytesIO()
-        Image.frombytes("RGB", size, random.Random(i).randbytes(size[0] * size[1] * 3)).save(buf, "JPEG")
-        (tmp_path / "inbox" / f"p{i}.jpg").write_bytes(buf.getvalue())
-    daemon = Daemon(cfg)
+    daemon = _in_process_daemon(tmp_path, monkeypatch, det, sizes, lambda i: "JPEG")
     holder.append(daemon)
     await daemon.start()
     try:
@@ -593,14 +587,7 @@ async def test_a_picture_whose_scoring_raises_is_failed_alone_after_its_tries(tm
     """One picture that makes scoring raise (a detector bug on it, say) fails its batch; the
     others are scored one by one at once, and it is tried alone again later and marked failed,
     with the reason, at its third failure, not taken again for ever."""
-    import io
-    import random
-
-    from PIL import Image
-
-    import bot.daemon
     import bot.pipeline
-    import scorer.analyze
     from tests.fake_detectors import Batched
 
     sizes = [(200 + 10 * i, 150) for i in range(5)]
@@ -613,16 +600,8 @@ async def test_a_picture_whose_scoring_raises_is_failed_alone_after_its_tries(tm
             return super()._detect(im, scale, size)
 
     det = Breaks("batched", {s: [(20, 20, 80, 90, 0.9)] for s in sizes}, batch=8, min_size=1)
-    monkeypatch.setattr(scorer.analyze, "make_detector", lambda *a, **k: det)
-    monkeypatch.setattr(bot.daemon.DetectionPool, "from_config", classmethod(lambda cls, *a, **k: None))
     monkeypatch.setattr(bot.pipeline, "SCORE_RETRY_SECONDS", 0.3)
-    cfg = make_config(tmp_path)
-    (tmp_path / "inbox").mkdir(exist_ok=True)
-    for i, size in enumerate(sizes):
-        buf = io.BytesIO()
-        Image.frombytes("RGB", size, random.Random(i).randbytes(size[0] * size[1] * 3)).save(buf, "PNG")
-        (tmp_path / "inbox" / f"p{i}.png").write_bytes(buf.getvalue())
-    daemon = Daemon(cfg)
+    daemon = _in_process_daemon(tmp_path, monkeypatch, det, sizes)
     await daemon.start()
     try:
         await wait_for(lambda: _count(daemon, "failed", 1), timeout=30)
