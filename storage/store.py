@@ -10,6 +10,8 @@ writer thread; the command line uses it directly, as a context manager that clos
 from __future__ import annotations
 
 import json
+import logging
+import sqlite3
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +30,7 @@ from storage.redetect import RedetectMethods
 from storage.records import (DOWNLOADED, DUPLICATE, FAILED, IMPORTING, NEAR_DUPLICATE, PENDING, SCORED,
                              SKIPPED, Face)
 
+log = logging.getLogger("tastefeed.store")
 
 # stored pictures (the bytes are in the media folder), as an SQL list
 _STORED = f"('{DOWNLOADED}', '{SCORED}', '{SKIPPED}')"
@@ -62,13 +65,18 @@ class Store(BoxMethods, CharacterMethods, ComparisonMethods, FeatureMethods, Ran
         self._phash_index: PhashIndex | None = None
         self._candidate_counts: dict = {}      # storage/ranking.py: counts kept until the database changes
         self._popularity_added: dict = {}      # storage/ranking.py: percentiles given one by one, per source
-        self.page_starts: dict = {}            # scorer/ranking.py feed_page: where feed pages start
+        self._page_starts: dict | None = None  # storage/ranking.py: where feed pages start (saved on close)
+        self._page_starts_changed = False
 
     @classmethod
     def open(cls, path: str | Path) -> "Store":
         return cls(open_db(path), Path(path))
 
     def close(self) -> None:
+        try:
+            self.save_page_starts()
+        except sqlite3.Error as e:     # a cache: losing it costs one slow page later, never the close
+            log.warning("could not keep the feed page starts: %s", e)
         self.db.close()
 
     def __enter__(self) -> "Store":
