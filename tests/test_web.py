@@ -68,6 +68,21 @@ async def test_beyond_loopback_every_request_needs_the_token_kept_in_a_strict_co
     assert store.current_label(image_id) == 4
 
 
+async def test_every_template_is_compiled_as_the_gallery_starts(tmp_path, gallery, monkeypatch):
+    """The first view of each page after a start does not compile its template (15-40 ms)."""
+    from bot.web import templates
+    templates.cache_clear()                       # as in a fresh process
+    cfg = web_config(tmp_path)
+    [image_id] = seed(cfg, [{"popularity": 1}])
+    client = await gallery(cfg)
+
+    def unread(*args):
+        raise AssertionError("a template was read after the start")
+    monkeypatch.setattr(templates().loader, "get_source", unread)
+    for path in ("/", f"/picture/{image_id}", "/rated", "/compare", "/boxes", "/model", "/sources", "/nowhere"):
+        assert (await client.get(path)).status in (200, 404), path
+
+
 async def test_cross_site_posts_and_foreign_hosts_are_refused(tmp_path, gallery):
     cfg = web_config(tmp_path)
     [image_id] = seed(cfg, [{"popularity": 1}])
