@@ -47,6 +47,8 @@ from scorer.ranking import Cursor, Feed, exploration_share, feed_page, is_cold, 
 from scorer.progress import read_progress
 from storage.media import thumbnail
 from storage.records import WHOLE, Face
+from storage.ranking import pack, unpack
+from storage.store import rated_key
 
 log = logging.getLogger("tastefeed.web")
 
@@ -107,14 +109,6 @@ def for_you(store, cfg: Config, page: int, size: int, character: str | None = No
             "page": page, "pages": pages, "next_after": next_after, **character_choices(store, character)}
 
 
-def for_you_ids(store, cfg: Config, page: int, size: int, character: str | None = None) -> list[int]:
-    """The ids on a page of For you, as :func:`for_you` lays it out (for the Picture page's
-    previous and next): the page alone, nothing more looked up."""
-    state = model_state(store, cfg)
-    feed = _feed(store, cfg, state, size, character)
-    return [row["id"] for row, _ in feed_page(store, feed, page, check_more=False)[0]]
-
-
 def _feed(store, cfg: Config, state: dict, size: int, character: str | None) -> Feed:
     return Feed(CHANNEL, "popularity" if state["cold"] else "score", "shuffled" if state["cold"] else "uncertain",
                 exploration_share(store, cfg.ranking, state["cold"]), size, character,
@@ -173,18 +167,36 @@ def picture_nav(store, cfg: Config, image_id: int, origin: Origin) -> dict:
     list's page, or None) and ``list`` (its name, "" for none)."""
     size = cfg.web.page_size
     if origin.name == "for-you":
-        steps = neighbours(image_id, origin.at, size, lambda n: for_you_ids(store, cfg, n, size,
-                                                                           origin.filters.get("character")))
+        feed = _feed(store, cfg, model_state(store, cfg), size, origin.filters.get("character"))
+        steps = neighbours(image_id, origin.at, size, lambda n: [  # the pages alone, as For you lays them out
+            row["id"] for row, _ in feed_page(store, feed, n, check_more=False)[0]])
     elif origin.name == "rated":
         value = origin.filters.get("rating")
         steps = neighbours(image_id, origin.at, size, lambda n: [r["id"] for r in store.rated(
             value=int(value) if value in tuple("12345") else None, source=origin.filters.get("source"),
-            character=origin.filters.get("character"), limit=size, offset=n * size)[0]])
+            character=origin.filters.get("character"), limit=size, offset=n * size, count=False)[0]])
     else:
         steps = tuple(Step(i, 0) if i is not None else None for i in store.adjacent_images(image_id))
     links = [f"/picture/{s.id}" + (f"?{urlencode(origin.query(s.at))}" if origin.name else "") if s else None
              for s in steps]
     return {"prev": links[0], "next": links[1], "back": origin.back(size), "list": origin.name}
+
+
+def rated_token(position: tuple[str, int]) -> str:
+    """A Rated row's position (``storage.store.rated_key``) as a short string for the address of
+    the page after it ("more →": keyset paging, so ratings given meanwhile do not shift it)."""
+    return pack(list(position))
+
+
+def rated_position(token: str) -> tuple[str, int] | None:
+    """The position of :func:`rated_token`, or None for anything malformed (the page is then read
+    by its number)."""
+    try:
+        at, label = unpack(token)
+    except (ValueError, TypeError):
+        return None
+    ok = isinstance(at, str) and isinstance(label, int) and not isinstance(label, bool) and abs(label) < 2 ** 62
+    return (at, label) if ok else None
 
 
 def train_hint(labels: int, min_labels: int) -> str:
@@ -469,9 +481,11 @@ class Gallery:
         character = request.query.get("character") or None
         size = self.cfg.web.page_size
         rows, total = await self.store.rated(value=int(value) if value else None, source=source,
-                                             character=character, limit=size, offset=page * size)
+                                             character=character, limit=size, offset=page * size,
+                                             after=rated_position(request.query.get("after", "")) if page else None)
         sources = [r["name"] for r in await self.store.list_sources()]
         return self.render("rated.html", request, cards=await self.store.call(_cards, rows), total=total,
+                           next_after=rated_token(rated_key(rows[-1])) if rows else "",
                            model_state=await self.store.call(model_state, self.cfg),
                            page=page, pages=max(1, math.ceil(total / size)), rating=value or "",
                            source=source or "", sources=sources,

@@ -29,7 +29,6 @@ popularity that ranks the picture) instead of the number.
 """
 from __future__ import annotations
 
-import base64
 import json
 import math
 import random
@@ -252,18 +251,18 @@ class Cursor:
 
     def token(self, feed: Feed) -> str:
         """The cursor as a short string for a page's address (valid for ``feed`` only)."""
-        raw = json.dumps([feed.tag, self.best, self.explore], separators=(",", ":")).encode()
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        from storage.ranking import pack
+        return pack([feed.tag, self.best, self.explore])
 
     @classmethod
     def from_token(cls, token: str, feed: Feed) -> "Cursor | None":
         """The cursor of :meth:`token`, or None for anything malformed or made for another feed
         (other orders, another model: after a training run, say), so the page falls back to the
         kept start of its number."""
-        from storage.ranking import ORDERS
+        from storage.ranking import ORDERS, unpack
 
         try:
-            tag, best, explore = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+            tag, best, explore = unpack(token)
             if tag != feed.tag:
                 return None
             parts = []

@@ -31,6 +31,8 @@ for by its number after a restart is not laid out from the first page).
 """
 from __future__ import annotations
 
+import base64
+import json
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -99,6 +101,19 @@ def key(order: str, row: dict) -> tuple:
     if order == "shuffled":
         return ((row["id"] * 2654435761) % SHUFFLE_MOD, row["id"])
     raise ValueError(f"unknown order {order!r}")
+
+
+def pack(value) -> str:
+    """A JSON value as a short string for a page's address (a keyset cursor)."""
+    return base64.urlsafe_b64encode(json.dumps(value, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def unpack(token: str):
+    """The value of :func:`pack`; ValueError for anything else."""
+    try:
+        return json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (TypeError, UnicodeDecodeError) as e:
+        raise ValueError(str(e)) from None
 
 
 POPULATION = f"status = '{SCORED}' AND duplicate_of IS NULL AND popularity IS NOT NULL"
@@ -263,21 +278,34 @@ class RankingMethods:
 
     def count_candidates(self, channel: str, character: str | None = None) -> int:
         """How many candidates there are on ``channel`` (of one character): kept until the
-        database changes."""
+        database changes. All of them are counted as the stored scored pictures (along their
+        index) less those posted on the channel or labelled: a few thousand lookups rather than
+        two for each of 100,000 pictures."""
+        def count() -> int:
+            if character:
+                base, params = self._candidates(channel, "score")
+                return self.db.execute(f"SELECT COUNT(*) {base} AND id IN ({PICTURES_OF_CHARACTER})",
+                                       [*params, character]).fetchone()[0]
+            return self.db.execute(
+                f"SELECT (SELECT COUNT(*) FROM images INDEXED BY images_rank_score WHERE {STORED_SCORED}) - "
+                f"(SELECT COUNT(*) FROM images WHERE {STORED_SCORED} AND id IN (SELECT image_id FROM posts "
+                "WHERE channel = ? AND status != 'failed' UNION SELECT image_id FROM labels WHERE removed_at IS NULL))",
+                [channel]).fetchone()[0]
+        return self.kept(("candidates", channel, character), count)
+
+    def kept(self, key: tuple, compute):
+        """``compute()``, kept under ``key`` until the database changes (this connection's writes
+        or another process's: SQLite's ``data_version``)."""
         version = (self.db.execute("PRAGMA data_version").fetchone()[0], self.db.conn.total_changes)
         cache = self._candidate_counts
-        hit = cache.get((channel, character))
+        hit = cache.get(key)
         if hit is not None and hit[0] == version:
             return hit[1]
-        base, params = self._candidates(channel, "score")
-        if character:
-            base += f" AND id IN ({PICTURES_OF_CHARACTER})"
-            params.append(character)
-        n = self.db.execute(f"SELECT COUNT(*) {base}", params).fetchone()[0]
+        value = compute()
         if len(cache) > 256:
             cache.clear()
-        cache[(channel, character)] = (version, n)
-        return n
+        cache[key] = (version, value)
+        return value
 
     # ---- where feed pages start ---------------------------------------------------------------
     def _kept_starts(self) -> dict[tuple[str, int], str]:

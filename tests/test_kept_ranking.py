@@ -217,6 +217,15 @@ def test_kept_counts_follow_this_connections_and_other_processes_changes(store):
         other.close()
     assert store.count_candidates("web") == 10
     assert store.count_candidates("discord") == 10
+    assert store.rating_spread() == 1.0                  # 4 and 2: kept, and following each change
+    store.add_label(ids[2], 4, origin="web")
+    assert store.rating_spread() == (8 / 9) ** 0.5
+    other = Store.open(store.path)
+    try:
+        other.add_label(ids[2], 5, origin="cli")         # its rating changed elsewhere: 4, 2, 5
+    finally:
+        other.close()
+    assert store.rating_spread() == (14 / 9) ** 0.5 and store.count_candidates("web") == 9
 
 
 def test_near_duplicate_lookup_finds_the_closest_like_a_full_comparison():
@@ -395,3 +404,19 @@ def test_page_starts_outlast_a_restart_and_showing_a_page_writes_nothing(store):
     finally:
         again.close()
         store.db = Store.open(store.path).db                     # (the fixture closes it)
+
+
+def test_rated_pages_after_a_position_are_the_pages_by_offset_even_with_ties_in_time(store):
+    from storage.store import rated_key
+    rnd = random.Random(16)
+    ids = add_scored(store, rnd, 60)
+    stamps = [now(), now(), "2026-01-01T00:00:00.000+00:00"]
+    with store.db.conn:                                  # many labels given at the same moment
+        store.db.conn.executemany("INSERT INTO labels (image_id, user, value, origin, created_at) VALUES "
+                                  "(?, 'owner', ?, 'web', ?)", [(i, 1 + i % 5, stamps[i % 3]) for i in ids])
+    for kw in ({}, {"value": 3}, {"source": "s1"}):
+        everything, total = store.rated(**kw, limit=100)
+        assert len(everything) == total > 0
+        for at in range(0, total - 1, 4):
+            rows, none = store.rated(**kw, limit=7, after=rated_key(everything[at]), count=False)
+            assert none is None and [r["id"] for r in rows] == [r["id"] for r in everything[at + 1:at + 8]], (kw, at)
