@@ -6,8 +6,9 @@ For each size, fills a temporary database with N scored pictures in 4 sources (o
 shared by all, distinct rows, one face each, a random perceptual hash), L labels and posts of 2%
 of them on Discord, serves the gallery on 127.0.0.1 and times each page (median and 95th
 percentile over --repeat requests, in milliseconds): *For you* (first, a middle and the last
-page; a Picture page opened from deep in it), *Rated*, *Compare*, *Model*, *Sources*,
-``/api/stats``; then Discord's pick of the next post (``scorer.ranking.pick`` with near-duplicate
+page; a Picture page opened from deep in it), *Rated* (page 1, one rating of one source, the
+last page by its number and from the "more →" link of the page before it; a Picture page opened
+from that page), *Compare*, *Model*, *Sources*, ``/api/stats``; then Discord's pick of the next post (``scorer.ranking.pick`` with near-duplicate
 skipping, as a posting cycle calls it) and the near-duplicate lookup of a new picture. Every
 figure is taken twice: with the model untrained (ranked by popularity percentile within each
 source, half the page exploration) and trained (by score, exploration from the most uncertain).
@@ -33,12 +34,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from bot.config import load_config
-from bot.web import Gallery
+from bot.web import Gallery, rated_token
 from scorer.ranking import pick
 from scorer.registry import ensure_active_model
 from storage import AsyncStore, Store
 from storage.media import ImageInfo, inspect, store_media
-from storage.store import now
+from storage.store import now, rated_key
 
 
 def fill(cfg, n: int, labels: int) -> str:
@@ -113,21 +114,31 @@ async def measure(cfg, n: int, labels: int, repeat: int) -> list[tuple[str, floa
     client = TestClient(TestServer(Gallery(cfg, store).app(), host="127.0.0.1"))
     await client.start_server()
     size = cfg.web.page_size
-    candidates = n - labels - len(range(labels + 1, n + 1, 50))
+    candidates = n - labels          # the gallery's (posts on Discord stay candidates there)
     last = max(1, -(-candidates // size))
     deep = (last - 1) * size
+    rated_last = (labels - 1) // size                 # Rated's last page, by number and from "more →"
+    with Store.open(cfg.db_path) as sync:
+        before_last = sync.rated(limit=1, offset=rated_last * size - 1, count=False)[0] if rated_last else []
+        first_last = sync.rated(limit=1, offset=rated_last * size, count=False)[0]
+    after = rated_token(rated_key(before_last[0])) if before_last else ""
+    rated_pic = f"/picture/{first_last[0]['id']}?from=rated&at={rated_last * size}" if first_last else "/rated"
     for name, path in [("For you, page 1", "/"), ("For you, page 2", "/?page=2"),
                        (f"For you, page {last // 2} (middle)", f"/?page={last // 2}"),
                        (f"For you, page {last} (the last)", f"/?page={last}"),
                        ("Picture opened from the last For you page", f"/picture/{n - 3}?from=for-you&at={deep}"),
                        ("Rated, page 1", "/rated"), ("Rated, rating 5 of one source", "/rated?rating=5&source=source1"),
+                       ("Rated, last page by number", f"/rated?page={rated_last + 1}"),
+                       ("Rated, last page from more →", f"/rated?page={rated_last + 1}&after={after}"),
+                       ("Picture opened from Rated's last page", rated_pic),
                        ("Compare", "/compare"), ("Model", "/model"), ("Sources", "/sources"),
                        ("/api/stats", "/api/stats")]:
         rows.append((name, *await timed(client, path, repeat)))
     await client.close()
     await store.close()
-    # The last page by its number right after a start: no page start kept yet, so it is laid
-    # out from the first page (reading only the orders' keys along their indexes).
+    # The last page by its number right after a start: laid out from the nearest page start the
+    # closed store saved (every eighth page's; none: from the first page, reading only the
+    # orders' keys along their indexes).
     times = []
     for _ in range(max(3, repeat // 4)):
         fresh = AsyncStore(cfg.db_path)

@@ -29,7 +29,6 @@ popularity that ranks the picture) instead of the number.
 """
 from __future__ import annotations
 
-import base64
 import json
 import math
 import random
@@ -232,6 +231,11 @@ class Feed:
         return exploration_slots(shown, self.share)
 
     @property
+    def key(self) -> str:
+        """The feed's identity as a string (where its page starts are kept)."""
+        return json.dumps([self.channel, self.size, self.character, self.best, self.explore, self.model])
+
+    @property
     def tag(self) -> str:
         """What a cursor of this feed is only valid for: its orders and the model that scored it."""
         return f"{self.best}/{self.explore}/{self.model}"
@@ -247,18 +251,18 @@ class Cursor:
 
     def token(self, feed: Feed) -> str:
         """The cursor as a short string for a page's address (valid for ``feed`` only)."""
-        raw = json.dumps([feed.tag, self.best, self.explore], separators=(",", ":")).encode()
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        from storage.ranking import pack
+        return pack([feed.tag, self.best, self.explore])
 
     @classmethod
     def from_token(cls, token: str, feed: Feed) -> "Cursor | None":
         """The cursor of :meth:`token`, or None for anything malformed or made for another feed
         (other orders, another model: after a training run, say), so the page falls back to the
         kept start of its number."""
-        from storage.ranking import ORDERS
+        from storage.ranking import ORDERS, unpack
 
         try:
-            tag, best, explore = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+            tag, best, explore = unpack(token)
             if tag != feed.tag:
                 return None
             parts = []
@@ -274,9 +278,6 @@ class Cursor:
             return cls(*parts)
         except (ValueError, TypeError, KeyError):
             return None
-
-
-PAGE_STARTS_KEPT = 4096   # page start cursors a store keeps (page numbers of feeds seen)
 
 
 def feed_page(store, feed: Feed, page: int, start: Cursor | None = None, *, check_more: bool = True
@@ -324,22 +325,23 @@ def _advance(feed: Feed, start: Cursor, placed: list[tuple[dict, bool]]) -> Curs
 
 
 def _keep(store, feed: Feed, page: int, cursor: Cursor) -> None:
-    kept = store.page_starts
-    if len(kept) >= PAGE_STARTS_KEPT:
-        kept.clear()
-    kept[(feed, page)] = cursor
+    store.keep_page_start(feed.key, page, cursor.token(feed))
 
 
 def _page_start(store, feed: Feed, page: int) -> Cursor:
-    """The kept cursor where page ``page`` starts; pages not seen yet are laid out from the
-    nearest kept page before it, reading only the orders' keys, and kept on the way."""
+    """The kept cursor where page ``page`` starts (kept in memory and, over a restart, in the
+    settings: ``Store.save_page_starts``); pages not seen yet are laid out from the nearest kept
+    page before it, reading only the orders' keys, and kept on the way."""
     if page == 0:
         return Cursor()
-    kept = store.page_starts
-    if (feed, page) in kept:
-        return kept[(feed, page)]
-    known = max((p for (f, p) in kept if f == feed and p < page), default=0)
-    cursor = kept.get((feed, known), Cursor())
+    token = store.kept_page_start(feed.key, page)
+    cursor = Cursor.from_token(token, feed) if token else None
+    if cursor is not None:
+        return cursor
+    known, token = store.nearest_page_start(feed.key, page)
+    cursor = Cursor.from_token(token, feed) if token else None
+    if cursor is None:
+        known, cursor = 0, Cursor()
     n = (page - known) * feed.size
     beyond = [(feed.best, cursor.best), (feed.explore, cursor.explore)]
     best = store.ranked_candidates(feed.channel, feed.best, n, character=feed.character, beyond=beyond, light=True)

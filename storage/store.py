@@ -10,6 +10,8 @@ writer thread; the command line uses it directly, as a context manager that clos
 from __future__ import annotations
 
 import json
+import logging
+import sqlite3
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,14 +25,23 @@ from storage.comparisons import ComparisonMethods
 from storage.db import open_db
 from storage.features import FeatureMethods
 from storage.media import ImageInfo, PhashIndex
-from storage.ranking import RankingMethods
+from storage.ranking import Order, RankingMethods
 from storage.redetect import RedetectMethods
 from storage.records import (DOWNLOADED, DUPLICATE, FAILED, IMPORTING, NEAR_DUPLICATE, PENDING, SCORED,
                              SKIPPED, Face)
 
+log = logging.getLogger("tastefeed.store")
 
 # stored pictures (the bytes are in the media folder), as an SQL list
 _STORED = f"('{DOWNLOADED}', '{SCORED}', '{SKIPPED}')"
+
+
+# Rated pictures, newest label first (Store.rated); a row's position in it is rated_key(row).
+RATED = Order(("labels.created_at", "labels.id"), desc=True)
+
+
+def rated_key(row: dict) -> tuple[str, int]:
+    return (row["labelled_at"], row["label_id"])
 
 
 def now() -> str:
@@ -60,15 +71,20 @@ class Store(BoxMethods, CharacterMethods, ComparisonMethods, FeatureMethods, Ran
         self.db = db
         self.path = path
         self._phash_index: PhashIndex | None = None
-        self._candidate_counts: dict = {}      # storage/ranking.py: counts kept until the database changes
+        self._candidate_counts: dict = {}      # storage/ranking.py kept(): counts kept until the database changes
         self._popularity_added: dict = {}      # storage/ranking.py: percentiles given one by one, per source
-        self.page_starts: dict = {}            # scorer/ranking.py feed_page: where feed pages start
+        self._page_starts: dict | None = None  # storage/ranking.py: where feed pages start (saved on close)
+        self._page_starts_changed = False
 
     @classmethod
     def open(cls, path: str | Path) -> "Store":
         return cls(open_db(path), Path(path))
 
     def close(self) -> None:
+        try:
+            self.save_page_starts()
+        except sqlite3.Error as e:     # a cache: losing it costs one slow page later, never the close
+            log.warning("could not keep the feed page starts: %s", e)
         self.db.close()
 
     def __enter__(self) -> "Store":
@@ -469,9 +485,12 @@ class Store(BoxMethods, CharacterMethods, ComparisonMethods, FeatureMethods, Ran
                 "LEFT JOIN sources ON sources.id = images.source_id WHERE " + _LATEST)
 
     def rated(self, *, value: int | None = None, source: str | None = None, character: str | None = None,
-              limit: int = 30, offset: int = 0) -> tuple[list[dict], int]:
+              limit: int = 30, offset: int = 0, after: tuple[str, int] | None = None,
+              count: bool = True) -> tuple[list[dict], int | None]:
         """Pictures with their current label, newest label first, optionally of one rating,
-        source or character (a face of it); returns (rows, total)."""
+        source or character (a face of it); returns (rows, total). ``after``: only those after
+        that position (a row's :func:`rated_key`: keyset paging, read along the labels' time
+        index, instead of ``offset``); ``count`` False: no total (None), only the rows."""
         where, params = "", []
         if character:
             where += f" AND images.id IN ({PICTURES_OF_CHARACTER})"
@@ -482,12 +501,14 @@ class Store(BoxMethods, CharacterMethods, ComparisonMethods, FeatureMethods, Ran
         if source:
             where += " AND sources.name = ?"
             params.append(source)
-        total = self.db.execute(f"SELECT COUNT(*) {self._CURRENT}{where}", params).fetchone()[0]
-        rows = [self._image_row(r) for r in self.db.query(
-            f"SELECT images.*, sources.name AS source_name, labels.id AS label_id, labels.value AS label, "
-            f"labels.origin AS label_origin, labels.created_at AS labelled_at {self._CURRENT}{where} "
-            f"ORDER BY labels.created_at DESC, labels.id DESC LIMIT ? OFFSET ?", [*params, limit, offset])]
-        return rows, total
+        total = self.db.execute(f"SELECT COUNT(*) {self._CURRENT}{where}", params).fetchone()[0] if count else None
+        select = (f"SELECT images.*, sources.name AS source_name, labels.id AS label_id, labels.value AS label, "
+                  f"labels.origin AS label_origin, labels.created_at AS labelled_at {self._CURRENT}{where}")
+        if after is None:
+            rows = self.db.query(f"{select} ORDER BY {RATED.sql()} LIMIT ? OFFSET ?", [*params, limit, offset])
+        else:
+            rows = self._along(select, params, RATED, after, limit)    # ties in time stepped over
+        return [self._image_row(r) for r in rows], total
 
     def label_count(self, since: str | None = None) -> int:
         """Labelled pictures (all labels, or labels written after ``since``); removed ones do not count."""
@@ -498,12 +519,15 @@ class Store(BoxMethods, CharacterMethods, ComparisonMethods, FeatureMethods, Ran
                                [since]).fetchone()[0]
 
     def rating_spread(self) -> float | None:
-        """The standard deviation of the latest ratings (None below two labelled pictures)."""
-        values = [r[0] for r in self.db.execute(f"SELECT labels.value FROM labels WHERE {self._LATEST}")]
-        if len(values) < 2:
-            return None
-        mean = sum(values) / len(values)
-        return (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+        """The standard deviation of the latest ratings (None below two labelled pictures); kept
+        until the database changes (every trained For you page asks: 13 ms with 10,000 ratings)."""
+        def spread() -> float | None:
+            values = [r[0] for r in self.db.execute(f"SELECT labels.value FROM labels WHERE {self._LATEST}")]
+            if len(values) < 2:
+                return None
+            mean = sum(values) / len(values)
+            return (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+        return self.kept(("rating spread",), spread)
 
     def training_rows(self) -> list[dict]:
         """Each labelled, analysed picture with its latest rating and its faces.

@@ -63,6 +63,21 @@ async def test_beyond_loopback_every_request_needs_the_token_kept_in_a_strict_co
     assert store.current_label(image_id) == 4
 
 
+async def test_every_template_is_compiled_as_the_gallery_starts(tmp_path, gallery, monkeypatch):
+    """The first view of each page after a start does not compile its template (15-40 ms)."""
+    from bot.web import templates
+    templates.cache_clear()                       # as in a fresh process
+    cfg = web_config(tmp_path)
+    [image_id] = seed(cfg, [{"popularity": 1}])
+    client = await gallery(cfg)
+
+    def unread(*args):
+        raise AssertionError("a template was read after the start")
+    monkeypatch.setattr(templates().loader, "get_source", unread)
+    for path in ("/", f"/picture/{image_id}", "/rated", "/compare", "/boxes", "/model", "/sources", "/nowhere"):
+        assert (await client.get(path)).status in (200, 404), path
+
+
 async def test_cross_site_posts_and_foreign_hosts_are_refused(tmp_path, gallery):
     cfg = web_config(tmp_path)
     [image_id] = seed(cfg, [{"popularity": 1}])
@@ -338,7 +353,27 @@ async def test_for_you_and_rated_filter_by_character_with_paging_and_cards_show_
     first, second = [await (await client.get(f"/rated?character=Miku&page={n}")).text() for n in (1, 2)]
     assert len(card_ids(first)) == 10 and len(card_ids(second)) == 3
     assert set(card_ids(first) + card_ids(second)) == set(miku_ids)
-    assert 'href="?page=2&amp;character=Miku"' in first
+    more = re.search(r'href="\?page=2&amp;character=Miku&amp;after=([\w-]+)">more', first)   # keyset: after the last card
+    assert more and card_ids(await (await client.get(f"/rated?page=2&character=Miku&after={more[1]}")).text()) == \
+        card_ids(second)
+
+
+async def test_rated_more_goes_on_after_the_last_card_while_pictures_are_rated(tmp_path, gallery):
+    cfg = web_config(tmp_path)
+    ids = seed(cfg, [{"popularity": p} for p in range(25)])
+    client = await gallery(cfg)
+    for i in ids[:20]:
+        await client.post(f"/rate/{i}", json={"value": 3}, headers=same_origin(client))
+    first = await (await client.get("/rated")).text()
+    assert card_ids(first) == list(reversed(ids[10:20]))
+    more = re.search(r'href="\?page=2&amp;after=([\w-]+)">more', first)
+    for i in ids[20:23]:                                  # rated meanwhile: they go on top
+        await client.post(f"/rate/{i}", json={"value": 4}, headers=same_origin(client))
+    assert card_ids(await (await client.get(f"/rated?page=2&after={more[1]}")).text()) == list(reversed(ids[:10]))
+    by_number = card_ids(await (await client.get("/rated?page=2")).text())      # (by number: shifted by 3)
+    assert by_number == list(reversed(ids[3:13]))
+    for bad in ("x", "W10", "WyJhIiwxLjVd", "WyJhIiwxXQ" * 3):                  # malformed: read by its number
+        assert card_ids(await (await client.get(f"/rated?page=2&after={bad}")).text()) == by_number, bad
 
 
 async def test_model_page_shows_the_identity_embedder_and_rolls_it_back(tmp_path, gallery):
