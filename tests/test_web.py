@@ -488,6 +488,7 @@ async def test_in_a_browser_pictures_in_the_inbox_are_rated_by_click_and_key_and
         (tmp_path / "inbox" / f"p{i:02d}.jpg").write_bytes(picture(300 + i, size=(180, 140)))
     config = write_config(tmp_path, f'data_dir = "{tmp_path / "data"}"\n[web]\nport = 0\n'
                                     '[ranking]\ncold_exploration = 0.0\n[train]\nmin_labels = 12\nval_share = 0.3\nepochs = 2\n'
+                                    'refit = false\n'   # only `train` below makes a model (a refit races it)
                                     '[scorer]\nimage_size = 32\nbackbone_size = 64\n')
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("DISCORD_TOKEN", None)
