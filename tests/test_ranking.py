@@ -163,7 +163,8 @@ def test_score_says_the_model_is_not_trained_and_json_keeps_the_number_marked(tm
         with store.db.conn:
             store.db.execute("UPDATE models SET metrics = ?", ['{"val": {"pearson": 0.5}}'])
     out = cli(tmp_path, "score", "a.jpg")
-    assert re.match(r"a\.jpg: no face, score \d\.\d\d \(whole picture\)\n$", out.stdout), out.stdout
+    assert re.match(r"a\.jpg: no face, score \d\.\d\d \(whole picture\)\n"
+                    r"faces found by the detector animeface \(configured in \[detector\]\)\n$", out.stdout), out.stdout
     assert json.loads(cli(tmp_path, "score", "--json", "a.jpg").stdout)[0]["trained"] is True
 
 
