@@ -296,6 +296,9 @@ def yolo_class(config_dir: str | Path):
     except ImportError as e:
         raise DetectorError(f'cannot import ultralytics for the yolo detector: {e} '
                             '(reinstall it: pip install -e ".[yolo]")') from None
+    quiet = logging.getLogger("ultralytics")        # imported quiet (YOLO_VERBOSE: errors only): warnings count
+    for handler in (quiet, *quiet.handlers):
+        handler.setLevel(logging.WARNING)
     _unpatch_pillow()
     return YOLO
 
@@ -320,6 +323,9 @@ def prepare_ultralytics(config_dir: str | Path) -> None:
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_AUTOINSTALL", "0")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir))
+    # quiet at import: its first import in a data folder printed "Creating new Ultralytics Settings
+    # ... file ✅" and how to use its own `yolo settings` command into the daemon's log
+    os.environ.setdefault("YOLO_VERBOSE", "False")
     settings = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics"
     settings.mkdir(parents=True, exist_ok=True)
     # ultralytics fetches Arial fonts for its plots when they are missing; any TTF will do.

@@ -255,9 +255,12 @@ class Scorer:
         if head is not None:
             missing = {b: s for b, s in head.sources.items() if self.extractor.sources.get(b) != s}
             if missing:
+                now = sorted(s for s in (self.extractor.sources.get(b) for b in missing) if s)
                 log.warning("model %s: its taste head was fitted on %s, which this configuration does not "
-                            "compute; scoring with the network alone until the head is refitted", version,
-                            ", ".join(sorted(missing.values())))
+                            "compute (it computes %s: detector.margin or the [scorer] backbone changed); "
+                            "scoring with the network alone until the head is refitted: python main.py train "
+                            "(or the daemon's next refit, after a new rating)", version,
+                            ", ".join(sorted(missing.values())), ", ".join(now) or "none of them")
                 self.head = None
 
     @classmethod

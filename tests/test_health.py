@@ -9,6 +9,7 @@ import os
 import re
 import sqlite3
 import time
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -90,6 +91,20 @@ async def _healthz(url: str, **headers) -> tuple[int, dict]:
             return resp.status, await resp.json()
 
 
+REPORT_KEYS = ["status", "reasons", "loop_lag_ms", "queues", "pending", "downloaded", "failed", "last_scored_at",
+               "sources", "discord", "disk_free_gb", "downloads_paused", "model", "detector", "to_detect_again",
+               "uptime_s"]
+
+
+def test_the_readme_explains_every_field_of_the_report():
+    """The README's Health table names each /healthz field (`detector` and `to_detect_again` were missing)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Health\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    named = {name for row in rows for name in re.findall(r"`([a-z_]+)`", row)}
+    assert set(REPORT_KEYS) <= named, sorted(set(REPORT_KEYS) - named)
+
+
 async def test_healthz_of_a_running_daemon_ok_degraded_and_failing(tmp_path, monkeypatch):
     cfg = make_config(tmp_path, WEB)
     daemon = Daemon(cfg)
@@ -102,9 +117,7 @@ async def test_healthz_of_a_running_daemon_ok_degraded_and_failing(tmp_path, mon
             return (status, report) if report["last_scored_at"] else None
         status, report = await wait_for(scored)
         assert status == 200 and report["status"] == "ok" and report["reasons"] == []
-        assert list(report) == ["status", "reasons", "loop_lag_ms", "queues", "pending", "downloaded", "failed",
-                                "last_scored_at", "sources", "discord", "disk_free_gb", "downloads_paused",
-                                "model", "detector", "to_detect_again", "uptime_s"]
+        assert list(report) == REPORT_KEYS
         assert report["detector"] == "animeface" and report["to_detect_again"] == 0
         assert report["loop_lag_ms"]["samples"] > 0 and report["queues"] == {"download": 0, "score": 0}
         assert (report["pending"], report["failed"], report["discord"]) == (0, 0, "off")

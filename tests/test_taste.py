@@ -125,7 +125,7 @@ def test_features_are_computed_once_per_face_and_source(tmp_path, monkeypatch):
 
 
 def test_crop_features_of_another_margin_are_cached_apart_and_a_head_fitted_at_the_old_one_waits(tmp_path,
-                                                                                                  monkeypatch):
+                                                                                                  monkeypatch, caplog):
     """detector.margin changes the crops: their features are cached under other sources (the
     whole-picture block, which does not depend on it, is shared), a head fitted at the old margin
     is left out, and the daemon's retiring drops the old margin's vectors."""
@@ -168,6 +168,9 @@ def test_crop_features_of_another_margin_are_cached_apart_and_a_head_fitted_at_t
                   backbone=plain.extractor.backbone, head=fitted)
         assert Scorer(plain.net, margin=0.2, **kw).head is fitted
         assert Scorer(plain.net, margin=0.5, **kw).head is None                   # fitted on other crops: left out
+        said = caplog.text                                                          # why, and how to refit
+        assert f"computes {', '.join(sorted([b['backbone'], b['colour']]))}: detector.margin" in said, said
+        assert "until the head is refitted: python main.py train" in said, said
         gone = store.retire_feature_sources(set(b.values()))
         assert set(gone) == {a["backbone"], a["colour"], a["net"]}
         assert set(store.feature_counts()) == set(b.values())

@@ -220,3 +220,23 @@ def test_yolo_onnx_exported_at_its_own_size_runs_on_the_device_path(tiny_weights
     for t, faces in zip(pictures, found):
         assert all(0 <= f.x1 <= f.x2 <= t.shape[2] and 0 <= f.y1 <= f.y2 <= t.shape[1] for f in faces)
     assert len(det.detect_tensors(pictures)) == 2
+
+
+@pytest.mark.slow
+def test_the_first_yolo_import_in_a_data_folder_prints_no_ultralytics_settings_banner(tmp_path):
+    """ultralytics' first import with a new config folder printed 'Creating new Ultralytics Settings
+    ... file' and advice about its own `yolo settings` command into the daemon's log; its warnings
+    still show."""
+    import subprocess
+
+    pytest.importorskip("ultralytics", reason="the yolo extra is not installed (pip install -e \".[yolo]\")")
+    code = ("import logging; from scorer.detect import yolo_class; yolo_class(r'%s'); "
+            "logging.getLogger('ultralytics').warning('a warning of its own')" % (tmp_path / "ultralytics"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("YOLO_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    said = out.stdout + out.stderr
+    assert (tmp_path / "ultralytics" / "Ultralytics" / "settings.json").exists()   # the file is still made
+    assert "Ultralytics Settings" not in said and "yolo settings" not in said, said
+    assert "a warning of its own" in said, said
