@@ -9,6 +9,11 @@ goes through the same promotion check as a full training run (never worse on the
 validation split); when it is promoted, the model watcher switches to it at once and rescores
 the unposted pictures from their cached features, so the next pick reflects the reaction.
 
+A model whose taste head was set aside at load (fitted on features the configuration no longer
+computes: ``detector.margin`` or the feature backbone changed) gets a refit at once, without
+waiting for a new label, so the daemon does not score with the network alone until the next
+rating.
+
 A refit waits while a full training run holds ``train.lock`` (it takes its turn after). A kill
 at any point loses nothing: the model file is written under a temporary name and registered in
 one transaction, after which the model is complete.
@@ -38,6 +43,7 @@ class Learner:
         self.last: dict | None = None  # the last refit's outcome, for /stats and the Model page
         self._task: asyncio.Task | None = None
         self._failed_at = 0.0
+        self._left_out_tried: str | None = None   # the model whose left-out head a refit was started for
         stats.setdefault("refits", 0)
 
     async def start(self, scheduler) -> None:
@@ -62,6 +68,14 @@ class Learner:
         except Exception as e:  # noqa: BLE001
             log.error("cannot count new labels: %s", e)
             return False
+        scorer = getattr(self.models.analyzer, "scorer", None)
+        left_out = bool(getattr(scorer, "head_left_out", None)) and scorer.version != self._left_out_tried
+        if left_out:     # its head was fitted on features this configuration no longer computes
+            self._left_out_tried = scorer.version      # (detector.margin, the backbone): once per model
+            log.info("model %s: its taste head is left out (fitted on %s): refitting it on the labels so far",
+                     scorer.version, ", ".join(scorer.head_left_out))
+            self._task = asyncio.create_task(self.refit(newest or self.mark, new), name="refit-head")
+            return True
         if not new:
             return False
         age = _age_seconds(newest)

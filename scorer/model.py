@@ -249,6 +249,7 @@ class Scorer:
         self.network_version = network_version or version
         self.network_file: str | None = None     # the model file holding the network's weights
         self.head = head
+        self.head_left_out: list[str] = []    # the sources of a head set aside (fitted on other features)
         self.extractor = FeatureExtractor(backbone, whole, self.network_crops, self.network_version,
                                           embedder if head is not None and "identity" in head.sources else None,
                                           margin=margin)
@@ -259,9 +260,9 @@ class Scorer:
                 log.warning("model %s: its taste head was fitted on %s, which this configuration does not "
                             "compute (it computes %s: detector.margin or the [scorer] backbone changed); "
                             "scoring with the network alone until the head is refitted: python main.py train "
-                            "(or the daemon's next refit, after a new rating)", version,
+                            "(a running daemon refits it by itself)", version,
                             ", ".join(sorted(missing.values())), ", ".join(now) or "none of them")
-                self.head = None
+                self.head, self.head_left_out = None, sorted(missing.values())
 
     @classmethod
     def load(cls, path: str | Path, *, backbone=None, whole: bool = True, **kw) -> "Scorer":

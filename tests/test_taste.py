@@ -425,3 +425,37 @@ def test_models_use_loads_a_head_at_the_configured_margin_without_saying_it_is_l
                              margin=cfg.detector.margin)["active"] == 1
         assert not [r for r in caplog.records if "taste head" in r.getMessage()]
         assert load_scorer(store.active_model(), cfg.scorer, cfg.models_path, margin=0.3).head is not None
+
+
+async def test_a_head_left_out_after_a_margin_change_is_refitted_by_the_daemon_without_a_new_rating(tmp_path):
+    """detector.margin changed since the head was fitted: the daemon loads the model with its head
+    set aside and refits it at once on the labels so far (not at the next rating), then scores
+    with the new head."""
+    from bot.learning import MARK, new_feedback
+
+    cfg = taste_config(tmp_path)
+    import_rated(cfg, tmp_path, 16)
+    with Store.open(cfg.db_path) as store:    # a head fitted at the default margin, every label seen
+        before = train(cfg, store).version
+        store.set_setting(MARK, new_feedback(store, None)[1])
+    cfg = taste_config(tmp_path, "[detector]\nmargin = 0.3\n")
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        assert daemon.analyzer.scorer.version == before and daemon.analyzer.scorer.head is None
+
+        async def refitted():
+            row = await daemon.store.active_model()
+            return row["version"] if row["version"] != before else None
+        version = await wait_for(refitted, timeout=60)
+        await wait_for(lambda: _async(daemon.analyzer.scorer.version == version), timeout=30)
+        scorer = daemon.analyzer.scorer
+        assert scorer.head is not None and not scorer.head_left_out
+        assert all(s.endswith("@m30") for b, s in scorer.head.sources.items() if b in ("backbone", "colour"))
+        assert daemon.stats["refits"] == 1
+    finally:
+        await daemon.stop()
+
+
+async def _async(value):
+    return value
