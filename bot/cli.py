@@ -346,8 +346,8 @@ def _doctor_checks(cfg, opened: contextlib.ExitStack) -> list[tuple[str, bool, s
         det = make_detector(effective_detector(cfg.detector, cfg.paths),
                             Path(tempfile.gettempdir()) / "tastefeed" if fresh else cfg.data_path)
         det.detect(Image.new("RGB", (64, 64), "white"))
-        in_use = tag(cfg.paths)
-        checks.append(("detector", True, cfg.detector.name if in_use == "config" else f"{in_use} (yolo; "
+        in_use = tag(cfg.paths, cfg.detector)
+        checks.append(("detector", True, cfg.detector.name if not in_use.startswith("own:") else f"{in_use} (yolo; "
                        f"configured: {cfg.detector.name})"))
     except Exception as e:  # noqa: BLE001
         checks.append(("detector", False, str(e)))

@@ -114,7 +114,9 @@ class Daemon:
         for name in await self.store.call(sync_config_sources, self.cfg):
             log.info("source %s: removed (no longer in the config)", name)
         threads.apply(self.cfg.scorer.threads)
-        tag = own_detector.tag(self.cfg.paths)             # the owner's own detector, or the configured one
+        tag = own_detector.tag(self.cfg.paths, self.cfg.detector)   # the owner's own detector, or the configured one
+        if tag.startswith(own_detector.CONFIG):            # pictures stored before the configured one was named
+            await self.store.call(lambda s: s.adopt_detector_tag(tag))
         detector = own_detector.effective_detector(self.cfg.detector, self.cfg.paths)
         self.analyzer = await self.store.call(lambda s: build_analyzer(s, self.cfg.detector, self.cfg.scorer, self.cfg.paths))
         if detector.name != "yolo":   # yolo releases the GIL: it detects in the scoring thread

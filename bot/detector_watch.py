@@ -65,7 +65,7 @@ class DetectorWatcher:
     # ---- the switch ----------------------------------------------------------------------
     async def check(self) -> bool:
         """Switch to the detector in use if it changed; True when it did."""
-        tag = await asyncio.to_thread(own_detector.tag, self.cfg.paths)
+        tag = await asyncio.to_thread(own_detector.tag, self.cfg.paths, self.cfg.detector)
         if tag in (self.tag, self._failed) or self.stopping.is_set():
             return False
         dcfg = own_detector.effective_detector(self.cfg.detector, self.cfg.paths)

@@ -220,7 +220,7 @@ def _read(cfg: Config) -> tuple[dict, str | None]:
     from scorer.own_detector import tag
 
     try:
-        return read_database(cfg.db_path, tag(cfg.paths)), None
+        return read_database(cfg.db_path, tag(cfg.paths, cfg.detector)), None
     except Exception as e:  # noqa: BLE001 - whatever keeps the database from being read is "failing"
         return {}, _one_line(e)
 

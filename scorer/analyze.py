@@ -165,7 +165,7 @@ def build_analyzer(store, detector: DetectorConfig, scorer: ScorerConfig, paths:
     None where nothing may be written (``score`` before any data folder exists): then the
     untrained model is kept in memory. The detector is the one in use: the owner's own active
     version in place of the configured one (scorer/own_detector.py). It comes first: it fails faster."""
-    tag = own_detector_tag(paths)
+    tag = own_detector_tag(paths, detector)
     detector = effective_detector(detector, paths)
     if store is None:
         found = make_detector(detector, Path(tempfile.gettempdir()) / "tastefeed")

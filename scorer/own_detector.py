@@ -25,7 +25,7 @@ WEIGHTS = "weights.pt"
 METRICS = "metrics.json"
 ACTIVE = "ACTIVE"
 PREFIX = "own:"        # detector names of own versions in proposals and reports: "own:VERSION"
-CONFIG = "config"      # images.detector_version of pictures detected by the configured detector
+CONFIG = "config"      # images.detector_version before the configured detector was named (see tag)
 
 
 def versions(paths: DataPaths) -> list[str]:
@@ -109,9 +109,15 @@ def unusable_reason(paths: DataPaths, version: str) -> str | None:
     return None
 
 
-def tag(paths: DataPaths) -> str:
+def tag(paths: DataPaths, detector: DetectorConfig) -> str:
     """What the detector in use is called in ``images.detector_version`` (migration m011): the
-    active own version as ``own:VERSION``, or ``config`` for the configured detector."""
+    active own version as ``own:VERSION``, else the configured ``detector`` as ``config:NAME``
+    (``config:yolo:FILE`` with its weights file's name), so that changing ``detector.name`` (or
+    the yolo weights) in the config is a switch too. Pictures stored before the configured
+    detector was named carry ``config`` (or NULL): the daemon takes them as detected by the
+    configured detector it starts with (``Store.adopt_detector_tag``)."""
     version = active_version(paths)
-    return PREFIX + version if version else CONFIG
+    if version:
+        return PREFIX + version
+    return f"{CONFIG}:{detector.name}" + (f":{Path(detector.weights).name}" if detector.name == "yolo" else "")
 

@@ -1,9 +1,11 @@
 """Detecting stored pictures again after a detector switch (``images.detector_version``, m011).
 
 Each scored picture records the detector that found its faces: ``own:VERSION`` for the owner's
-own detector, ``config`` (or NULL, from before m011) for the configured one. When another
-detector comes into use (``detector use``, a promotion), the pictures found by a different one
-are *candidates*: the daemon detects them again (bot/detector_watch.py) and stores the new faces
+own detector, ``config:NAME`` for the configured one (``scorer/own_detector.py`` ``tag``;
+``config`` or NULL from before it was named, which :meth:`RedetectMethods.adopt_detector_tag`
+renames at the daemon's start). When another detector comes into use (``detector use``, a
+promotion, or another ``detector.name`` in the config at a restart), the pictures found by a
+different one are *candidates*: the daemon detects them again (bot/detector_watch.py) and stores the new faces
 with :meth:`RedetectMethods.record_redetection`, which marks them for rescoring. The column makes
 the work resumable: a restart finds the pictures still to do.
 
@@ -40,6 +42,14 @@ class RedetectMethods:
         return [dict(r) for r in self.db.query(
             f"SELECT id, media_path {_CANDIDATES} AND id > ? ORDER BY id LIMIT ?",
             [CONFIG, tag, int(after_id), int(limit)])]
+
+    def adopt_detector_tag(self, tag: str) -> int:
+        """Name the detector of the scored pictures stored before configured detectors were named
+        (``config`` or NULL): ``tag``, the configured detector the daemon starts with (the best
+        guess: nothing said it changed). Returns how many were named."""
+        with self.db.conn:
+            return self.db.execute(f"UPDATE images SET detector_version = ? WHERE status = '{SCORED}' "
+                                   "AND COALESCE(detector_version, ?) = ?", [tag, CONFIG, CONFIG]).rowcount
 
     def count_redetect_candidates(self, tag: str) -> int:
         return self.db.execute(f"SELECT COUNT(*) {_CANDIDATES}", [CONFIG, tag]).fetchone()[0]

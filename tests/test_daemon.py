@@ -615,3 +615,34 @@ async def test_a_picture_whose_scoring_raises_is_failed_alone_after_its_tries(tm
         assert det.seen.count(poison) == tries                      # no longer taken again
     finally:
         await daemon.stop()
+
+
+async def test_another_configured_detector_at_a_restart_detects_the_stored_pictures_again(tmp_path, caplog):
+    """detector.name changed in the config between two runs: the stored pictures found by the
+    old one are detected again with the new one (as after `detector use`)."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    cfg = make_config(tmp_path, '[detector]\nname = "opencv"\n')
+    (tmp_path / "inbox").mkdir(exist_ok=True)
+    for i in range(3):
+        (tmp_path / "inbox" / f"p{i}.jpg").write_bytes(picture(700 + i))
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        await wait_for(lambda: _count(daemon, "scored", 3), timeout=30)
+    finally:
+        await daemon.stop()
+    tags = {r["detector_version"] for r in Store.open(cfg.db_path).execute("SELECT detector_version FROM images")}
+    assert tags == {"config:opencv"}
+    cfg = make_config(tmp_path, '[detector]\nname = "animeface"\n')
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        async def redone():
+            rows = await daemon.store.execute("SELECT detector_version FROM images")
+            return {r["detector_version"] for r in rows} == {"config:animeface"}
+        await wait_for(redone, timeout=60)
+        assert "re-detecting 3 stored picture(s) with detector config:animeface" in caplog.text
+    finally:
+        await daemon.stop()

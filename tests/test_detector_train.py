@@ -191,6 +191,8 @@ def test_train_with_too_few_verified_pictures_says_how_to_get_them(tmp_path):
 
 
 def test_detector_use_and_list(tmp_path):
+    from dataclasses import replace
+
     from scorer import own_detector
     from tests.helpers import cli, make_config
 
@@ -212,11 +214,13 @@ def test_detector_use_and_list(tmp_path):
     assert cli(tmp_path, "detector", "list").stdout.splitlines()[1].startswith("* d20260101-000000")
     eff = own_detector.effective_detector(cfg.detector, cfg.paths)
     assert eff.name == "yolo" and eff.min_confidence == 0.3 and eff.weights.endswith("d20260101-000000/weights.pt")
-    assert own_detector.tag(cfg.paths) == "own:d20260101-000000"
+    assert own_detector.tag(cfg.paths, cfg.detector) == "own:d20260101-000000"
     doctor = [line for line in cli(tmp_path, "doctor").stdout.splitlines() if line.startswith("detector")]
     assert len(doctor) == 1 and "FAIL" in doctor[0] and "d20260101-000000" in doctor[0]   # checks the one in use
     assert cli(tmp_path, "detector", "use", "config").returncode == 0
-    assert own_detector.active_version(cfg.paths) is None and own_detector.tag(cfg.paths) == "config"
+    assert own_detector.active_version(cfg.paths) is None
+    assert own_detector.tag(cfg.paths, cfg.detector) == f"config:{cfg.detector.name}"
+    assert own_detector.tag(cfg.paths, replace(cfg.detector, name="yolo", weights="/w/best.pt")) == "config:yolo:best.pt"
     # A version that finds almost nothing right is refused (its boxes would replace every face)
     weak = cfg.paths.detectors / "d20260102-000000"
     weak.mkdir()
@@ -291,6 +295,15 @@ def test_redetection_replaces_faces_keeps_labels_and_names_and_marks_for_rescori
         store.mark_redetected(b, "own:v1")
         assert store.count_redetect_candidates("own:v1") == 0
         assert store.count_redetect_candidates("config") == 2            # switching back: a and b again
+        # Pictures stored before the configured detector was named are adopted by the one a
+        # daemon starts with; another configured detector then finds them candidates.
+        with store.db.conn:
+            store.db.execute("UPDATE images SET detector_version = NULL WHERE id = ?", [a])
+            store.db.execute("UPDATE images SET detector_version = 'config' WHERE id = ?", [b])
+        assert store.adopt_detector_tag("config:animeface") == 4          # a, b, and c and d (never candidates)
+        assert store.count_redetect_candidates("config:animeface") == 0
+        assert [r["id"] for r in store.redetect_candidates("config:lbp", 10)] == [a, b]
+        assert store.adopt_detector_tag("config:lbp") == 0               # nothing left unnamed
 
 
 # ---- training (slow: a tiny YOLO on synthetic faces) --------------------------------------------
