@@ -152,7 +152,7 @@ class DetectorWatcher:
             if time.monotonic() - said >= PROGRESS_SECONDS:
                 said = time.monotonic()
                 log.info("re-detecting with detector %s: %d/%d pictures", tag, seen, max(total, seen))
-            await self.models.check_model()     # rescore what was detected again
+            await self.models.check_model(quiet=True)     # rescore what was detected again (its count: debug)
         seconds = time.monotonic() - started
         if finished:
             log.info("re-detection with detector %s done: %d picture(s) detected again, %d skipped, in %.0f s; "

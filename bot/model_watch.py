@@ -92,8 +92,10 @@ class ModelWatcher:
             await self.retrain(f"{new} new label(s) since the last training")
 
     # ---- switching and rescoring -----------------------------------------------------------
-    async def check_model(self) -> None:
-        """Switch to the active model if it changed (a promotion or `models use`), then rescore."""
+    async def check_model(self, *, quiet: bool = False) -> None:
+        """Switch to the active model if it changed (a promotion or `models use`), then rescore;
+        ``quiet``: the rescore's count goes to the debug log (re-detection calls this after each
+        few pictures and says how far it is itself)."""
         try:
             row = await self.store.active_model()
         except Exception as e:  # noqa: BLE001
@@ -114,7 +116,7 @@ class ModelWatcher:
         if self._retired_for != self.analyzer.scorer.version:
             await self.retire_features()
         if self._rescore_task is None or self._rescore_task.done():
-            self._rescore_task = asyncio.create_task(self.rescore(), name="rescore")
+            self._rescore_task = asyncio.create_task(self.rescore(quiet=quiet), name="rescore")
 
     async def retire_features(self) -> None:
         """Drop cached vectors the current model's extractor no longer computes (a replaced
@@ -131,7 +133,7 @@ class ModelWatcher:
             log.info("dropped cached features of retired models: %s",
                      ", ".join(f"{source} ({n})" for source, n in sorted(gone.items())))
 
-    async def rescore(self) -> int:
+    async def rescore(self, *, quiet: bool = False) -> int:
         """Rescore unposted pictures with the current model, in batches, until none is left."""
         scorer = self.analyzer.scorer
         done = 0
@@ -151,5 +153,6 @@ class ModelWatcher:
         except Exception as e:  # noqa: BLE001
             log.error("rescoring stopped: %s: %s", type(e).__name__, e)
         if done:
-            log.info("rescored %d picture(s) with model %s", done, scorer.version)
+            log.log(logging.DEBUG if quiet else logging.INFO, "rescored %d picture(s) with model %s",
+                    done, scorer.version)
         return done

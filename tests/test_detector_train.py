@@ -541,8 +541,8 @@ async def test_detecting_stored_pictures_again_logs_its_progress_and_the_counts(
     def said():
         return [r.getMessage() for r in caplog.records if r.name == "tastefeed.daemon"]
 
-    async def check_model():
-        rescored.append(1)
+    async def check_model(**kw):
+        rescored.append(kw)
 
     def detect(im):
         return [Face(5, 5, 40, 40, 0.8, "yolo")]
@@ -564,7 +564,7 @@ async def test_detecting_stored_pictures_again_logs_its_progress_and_the_counts(
         assert progress == [f"re-detecting with detector own:v2: {n}/5 pictures" for n in (2, 4, 5)]
         assert lines[-1].startswith("re-detection with detector own:v2 done: 4 picture(s) detected again, "
                                     "1 skipped, in ")
-        assert len(rescored) == 3 and await store.count_redetect_candidates("own:v2") == 0
+        assert rescored == [{"quiet": True}] * 3 and await store.count_redetect_candidates("own:v2") == 0
         caplog.clear()
         monkeypatch.setattr(detector_watch, "PROGRESS_SECONDS", 3600)   # the default rate: no line per batch
         watcher.tag = "config"
