@@ -100,8 +100,10 @@ class Learner:
             else:                    # the same labels are tried again after a pause
                 log.error("taste head refit failed: %s: %s (retrying in %d s)", type(e).__name__, e, RETRY_SECONDS)
                 self._failed_at = time.monotonic()
+                self._left_out_tried = None   # a left-out head too
             return None
         if outcome is None:      # a training run holds the lock: try again at the next check
+            self._left_out_tried = None       # (a left-out head too, not only at the next rating)
             return None
         self.mark = newest
         await self.store.set_setting(MARK, newest)

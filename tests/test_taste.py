@@ -459,3 +459,32 @@ async def test_a_head_left_out_after_a_margin_change_is_refitted_by_the_daemon_w
 
 async def _async(value):
     return value
+
+
+async def test_a_left_out_head_whose_refit_waited_for_a_training_run_is_refitted_after_it(monkeypatch):
+    """The refit for a left-out head found train.lock held (a training run): it is tried again at
+    the next check, not only after the next rating."""
+    import asyncio
+    import types
+
+    import bot.learning
+
+    calls = []
+    monkeypatch.setattr(bot.learning, "refit_head", lambda cfg: calls.append(cfg))   # None: the lock is held
+
+    class FakeStore:
+        async def call(self, fn, *args):
+            return 0, None                   # no new label
+
+        async def set_setting(self, key, value):
+            pass
+
+    scorer = types.SimpleNamespace(version="v1", head_left_out=["colour@m20"])
+    models = types.SimpleNamespace(analyzer=types.SimpleNamespace(scorer=scorer),
+                                   retrainer=types.SimpleNamespace(running=False))
+    learner = bot.learning.Learner(types.SimpleNamespace(), FakeStore(), models, asyncio.Event(), {})
+    assert await learner.check()
+    await learner._task
+    assert await learner.check()             # the lock is free now: tried again
+    await learner._task
+    assert len(calls) == 2
