@@ -113,6 +113,7 @@ class ModelWatcher:
                 return
             self.analyzer.scorer = scorer
             log.info("now scoring with model %s", scorer.version)
+            quiet = False     # a switch: its rescore of every unposted picture is said at info
         if self._retired_for != self.analyzer.scorer.version:
             await self.retire_features()
         if self._rescore_task is None or self._rescore_task.done():

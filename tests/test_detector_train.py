@@ -591,3 +591,50 @@ def test_ultralytics_does_not_change_how_a_corrupt_picture_is_refused(tmp_path):
     assert PIL.Image.open.__module__ == "PIL.Image"
     with pytest.raises(BadImage):
         inspect(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+
+
+async def test_a_model_switch_noticed_by_re_detection_logs_its_rescore_at_info(tmp_path, monkeypatch, caplog):
+    """Re-detection's check_model(quiet=True) that finds another active model (a promotion,
+    `models use`) switches to it: that rescore of every unposted picture is said at info."""
+    import asyncio
+    import logging
+    import types
+
+    from bot import model_watch
+    from tests.helpers import make_config
+
+    scorers = {v: types.SimpleNamespace(version=v) for v in ("v1", "v2")}
+    monkeypatch.setattr(model_watch, "load_scorer", lambda row, *a, **k: scorers[row["version"]])
+
+    async def rescore_all(store, scorer, *, on_batch, **kw):
+        on_batch(5)
+        return 5
+    monkeypatch.setattr(model_watch, "rescore_all", rescore_all)
+
+    class FakeStore:
+        active = "v1"
+
+        async def active_model(self):
+            return {"version": self.active}
+
+    cfg = make_config(tmp_path)
+    watcher = model_watch.ModelWatcher(cfg, FakeStore(), None, asyncio.Event(), {"rescored": 0})
+    watcher.analyzer = types.SimpleNamespace(scorer=scorers["v1"])
+    watcher._retired_for = "v1"
+
+    async def retired():
+        watcher._retired_for = watcher.analyzer.scorer.version
+    monkeypatch.setattr(watcher, "retire_features", retired)
+    caplog.set_level(logging.DEBUG, logger="tastefeed")
+
+    def rescored(level):
+        return [r for r in caplog.records if r.getMessage().startswith("rescored 5") and r.levelno == level]
+
+    await watcher.check_model(quiet=True)            # the same model: re-detection's own rescore
+    await watcher._rescore_task
+    assert rescored(logging.DEBUG) and not rescored(logging.INFO)
+    caplog.clear()
+    watcher.store.active = "v2"                       # a promotion meanwhile
+    await watcher.check_model(quiet=True)
+    await watcher._rescore_task
+    assert watcher.analyzer.scorer.version == "v2" and rescored(logging.INFO)
