@@ -229,6 +229,7 @@ class Pipeline:
                 try:
                     await self.score([image_id])
                     self._score_failures.pop(image_id, None)
+                    self._retry_at.pop(image_id, None)
                     continue
                 except asyncio.CancelledError:
                     raise
@@ -237,6 +238,7 @@ class Pipeline:
             tries = self._score_failures[image_id] = self._score_failures.get(image_id, 0) + 1
             if tries >= SCORE_TRIES:
                 self._score_failures.pop(image_id, None)
+                self._retry_at.pop(image_id, None)
                 reason = f"scoring failed {tries} times: {type(error).__name__}: {error}"
                 await self.store.mark_failed(image_id, reason)
                 log.warning("image %d: %s", image_id, reason)

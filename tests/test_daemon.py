@@ -613,6 +613,7 @@ async def test_a_picture_whose_scoring_raises_is_failed_alone_after_its_tries(tm
         tries = det.seen.count(poison)
         await asyncio.sleep(1.5)
         assert det.seen.count(poison) == tries                      # no longer taken again
+        assert not daemon.pipeline._retry_at and not daemon.pipeline._score_failures   # nothing kept for it
     finally:
         await daemon.stop()
 
