@@ -34,8 +34,9 @@ from storage.records import DOWNLOADED, FAILED, PENDING
 log = logging.getLogger("tastefeed.daemon")
 
 ACCEPTED_CONTENT_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
-SCORE_TRIES = 3             # a picture whose scoring raised this many times (alone) is marked failed
-SCORE_RETRY_SECONDS = 30.0  # wait before the next try, times the failures so far
+SCORE_TRIES = 3             # a picture whose scoring raised this many times (its own failures) is marked failed
+SCORE_RETRY_SECONDS = 30.0  # wait before its next try, doubling with each failure ...
+SCORE_RETRY_MAX = 900.0     # ... up to this
 
 
 async def fetch_bytes(http: Http, row: dict, limit: int) -> bytes:
@@ -77,7 +78,8 @@ class Pipeline:
         self._in_download: set[int] = set()
         self._in_score: set[int] = set()
         self._retry_at: dict[int, float] = {}
-        self._score_failures: dict[int, int] = {}   # image id -> failed scoring tries (in a row)
+        self._score_failures: dict[int, tuple[int, int, int]] = {}   # image id -> (its own failures,
+        #                                         failures, stats["scored"] at the last one)
         self._tasks: list[asyncio.Task] = []
 
     def start(self, analyzer: Analyzer, detection: DetectionPool | None = None) -> None:
@@ -219,9 +221,11 @@ class Pipeline:
 
     async def _after_failure(self, batch: list[int], error: Exception) -> None:
         """A batch whose scoring raised: each picture is scored again alone, so that one bad
-        picture cannot hold back the others; one that fails alone waits ``SCORE_RETRY_SECONDS``
-        (times its failures) before its next try, and is marked failed, with the reason, at its
-        ``SCORE_TRIES``-th failure (not retried for ever: the feeder would take it again at once)."""
+        picture cannot hold back the others. One that fails alone is tried again later
+        (``SCORE_RETRY_SECONDS``, doubling, at most ``SCORE_RETRY_MAX``), and is marked failed,
+        with the reason, once ``SCORE_TRIES`` failures were its own: its first, and each after
+        which other pictures were scored meanwhile. A failure every picture shares (the GPU's
+        memory taken by a training run, say) therefore only delays them, however long it lasts."""
         for image_id in batch:
             if len(batch) > 1:
                 if self.stopping.is_set():
@@ -235,16 +239,21 @@ class Pipeline:
                     raise
                 except Exception as e:  # noqa: BLE001
                     error = e
-            tries = self._score_failures[image_id] = self._score_failures.get(image_id, 0) + 1
-            if tries >= SCORE_TRIES:
+            own, tries, seen = self._score_failures.get(image_id, (0, 0, -1))
+            scored = self.stats["scored"]
+            own += own == 0 or scored > seen      # others were scored since its last failure: its own
+            tries += 1
+            if own >= SCORE_TRIES:
                 self._score_failures.pop(image_id, None)
                 self._retry_at.pop(image_id, None)
-                reason = f"scoring failed {tries} times: {type(error).__name__}: {error}"
+                reason = f"scoring failed {own} times: {type(error).__name__}: {error}"
                 await self.store.mark_failed(image_id, reason)
                 log.warning("image %d: %s", image_id, reason)
                 self.stats["failed"] += 1
             else:
-                self._retry_at[image_id] = time.monotonic() + SCORE_RETRY_SECONDS * tries
+                self._score_failures[image_id] = (own, tries, scored)
+                wait = min(SCORE_RETRY_MAX, SCORE_RETRY_SECONDS * 2 ** (tries - 1))
+                self._retry_at[image_id] = time.monotonic() + wait
 
     async def _unreadable(self, image_id: int, e: Exception) -> None:
         await self.store.mark_failed(image_id, f"stored picture unreadable: {e}")

@@ -260,7 +260,7 @@ class Scorer:
                 log.warning("model %s: its taste head was fitted on %s, which this configuration does not "
                             "compute (it computes %s: detector.margin or the [scorer] backbone changed); "
                             "scoring with the network alone until the head is refitted: python main.py train "
-                            "(a running daemon refits it by itself)", version,
+                            "(a running daemon refits it by itself unless train.refit is off)", version,
                             ", ".join(sorted(missing.values())), ", ".join(now) or "none of them")
                 self.head, self.head_left_out = None, sorted(missing.values())
 

@@ -583,10 +583,22 @@ async def test_a_detector_switch_during_a_device_pass_leaves_no_batch_failed(tmp
         await daemon.stop()
 
 
+def _noise_picture(path, size, seed) -> None:
+    import io
+    import random
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.frombytes("RGB", size, random.Random(seed).randbytes(size[0] * size[1] * 3)).save(buf, "PNG")
+    path.write_bytes(buf.getvalue())
+
+
 async def test_a_picture_whose_scoring_raises_is_failed_alone_after_its_tries(tmp_path, monkeypatch):
     """One picture that makes scoring raise (a detector bug on it, say) fails its batch; the
     others are scored one by one at once, and it is tried alone again later and marked failed,
-    with the reason, at its third failure, not taken again for ever."""
+    with the reason, at its third failure while other pictures are scored, not taken again for
+    ever."""
     import bot.pipeline
     from tests.fake_detectors import Batched
 
@@ -599,14 +611,20 @@ async def test_a_picture_whose_scoring_raises_is_failed_alone_after_its_tries(tm
                 raise RuntimeError("the detector broke on this picture")
             return super()._detect(im, scale, size)
 
-    det = Breaks("batched", {s: [(20, 20, 80, 90, 0.9)] for s in sizes}, batch=8, min_size=1)
+    det = Breaks("batched", {}, batch=8, min_size=1)
     monkeypatch.setattr(bot.pipeline, "SCORE_RETRY_SECONDS", 0.3)
     daemon = _in_process_daemon(tmp_path, monkeypatch, det, sizes)
     await daemon.start()
     try:
+        async def more():              # other pictures go on arriving and being scored
+            for i in range(100):
+                _noise_picture(tmp_path / "inbox" / f"q{i}.png", (120, 100 + i), 1000 + i)
+                await asyncio.sleep(0.3)
+        arriving = asyncio.create_task(more())
         await wait_for(lambda: _count(daemon, "failed", 1), timeout=30)
+        arriving.cancel()
         counts = await daemon.store.status_counts()
-        assert counts == {"scored": len(sizes) - 1, "failed": 1}
+        assert counts["failed"] == 1 and counts["scored"] >= len(sizes) - 1
         (bad,) = await daemon.store.execute("SELECT * FROM images WHERE status = 'failed'")
         assert (bad["width"], bad["height"]) == poison
         assert bad["error"] == "scoring failed 3 times: RuntimeError: the detector broke on this picture"
@@ -614,6 +632,36 @@ async def test_a_picture_whose_scoring_raises_is_failed_alone_after_its_tries(tm
         await asyncio.sleep(1.5)
         assert det.seen.count(poison) == tries                      # no longer taken again
         assert not daemon.pipeline._retry_at and not daemon.pipeline._score_failures   # nothing kept for it
+    finally:
+        await daemon.stop()
+
+
+async def test_a_failure_every_picture_shares_only_delays_them_however_long(tmp_path, monkeypatch):
+    """Scoring fails for every picture for a while (the GPU's memory taken by a training run,
+    say): the pictures wait and are tried again, doubling the wait, and none is marked failed
+    however many times it failed; once scoring works again, every one is scored."""
+    import bot.pipeline
+    from tests.fake_detectors import Batched
+
+    sizes = [(200 + 10 * i, 150) for i in range(4)]
+    det = Batched("batched", {}, batch=8, min_size=1)
+    monkeypatch.setattr(bot.pipeline, "SCORE_RETRY_SECONDS", 0.05)
+    monkeypatch.setattr(bot.pipeline, "SCORE_RETRY_MAX", 0.2)
+    daemon = _in_process_daemon(tmp_path, monkeypatch, det, sizes)
+    real = daemon.pipeline.__class__.score
+    outage = {"failures": 0}
+
+    async def score(self, ids):
+        if outage["failures"] < 40:
+            outage["failures"] += 1
+            raise RuntimeError("CUDA out of memory")
+        return await real(self, ids)
+    monkeypatch.setattr(daemon.pipeline.__class__, "score", score)
+    await daemon.start()
+    try:
+        await wait_for(lambda: _count(daemon, "scored", len(sizes)), timeout=60)
+        assert outage["failures"] == 40                    # every picture failed several times (>= 3)
+        assert await daemon.store.status_counts() == {"scored": len(sizes)}
     finally:
         await daemon.stop()
 
