@@ -149,9 +149,9 @@ def read_database(db_path: Path, detector_tag: str | None = None) -> dict:
                             "next_poll": r["next_poll_at"]})
         again = None
         if detector_tag is not None:
-            from storage.redetect import _CANDIDATES, CONFIG
+            from storage.redetect import _CANDIDATES, candidates
             try:
-                again = conn.execute(f"SELECT COUNT(*) {_CANDIDATES}", [CONFIG, detector_tag]).fetchone()[0]
+                again = conn.execute(f"SELECT COUNT(*) {_CANDIDATES}", candidates(detector_tag)).fetchone()[0]
             except sqlite3.OperationalError:     # a database from before m011 (not upgraded yet)
                 again = None
         return {"pending": count("pending"), "downloaded": count("downloaded"), "failed": count("failed"),

@@ -112,12 +112,27 @@ def unusable_reason(paths: DataPaths, version: str) -> str | None:
 def tag(paths: DataPaths, detector: DetectorConfig) -> str:
     """What the detector in use is called in ``images.detector_version`` (migration m011): the
     active own version as ``own:VERSION``, else the configured ``detector`` as ``config:NAME``
-    (``config:yolo:FILE`` with its weights file's name), so that changing ``detector.name`` (or
-    the yolo weights) in the config is a switch too. Pictures stored before the configured
+    (``config:yolo:FILE@FINGERPRINT`` for a weights file, :func:`_weights_id`), so that changing
+    ``detector.name`` (or the yolo weights) in the config is a switch too. Pictures stored before the configured
     detector was named carry ``config`` (or NULL): the daemon takes them as detected by the
     configured detector it starts with (``Store.adopt_detector_tag``)."""
     version = active_version(paths)
     if version:
         return PREFIX + version
-    return f"{CONFIG}:{detector.name}" + (f":{Path(detector.weights).name}" if detector.name == "yolo" else "")
+    return f"{CONFIG}:{detector.name}" + (f":{_weights_id(detector.weights)}" if detector.name == "yolo" else "")
+
+
+def _weights_id(weights: str) -> str:
+    """A yolo weights file as a tag part: its name and a short fingerprint of where it is, its size
+    and when it was written (ultralytics names every run's weights ``best.pt``; a file copied
+    over the old one is another detector too)."""
+    import hashlib
+
+    path = Path(weights)
+    try:
+        st = path.stat()
+    except OSError:
+        return path.name
+    mark = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()
+    return f"{path.name}@{hashlib.sha1(mark).hexdigest()[:8]}"
 

@@ -28,10 +28,17 @@ from storage.records import CROP, SCORED, Face
 CARRY_IOU = 0.3
 CONFIG = "config"
 
+# The two parameters: candidates(tag). A picture stored before the configured detector was named
+# (``config`` or NULL) counts as found by the configured one in use, if one is.
 _CANDIDATES = (f"FROM images WHERE status = '{SCORED}' AND media_path IS NOT NULL "
-               "AND media_pruned_at IS NULL AND COALESCE(detector_version, ?) != ? "
+               f"AND media_pruned_at IS NULL AND COALESCE(NULLIF(detector_version, '{CONFIG}'), ?) != ? "
                f"AND id NOT IN (SELECT image_id FROM faces WHERE detector = '{CROP}') "
                "AND id NOT IN (SELECT image_id FROM posts WHERE status = 'sent')")
+
+
+def candidates(tag: str) -> list[str]:
+    """The parameters of ``_CANDIDATES`` for the detector ``tag`` in use."""
+    return [tag if tag.startswith(CONFIG + ":") else CONFIG, tag]
 
 
 class RedetectMethods:
@@ -41,7 +48,7 @@ class RedetectMethods:
         """Pictures whose faces another detector than ``tag`` found, oldest id first (id, media_path)."""
         return [dict(r) for r in self.db.query(
             f"SELECT id, media_path {_CANDIDATES} AND id > ? ORDER BY id LIMIT ?",
-            [CONFIG, tag, int(after_id), int(limit)])]
+            [*candidates(tag), int(after_id), int(limit)])]
 
     def adopt_detector_tag(self, tag: str) -> int:
         """Name the detector of the scored pictures stored before configured detectors were named
@@ -52,7 +59,7 @@ class RedetectMethods:
                                    "AND COALESCE(detector_version, ?) = ?", [tag, CONFIG, CONFIG]).rowcount
 
     def count_redetect_candidates(self, tag: str) -> int:
-        return self.db.execute(f"SELECT COUNT(*) {_CANDIDATES}", [CONFIG, tag]).fetchone()[0]
+        return self.db.execute(f"SELECT COUNT(*) {_CANDIDATES}", candidates(tag)).fetchone()[0]
 
     def record_redetection(self, image_id: int, faces: list[Face], tag: str) -> bool:
         """Replace a picture's faces with the detector ``tag``'s, keeping the owner's labels and
@@ -60,7 +67,7 @@ class RedetectMethods:
         rescoring (``model_version`` NULL: its score stays until then). False when the picture is
         no candidate any more (posted, pruned, gone, already done)."""
         with self.db.conn:
-            row = self.db.execute(f"SELECT id {_CANDIDATES} AND id = ?", [CONFIG, tag, int(image_id)]).fetchone()
+            row = self.db.execute(f"SELECT id {_CANDIDATES} AND id = ?", [*candidates(tag), int(image_id)]).fetchone()
             if row is None:
                 return False
             old = {r[0]: (r[1], r[2], r[3], r[4]) for r in self.db.execute(

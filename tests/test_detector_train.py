@@ -221,6 +221,13 @@ def test_detector_use_and_list(tmp_path):
     assert own_detector.active_version(cfg.paths) is None
     assert own_detector.tag(cfg.paths, cfg.detector) == f"config:{cfg.detector.name}"
     assert own_detector.tag(cfg.paths, replace(cfg.detector, name="yolo", weights="/w/best.pt")) == "config:yolo:best.pt"
+    runs = [tmp_path / "runs" / run / "best.pt" for run in ("train", "train2")]   # ultralytics' names
+    for i, w in enumerate(runs):
+        w.parent.mkdir(parents=True)
+        w.write_bytes(b"weights" * (i + 1))
+    first, second = (own_detector.tag(cfg.paths, replace(cfg.detector, name="yolo", weights=str(w))) for w in runs)
+    assert first.startswith("config:yolo:best.pt@") and second.startswith("config:yolo:best.pt@") and first != second
+    assert own_detector.tag(cfg.paths, replace(cfg.detector, name="yolo", weights=str(runs[0]))) == first  # stable
     # A version that finds almost nothing right is refused (its boxes would replace every face)
     weak = cfg.paths.detectors / "d20260102-000000"
     weak.mkdir()
@@ -300,6 +307,8 @@ def test_redetection_replaces_faces_keeps_labels_and_names_and_marks_for_rescori
         with store.db.conn:
             store.db.execute("UPDATE images SET detector_version = NULL WHERE id = ?", [a])
             store.db.execute("UPDATE images SET detector_version = 'config' WHERE id = ?", [b])
+        assert store.count_redetect_candidates("config:animeface") == 0  # not adopted yet: the configured ones
+        assert store.count_redetect_candidates("own:v1") == 2             # (status says so before a start too)
         assert store.adopt_detector_tag("config:animeface") == 4          # a, b, and c and d (never candidates)
         assert store.count_redetect_candidates("config:animeface") == 0
         assert [r["id"] for r in store.redetect_candidates("config:lbp", 10)] == [a, b]
