@@ -362,6 +362,8 @@ class Pipeline:
         del done
         await asyncio.to_thread(trim)      # the batch's pictures and activations go back (bot/memory.py)
         version = analyzer.scorer.version
+        active = await self.store.active_model()
+        trained = bool(active and active.get("metrics"))     # untrained scores mean nothing: not logged
         for row, res in zip(rows, analyses):
             if not await self.store.record_analysis(row["id"], res.faces, res.score, res.uncertainty, version,
                                                     skipped=res.skipped, expect=DOWNLOADED,
@@ -373,7 +375,7 @@ class Pipeline:
             if res.skipped:
                 log.info("image %d (%s): no face, skipped", row["id"], name)
             else:
-                log.info("image %d (%s): %d face(s), score %.2f", row["id"], name,
-                         0 if res.whole else len(res.faces), res.score)
+                log.info("image %d (%s): %d face(s), %s", row["id"], name, 0 if res.whole else len(res.faces),
+                         f"score {res.score:.2f}" if trained else "not trained yet")
         if self.recognition is not None:  # who is in the faces (never raises)
             await self.recognition.recognize_pictures([row["id"] for row in rows])

@@ -556,6 +556,9 @@ async def test_without_detection_workers_pictures_are_detected_several_in_one_pa
 async def test_a_detector_switch_during_a_device_pass_leaves_no_batch_failed(tmp_path, monkeypatch, caplog):
     """A batch decoded for a detector on a GPU keeps that detector when the owner switches to
     one that takes no decoded tensors meanwhile: nothing fails, every picture is scored."""
+    import logging
+
+    caplog.set_level(logging.INFO)
     from tests.fake_detectors import OnDevice, Scripted
 
     sizes = [(200 + 10 * i, 150) for i in range(4)]
@@ -579,6 +582,7 @@ async def test_a_detector_switch_during_a_device_pass_leaves_no_batch_failed(tmp
         await wait_for(lambda: _count(daemon, "scored", len(sizes)), timeout=30)
         assert det.tensor_passes                                     # the device path ran, and was switched under
         assert not [r for r in caplog.records if "scoring a batch" in r.getMessage()]
+        assert "1 face(s), not trained yet" in caplog.text and "score " not in caplog.text   # untrained: no score
     finally:
         await daemon.stop()
 

@@ -233,8 +233,13 @@ async def _post_rating(session, base, image_id, value):
         assert resp.status == 200, await resp.text()
 
 
-async def test_a_gallery_rating_changes_the_ranking_within_the_refit_delay_without_a_training_process(tmp_path):
+async def test_a_gallery_rating_changes_the_ranking_within_the_refit_delay_without_a_training_process(tmp_path,
+                                                                                                   caplog):
+    import logging
+
     from bot.learning import MARK, new_feedback
+
+    caplog.set_level(logging.INFO)
 
     cfg = taste_config(tmp_path)
     import_rated(cfg, tmp_path, 16)
@@ -256,6 +261,7 @@ async def test_a_gallery_rating_changes_the_ranking_within_the_refit_delay_witho
             return [r["id"] for r in rows] if len(rows) == 6 else None
         fresh = await wait_for(scored, timeout=60)
         assert (await daemon.store.active_model())["version"] == before   # nothing new to learn yet
+        assert "face(s), score " in caplog.text                            # trained: the scores are logged
         assert set(await daemon.store.feature_counts()) == current          # the retired source dropped
         # Rate two more through the gallery: the daemon refits the head itself (16 + 2 labels).
         async with aiohttp.ClientSession() as session:
