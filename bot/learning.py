@@ -44,6 +44,7 @@ class Learner:
         self._task: asyncio.Task | None = None
         self._failed_at = 0.0
         self._left_out_tried: str | None = None   # the model whose left-out head a refit was started for
+        self._left_out_said: str | None = None
         stats.setdefault("refits", 0)
 
     async def start(self, scheduler) -> None:
@@ -72,8 +73,10 @@ class Learner:
         left_out = bool(getattr(scorer, "head_left_out", None)) and scorer.version != self._left_out_tried
         if left_out:     # its head was fitted on features this configuration no longer computes
             self._left_out_tried = scorer.version      # (detector.margin, the backbone): once per model
-            log.info("model %s: its taste head is left out (fitted on %s): refitting it on the labels so far",
-                     scorer.version, ", ".join(scorer.head_left_out))
+            if self._left_out_said != scorer.version:  # said once, not at every wait for a training run
+                self._left_out_said = scorer.version
+                log.info("model %s: its taste head is left out (fitted on %s): refitting it on the labels so far",
+                         scorer.version, ", ".join(scorer.head_left_out))
             self._task = asyncio.create_task(self.refit(newest or self.mark, new), name="refit-head")
             return True
         if not new:

@@ -467,10 +467,11 @@ async def _async(value):
     return value
 
 
-async def test_a_left_out_head_whose_refit_waited_for_a_training_run_is_refitted_after_it(monkeypatch):
+async def test_a_left_out_head_whose_refit_waited_for_a_training_run_is_refitted_after_it(monkeypatch, caplog):
     """The refit for a left-out head found train.lock held (a training run): it is tried again at
-    the next check, not only after the next rating."""
+    the next check, not only after the next rating (and the reason is said once, not at each)."""
     import asyncio
+    import logging
     import types
 
     import bot.learning
@@ -491,6 +492,8 @@ async def test_a_left_out_head_whose_refit_waited_for_a_training_run_is_refitted
     learner = bot.learning.Learner(types.SimpleNamespace(), FakeStore(), models, asyncio.Event(), {})
     assert await learner.check()
     await learner._task
+    caplog.set_level(logging.INFO, "tastefeed.learning")
     assert await learner.check()             # the lock is free now: tried again
     await learner._task
     assert len(calls) == 2
+    assert "its taste head is left out" not in caplog.text    # said at the first try only
