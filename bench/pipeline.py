@@ -5,6 +5,7 @@ of pictures.
     python bench/pipeline.py [--device auto|cpu|cuda] [--repeat 2] [--daemon-pictures 40]
     python bench/pipeline.py --daemon-only      # only the daemon's memory (the real `main.py run`)
     python bench/pipeline.py --device cuda --yolo W.pt --no-daemon   # the GPU path with a YOLO detector
+    python bench/pipeline.py --writer 2000 / --fingerprint   # the CPU-side ceilings of the GPU path
     python bench/pipeline.py --device cuda --yolo W.pt --daemon-yolo --daemon-only --daemon-pictures 2000
                                                 # the real daemon detecting with YOLO, end to end
 
@@ -207,6 +208,57 @@ def device_batched(data: list[bytes], weights: str, device: str, scorer: Scorer,
             n_faces / max(t_score, 1e-9), name)
 
 
+def writer_ceiling(n: int, faces: int = 2) -> float:
+    """Pictures/s the daemon's bookkeeping alone sustains, whatever the device: per picture, what
+    ``Pipeline.score`` does around the model (read its row, write its faces, scores and cached
+    features in one transaction, name it from its tags) through the single writer thread, on a
+    real database file. The GPU path cannot go faster than this."""
+    import asyncio
+    import random
+
+    import numpy as np
+
+    from storage import AsyncStore, Store
+    from storage.media import ImageInfo
+    from storage.records import DOWNLOADED, Face
+
+    tmp = Path(tempfile.mkdtemp())
+    db = tmp / "t.db"
+    rnd = random.Random(0)
+    from scorer.registry import ensure_active_model
+
+    with Store.open(db) as store:
+        version = ensure_active_model(store, ScorerConfig(), tmp / "models")["version"]
+        sid = store.upsert_source("bench", "booru", {"enabled": False, "interval": 60, "options": {}}, origin="cli")
+        ids = store.save_poll(sid, [{"external_id": f"p{i}", "page_url": f"https://x.example/{i}", "title": f"p{i}",
+                                     "tags": ["a", "b"], "popularity": i} for i in range(n)], {})
+        for i in ids:
+            info = ImageInfo(f"{i:064x}", f"{rnd.getrandbits(64):016x}", 1200, 900, "jpeg", 300_000)
+            store.record_download(i, info, f"x/{i}.jpg", near_distance=-1)
+    vec = {"efficientnet_lite0-x-160px": np.random.rand(472).astype(np.float32),
+           "whole:efficientnet_lite0-x-160px": np.random.rand(472).astype(np.float32),
+           "colour": np.random.rand(9).astype(np.float32), "net:x": np.random.rand(2).astype(np.float32)}
+
+    async def run() -> float:
+        store = await AsyncStore(db).open()
+        try:
+            start = time.perf_counter()
+            for i in ids:
+                row = await store.get_image(i)
+                assert row["status"] == DOWNLOADED
+                found = [Face(10 + 100 * k, 10, 90 + 100 * k, 90, 0.9, "yolo", 3.0, 0.1) for k in range(faces)]
+                await store.record_analysis(i, found, 3.0, 0.1, version, expect=DOWNLOADED,
+                                            features=[vec] * faces, detector_version="config:yolo")
+                await store.name_from_tags(i)
+            return n / (time.perf_counter() - start)
+        finally:
+            await store.close()
+    try:
+        return asyncio.run(run())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def print_rows(rows: list, args, data: list) -> None:
     cpu = platform.processor() or platform.machine()
     devices = sorted({r[6] for r in rows}) or [args.device]
@@ -232,9 +284,27 @@ def main() -> None:
     ap.add_argument("--yolo-imgsz", type=int, default=640)
     ap.add_argument("--yolo-repeat", type=int, default=20, help="passes over the pictures for the YOLO path")
     ap.add_argument("--no-daemon", action="store_true", help="skip the daemon's memory part")
+    ap.add_argument("--fingerprint", action="store_true",
+                    help="only the download stage's check and fingerprint of each picture, full and reduced decode")
+    ap.add_argument("--writer", type=int, default=0, metavar="N",
+                    help="only the bookkeeping ceiling: N pictures' database writes as the daemon does them")
     ap.add_argument("--daemon-yolo", action="store_true",
                     help="the daemon part detects with the --yolo weights (on a GPU: its device path, end to end)")
     args = ap.parse_args()
+    if args.fingerprint:
+        from storage.media import inspect
+        data = pictures()
+        for label, picture in (("full decode (before)", True), ("reduced JPEG decode (after)", False)) * 2:
+            start = time.perf_counter()
+            for raw in data:
+                inspect(raw, picture=picture)
+            print(f"download stage's fingerprint, {label}: {(time.perf_counter() - start) / len(data) * 1000:.1f} "
+                  f"ms per picture ({len(data)} pictures)")
+        return
+    if args.writer:
+        print(f"The daemon's bookkeeping alone (row read, faces + scores + features written, tags), "
+              f"{args.writer} pictures with 2 faces each: {writer_ceiling(args.writer):.0f} pictures/s")
+        return
     data = pictures()
     tmp = Path(tempfile.mkdtemp())
     torch.manual_seed(0)

@@ -161,7 +161,7 @@ class Pipeline:
         where = row["local_path"] or short_url(row["media_url"] or "")
         try:
             data = await fetch_bytes(self.http, row, self.cfg.download.max_bytes)
-            info, _ = await asyncio.to_thread(inspect, data, max_pixels=self.cfg.download.max_pixels)
+            info, _ = await asyncio.to_thread(inspect, data, max_pixels=self.cfg.download.max_pixels, picture=False)
             rel = await asyncio.to_thread(store_media, self.cfg.media_path, data, info)
             status, dup_of = await self.store.record_download(
                 image_id, info, rel, self.cfg.download.near_duplicate_distance)

@@ -57,11 +57,14 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, *, max_pixels: int = 90_000_000) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int = 90_000_000, draft: int = 0) -> Image.Image:
     """Decode ``data`` to an RGB picture (first frame), or raise BadImage.
 
     Refuses empty input, non-image bytes (an HTML error page, say), pictures over ``max_pixels``
     (checked from the header, before any pixel is decoded) and truncated or corrupt files.
+    ``draft``: a JPEG is decoded at the smallest of libjpeg's scales (1/2 to 1/8) that keeps at
+    least this many pixels a side (far less CPU; the whole file is still read, so a truncated or
+    corrupt one is refused all the same); other formats at full size.
     """
     if not data:
         raise BadImage("empty file")
@@ -80,6 +83,8 @@ def decode_image(data: bytes, *, max_pixels: int = 90_000_000) -> Image.Image:
                 raise BadImage("image has no pixels")
             if w * h > max_pixels:
                 raise BadImage(f"image too large ({w}x{h} pixels, limit {max_pixels})")
+            if draft and fmt == "jpeg":
+                im.draft("RGB", (draft, draft))
             im.load()
     except BadImage:
         raise
@@ -98,18 +103,27 @@ def decode_image(data: bytes, *, max_pixels: int = 90_000_000) -> Image.Image:
     return im
 
 
-def inspect(data: bytes, *, max_pixels: int = 90_000_000) -> tuple[ImageInfo, Image.Image]:
-    """Decode and fingerprint ``data``: content hash, perceptual hash, size and format."""
-    im = decode_image(data, max_pixels=max_pixels)
+PHASH_DRAFT = 256   # pixels a side a JPEG is decoded at when only its fingerprint is wanted
+
+
+def inspect(data: bytes, *, max_pixels: int = 90_000_000,
+            picture: bool = True) -> tuple[ImageInfo, Image.Image | None]:
+    """Decode and fingerprint ``data``: content hash, perceptual hash, size and format. Without
+    ``picture`` (the download stage, which only fingerprints and checks), a JPEG is decoded at a
+    reduced scale (:data:`PHASH_DRAFT`: about 5x less CPU, the same perceptual hash within a bit or
+    two, measured on the shared pictures; the near-duplicate distance allows 4) and None is
+    returned in place of the picture."""
+    im = decode_image(data, max_pixels=max_pixels, draft=0 if picture else PHASH_DRAFT)
+    width, height = im.size if picture else Image.open(io.BytesIO(data)).size
     info = ImageInfo(
         sha256=hashlib.sha256(data).hexdigest(),
         phash=str(imagehash.phash(im)),
-        width=im.width,
-        height=im.height,
+        width=width,
+        height=height,
         format=sniff_format(data) or "unknown",
         bytes=len(data),
     )
-    return info, im
+    return info, im if picture else None
 
 
 def media_relpath(sha256: str, fmt: str) -> str:

@@ -263,3 +263,29 @@ def test_decode_on_device_refuses_a_jpeg_whose_header_is_a_decompression_bomb():
     out = decode_on_device([bomb, good], torch.device("cpu"), max_pixels=10**9)
     assert isinstance(out[0], BadImage) and str(out[0]) == str(pillow.value)
     assert out[1].shape == (3, 48, 64)
+
+
+def test_fingerprinting_alone_decodes_a_jpeg_at_a_reduced_scale_with_the_same_checks():
+    """The download stage only fingerprints a picture: a JPEG is decoded at a reduced scale (far
+    less CPU), its size is still the picture's own, its perceptual hash stays within the
+    near-duplicate distance of the full decode's, and a truncated file is refused all the same."""
+    import numpy as np
+
+    from storage.media import PHASH_DRAFT
+
+    rng = np.random.default_rng(0)
+    smooth = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((2000, 1500), Image.BICUBIC)
+    buf = io.BytesIO()
+    smooth.save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    full, im = inspect(data)
+    quick, none = inspect(data, picture=False)
+    assert im.size == (2000, 1500) and none is None
+    assert (quick.width, quick.height, quick.sha256, quick.format) == (full.width, full.height, full.sha256, "jpeg")
+    assert bin(int(full.phash, 16) ^ int(quick.phash, 16)).count("1") <= 2
+    assert max(decode_image(data, draft=PHASH_DRAFT).size) < 2000 // 2          # decoded smaller
+    with pytest.raises(BadImage, match="truncated"):
+        inspect(data[:len(data) * 9 // 10], picture=False)
+    png = io.BytesIO()
+    smooth.save(png, "PNG")
+    assert inspect(png.getvalue(), picture=False)[0].phash == inspect(png.getvalue())[0].phash   # PNG: full
