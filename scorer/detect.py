@@ -95,7 +95,7 @@ class Detector:
         start = time.perf_counter()
         found = self._detect(small, scale, im.size)
         self._learn(time.perf_counter() - start, small.width * small.height)
-        return sorted(self._keep(found), key=lambda f: -f.confidence)
+        return self._best_first(found)
 
     def detect_many(self, ims: list[Image.Image]) -> list[list[Face]]:
         """Faces in each of ``ims`` (as :meth:`detect`). A detector that can search several
@@ -107,7 +107,7 @@ class Detector:
         start = time.perf_counter()
         found = self._detect_batch([s for s, _ in smalls], [scale for _, scale in smalls], [im.size for im in ims])
         self._learn(time.perf_counter() - start, sum(s.width * s.height for s, _ in smalls))
-        return [sorted(self._keep(faces), key=lambda f: -f.confidence) for faces in found]
+        return [self._best_first(faces) for faces in found]
 
     batched = False   # True: _detect_batch searches several pictures in one pass
     decode_device = None   # a torch device: pictures are decoded there for detect_tensors (yolo on a GPU)
@@ -121,6 +121,10 @@ class Detector:
     def _detect_batch(self, ims: list[Image.Image], scales: list[float],
                       sizes: list[tuple[int, int]]) -> list[list[Face]]:
         return [self._detect(im, scale, size) for im, scale, size in zip(ims, scales, sizes)]
+
+    def _best_first(self, faces: list[Face]) -> list[Face]:
+        """The faces :meth:`_keep` keeps, best first (what every detect method returns)."""
+        return sorted(self._keep(faces), key=lambda f: -f.confidence)
 
     def _keep(self, faces: list[Face]) -> list[Face]:
         """The faces at or above ``min_confidence`` and ``min_size``."""
@@ -408,7 +412,7 @@ class YoloDetector(Detector):
         for res, (r, left, top, size) in zip(results, places):
             faces = [_box(x1 - left, y1 - top, x2 - x1, y2 - y1, r, size, conf, self.name)
                      for (x1, y1, x2, y2), conf in zip(res.boxes.xyxy.tolist(), res.boxes.conf.tolist())]
-            found.append(sorted(self._keep(faces), key=lambda f: -f.confidence))
+            found.append(self._best_first(faces))
         return found
 
     def _input_side(self, device) -> int:
